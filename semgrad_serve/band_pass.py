@@ -1,0 +1,111 @@
+"""The scoring forward: autograd only where SemGrad needs it.
+
+For a batch of (prompt, answer) sequences, right-padded:
+1. layers below the band run on every position with no graph;
+2. from the band start on, each sequence is split at t*: the prefix (positions
+   before t*) runs with no graph and hands its keys/values to the suffix as
+   constants; the suffix (t* onwards) runs with autograd;
+3. a zero "probe" is added to each band layer's input at t*; the gradient
+   w.r.t. a probe is the total derivative of the loss w.r.t. that band hidden
+   state at t* (positions before t* cannot see t*, so nothing is lost);
+4. only the final-normed states that predict answer tokens are returned.
+Weights are detached constants, so the graph holds only the suffix activations.
+The last answer token is never fed in: no position that matters attends to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import layer_forward, rms_norm, rotary, window_masks
+from .weights import DecoderWeights
+
+
+@dataclass(frozen=True)
+class PreparedItem:
+    """Token ids of one prompt and answer, with the prompt position of t* and its token."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    t_star: int
+    t_star_token: str = ""
+
+    @property
+    def length(self) -> int:
+        """Tokens the scoring forward runs on (the last answer token is never fed in)."""
+        return len(self.prompt_ids) + len(self.answer_ids) - 1
+
+
+@dataclass
+class BandPass:
+    answer_hidden: torch.Tensor  # [ΣT, d] final-normed states predicting the answer tokens, in the graph
+    probes: torch.Tensor  # [n_band, B, d] zero leaves at the band inputs at t*
+    targets: torch.Tensor  # [ΣT] answer token ids
+    offsets: torch.Tensor  # [B + 1] row offsets of each item's answer in the packed rows
+
+
+def band_pass(w: DecoderWeights, items: Sequence[PreparedItem], band: range) -> BandPass:
+    """Run the batch forward; ``band`` is the range of hidden-state indices whose gradient at t* is wanted."""
+    dev, dtype, n_layers = w.device, w.dtype, w.n_layers
+    seqs = [it.prompt_ids + it.answer_ids[:-1] for it in items]
+    lengths = torch.tensor([it.length for it in items], device=dev)
+    t_star = torch.tensor([it.t_star for it in items], device=dev)
+    batch, n_max = len(items), int(lengths.max())
+    ids = torch.zeros(batch, n_max, dtype=torch.long, device=dev)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, device=dev)
+
+    graph_from = band.start
+    with torch.no_grad():
+        x = F.embedding(ids, w.embed)
+        if graph_from > 0:
+            pos = torch.arange(n_max, device=dev).expand(batch, n_max)
+            rope = rotary(w, pos, dtype)
+            masks = window_masks(w, range(graph_from), pos, pos, None)
+            for layer in w.layers[:graph_from]:
+                x, _ = layer_forward(w, layer, x, rope, masks)
+
+    # Split each sequence at its t*: prefix [0, t*) and suffix [t*, n).
+    p_max = int(t_star.max())
+    s_len = lengths - t_star
+    s_max = int(s_len.max())
+    suf_pos = t_star[:, None] + torch.arange(s_max, device=dev)
+    x_suf = x.gather(1, suf_pos.clamp(max=n_max - 1)[..., None].expand(-1, -1, x.shape[-1]))
+    x_pre = x[:, :p_max]
+    pre_pos = torch.arange(p_max, device=dev).expand(batch, p_max)
+    pre_valid = pre_pos < t_star[:, None]
+    graph_layers = range(graph_from, n_layers)
+    pre_rope, suf_rope = rotary(w, pre_pos, dtype), rotary(w, suf_pos, dtype)
+    pre_masks = window_masks(w, graph_layers, pre_pos, pre_pos, None)
+    suf_masks = window_masks(
+        w,
+        graph_layers,
+        suf_pos,
+        torch.cat((pre_pos, suf_pos), dim=1),
+        torch.cat((pre_valid, torch.ones_like(suf_pos, dtype=torch.bool)), dim=1),
+    )
+
+    probes = torch.zeros(len(band), batch, w.hidden_size, dtype=dtype, device=dev, requires_grad=True)
+    at_t_star = torch.zeros(1, s_max, 1, dtype=dtype, device=dev)
+    at_t_star[0, 0, 0] = 1
+    for i in graph_layers:
+        layer = w.layers[i]
+        past = None
+        if p_max > 0:
+            with torch.no_grad():
+                x_pre, past = layer_forward(w, layer, x_pre, pre_rope, pre_masks)
+        if i in band:
+            x_suf = x_suf + probes[i - band.start][:, None, :] * at_t_star
+        x_suf, _ = layer_forward(w, layer, x_suf, suf_rope, suf_masks, past=past)
+
+    answer_lengths = [len(it.answer_ids) for it in items]
+    rows_b = torch.repeat_interleave(torch.arange(batch, device=dev), torch.tensor(answer_lengths, device=dev))
+    rows_s = torch.cat([torch.arange(int(s) - t, int(s), device=dev) for s, t in zip(s_len, answer_lengths)])
+    answer_hidden = rms_norm(x_suf[rows_b, rows_s], w.final_norm, w.norm_eps)
+    targets = torch.tensor([tok for it in items for tok in it.answer_ids], dtype=torch.long, device=dev)
+    offsets = torch.tensor([0, *answer_lengths], device=dev).cumsum(0)
+    return BandPass(answer_hidden, probes, targets, offsets)

@@ -1,0 +1,1 @@
+"""One module per ``semgrad-serve`` subcommand: ``add_arguments(parser)`` and ``run(args)``."""

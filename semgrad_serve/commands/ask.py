@@ -1,0 +1,35 @@
+"""``semgrad-serve ask "question"``: a greedy answer from the model, printed with its scores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..errors import ItemError, SemgradError
+from .common import add_model_arguments, scorer_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question")
+    add_model_arguments(parser)
+    parser.add_argument("--max-tokens", type=int, default=150, metavar="N", help="most answer tokens (default: 150)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise SemgradError("the question is empty")
+    scorer = scorer_from_args(args)
+    prompt = scorer.prompt_ids([{"role": "user", "content": args.question}])
+    ids = torch.tensor([prompt], device=scorer.weights.device)
+    with torch.no_grad():
+        out = scorer.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False)
+    answer = out[0, len(prompt) :].tolist()
+    print(scorer.tokenizer.decode(answer, skip_special_tokens=True).strip())
+    (result,) = scorer.score([(prompt, answer)])
+    if isinstance(result, ItemError):
+        raise SemgradError(str(result))
+    report = scorer.report(result)
+    print(json.dumps({k: report[k] for k in ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy", "score", "threshold", "flagged")}, indent=2))
+    return 0

@@ -1,0 +1,20 @@
+"""Options every model-loading subcommand shares, and the scorer they describe."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..kernels import kernel_choices
+from ..scorer import DTYPES, Scorer
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, kernels: bool = True) -> None:
+    parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+    parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, threshold); default: built-in")
+    if kernels:
+        parser.add_argument("--kernels", choices=kernel_choices(), default=None, help="kernel implementation (default: $SEMGRAD_KERNELS or auto)")
+
+
+def scorer_from_args(args: argparse.Namespace) -> Scorer:
+    return Scorer.from_pretrained(args.model, args.dtype, args.profile, getattr(args, "kernels", None))

@@ -1,0 +1,70 @@
+"""``semgrad-serve eval``: wrong-answer detection of every score against the baselines; tables, ROC plot, threshold."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import SemgradError
+from ..scorer import DTYPES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..baselines import DEFAULT_CLUSTER_THRESHOLD
+    from ..generation import GENERATORS, MAX_NEW_TOKENS
+    from ..judges import DEFAULT_THRESHOLDS, JUDGES
+
+    parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+    parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, score); default: built-in")
+    parser.add_argument("--compare-profile", action="append", default=[], metavar="FILE",
+                        help="also score SemGrad and HybridGrad with this profile (e.g. a calibrated one); repeatable")
+    parser.add_argument("--dataset", action="append", required=True, metavar="FILE.jsonl",
+                        help='lines {"query": str, "truthful answer": [str, ...]}; repeatable (the threshold pools them)')
+    parser.add_argument("--limit", type=int, metavar="N", help="first N questions of each dataset")
+    parser.add_argument("--samples", type=int, default=5, metavar="K", help="samples per question for the sampling baselines (0: skip them; default: 5)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--max-tokens", type=int, default=MAX_NEW_TOKENS, metavar="N", help=f"most new tokens per answer (default: {MAX_NEW_TOKENS}, as the paper)")
+    parser.add_argument("--generator", choices=GENERATORS, default="vllm", help="vllm (default) or hf (Hugging Face generate: no engine start, for small runs)")
+    parser.add_argument("--judge", choices=JUDGES, default="containment",
+                        help="correctness judge for the main table and the threshold (default: containment, the one that agreed best "
+                        "with hand labels on SciQ and TruthfulQA); all three are computed and reported "
+                        f"(thresholds: ROUGE-L {DEFAULT_THRESHOLDS['rouge']}, embedding cosine {DEFAULT_THRESHOLDS['embedding']})")
+    parser.add_argument("--judge-threshold", type=float, metavar="X", help="threshold of the chosen judge (rouge, embedding)")
+    parser.add_argument("--cluster-threshold", type=float, default=DEFAULT_CLUSTER_THRESHOLD, metavar="X",
+                        help=f"cosine similarity that puts two samples in one meaning cluster (default: {DEFAULT_CLUSTER_THRESHOLD})")
+    parser.add_argument("--flag-target", default="recall:0.8", metavar="KIND:VALUE",
+                        help="choose the flag threshold for this precision or recall of flagging wrong answers (default: recall:0.8)")
+    parser.add_argument("--out", default="eval_results", metavar="DIR", help="output folder (default: eval_results)")
+    parser.add_argument("--prefix", default="eval", help="file name prefix in the output folder (default: eval)")
+    parser.add_argument("--profile-out", metavar="FILE", help="profile with the chosen threshold (default: OUT/PREFIX_profile.json)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="answers per scoring pass (default: 8)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="keep the generations here and reuse them when the run is repeated")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import EvalConfig, run_eval
+    from ..metrics import parse_target
+
+    if args.limit is not None and args.limit < 1:
+        raise SemgradError("--limit must be at least 1")
+    if args.samples < 0 or args.samples == 1:
+        raise SemgradError("--samples must be 0 (no sampling baselines) or at least 2")
+    if args.batch_size < 1 or args.max_tokens < 1:
+        raise SemgradError("--batch-size and --max-tokens must be at least 1")
+    if args.temperature <= 0:
+        raise SemgradError("--temperature must be positive")
+    parse_target(args.flag_target)
+    cfg = EvalConfig(
+        datasets=args.dataset, model=args.model, dtype=args.dtype, profile=args.profile, compare_profiles=args.compare_profile,
+        limit=args.limit, samples=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, generator=args.generator,
+        judge=args.judge, judge_threshold=args.judge_threshold, cluster_threshold=args.cluster_threshold, flag_target=args.flag_target,
+        out=args.out, prefix=args.prefix, profile_out=args.profile_out, batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed,
+    )
+    report = run_eval(cfg)
+    md = report["files"][0]
+    with open(md, encoding="utf-8") as f:
+        print(f.read())
+    print("wrote " + ", ".join(report["files"] + ([report["profile_path"]] if "profile_path" in report else [])), file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""The naive SemGrad computation, as the paper's code does it: the reference our shortcuts must match.
+
+One item at a time: a full Hugging Face forward with autograd over every layer
+and position, then ``torch.autograd.grad`` w.r.t. the band hidden states and a
+separate copy of the head weight (so a tied embedding's lookup path does not count).
+Used by the exactness tests and as the baseline of the benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .scoring import hybrid
+
+
+def _forward(
+    model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, answer: torch.Tensor, all_logits: bool = False
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states, head copy, answer log-probs, detached token entropies) of one full forward with autograd;
+    ``all_logits`` computes the logits of every position first, as a language-model forward does."""
+    # A leaf embedding that requires grad puts every layer and position in the graph, frozen weights or not.
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    out = model.model(inputs_embeds=embeds, output_hidden_states=True)
+    head = model.lm_head.weight.detach().clone().requires_grad_(True)
+    answer_rows = slice(n_prompt - 1, n_prompt + len(answer) - 1)
+    logits = (out.last_hidden_state[0] @ head.T)[answer_rows] if all_logits else out.last_hidden_state[0, answer_rows] @ head.T
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    p = logp_all.exp()
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1).detach()
+    return out.hidden_states, head, logp_all.gather(1, answer[:, None]).squeeze(1), entropy
+
+
+def naive_scores(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    answer_ids: Sequence[int],
+    t_star: int,
+    band: range,
+    paper_style: bool = False,
+) -> dict[str, float]:
+    """SemGrad, ParaGrad, HybridGrad, ExGrad and mean entropy of one answer by full autograd.
+
+    ``paper_style`` repeats the paper's procedure step for step (logits at every position, gradients
+    w.r.t. every hidden state, ExGrad from a second forward and backward): the same numbers, at the
+    paper's cost."""
+    device = model.lm_head.weight.device
+    ids = torch.tensor([list(prompt_ids) + list(answer_ids)], device=device)
+    answer = torch.tensor(list(answer_ids), device=device)
+    n = len(prompt_ids)
+    hidden_states, head, logp, entropy = _forward(model, ids, n, answer, paper_style)
+    loss = -(entropy * logp).mean()
+    wanted = list(hidden_states) if paper_style else [hidden_states[i] for i in band]
+    *state_grads, head_grad = torch.autograd.grad(loss, wanted + [head], retain_graph=not paper_style)
+    band_grads = [state_grads[i] for i in band] if paper_style else state_grads
+    ex_head, ex_logp = _forward(model, ids, n, answer, True)[1:3] if paper_style else (head, logp)
+    (ex_head_grad,) = torch.autograd.grad(-ex_logp.mean(), ex_head)
+    d = head.shape[1]
+    semgrad = float(sum(g[0, t_star].double().abs().sum() for g in band_grads) / (len(band) * d))
+    paragrad = float(head_grad.double().abs().mean())
+    mean_entropy = float(entropy.double().mean())
+    return {
+        "semgrad": semgrad,
+        "paragrad": paragrad,
+        "hybridgrad": hybrid(paragrad, semgrad, mean_entropy),
+        "exgrad": float(ex_head_grad.double().abs().mean()),
+        "mean_entropy": mean_entropy,
+    }

@@ -1,0 +1,172 @@
+"""The user-facing scorer: token ids or text in, scores out, one backward per batch.
+
+Wraps a ``DecoderWeights`` view (of a Hugging Face model or of vLLM's modules),
+the tokenizer and the model profile; validates each item (a bad item becomes an
+``ItemError`` in its place, the rest of the batch is still scored); groups items
+of similar length into batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .band_pass import PreparedItem
+from .errors import ItemError, SemgradError
+from .kernels import Kernels, select_kernels
+from .profiles import ModelProfile, resolve_profile
+from .scoring import ScoreResult, score_batch
+from .weights import DecoderWeights, from_hf_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+Messages = list[dict[str, Any]]
+DEFAULT_BATCH_TOKENS = 4096
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SemgradError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """The chat template applied to ``messages`` with the generation prompt, tokenized as vLLM does."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, Path]:
+    """(model, tokenizer, directory) of a local Hugging Face model; the embedded default model when None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_model import default_model_dir
+
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    if not (path / "config.json").is_file():
+        raise SemgradError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), attn_implementation="sdpa")
+    return model.to(device).eval().requires_grad_(False), tokenizer, path
+
+
+class Scorer:
+    """Scores answers with SemGrad, ParaGrad, HybridGrad and ExGrad."""
+
+    def __init__(
+        self, weights: DecoderWeights, tokenizer: Any, profile: ModelProfile, kernels: Kernels | None = None
+    ) -> None:
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.profile = profile
+        self.kernels = kernels or select_kernels(device=weights.device)
+        self.band = profile.band_range(weights.n_layers)
+        token_id = tokenizer.convert_tokens_to_ids(profile.t_star.token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise SemgradError(f"profile {profile.name!r}: t* token {profile.t_star.token!r} is not in the vocabulary")
+        self.t_star_id: int = token_id
+        self.stop_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
+        self.model: Any = None  # the Hugging Face module the weights came from, when there is one
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path | None = None,
+        dtype: str = "float32",
+        profile: str | Path | None = None,
+        kernels: str | None = None,
+        device: str = "cpu",
+    ) -> "Scorer":
+        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct)."""
+        model, tokenizer, path = load_hf_model(model_dir, dtype, device)
+        weights = from_hf_model(model)
+        chosen = resolve_profile(model.config, tokenizer.chat_template, path, profile)
+        scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device))
+        scorer.model = model
+        return scorer
+
+    def report(self, result: ScoreResult) -> dict[str, Any]:
+        """A result as JSON-ready dict, with the profile's configured score, threshold and flag."""
+        score, flagged = self.profile.flag(result.scores())
+        return {**result.to_dict(), "score": score, "threshold": self.profile.threshold, "flagged": flagged}
+
+    # -- text to token ids -------------------------------------------------------------------------
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """``chat_prompt_ids`` of user-given messages; malformed ones are an ``ItemError``."""
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ItemError("messages must be a non-empty list of {role, content} objects")
+        try:
+            return chat_prompt_ids(self.tokenizer, messages)
+        except Exception as exc:  # the template's own error, e.g. roles out of order
+            raise ItemError(f"the chat template rejected the messages: {exc}") from None
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False).input_ids
+
+    # -- scoring -----------------------------------------------------------------------------------
+
+    def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> PreparedItem:
+        """Validate one item and locate t*; trailing end-of-sequence tokens of the answer are dropped."""
+        answer = list(answer_ids)
+        while answer and answer[-1] in self.stop_ids:
+            answer.pop()
+        if not answer:
+            raise ItemError("the answer is empty")
+        if not prompt_ids:
+            raise ItemError("the prompt is empty")
+        total = len(prompt_ids) + len(answer)
+        if total > self.weights.max_positions:
+            raise ItemError(f"prompt + answer is {total} tokens, over the model's context of {self.weights.max_positions}")
+        vocab = self.weights.vocab_size
+        if min(min(prompt_ids), min(answer)) < 0 or max(max(prompt_ids), max(answer)) >= vocab:
+            raise ItemError(f"token id outside the vocabulary (size {vocab})")
+        t_star = self.profile.t_star.locate(prompt_ids, self.t_star_id)
+        token = self.tokenizer.convert_ids_to_tokens(int(prompt_ids[t_star]))
+        return PreparedItem(tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token)
+
+    def score_prepared(self, items: Sequence[PreparedItem]) -> list[ScoreResult | ItemError]:
+        """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others."""
+        try:
+            return list(score_batch(self.weights, items, self.band, self.kernels))
+        except (ValueError, RuntimeError) as exc:
+            if len(items) == 1:
+                return [ItemError(f"scoring failed: {exc}")]
+            return [r for item in items for r in self.score_prepared([item])]
+
+    def score(
+        self,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        batch_size: int = 8,
+        progress: bool = False,
+        max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    ) -> list[ScoreResult | ItemError]:
+        """Score (prompt ids, answer ids) pairs; results keep input order.
+
+        Items of similar length share a batch of at most ``batch_size`` items and, padding included,
+        ``max_batch_tokens`` tokens (a longer item goes alone): larger batches of long prompts only
+        cost memory (their activations outgrow the caches, so they are no faster per item)."""
+        if batch_size < 1 or max_batch_tokens < 1:
+            raise SemgradError("batch size and batch tokens must be at least 1")
+        results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
+        prepared: list[tuple[int, PreparedItem]] = []
+        for i, (prompt, answer) in enumerate(pairs):
+            try:
+                prepared.append((i, self.prepare(prompt, answer)))
+            except ItemError as exc:
+                results[i] = exc
+        prepared.sort(key=lambda p: p[1].length)
+        with tqdm(total=len(prepared), desc="scoring", unit="answer", disable=not progress) as bar:
+            while prepared:
+                # sorted by length, so the last item of a batch sets its padded length
+                size = 1
+                while size < min(batch_size, len(prepared)) and (size + 1) * prepared[size][1].length <= max_batch_tokens:
+                    size += 1
+                chunk, prepared = prepared[:size], prepared[size:]
+                for (i, _), result in zip(chunk, self.score_prepared([p for _, p in chunk])):
+                    results[i] = result
+                bar.update(len(chunk))
+        return results  # type: ignore[return-value]

@@ -1,0 +1,32 @@
+"""Prometheus metrics of SemGrad scoring, exported on vLLM's ``/metrics`` (its default registry)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from prometheus_client import Counter, Histogram
+
+ANSWERS_SCORED = Counter("semgrad_answers_scored", "Answers scored with SemGrad.")
+ANSWERS_FLAGGED = Counter("semgrad_answers_flagged", "Scored answers flagged as likely hallucinated.")
+SCORING_ERRORS = Counter("semgrad_scoring_errors", "Answers whose scoring failed (returned with an error).")
+SCORING_LATENCY = Histogram(
+    "semgrad_scoring_latency_seconds",
+    "Time from an answer's completion to its scores, batching wait included.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SCORING_BATCH_SIZE = Histogram(
+    "semgrad_scoring_batch_size", "Answers per scoring batch (one backward).", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+
+
+def record_batch(results: Sequence[dict[str, Any]], latencies: Sequence[float]) -> None:
+    """Count one scored batch: its size, each answer's latency and outcome."""
+    SCORING_BATCH_SIZE.observe(len(results))
+    for result, latency in zip(results, latencies):
+        SCORING_LATENCY.observe(latency)
+        if "error" in result:
+            SCORING_ERRORS.inc()
+        else:
+            ANSWERS_SCORED.inc()
+            if result.get("flagged"):
+                ANSWERS_FLAGGED.inc()

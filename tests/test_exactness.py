@@ -1,0 +1,112 @@
+"""Our band-only, batched, closed-form scores against the naive full-autograd computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from semgrad_serve.band_pass import PreparedItem
+from semgrad_serve.kernels import select_kernels
+from semgrad_serve.naive import naive_scores
+from semgrad_serve.scoring import score_batch
+from semgrad_serve.weights import from_hf_model
+
+from tiny_models import FAMILIES, random_items, tiny_model
+
+SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
+
+
+def deeper_half(n_layers: int) -> range:
+    return range(n_layers - n_layers // 2, n_layers)
+
+
+def assert_close(ours: dict[str, float], naive: dict[str, float], rel: float) -> None:
+    for key in SCORES:
+        assert ours[key] == pytest.approx(naive[key], rel=rel, abs=0), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float64_matches_naive_in_mixed_batch(family: str) -> None:
+    model = tiny_model(family)
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    triples = random_items(6)
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
+    results = score_batch(weights, items, band, select_kernels("torch"))
+    for (prompt, answer, t_star), result in zip(triples, results):
+        assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
+        assert result.answer_tokens == len(answer) and result.band == (band.start, band.stop - 1)
+
+
+def test_paper_style_naive_gives_the_same_numbers() -> None:
+    model = tiny_model("llama-tied")
+    band = deeper_half(5)
+    for prompt, answer, t_star in random_items(2, seed=9):
+        assert_close(
+            naive_scores(model, prompt, answer, t_star, band, paper_style=True),
+            naive_scores(model, prompt, answer, t_star, band),
+            rel=1e-12,
+        )
+
+
+def test_custom_band_and_t_star_at_prompt_start() -> None:
+    """A band that ends below the last layer still takes the total derivative through the layers above it."""
+    model = tiny_model("qwen2-window-untied")
+    weights = from_hf_model(model)
+    band = range(1, 3)
+    triples = [(p, a, 0) for p, a, _ in random_items(3, seed=5)]
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
+    for (prompt, answer, t_star), result in zip(triples, score_batch(weights, items, band, select_kernels("torch"))):
+        assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_batch_invariance(dtype: torch.dtype, rel: float) -> None:
+    """An item's scores do not depend on its batch-mates or on padding."""
+    weights = from_hf_model(tiny_model("llama3-untied", dtype=dtype))
+    band = deeper_half(weights.n_layers)
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(7, seed=3)]
+    together = score_batch(weights, items, band, select_kernels("torch"))
+    for item, batched in zip(items, together):
+        (alone,) = score_batch(weights, [item], band, select_kernels("torch"))
+        for key in SCORES:
+            assert batched.scores()[key] == pytest.approx(alone.scores()[key], rel=rel), key
+        assert batched.token_logprobs == pytest.approx(alone.token_logprobs, rel=rel)
+
+
+def test_default_model_float32_matches_naive(default_scorer) -> None:
+    scorer = default_scorer
+    questions = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Who wrote Hamlet?", "William Shakespeare wrote it."),
+        ("What is the boiling point of water in Fahrenheit?", "It boils at 100 degrees, like everything."),
+    ]
+    pairs = [(scorer.prompt_ids([{"role": "user", "content": q}]), scorer.answer_ids(a)) for q, a in questions]
+    model = scorer.model
+    for (prompt, answer), result in zip(pairs, scorer.score(pairs, batch_size=3)):
+        with torch.enable_grad():
+            naive = naive_scores(model, prompt, answer, result.t_star, scorer.band)
+        assert_close(result.scores(), naive, rel=1e-4)
+        assert result.t_star == len(prompt) - 4 and result.t_star_token == "<|im_start|>"
+
+
+def test_only_probes_get_gradients() -> None:
+    """The graph reaches no weight: weights are detached constants."""
+    weights = from_hf_model(tiny_model("qwen3-untied"))
+    tensors = [weights.embed, weights.head, weights.final_norm]
+    for layer in weights.layers:
+        tensors += [*layer.qkv, layer.o_proj, *layer.gate_up, layer.down, layer.input_norm, layer.post_norm]
+    assert not any(t.requires_grad for t in tensors)
+
+
+def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> None:
+    """bfloat16 (vLLM's CPU default) keeps 8 mantissa bits: on the real model scores stay within ~10%."""
+    from semgrad_serve.scorer import Scorer
+
+    low = Scorer.from_pretrained(dtype="bfloat16")
+    questions = [("What is the capital of France?", "Paris."), ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.")]
+    pairs = [(low.prompt_ids([{"role": "user", "content": q}]), low.answer_ids(a)) for q, a in questions]
+    for result, exact in zip(low.score(pairs), default_scorer.score(pairs)):
+        assert low.weights.dtype == torch.bfloat16
+        for key in SCORES:
+            assert result.scores()[key] == pytest.approx(exact.scores()[key], rel=0.15), key

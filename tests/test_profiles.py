@@ -1,0 +1,99 @@
+"""t* rules, bands and profile resolution."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from semgrad_serve.errors import ItemError, SemgradError
+from semgrad_serve.profiles import ModelProfile, TStarRule, builtin_profiles, resolve_profile
+from semgrad_serve.weights import check_family
+
+
+@pytest.mark.parametrize("n_layers,first,last", [(32, 16, 31), (30, 15, 29), (5, 3, 4), (2, 1, 1)])
+def test_deeper_half_band(n_layers: int, first: int, last: int) -> None:
+    band = ModelProfile("p", TStarRule("x")).band_range(n_layers)
+    assert (band.start, band.stop - 1) == (first, last)
+    assert len(band) == n_layers // 2
+
+
+def test_band_needs_two_layers() -> None:
+    with pytest.raises(SemgradError, match="at least 2 layers"):
+        ModelProfile("p", TStarRule("x")).band_range(1)
+
+
+def test_explicit_band_is_checked() -> None:
+    assert ModelProfile("p", TStarRule("x"), band=(2, 4)).band_range(5) == range(2, 5)
+    with pytest.raises(SemgradError, match="outside"):
+        ModelProfile("p", TStarRule("x"), band=(2, 5)).band_range(5)
+
+
+def test_t_star_rule_last_occurrence_and_offset() -> None:
+    assert TStarRule("<s>").locate([7, 1, 5, 1, 9, 9], token_id=1) == 3
+    assert TStarRule("[/INST]", offset=-1).locate([7, 1, 5, 1, 9], token_id=1) == 2
+    with pytest.raises(ItemError, match="does not contain"):
+        TStarRule("<s>").locate([7, 5], token_id=1)
+    with pytest.raises(ItemError, match="outside"):
+        TStarRule("<s>", offset=-1).locate([1, 5], token_id=1)
+
+
+def test_default_model_t_star_is_fourth_from_end(default_scorer) -> None:
+    """SPEC: SmolLM2's last <|im_start|> is 4th from the end (its tokenizer splits "assistant")."""
+    prompt = default_scorer.prompt_ids([{"role": "user", "content": "Hi <|im_start|> there?"}])
+    item = default_scorer.prepare(prompt, default_scorer.answer_ids("Hello."))
+    assert item.t_star == len(prompt) - 4
+    assert default_scorer.tokenizer.convert_ids_to_tokens(prompt[-4:]) == ["<|im_start|>", "ass", "istant", "Ċ"]
+
+
+def test_missing_t_star_token_is_an_item_error(default_scorer) -> None:
+    (result,) = default_scorer.score([(default_scorer.answer_ids("no template here"), [42])])
+    assert isinstance(result, ItemError) and "t* token" in str(result)
+
+
+def test_profile_json_round_trip(tmp_path) -> None:
+    profile = ModelProfile("m", TStarRule("<|x|>", -2), band=(3, 7), score="semgrad", threshold=0.5)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert ModelProfile.load(path) == profile
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("{", "not JSON"), ('{"name": "x"}', "not a valid profile"), ('{"t_star": {"token": "a"}, "score": "bogus"}', "score must be")],
+)
+def test_bad_profile_files(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(SemgradError, match=message):
+        ModelProfile.load(path)
+    with pytest.raises(SemgradError, match="cannot read"):
+        ModelProfile.load(tmp_path / "missing.json")
+
+
+def test_profile_resolution_order(tmp_path) -> None:
+    smol = SimpleNamespace(model_type="llama", num_hidden_layers=30, hidden_size=576, vocab_size=49152)
+    other = SimpleNamespace(model_type="qwen2", num_hidden_layers=28, hidden_size=1536, vocab_size=151936)
+    assert resolve_profile(smol, "<|im_start|>", None, None).name == "smollm2-135m-instruct"
+    assert resolve_profile(other, "...<|im_start|>...", None, None).name == "chatml"
+    assert resolve_profile(other, "<|start_header_id|>", None, None).t_star.token == "<|start_header_id|>"
+    mistral = resolve_profile(other, "[INST] x [/INST]", None, None)
+    assert (mistral.t_star.token, mistral.t_star.offset) == ("[/INST]", -1)
+    (tmp_path / "semgrad_profile.json").write_text(json.dumps({"name": "mine", "t_star": {"token": "<a>"}}))
+    assert resolve_profile(smol, "<|im_start|>", tmp_path, None).name == "mine"
+    explicit = tmp_path / "explicit.json"
+    explicit.write_text(json.dumps({"name": "explicit", "t_star": {"token": "<b>"}}))
+    assert resolve_profile(smol, "<|im_start|>", tmp_path, explicit).name == "explicit"
+    with pytest.raises(SemgradError, match="calibrate"):
+        resolve_profile(other, "{{ plain }}", None, None)
+
+
+def test_builtin_profiles_are_valid() -> None:
+    names = {p.name for p in builtin_profiles()}
+    assert {"chatml", "llama3", "mistral", "smollm2-135m-instruct"} <= names
+
+
+def test_unsupported_family_is_named() -> None:
+    with pytest.raises(SemgradError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3"):
+        check_family(SimpleNamespace(model_type="gpt2"))

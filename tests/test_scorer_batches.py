@@ -1,0 +1,49 @@
+"""How the scorer forms batches: length-sorted, bounded in items and padded tokens, order kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from semgrad_serve.errors import ItemError, SemgradError
+
+
+def test_batches_bounded_by_items_and_tokens(default_scorer, monkeypatch) -> None:
+    scorer = default_scorer
+    questions = ["Hi?", "What is the capital of France? " * 3, "Who wrote Hamlet?", "Why is the sky blue? " * 6, "2+2?"]
+    pairs = [(scorer.prompt_ids([{"role": "user", "content": q}]), scorer.answer_ids("A short answer.")) for q in questions]
+    batches: list[list[int]] = []
+    original = scorer.score_prepared
+
+    def record(items):
+        batches.append([it.length for it in items])
+        return original(items)
+
+    monkeypatch.setattr(scorer, "score_prepared", record)
+    budget = 2 * max(len(p) + len(a) - 1 for p, a in pairs) - 1  # never two of the longest
+    results = scorer.score(pairs, batch_size=3, max_batch_tokens=budget)
+    assert sorted(n for b in batches for n in b) == sorted(len(p) + len(a) - 1 for p, a in pairs)
+    for lengths in batches:
+        assert lengths == sorted(lengths) and len(lengths) <= 3
+        assert len(lengths) == 1 or len(lengths) * lengths[-1] <= budget
+    assert len(batches) >= 2
+    monkeypatch.undo()
+    for (prompt, answer), result in zip(pairs, results):
+        (alone,) = scorer.score([(prompt, answer)], batch_size=1)
+        assert result.prompt_tokens == len(prompt)
+        assert result.semgrad == pytest.approx(alone.semgrad, rel=1e-5)
+
+
+def test_bad_items_keep_their_place(default_scorer) -> None:
+    scorer = default_scorer
+    good = (scorer.prompt_ids([{"role": "user", "content": "Hi?"}]), scorer.answer_ids("Hello."))
+    results = scorer.score([good, (good[0], []), good, (good[0], [10**9])])
+    assert [type(r).__name__ for r in results] == ["ScoreResult", "ItemError", "ScoreResult", "ItemError"]
+    assert "empty" in str(results[1]) and "vocabulary" in str(results[3])
+    assert isinstance(results[1], ItemError)
+
+
+def test_batch_bounds_must_be_positive(default_scorer) -> None:
+    with pytest.raises(SemgradError):
+        default_scorer.score([], batch_size=0)
+    with pytest.raises(SemgradError):
+        default_scorer.score([], max_batch_tokens=0)

@@ -1,0 +1,218 @@
+"""The vLLM server with SemGrad scoring, end to end: one real ``semgrad-serve serve`` process for the
+module (default model, float32, CPU settings), queried with the official ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from semgrad_serve.errors import ItemError, SemgradError
+from semgrad_serve.vllm_ext.config import TEST_FAULTS_ENV
+from semgrad_serve.vllm_ext.launch import free_port, running_server, serve_command
+from semgrad_serve.vllm_ext.worker import REPORTED
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"  # the served name of the default model
+START_TIMEOUT_S = 600
+REQUEST_TIMEOUT_S = 180
+SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("serving") / "server.log"
+    env = {**os.environ, TEST_FAULTS_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # A small KV cache: the tests need little of it, and the server starts faster with an explicit size.
+    args = ["--dtype", "float32", "--max-batch", "8", "--", "--kv-cache-memory-bytes", str(1 << 30)]
+    try:
+        port = free_port()
+        with running_server(serve_command(port, *args), port, log, env, timeout_s=START_TIMEOUT_S) as server:
+            yield server.url
+    except SemgradError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+
+
+def semgrad_of(choice: Any) -> dict[str, Any] | None:
+    return (choice.model_extra or {}).get("semgrad")
+
+
+def assert_scored(semgrad: dict[str, Any] | None) -> None:
+    assert semgrad is not None and tuple(semgrad) == REPORTED, semgrad
+    assert all(semgrad[k] > 0 for k in SCORE_KEYS) and semgrad["score"] == semgrad["hybridgrad"]
+
+
+def assert_equals_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int]) -> None:
+    (offline,) = scorer.score([(prompt_ids, answer_ids)])
+    assert not isinstance(offline, ItemError), offline
+    expected = scorer.report(offline)
+    for key in SCORE_KEYS:
+        assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert semgrad["flagged"] == expected["flagged"] and semgrad["threshold"] == expected["threshold"]
+
+
+def ask(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def metrics(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(semgrad_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+# -- tests ----------------------------------------------------------------------------------------------
+
+
+def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
+    for question in ("What is the capital of France?", "Who wrote the novel Moby-Dick? Answer in one sentence."):
+        messages = ask(question)
+        response = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=32, temperature=0, extra_body={"return_token_ids": True}
+        )
+        (choice,) = response.choices
+        prompt_ids = response.model_extra["prompt_token_ids"]
+        assert prompt_ids == default_scorer.prompt_ids(messages)  # vLLM templates and tokenizes as the scorer does
+        assert_scored(semgrad_of(choice))
+        assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"])
+    # Without return_token_ids the ids stay hidden, as vLLM renders them.
+    response = client.chat.completions.create(model=MODEL, messages=ask("Name a planet."), max_tokens=8, temperature=0)
+    assert response.model_extra["prompt_token_ids"] is None and response.choices[0].model_extra["token_ids"] is None
+    assert_scored(semgrad_of(response.choices[0]))
+
+
+def test_completions_are_scored_or_say_why_not(client, default_scorer) -> None:
+    messages = ask("What is 2 + 2?")
+    prompt = default_scorer.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body={"return_token_ids": True}
+    )
+    (choice,) = response.choices
+    assert_equals_offline(semgrad_of(choice), default_scorer, choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+
+    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert plain.choices[0].text and "t* token" in semgrad_of(plain.choices[0])["error"]
+    echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith(prompt) and "return_token_ids" in semgrad_of(echo.choices[0])["error"]
+
+
+def test_streaming_n2_scores_each_choice_in_its_final_chunk(client, default_scorer) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask("Name three colors."), max_tokens=24, temperature=1.0, seed=7, n=2, stream=True,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    prompt_ids, answers, scored = None, {0: [], 1: []}, {}
+    for chunk in stream:
+        prompt_ids = chunk.model_extra.get("prompt_token_ids") or prompt_ids
+        for choice in chunk.choices:
+            answers[choice.index] += choice.model_extra.get("token_ids") or []
+            if semgrad_of(choice) is not None:
+                assert choice.finish_reason is not None and choice.index not in scored
+                scored[choice.index] = semgrad_of(choice)
+            else:
+                assert choice.finish_reason is None
+    assert sorted(scored) == [0, 1] and answers[0] != answers[1]
+    for index, semgrad in scored.items():
+        assert_equals_offline(semgrad, default_scorer, prompt_ids, answers[index])
+
+
+def test_n2_scores_every_choice(client, default_scorer) -> None:
+    response = client.chat.completions.create(
+        model=MODEL, messages=ask("Tell me a fun fact."), max_tokens=24, temperature=1.0, seed=3, n=2,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    assert len(response.choices) == 2
+    for choice in response.choices:
+        assert_equals_offline(semgrad_of(choice), default_scorer, response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+
+
+def test_scoring_can_be_turned_off(client) -> None:
+    for extra in ({"semgrad": False}, {"vllm_xargs": {"semgrad": "off"}}):
+        response = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body=extra)
+        assert response.choices[0].message.content and semgrad_of(response.choices[0]) is None
+    stream = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, stream=True, extra_body={"semgrad": False})
+    assert all(semgrad_of(c) is None for chunk in stream for c in chunk.choices)
+    with pytest.raises(openai.BadRequestError, match="must be true or false"):
+        client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"semgrad": "no"})
+
+
+def test_32_concurrent_requests_are_answered_scored_and_batched(base_url) -> None:
+    before = metrics(base_url)
+
+    async def run() -> list:
+        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as aclient:
+            return await asyncio.gather(
+                *(
+                    aclient.chat.completions.create(model=MODEL, messages=ask(f"Give me a fact about the number {i}."), max_tokens=16, temperature=0)
+                    for i in range(32)
+                )
+            )
+
+    responses = asyncio.run(run())
+    for response in responses:
+        assert response.choices[0].message.content
+        assert_scored(semgrad_of(response.choices[0]))
+    after = metrics(base_url)
+    batches = after["semgrad_scoring_batch_size_count"] - before["semgrad_scoring_batch_size_count"]
+    answers = after["semgrad_scoring_batch_size_sum"] - before["semgrad_scoring_batch_size_sum"]
+    assert answers == 32 and 4 <= batches < 32  # batched, at most 8 (--max-batch) at a time
+
+
+def test_a_scoring_failure_returns_the_completion_with_the_error(client) -> None:
+    async def run() -> list:
+        async with openai.AsyncOpenAI(base_url=client.base_url, api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as aclient:
+            return await asyncio.gather(
+                *(
+                    aclient.chat.completions.create(
+                        model=MODEL, messages=ask(f"Count to {i + 3}."), max_tokens=12, temperature=0, extra_body={"semgrad_test_fault": i == 1}
+                    )
+                    for i in range(4)
+                )
+            )
+
+    responses = asyncio.run(run())
+    assert all(r.choices[0].message.content for r in responses)
+    assert "injected scoring fault" in semgrad_of(responses[1].choices[0])["error"]
+    for i in (0, 2, 3):
+        assert_scored(semgrad_of(responses[i].choices[0]))
+    assert_scored(semgrad_of(client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4).choices[0]))
+
+
+def test_metrics_count_answers_latency_and_batches(client, base_url) -> None:
+    before = metrics(base_url)
+    client.chat.completions.create(model=MODEL, messages=ask("Name a fruit."), max_tokens=8)
+    after = metrics(base_url)
+    assert after["semgrad_answers_scored_total"] == before["semgrad_answers_scored_total"] + 1
+    assert after["semgrad_scoring_latency_seconds_count"] == before["semgrad_scoring_latency_seconds_count"] + 1
+    assert after["semgrad_scoring_batch_size_count"] == before["semgrad_scoring_batch_size_count"] + 1
+    assert "semgrad_answers_flagged_total" in after and after["semgrad_scoring_errors_total"] >= 1  # the failure above
+
+
+@pytest.mark.parametrize(
+    "request_args,message",
+    [
+        ({"messages": []}, "empty conversation"),
+        ({"messages": ask("Hi!"), "max_tokens": 0}, "max_tokens"),
+        ({"messages": ask("word " * 9000)}, "maximum context length"),
+        ({"messages": ask("Hi!"), "max_tokens": "many"}, "max_tokens"),
+    ],
+)
+def test_bad_requests_get_vllm_errors_and_the_server_stays_up(client, base_url, request_args: dict, message: str) -> None:
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.chat.completions.create(model=MODEL, **request_args)
+    assert httpx.get(f"{base_url}/health", timeout=30).status_code == 200
+
+
+def test_unknown_fields_are_ignored_as_vllm_does(client) -> None:
+    response = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"no_such_field": 1})
+    assert_scored(semgrad_of(response.choices[0]))
