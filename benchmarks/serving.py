@@ -47,10 +47,13 @@ LOADS = {
 NOTES = [
     "## Reading the numbers",
     "",
-    "- Scoring an answer costs about two forward passes over its prompt and answer (one without a graph, then the",
-    "  band's forward and backward from t* on), on the same core that generates. Generating it costs about one",
-    "  forward per token. So where generation is compute-bound, as on this core, the on/off ratio falls as",
-    "  answers grow: short answers (the paper's QA setting) keep most of the throughput, paragraphs half or less.",
+    "- Scoring an answer costs one forward pass over its prompt and answer plus a backward through the band from",
+    "  t* on (about 1.3 forward passes for a QA answer), on the same core that generates; generating it costs about",
+    "  one forward pass over the same tokens (prefill, then one step per answer token). Where generation is",
+    "  compute-bound, as on this core, scoring therefore about halves throughput, and more for long answers, whose",
+    "  band backward grows with them. On a GPU, decoding is memory-bound and the scoring pass is not.",
+    "- Not done yet: reusing the prompt's keys/values from vLLM's cache instead of recomputing the prompt, which",
+    "  would cut the scoring pass to roughly the answer's tokens.",
     "- Under load the batcher lets generation run about twice as long as the previous scoring batch took before",
     "  scoring again, so batches grow and latency (p50) roughly doubles; a lone request is scored at once.",
 ]
@@ -263,7 +266,7 @@ def main() -> None:
         "loads": "; ".join(f"{name}: `{template!r}`, max_tokens {n}" for name, (template, n) in LOADS.items() if name in args.loads),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine load": f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-        "(other jobs share this machine; here vLLM binds its worker, where generation and scoring run, to one core "
+        "(the benchmark's own server included; vLLM binds its worker, where generation and scoring run, to one core "
         "and keeps the other for its front end)",
     }
     text = report(results, {"plain": plain, "ours": idle}, info, extra)

@@ -4,7 +4,8 @@ For a batch of (prompt, answer) sequences, right-padded:
 1. layers below the band run on every position with no graph;
 2. from the band start on, each sequence is split at t*: the prefix (positions
    before t*) runs with no graph and hands its keys/values to the suffix as
-   constants; the suffix (t* onwards) runs with autograd;
+   constants (at the last layer only its keys/values are computed); the suffix
+   (t* onwards) runs with autograd;
 3. a zero "probe" is added to each band layer's input at t*; the gradient
    w.r.t. a probe is the total derivative of the loss w.r.t. that band hidden
    state at t* (positions before t* cannot see t*, so nothing is lost);
@@ -21,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .decoder import layer_forward, rms_norm, rotary, window_masks
+from .decoder import layer_forward, layer_keys_values, rms_norm, rotary, window_masks
 from .weights import DecoderWeights
 
 
@@ -97,7 +98,10 @@ def band_pass(w: DecoderWeights, items: Sequence[PreparedItem], band: range) -> 
         past = None
         if p_max > 0:
             with torch.no_grad():
-                x_pre, past = layer_forward(w, layer, x_pre, pre_rope, pre_masks)
+                if i == n_layers - 1:  # nothing reads the prefix's last outputs
+                    past = layer_keys_values(w, layer, x_pre, pre_rope)
+                else:
+                    x_pre, past = layer_forward(w, layer, x_pre, pre_rope, pre_masks)
         if i in band:
             x_suf = x_suf + probes[i - band.start][:, None, :] * at_t_star
         x_suf, _ = layer_forward(w, layer, x_suf, suf_rope, suf_masks, past=past)

@@ -70,6 +70,43 @@ def _linear_parts(
     return [F.linear(x, wt, b) for wt, b in zip(weights, biases or (None,) * len(weights))]
 
 
+def _queries_keys_values(
+    w: DecoderWeights, layer: LayerWeights, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], queries: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Queries (None unless ``queries``), keys and values [B, heads, S, head_dim] of x [B, S, d], after rotary."""
+    batch, seq, _ = x.shape
+    h = rms_norm(x, layer.input_norm, w.norm_eps)
+    q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
+    weights, biases = layer.qkv, layer.qkv_bias
+    if queries:
+        q, k, v = _linear_parts(h, weights, biases, [q_size, kv_size, kv_size])
+    elif len(weights) == 1:  # fused: skip the query rows
+        bias = biases[0][q_size:] if biases and biases[0] is not None else None
+        q, (k, v) = None, _linear_parts(h, (weights[0][q_size:],), (bias,), [kv_size, kv_size])
+    else:
+        q, (k, v) = None, _linear_parts(h, weights[1:], biases[1:], [kv_size, kv_size])
+    k = k.view(batch, seq, w.n_kv_heads, w.head_dim)
+    v = v.view(batch, seq, w.n_kv_heads, w.head_dim).transpose(1, 2)
+    if layer.k_norm is not None:
+        k = rms_norm(k, layer.k_norm, w.norm_eps)
+    cos, sin = rope
+    k = _rotate(k.transpose(1, 2), cos, sin)
+    if q is not None:
+        q = q.view(batch, seq, w.n_heads, w.head_dim)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, w.norm_eps)
+        q = _rotate(q.transpose(1, 2), cos, sin)
+    return q, k, v
+
+
+def layer_keys_values(
+    w: DecoderWeights, layer: LayerWeights, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> KeyValue:
+    """Only the keys/values one layer makes of x: all later positions need of x at the last layer."""
+    _, k, v = _queries_keys_values(w, layer, x, rope, queries=False)
+    return k, v
+
+
 def layer_forward(
     w: DecoderWeights,
     layer: LayerWeights,
@@ -83,18 +120,8 @@ def layer_forward(
     for plain causal attention without past.
     Returns the layer output and this call's own keys/values (after rotary)."""
     batch, seq, _ = x.shape
-    h = rms_norm(x, layer.input_norm, w.norm_eps)
-    q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
-    q, k, v = _linear_parts(h, layer.qkv, layer.qkv_bias, [q_size, kv_size, kv_size])
-    q = q.view(batch, seq, w.n_heads, w.head_dim)
-    k = k.view(batch, seq, w.n_kv_heads, w.head_dim)
-    v = v.view(batch, seq, w.n_kv_heads, w.head_dim).transpose(1, 2)
-    if layer.q_norm is not None:
-        q = rms_norm(q, layer.q_norm, w.norm_eps)
-        k = rms_norm(k, layer.k_norm, w.norm_eps)
-    cos, sin = rope
-    q = _rotate(q.transpose(1, 2), cos, sin)
-    k = _rotate(k.transpose(1, 2), cos, sin)
+    q_size = w.n_heads * w.head_dim
+    q, k, v = _queries_keys_values(w, layer, x, rope, queries=True)
     own = (k, v)
     if past is not None:
         k = torch.cat((past[0], k), dim=2)
