@@ -14,13 +14,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The project's QA data lives beside the repository (../shared/data), never in it.
+DATA_DIR = Path(os.environ.get("SEMGRAD_SERVE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 # Relative agreement of float32 scores of the same item scored beside different batch-mates (or alone):
 # padding changes the float32 rounding of every matmul, and for a confident token 1 - p(y_t) sits near
 # float32's resolution of the logit margin, so runs differ by up to ~1e-4. Exact batch invariance is
 # tested in float64 (test_exactness.py).
 FLOAT32_BATCH_REL = 5e-4
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared QA data (``{sciq,truthfulqa}/{test,paraphrase}.jsonl``); a clear failure where it is missing."""
+    if not (DATA_DIR / "sciq" / "test.jsonl").is_file():
+        pytest.fail(f"the shared QA data is not at {DATA_DIR}: check out ../shared beside the repository or set SEMGRAD_SERVE_DATA")
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

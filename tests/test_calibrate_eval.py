@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import DATA_DIR, FLOAT32_BATCH_REL
+from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
 from semgrad_serve.profiles import ModelProfile
 
@@ -24,8 +24,8 @@ def first_lines(path, n):
         return [next(f).rstrip("\n") for _ in range(n)]
 
 
-def test_calibrate_end_to_end(tmp_path, default_scorer):
-    source = first_lines(DATA_DIR / "sciq" / "paraphrase.jsonl", 3)
+def test_calibrate_end_to_end(tmp_path, default_scorer, data_dir):
+    source = first_lines(data_dir / "sciq" / "paraphrase.jsonl", 3)
     rows = [json.loads(line) for line in source]
     for r in rows:
         r["paraphrases"] = r["paraphrases"][:2]
@@ -51,8 +51,8 @@ def test_calibrate_end_to_end(tmp_path, default_scorer):
     assert scorer.prepare(prompt, scorer.answer_ids("Carbon dioxide")).t_star == len(prompt) + cal["t_star_position"]
 
 
-def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer):
-    data = write_lines(tmp_path / "qa.jsonl", first_lines(DATA_DIR / "sciq" / "test.jsonl", 3) + first_lines(DATA_DIR / "truthfulqa" / "test.jsonl", 1))
+def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
+    data = write_lines(tmp_path / "qa.jsonl", first_lines(data_dir / "sciq" / "test.jsonl", 3) + first_lines(data_dir / "truthfulqa" / "test.jsonl", 1))
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["eval", "--dataset", str(data), "--generator", "hf", "--samples", "2", "--max-tokens", "12",
             "--judge", "containment", "--flag-target", "recall:0.5", "--out", str(out), "--cache-dir", str(cache)]
