@@ -135,7 +135,7 @@ def main() -> None:
             f"ours extra peak MB (batch {b})": ours_batch_mem,
             "naive s/item": t["naive"],
             "ours s/item (batch 1)": t["ours_1"],
-            f"naive items/s": 1 / t["naive"],
+            "naive items/s": 1 / t["naive"],
             f"ours items/s (batch {b})": 1 / t["ours_batch"],
             "throughput ratio": t["naive"] / t["ours_batch"],
         }

@@ -1,6 +1,8 @@
 """The scoring forward: autograd only where SemGrad needs it.
 
 For a batch of (prompt, answer) sequences, right-padded:
+0. a prompt prefix all items share may come as constant keys/values
+   (``shared_prefix.py``); the items then run from its end on;
 1. layers below the band run on every position with no graph;
 2. from the band start on, each sequence is split at t*: the prefix (positions
    before t*) runs with no graph and hands its keys/values to the suffix as
@@ -17,13 +19,16 @@ The last answer token is never fed in: no position that matters attends to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .decoder import layer_forward, layer_keys_values, rms_norm, rotary, window_masks
 from .weights import DecoderWeights
+
+if TYPE_CHECKING:
+    from .shared_prefix import SharedPrefix
 
 
 @dataclass(frozen=True)
@@ -49,45 +54,55 @@ class BandPass:
     offsets: torch.Tensor  # [B + 1] row offsets of each item's answer in the packed rows
 
 
-def band_pass(w: DecoderWeights, items: Sequence[PreparedItem], band: range) -> BandPass:
-    """Run the batch forward; ``band`` is the range of hidden-state indices whose gradient at t* is wanted."""
+def band_pass(
+    w: DecoderWeights, items: Sequence[PreparedItem], band: range, shared: SharedPrefix | None = None
+) -> BandPass:
+    """Run the batch forward; ``band`` is the range of hidden-state indices whose gradient at t* is wanted.
+    ``shared``: a prefix every item starts with (ending at or before each t*), whose keys/values enter
+    every layer as constants, so that the items run from its end on."""
     dev, dtype, n_layers = w.device, w.dtype, w.n_layers
+    c = len(shared.ids) if shared is not None else 0
     seqs = [it.prompt_ids + it.answer_ids[:-1] for it in items]
     lengths = torch.tensor([it.length for it in items], device=dev)
     t_star = torch.tensor([it.t_star for it in items], device=dev)
     batch, n_max = len(items), int(lengths.max())
-    ids = torch.zeros(batch, n_max, dtype=torch.long, device=dev)
+    ids = torch.zeros(batch, n_max - c, dtype=torch.long, device=dev)
     for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, device=dev)
+        ids[b, : len(s) - c] = torch.tensor(s[c:], device=dev)
+    # keys/values of the shared positions [0, c) per layer, the same for every item
+    shared_kv = [None] * n_layers if shared is None else [
+        (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in shared.keys_values
+    ]
+    shared_pos = torch.arange(c, device=dev).expand(batch, c)
 
     graph_from = band.start
     with torch.no_grad():
         x = F.embedding(ids, w.embed)
         if graph_from > 0:
-            pos = torch.arange(n_max, device=dev).expand(batch, n_max)
+            pos = torch.arange(c, n_max, device=dev).expand(batch, n_max - c)
             rope = rotary(w, pos, dtype)
-            masks = window_masks(w, range(graph_from), pos, pos, None)
-            for layer in w.layers[:graph_from]:
-                x, _ = layer_forward(w, layer, x, rope, masks)
+            masks = window_masks(w, range(graph_from), pos, torch.cat((shared_pos, pos), dim=1), None)
+            for i, layer in enumerate(w.layers[:graph_from]):
+                x, _ = layer_forward(w, layer, x, rope, masks, past=shared_kv[i])
 
-    # Split each sequence at its t*: prefix [0, t*) and suffix [t*, n).
+    # Split each sequence at its t*: prefix [c, t*) and suffix [t*, n).
     p_max = int(t_star.max())
     s_len = lengths - t_star
     s_max = int(s_len.max())
     suf_pos = t_star[:, None] + torch.arange(s_max, device=dev)
-    x_suf = x.gather(1, suf_pos.clamp(max=n_max - 1)[..., None].expand(-1, -1, x.shape[-1]))
-    x_pre = x[:, :p_max]
-    pre_pos = torch.arange(p_max, device=dev).expand(batch, p_max)
+    x_suf = x.gather(1, (suf_pos - c).clamp(max=n_max - c - 1)[..., None].expand(-1, -1, x.shape[-1]))
+    x_pre = x[:, : p_max - c]
+    pre_pos = torch.arange(c, p_max, device=dev).expand(batch, p_max - c)
     pre_valid = pre_pos < t_star[:, None]
     graph_layers = range(graph_from, n_layers)
     pre_rope, suf_rope = rotary(w, pre_pos, dtype), rotary(w, suf_pos, dtype)
-    pre_masks = window_masks(w, graph_layers, pre_pos, pre_pos, None)
+    pre_masks = window_masks(w, graph_layers, pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
     suf_masks = window_masks(
         w,
         graph_layers,
         suf_pos,
-        torch.cat((pre_pos, suf_pos), dim=1),
-        torch.cat((pre_valid, torch.ones_like(suf_pos, dtype=torch.bool)), dim=1),
+        torch.cat((shared_pos, pre_pos, suf_pos), dim=1),
+        torch.cat((torch.ones_like(shared_pos, dtype=torch.bool), pre_valid, torch.ones_like(suf_pos, dtype=torch.bool)), dim=1),
     )
 
     probes = torch.zeros(len(band), batch, w.hidden_size, dtype=dtype, device=dev, requires_grad=True)
@@ -95,13 +110,14 @@ def band_pass(w: DecoderWeights, items: Sequence[PreparedItem], band: range) -> 
     at_t_star[0, 0, 0] = 1
     for i in graph_layers:
         layer = w.layers[i]
-        past = None
-        if p_max > 0:
+        past = shared_kv[i]
+        if p_max > c:
             with torch.no_grad():
                 if i == n_layers - 1:  # nothing reads the prefix's last outputs
-                    past = layer_keys_values(w, layer, x_pre, pre_rope)
+                    own = layer_keys_values(w, layer, x_pre, pre_rope)
                 else:
-                    x_pre, past = layer_forward(w, layer, x_pre, pre_rope, pre_masks)
+                    x_pre, own = layer_forward(w, layer, x_pre, pre_rope, pre_masks, past=past)
+            past = own if past is None else (torch.cat((past[0], own[0]), dim=2), torch.cat((past[1], own[1]), dim=2))
         if i in band:
             x_suf = x_suf + probes[i - band.start][:, None, :] * at_t_star
         x_suf, _ = layer_forward(w, layer, x_suf, suf_rope, suf_masks, past=past)

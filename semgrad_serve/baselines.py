@@ -16,7 +16,6 @@ Sampling, on K answers sampled at temperature T:
 
 from __future__ import annotations
 
-import math
 from itertools import combinations
 from typing import Any, Sequence
 
@@ -175,7 +174,3 @@ def sampling_scores(
         counts.append(max(labels) + 1)
     t_se = time.perf_counter() - start
     return lexical, entropies, counts, t_lex, t_se
-
-
-def nan_if_empty(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else math.nan

@@ -41,12 +41,6 @@ METHODS = [
     ("lexical_similarity", "Lexical similarity (K samples)", "sampling"),
     ("semantic_entropy", "Semantic entropy (K samples)", "sampling"),
 ]
-# the answer's cost: which timed stage each method needs on top of the greedy answer
-COST_STAGE = {
-    "semgrad": "gradient pass", "paragrad": "gradient pass", "hybridgrad": "gradient pass", "exgrad": "gradient pass",
-    "mean_nll": "forward pass", "max_nll": "forward pass", "mean_entropy": "forward pass", "p_true": "P(True) pass",
-    "lexical_similarity": "K samples + ROUGE-L", "semantic_entropy": "K samples + embeddings",
-}
 
 
 def dataset_name(path: str | Path) -> str:

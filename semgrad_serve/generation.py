@@ -14,7 +14,6 @@ which suits tests.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -202,10 +201,3 @@ def make_generator(kind: str, model_dir: str | Path, model: Any, tokenizer: Any,
     if kind == "hf":
         return HFGenerator(model, tokenizer)
     raise SemgradError(f"unknown generator {kind!r}; choose one of {', '.join(GENERATORS)}")
-
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    """(result, wall seconds) of one call."""
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start

@@ -18,7 +18,7 @@ import string
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -181,10 +181,3 @@ def describe(name: str, threshold: float | None = None) -> str:
         "rouge": f"ROUGE-L F1 with a gold answer ≥ {t:g}",
         "embedding": f"cosine similarity of all-MiniLM-L6-v2 embeddings with a gold answer ≥ {t:g}",
     }[name]
-
-
-def thresholds_from_args(args: Any) -> dict[str, float]:
-    out = {}
-    if getattr(args, "judge_threshold", None) is not None:
-        out[args.judge] = float(args.judge_threshold)
-    return out

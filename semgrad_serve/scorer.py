@@ -19,6 +19,7 @@ from .errors import ItemError, SemgradError
 from .kernels import Kernels, select_kernels
 from .profiles import ModelProfile, resolve_profile
 from .scoring import ScoreResult, score_batch
+from .shared_prefix import PrefixCache
 from .weights import DecoderWeights, from_hf_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -70,6 +71,7 @@ class Scorer:
         self.t_star_id: int = token_id
         self.stop_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
         self.model: Any = None  # the Hugging Face module the weights came from, when there is one
+        self.prefix_cache = PrefixCache()
 
     @classmethod
     def from_pretrained(
@@ -131,7 +133,8 @@ class Scorer:
     def score_prepared(self, items: Sequence[PreparedItem]) -> list[ScoreResult | ItemError]:
         """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others."""
         try:
-            return list(score_batch(self.weights, items, self.band, self.kernels))
+            shared = self.prefix_cache.for_batch(self.weights, items)
+            return list(score_batch(self.weights, items, self.band, self.kernels, shared))
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 return [ItemError(f"scoring failed: {exc}")]

@@ -16,6 +16,7 @@ import torch
 
 from .band_pass import PreparedItem, band_pass
 from .kernels import Kernels
+from .shared_prefix import SharedPrefix
 from .weights import DecoderWeights
 
 
@@ -49,9 +50,15 @@ def hybrid(paragrad: float, semgrad: float, mean_entropy: float) -> float:
     return alpha * paragrad + (1 - alpha) * semgrad
 
 
-def score_batch(w: DecoderWeights, items: Sequence[PreparedItem], band: range, kernels: Kernels) -> list[ScoreResult]:
-    """Score a batch of prepared items with one forward and one backward."""
-    fwd = band_pass(w, items, band)
+def score_batch(
+    w: DecoderWeights,
+    items: Sequence[PreparedItem],
+    band: range,
+    kernels: Kernels,
+    shared: SharedPrefix | None = None,
+) -> list[ScoreResult]:
+    """Score a batch of prepared items with one forward and one backward (``shared``: see ``band_pass``)."""
+    fwd = band_pass(w, items, band, shared)
     hidden = fwd.answer_hidden.detach()
     logits = hidden @ w.head.T
     logp, entropy, nll_grad = kernels.token_stats(logits, fwd.targets)

@@ -9,6 +9,7 @@ from semgrad_serve.band_pass import PreparedItem
 from semgrad_serve.kernels import select_kernels
 from semgrad_serve.naive import naive_scores
 from semgrad_serve.scoring import score_batch
+from semgrad_serve.shared_prefix import PrefixCache
 from semgrad_serve.weights import from_hf_model
 
 from tiny_models import FAMILIES, random_items, tiny_model
@@ -58,6 +59,32 @@ def test_custom_band_and_t_star_at_prompt_start() -> None:
     items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
     for (prompt, answer, t_star), result in zip(triples, score_batch(weights, items, band, select_kernels("torch"))):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_matches_naive(family: str) -> None:
+    """Items that share a prompt prefix run from its end, its keys/values computed once, with the same scores;
+    the prefix (9 tokens) is longer than the sliding windows (5, 6) of the windowed families."""
+    model = tiny_model(family)
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    head = [(7 * i + 3) % 64 for i in range(9)]
+    triples = [(head + p, a, len(head) + t) for p, a, t in random_items(4, seed=11)]
+    triples[0] = (triples[0][0], triples[0][1], len(head))  # t* right at the prefix's end
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
+    cache = PrefixCache(min_tokens=4)
+    shared = cache.for_batch(weights, items)
+    assert shared is not None and shared.ids == tuple(head)
+    for (prompt, answer, t_star), result in zip(triples, score_batch(weights, items, band, select_kernels("torch"), shared)):
+        assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
+    # a lone item that starts with the prefix reuses it; one that does not, or whose t* lies inside it, does not
+    assert cache.for_batch(weights, items[2:3]) is shared
+    other = PreparedItem((head[0] + 1, *head[1:], 5, 6), (1, 2), 9)
+    early = PreparedItem(items[1].prompt_ids, items[1].answer_ids, 4)
+    assert cache.for_batch(weights, [other]) is None and cache.for_batch(weights, [early]) is None
+    # a batch with a shorter common prefix replaces it, ending at the earliest t*
+    assert cache.for_batch(weights, [items[1], PreparedItem(items[2].prompt_ids, items[2].answer_ids, 6)]).ids == tuple(head[:6])
+    assert PrefixCache(min_tokens=10).for_batch(weights, items) is None
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

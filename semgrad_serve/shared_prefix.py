@@ -1,0 +1,85 @@
+"""A prompt prefix that every item of a batch starts with, run once instead of once per item.
+
+Chat prompts share their template's head, a system prompt and often an instruction
+(the paper's "Please directly answer ..."). Those positions lie before t*, so the
+scoring forward needs only their keys/values at every layer, as constants:
+``shared_prefix`` computes them once (batch 1, no graph) and ``band_pass`` runs each
+item from the end of the prefix on. ``PrefixCache`` keeps the last one while batches
+keep starting with it, as a server's requests do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .band_pass import PreparedItem
+from .decoder import KeyValue, layer_forward, layer_keys_values, rotary, window_masks
+from .weights import DecoderWeights
+
+MIN_SHARED_TOKENS = 16  # below this, one more forward call costs more than it saves
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Token ids of the prefix and its keys/values [1, kv_heads, len, head_dim] at every layer."""
+
+    ids: tuple[int, ...]
+    keys_values: tuple[KeyValue, ...]
+
+    def fits(self, item: PreparedItem) -> bool:
+        """Whether the item starts with this prefix and its t* lies at or after the prefix's end."""
+        return len(self.ids) <= item.t_star and item.prompt_ids[: len(self.ids)] == self.ids
+
+
+def shared_prefix(w: DecoderWeights, ids: Sequence[int]) -> SharedPrefix:
+    """Run ``ids`` through every layer without a graph and keep each layer's keys/values."""
+    pos = torch.arange(len(ids), device=w.device)[None]
+    rope = rotary(w, pos, w.dtype)
+    masks = window_masks(w, range(w.n_layers), pos, pos, None)
+    kvs = []
+    with torch.no_grad():
+        x = F.embedding(torch.tensor([list(ids)], device=w.device), w.embed)
+        for i, layer in enumerate(w.layers):
+            if i == w.n_layers - 1:  # nothing reads the last layer's outputs
+                kvs.append(layer_keys_values(w, layer, x, rope))
+            else:
+                x, kv = layer_forward(w, layer, x, rope, masks)
+                kvs.append(kv)
+    return SharedPrefix(tuple(ids), tuple(kvs))
+
+
+def common_prefix_length(items: Sequence[PreparedItem]) -> int:
+    """Length of the longest prompt prefix all items share, ending at or before every item's t*."""
+    limit = min(it.t_star for it in items)
+    first = items[0].prompt_ids
+    for n in range(limit):
+        if any(it.prompt_ids[n] != first[n] for it in items[1:]):
+            return n
+    return limit
+
+
+class PrefixCache:
+    """The most recent shared prefix of the batches one set of weights scores.
+
+    A batch that starts with the cached prefix reuses it (a lone item included); otherwise a
+    batch of two or more computes its own common prefix, if it is long enough, and keeps it.
+    """
+
+    def __init__(self, min_tokens: int = MIN_SHARED_TOKENS) -> None:
+        self.min_tokens = min_tokens
+        self.entry: SharedPrefix | None = None
+
+    def for_batch(self, w: DecoderWeights, items: Sequence[PreparedItem]) -> SharedPrefix | None:
+        if self.entry is not None and all(self.entry.fits(it) for it in items):
+            return self.entry
+        if len(items) < 2:
+            return None
+        n = common_prefix_length(items)
+        if n < self.min_tokens:
+            return None
+        self.entry = shared_prefix(w, items[0].prompt_ids[:n])
+        return self.entry
