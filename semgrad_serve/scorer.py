@@ -58,8 +58,14 @@ class Scorer:
     """Scores answers with SemGrad, ParaGrad, HybridGrad and ExGrad."""
 
     def __init__(
-        self, weights: DecoderWeights, tokenizer: Any, profile: ModelProfile, kernels: Kernels | None = None
+        self,
+        weights: DecoderWeights,
+        tokenizer: Any,
+        profile: ModelProfile,
+        kernels: Kernels | None = None,
+        exgrad: bool = True,
     ) -> None:
+        """``exgrad=False`` leaves ExGrad (a baseline, one more pass over the head gradient) out of the results."""
         self.weights = weights
         self.tokenizer = tokenizer
         self.profile = profile
@@ -72,6 +78,7 @@ class Scorer:
         self.stop_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
         self.model: Any = None  # the Hugging Face module the weights came from, when there is one
         self.prefix_cache = PrefixCache()
+        self.exgrad = exgrad
 
     @classmethod
     def from_pretrained(
@@ -134,7 +141,7 @@ class Scorer:
         """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others."""
         try:
             shared = self.prefix_cache.for_batch(self.weights, items)
-            return list(score_batch(self.weights, items, self.band, self.kernels, shared))
+            return list(score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad))
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 return [ItemError(f"scoring failed: {exc}")]

@@ -27,7 +27,7 @@ class ScoreResult:
     semgrad: float
     paragrad: float
     hybridgrad: float
-    exgrad: float
+    exgrad: float | None  # None where not asked for (the server skips it unless it is the flag's score)
     mean_entropy: float
     token_entropies: list[float]
     token_logprobs: list[float]
@@ -38,7 +38,8 @@ class ScoreResult:
     answer_tokens: int
 
     def scores(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")}
+        names = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,8 +57,10 @@ def score_batch(
     band: range,
     kernels: Kernels,
     shared: SharedPrefix | None = None,
+    exgrad: bool = True,
 ) -> list[ScoreResult]:
-    """Score a batch of prepared items with one forward and one backward (``shared``: see ``band_pass``)."""
+    """Score a batch of prepared items with one forward and one backward (``shared``: see ``band_pass``).
+    ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient."""
     fwd = band_pass(w, items, band, shared)
     hidden = fwd.answer_hidden.detach()
     logits = hidden @ w.head.T
@@ -67,7 +70,7 @@ def score_batch(
     inv_len = torch.repeat_interleave(1.0 / lengths.to(entropy.dtype), lengths)
     token_weight = entropy * inv_len  # w_t / T
     paragrad = kernels.head_grad_l1(nll_grad, hidden, token_weight, fwd.offsets)
-    exgrad = kernels.head_grad_l1(nll_grad, hidden, inv_len, fwd.offsets)
+    ex = kernels.head_grad_l1(nll_grad, hidden, inv_len, fwd.offsets).tolist() if exgrad else [None] * len(items)
     grad_hidden = (nll_grad * token_weight[:, None]).to(w.dtype) @ w.head
     del nll_grad
     (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=grad_hidden)
@@ -85,7 +88,7 @@ def score_batch(
                 semgrad=sem,
                 paragrad=para,
                 hybridgrad=hybrid(para, sem, mean_entropy),
-                exgrad=float(exgrad[b]),
+                exgrad=ex[b],
                 mean_entropy=mean_entropy,
                 token_entropies=entropies[s:e],
                 token_logprobs=logps[s:e],

@@ -48,3 +48,15 @@ def test_batch_bounds_must_be_positive(default_scorer) -> None:
         default_scorer.score([], batch_size=0)
     with pytest.raises(SemgradError):
         default_scorer.score([], max_batch_tokens=0)
+
+
+def test_exgrad_can_be_left_out(default_scorer) -> None:
+    """Without ExGrad (the server's default) every other score is the same, computed in the same batch."""
+    from semgrad_serve.scorer import Scorer
+
+    full = default_scorer
+    lean = Scorer(full.weights, full.tokenizer, full.profile, full.kernels, exgrad=False)
+    pairs = [(full.prompt_ids([{"role": "user", "content": q}]), full.answer_ids("Paris, I think.")) for q in ("Capital of France?", "Where is the Louvre?")]
+    for a, b in zip(full.score(pairs), lean.score(pairs)):
+        assert b.exgrad is None and "exgrad" not in b.scores() and a.exgrad > 0
+        assert b.scores() == pytest.approx({k: v for k, v in a.scores().items() if k != "exgrad"}, rel=FLOAT32_BATCH_REL)

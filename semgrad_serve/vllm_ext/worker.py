@@ -56,7 +56,8 @@ class SemgradWorkerExtension:
             trust_remote_code=model_config.trust_remote_code,
         )
         profile = resolve_profile(config, tokenizer.chat_template, model_config.model, profile_path)
-        scorer = Scorer(weights, tokenizer, profile)
+        # responses carry no ExGrad: compute it only where it is the flag's score
+        scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
         self.semgrad_scorer = scorer
         band = scorer.band
         return {
