@@ -3,7 +3,8 @@
 The head is never differentiated by autograd: its gradient is Σ_t g_t h̃_tᵀ
 with g_t = (w_t/T)(softmax(z_t) − onehot(y_t)), reduced to its ℓ1 mean by a
 kernel without forming the V×d matrix; the loss gradient w.r.t. h̃ is g W_head,
-fed into a single ``autograd.grad`` over the probes of the whole batch.
+fed into a single ``autograd.grad`` over the probes of the whole batch. The logits
+are formed for a bounded number of answer rows at a time (``HEAD_CHUNK_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def hybrid(paragrad: float, semgrad: float, mean_entropy: float) -> float:
     return alpha * paragrad + (1 - alpha) * semgrad
 
 
+# Answer rows whose logits [rows, V] are formed at once: bounds the head's memory (256 MiB of float32),
+# whatever the batch's answer lengths; an answer longer than that still goes in one piece.
+HEAD_CHUNK_ELEMENTS = 1 << 26
+
+
+def head_groups(bounds: list[int], max_rows: int) -> list[tuple[int, int]]:
+    """Consecutive item ranges [lo, hi) whose answer rows (``bounds``: row offsets) fit ``max_rows``."""
+    groups, lo = [], 0
+    for hi in range(1, len(bounds)):
+        if hi - 1 > lo and bounds[hi] - bounds[lo] > max_rows:
+            groups.append((lo, hi - 1))
+            lo = hi - 1
+    groups.append((lo, len(bounds) - 1))
+    return groups
+
+
 def score_batch(
     w: DecoderWeights,
     items: Sequence[PreparedItem],
@@ -63,26 +80,31 @@ def score_batch(
     ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient."""
     fwd = band_pass(w, items, band, shared)
     hidden = fwd.answer_hidden.detach()
-    logits = hidden @ w.head.T
-    logp, entropy, nll_grad = kernels.token_stats(logits, fwd.targets)
-    del logits
-    lengths = fwd.offsets.diff()
-    inv_len = torch.repeat_interleave(1.0 / lengths.to(entropy.dtype), lengths)
-    token_weight = entropy * inv_len  # w_t / T
-    paragrad = kernels.head_grad_l1(nll_grad, hidden, token_weight, fwd.offsets)
-    ex = kernels.head_grad_l1(nll_grad, hidden, inv_len, fwd.offsets).tolist() if exgrad else [None] * len(items)
-    grad_hidden = (nll_grad * token_weight[:, None]).to(w.dtype) @ w.head
-    del nll_grad
-    (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=grad_hidden)
+    bounds = fwd.offsets.tolist()
+    logp, entropy, paragrad, ex, grad_hidden = [], [], [], [], []
+    for lo, hi in head_groups(bounds, max(1, HEAD_CHUNK_ELEMENTS // w.vocab_size)):
+        rows = slice(bounds[lo], bounds[hi])
+        offsets = fwd.offsets[lo : hi + 1] - bounds[lo]
+        h = hidden[rows]
+        lp, ent, nll_grad = kernels.token_stats(h @ w.head.T, fwd.targets[rows])
+        lengths = offsets.diff()
+        inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths)
+        token_weight = ent * inv_len  # w_t / T
+        paragrad += kernels.head_grad_l1(nll_grad, h, token_weight, offsets).tolist()
+        ex += kernels.head_grad_l1(nll_grad, h, inv_len, offsets).tolist() if exgrad else [None] * (hi - lo)
+        grad_hidden.append((nll_grad * token_weight[:, None]).to(w.dtype) @ w.head)
+        logp.append(lp)
+        entropy.append(ent)
+        del nll_grad
+    (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=torch.cat(grad_hidden))
     semgrad = kernels.band_l1(probe_grads)
 
     results = []
-    bounds = fwd.offsets.tolist()
-    entropies, logps = entropy.double().tolist(), logp.double().tolist()
+    entropies, logps = torch.cat(entropy).double().tolist(), torch.cat(logp).double().tolist()
     for b, item in enumerate(items):
         s, e = bounds[b], bounds[b + 1]
         mean_entropy = math.fsum(entropies[s:e]) / (e - s)
-        para, sem = float(paragrad[b]), float(semgrad[b])
+        para, sem = paragrad[b], float(semgrad[b])
         results.append(
             ScoreResult(
                 semgrad=sem,

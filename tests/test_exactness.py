@@ -87,6 +87,22 @@ def test_shared_prefix_matches_naive(family: str) -> None:
     assert PrefixCache(min_tokens=10).for_batch(weights, items) is None
 
 
+def test_head_in_row_chunks_gives_the_same_scores(monkeypatch) -> None:
+    """Logits formed a few answer rows at a time (one answer longer than a chunk) change nothing."""
+    from semgrad_serve import scoring
+
+    assert scoring.head_groups([0, 3, 5, 12, 13], max_rows=5) == [(0, 2), (2, 3), (3, 4)]
+    assert scoring.head_groups([0, 3, 5], max_rows=100) == [(0, 2)]
+    weights = from_hf_model(tiny_model("qwen3-untied"))
+    band = deeper_half(weights.n_layers)
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(6, seed=4)]
+    whole = score_batch(weights, items, band, select_kernels("torch"))
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 4 * weights.vocab_size)
+    for a, b in zip(whole, score_batch(weights, items, band, select_kernels("torch"))):
+        assert_close(b.scores(), a.scores(), rel=1e-12)
+        assert b.token_logprobs == pytest.approx(a.token_logprobs, rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_batch_invariance(dtype: torch.dtype, rel: float) -> None:
     """An item's scores do not depend on its batch-mates or on padding."""
