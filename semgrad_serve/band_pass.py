@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
-from .decoder import layer_forward, layer_keys_values, rms_norm, rotary, window_masks
+from .decoder import context_step, layer_forward, rms_norm, rotary, window_masks
 from .weights import DecoderWeights
 
 if TYPE_CHECKING:
@@ -113,10 +113,7 @@ def band_pass(
         past = shared_kv[i]
         if p_max > c:
             with torch.no_grad():
-                if i == n_layers - 1:  # nothing reads the prefix's last outputs
-                    own = layer_keys_values(w, layer, x_pre, pre_rope)
-                else:
-                    x_pre, own = layer_forward(w, layer, x_pre, pre_rope, pre_masks, past=past)
+                x_pre, own = context_step(w, i, x_pre, pre_rope, pre_masks, past)
             past = own if past is None else (torch.cat((past[0], own[0]), dim=2), torch.cat((past[1], own[1]), dim=2))
         if i in band:
             x_suf = x_suf + probes[i - band.start][:, None, :] * at_t_star

@@ -99,14 +99,6 @@ def _queries_keys_values(
     return q, k, v
 
 
-def layer_keys_values(
-    w: DecoderWeights, layer: LayerWeights, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-) -> KeyValue:
-    """Only the keys/values one layer makes of x: all later positions need of x at the last layer."""
-    _, k, v = _queries_keys_values(w, layer, x, rope, queries=False)
-    return k, v
-
-
 def layer_forward(
     w: DecoderWeights,
     layer: LayerWeights,
@@ -135,3 +127,20 @@ def layer_forward(
     inter = layer.down.shape[1]
     gate, up = _linear_parts(h, layer.gate_up, (), [inter, inter])
     return x + F.linear(F.silu(gate) * up, layer.down), own
+
+
+def context_step(
+    w: DecoderWeights,
+    index: int,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    masks: dict[int | None, torch.Tensor],
+    past: KeyValue | None = None,
+) -> tuple[torch.Tensor | None, KeyValue]:
+    """Layer ``index`` on positions that later positions only attend to: its output and its keys/values,
+    except at the last layer, whose output nothing reads (None, and only keys/values are computed)."""
+    layer = w.layers[index]
+    if index == w.n_layers - 1:
+        _, k, v = _queries_keys_values(w, layer, x, rope, queries=False)
+        return None, (k, v)
+    return layer_forward(w, layer, x, rope, masks, past=past)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .band_pass import PreparedItem
-from .decoder import KeyValue, layer_forward, layer_keys_values, rotary, window_masks
+from .decoder import KeyValue, context_step, rotary, window_masks
 from .weights import DecoderWeights
 
 MIN_SHARED_TOKENS = 16  # below this, one more forward call costs more than it saves
@@ -43,12 +43,9 @@ def shared_prefix(w: DecoderWeights, ids: Sequence[int]) -> SharedPrefix:
     kvs = []
     with torch.no_grad():
         x = F.embedding(torch.tensor([list(ids)], device=w.device), w.embed)
-        for i, layer in enumerate(w.layers):
-            if i == w.n_layers - 1:  # nothing reads the last layer's outputs
-                kvs.append(layer_keys_values(w, layer, x, rope))
-            else:
-                x, kv = layer_forward(w, layer, x, rope, masks)
-                kvs.append(kv)
+        for i in range(w.n_layers):
+            x, kv = context_step(w, i, x, rope, masks)
+            kvs.append(kv)
     return SharedPrefix(tuple(ids), tuple(kvs))
 
 
