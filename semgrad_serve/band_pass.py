@@ -2,7 +2,8 @@
 
 For a batch of (prompt, answer) sequences, right-padded:
 0. a prompt prefix all items share may come as constant keys/values
-   (``shared_prefix.py``); the items then run from its end on;
+   (``shared_prefix.py``), or each item's whole prompt before t* may (read
+   from vLLM's KV cache); the items then run from its end on;
 1. layers below the band run on every position with no graph;
 2. from the band start on, each sequence is split at t*: the prefix (positions
    before t*) runs with no graph and hands its keys/values to the suffix as
@@ -54,52 +55,80 @@ class BandPass:
     offsets: torch.Tensor  # [B + 1] row offsets of each item's answer in the packed rows
 
 
+def pad_prefix_kv(prefixes: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack per-item prefix keys/values [L, 2, kv_heads, t*_b, head_dim] into [L, 2, B, kv_heads, length, head_dim],
+    zero past each item's t* (those keys are masked out)."""
+    n_layers, _, kv_heads, _, head_dim = prefixes[0].shape
+    out = prefixes[0].new_zeros(n_layers, 2, len(prefixes), kv_heads, length, head_dim)
+    for b, kv in enumerate(prefixes):
+        out[:, :, b, :, : kv.shape[3]] = kv
+    return out
+
+
 def band_pass(
-    w: DecoderWeights, items: Sequence[PreparedItem], band: range, shared: SharedPrefix | None = None
+    w: DecoderWeights,
+    items: Sequence[PreparedItem],
+    band: range,
+    shared: SharedPrefix | None = None,
+    prefix_kv: Sequence[torch.Tensor] | None = None,
 ) -> BandPass:
     """Run the batch forward; ``band`` is the range of hidden-state indices whose gradient at t* is wanted.
     ``shared``: a prefix every item starts with (ending at or before each t*), whose keys/values enter
-    every layer as constants, so that the items run from its end on."""
+    every layer as constants, so that the items run from its end on.
+    ``prefix_kv``: per item, the keys/values of its positions [0, t*) at every layer
+    ([n_layers, 2, kv_heads, t*, head_dim], e.g. read from vLLM's KV cache); the items then run from t* on
+    through every layer, with no graph below the band."""
     dev, dtype, n_layers = w.device, w.dtype, w.n_layers
+    if prefix_kv is not None and shared is not None:
+        raise ValueError("a shared prefix and per-item prefix keys/values exclude each other")
     c = len(shared.ids) if shared is not None else 0
     seqs = [it.prompt_ids + it.answer_ids[:-1] for it in items]
     lengths = torch.tensor([it.length for it in items], device=dev)
     t_star = torch.tensor([it.t_star for it in items], device=dev)
     batch, n_max = len(items), int(lengths.max())
-    ids = torch.zeros(batch, n_max - c, dtype=torch.long, device=dev)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s) - c] = torch.tensor(s[c:], device=dev)
     # keys/values of the shared positions [0, c) per layer, the same for every item
     shared_kv = [None] * n_layers if shared is None else [
         (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in shared.keys_values
     ]
     shared_pos = torch.arange(c, device=dev).expand(batch, c)
 
-    graph_from = band.start
-    with torch.no_grad():
-        x = F.embedding(ids, w.embed)
-        if graph_from > 0:
-            pos = torch.arange(c, n_max, device=dev).expand(batch, n_max - c)
-            rope = rotary(w, pos, dtype)
-            masks = window_masks(w, range(graph_from), pos, torch.cat((shared_pos, pos), dim=1), None)
-            for i, layer in enumerate(w.layers[:graph_from]):
-                x, _ = layer_forward(w, layer, x, rope, masks, past=shared_kv[i])
-
     # Split each sequence at its t*: prefix [c, t*) and suffix [t*, n).
     p_max = int(t_star.max())
     s_len = lengths - t_star
     s_max = int(s_len.max())
     suf_pos = t_star[:, None] + torch.arange(s_max, device=dev)
-    x_suf = x.gather(1, (suf_pos - c).clamp(max=n_max - c - 1)[..., None].expand(-1, -1, x.shape[-1]))
-    x_pre = x[:, : p_max - c]
     pre_pos = torch.arange(c, p_max, device=dev).expand(batch, p_max - c)
     pre_valid = pre_pos < t_star[:, None]
-    graph_layers = range(graph_from, n_layers)
-    pre_rope, suf_rope = rotary(w, pre_pos, dtype), rotary(w, suf_pos, dtype)
-    pre_masks = window_masks(w, graph_layers, pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
+
+    if prefix_kv is None:
+        first = band.start  # layers below the band run on every position, without a graph
+        ids = torch.zeros(batch, n_max - c, dtype=torch.long, device=dev)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s) - c] = torch.tensor(s[c:], device=dev)
+        with torch.no_grad():
+            x = F.embedding(ids, w.embed)
+            if first > 0:
+                pos = torch.arange(c, n_max, device=dev).expand(batch, n_max - c)
+                rope = rotary(w, pos, dtype)
+                masks = window_masks(w, range(first), pos, torch.cat((shared_pos, pos), dim=1), None)
+                for i, layer in enumerate(w.layers[:first]):
+                    x, _ = layer_forward(w, layer, x, rope, masks, past=shared_kv[i])
+        x_suf = x.gather(1, (suf_pos - c).clamp(max=n_max - c - 1)[..., None].expand(-1, -1, x.shape[-1]))
+        x_pre = x[:, : p_max - c]
+        pre_rope = rotary(w, pre_pos, dtype)
+        pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
+    else:
+        first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
+        ids = torch.zeros(batch, s_max, dtype=torch.long, device=dev)
+        for b, (s, t) in enumerate(zip(seqs, t_star.tolist())):
+            ids[b, : len(s) - t] = torch.tensor(s[t:], device=dev)
+        x_suf = F.embedding(ids, w.embed)
+        pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
+
+    suf_rope = rotary(w, suf_pos, dtype)
     suf_masks = window_masks(
         w,
-        graph_layers,
+        range(first, n_layers),
         suf_pos,
         torch.cat((shared_pos, pre_pos, suf_pos), dim=1),
         torch.cat((torch.ones_like(shared_pos, dtype=torch.bool), pre_valid, torch.ones_like(suf_pos, dtype=torch.bool)), dim=1),
@@ -108,16 +137,19 @@ def band_pass(
     probes = torch.zeros(len(band), batch, w.hidden_size, dtype=dtype, device=dev, requires_grad=True)
     at_t_star = torch.zeros(1, s_max, 1, dtype=dtype, device=dev)
     at_t_star[0, 0, 0] = 1
-    for i in graph_layers:
-        layer = w.layers[i]
+    grad_on = torch.is_grad_enabled()
+    for i in range(first, n_layers):
         past = shared_kv[i]
-        if p_max > c:
+        if prefix_kv is not None:
+            past = (pre_kv[i, 0], pre_kv[i, 1])
+        elif p_max > c:
             with torch.no_grad():
                 x_pre, own = context_step(w, i, x_pre, pre_rope, pre_masks, past)
             past = own if past is None else (torch.cat((past[0], own[0]), dim=2), torch.cat((past[1], own[1]), dim=2))
         if i in band:
             x_suf = x_suf + probes[i - band.start][:, None, :] * at_t_star
-        x_suf, _ = layer_forward(w, layer, x_suf, suf_rope, suf_masks, past=past)
+        with torch.set_grad_enabled(grad_on and i >= band.start):
+            x_suf, _ = layer_forward(w, w.layers[i], x_suf, suf_rope, suf_masks, past=past)
 
     answer_lengths = [len(it.answer_ids) for it in items]
     rows_b = torch.repeat_interleave(torch.arange(batch, device=dev), torch.tensor(answer_lengths, device=dev))

@@ -137,15 +137,19 @@ class Scorer:
         token = self.tokenizer.convert_ids_to_tokens(int(prompt_ids[t_star]))
         return PreparedItem(tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token)
 
-    def score_prepared(self, items: Sequence[PreparedItem]) -> list[ScoreResult | ItemError]:
-        """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others."""
+    def score_prepared(
+        self, items: Sequence[PreparedItem], prefix_kv: Sequence[torch.Tensor] | None = None
+    ) -> list[ScoreResult | ItemError]:
+        """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others.
+        ``prefix_kv``: each item's keys/values before t* at every layer (see ``band_pass``)."""
         try:
-            shared = self.prefix_cache.for_batch(self.weights, items)
-            return list(score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad))
+            shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
+            return list(score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv))
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 return [ItemError(f"scoring failed: {exc}")]
-            return [r for item in items for r in self.score_prepared([item])]
+            kvs = [None] * len(items) if prefix_kv is None else [[kv] for kv in prefix_kv]
+            return [r for item, kv in zip(items, kvs) for r in self.score_prepared([item], kv)]
 
     def score(
         self,
@@ -153,30 +157,51 @@ class Scorer:
         batch_size: int = 8,
         progress: bool = False,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        prefix_kv: Sequence[torch.Tensor | None] | None = None,
     ) -> list[ScoreResult | ItemError]:
         """Score (prompt ids, answer ids) pairs; results keep input order.
 
         Items of similar length share a batch of at most ``batch_size`` items and, padding included,
         ``max_batch_tokens`` tokens (a longer item goes alone): larger batches of long prompts only
-        cost memory (their activations outgrow the caches, so they are no faster per item)."""
+        cost memory (their activations outgrow the caches, so they are no faster per item).
+        ``prefix_kv``: per pair, its prompt's keys/values before t* at every layer
+        ([n_layers, 2, kv_heads, t*, head_dim], as vLLM's KV cache holds them), or None to recompute
+        them; an item with them runs only from t* on, so only its tokens from t* on count."""
         if batch_size < 1 or max_batch_tokens < 1:
             raise SemgradError("batch size and batch tokens must be at least 1")
+        kvs = list(prefix_kv) if prefix_kv is not None else [None] * len(pairs)
+        if len(kvs) != len(pairs):
+            raise SemgradError("prefix_kv needs one entry per pair")
         results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
-        prepared: list[tuple[int, PreparedItem]] = []
+        groups: dict[bool, list[tuple[int, int, PreparedItem]]] = {False: [], True: []}
         for i, (prompt, answer) in enumerate(pairs):
             try:
-                prepared.append((i, self.prepare(prompt, answer)))
+                item = self.prepare(prompt, answer)
             except ItemError as exc:
                 results[i] = exc
-        prepared.sort(key=lambda p: p[1].length)
-        with tqdm(total=len(prepared), desc="scoring", unit="answer", disable=not progress) as bar:
-            while prepared:
-                # sorted by length, so the last item of a batch sets its padded length
-                size = 1
-                while size < min(batch_size, len(prepared)) and (size + 1) * prepared[size][1].length <= max_batch_tokens:
-                    size += 1
-                chunk, prepared = prepared[:size], prepared[size:]
-                for (i, _), result in zip(chunk, self.score_prepared([p for _, p in chunk])):
-                    results[i] = result
-                bar.update(len(chunk))
+                continue
+            kv = kvs[i]
+            if kv is not None and tuple(kv.shape) != self.prefix_kv_shape(item.t_star):
+                results[i] = ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {self.prefix_kv_shape(item.t_star)}")
+                continue
+            cached = kv is not None
+            groups[cached].append((item.length - item.t_star if cached else item.length, i, item))
+        with tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="answer", disable=not progress) as bar:
+            for cached, prepared in groups.items():
+                prepared.sort(key=lambda p: p[0])
+                while prepared:
+                    # sorted by length, so the last item of a batch sets its padded length
+                    size = 1
+                    while size < min(batch_size, len(prepared)) and (size + 1) * prepared[size][0] <= max_batch_tokens:
+                        size += 1
+                    chunk, prepared = prepared[:size], prepared[size:]
+                    chunk_kv = [kvs[i] for _, i, _ in chunk] if cached else None
+                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv)):
+                        results[i] = result
+                    bar.update(len(chunk))
         return results  # type: ignore[return-value]
+
+    def prefix_kv_shape(self, t_star: int) -> tuple[int, ...]:
+        """The shape ``score`` expects of an item's prefix keys/values."""
+        w = self.weights
+        return (w.n_layers, 2, w.n_kv_heads, t_star, w.head_dim)

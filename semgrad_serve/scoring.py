@@ -75,10 +75,11 @@ def score_batch(
     kernels: Kernels,
     shared: SharedPrefix | None = None,
     exgrad: bool = True,
+    prefix_kv: Sequence[torch.Tensor] | None = None,
 ) -> list[ScoreResult]:
-    """Score a batch of prepared items with one forward and one backward (``shared``: see ``band_pass``).
-    ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient."""
-    fwd = band_pass(w, items, band, shared)
+    """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``: see
+    ``band_pass``). ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient."""
+    fwd = band_pass(w, items, band, shared, prefix_kv)
     hidden = fwd.answer_hidden.detach()
     bounds = fwd.offsets.tolist()
     logp, entropy, paragrad, ex, grad_hidden = [], [], [], [], []

@@ -153,3 +153,41 @@ def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> No
         assert low.weights.dtype == torch.bfloat16
         for key in SCORES:
             assert result.scores()[key] == pytest.approx(exact.scores()[key], rel=0.15), key
+
+
+def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
+    """[n_layers, 2, kv_heads, t*, head_dim] keys/values of the prompt before t*, as vLLM's cache holds them."""
+    from semgrad_serve.shared_prefix import shared_prefix
+
+    if t_star == 0:
+        return torch.zeros(weights.n_layers, 2, weights.n_kv_heads, 0, weights.head_dim, dtype=weights.dtype)
+    kvs = shared_prefix(weights, prompt[:t_star]).keys_values
+    return torch.stack([torch.stack((k[0], v[0])) for k, v in kvs])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_given_prefix_keys_values_match_naive(family: str) -> None:
+    """Items whose keys/values before t* are given (as read from vLLM's KV cache) run only from t* on,
+    through every layer, with the same scores; mixed with items that recompute them, in any order."""
+    from semgrad_serve.scorer import Scorer
+
+    model = tiny_model(family)
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    triples = random_items(5, seed=21)
+    triples[0] = (triples[0][0], triples[0][1], 0)  # t* at the first position: an empty prefix
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
+    kvs = [prefix_keys_values(weights, p, t) for p, _, t in triples]
+    results = score_batch(weights, items, band, select_kernels("torch"), prefix_kv=kvs)
+    for (prompt, answer, t_star), result in zip(triples, results):
+        assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
+    # through the scorer: items with and without keys/values, batched apart, results in input order
+    scorer = Scorer.__new__(Scorer)
+    scorer.weights, scorer.band, scorer.kernels, scorer.exgrad = weights, band, select_kernels("torch"), True
+    scorer.prefix_cache = PrefixCache()
+    scorer.prepare = lambda p, a: PreparedItem(tuple(p), tuple(a), dict((tuple(q), t) for q, _, t in triples)[tuple(p)])
+    mixed = scorer.score([(p, a) for p, a, _ in triples], batch_size=2, prefix_kv=[kvs[0], None, kvs[2], None, kvs[4]])
+    for a, b in zip(results, mixed):
+        assert_close(b.scores(), a.scores(), rel=1e-9)
+    wrong = scorer.score([(triples[1][0], triples[1][1])], prefix_kv=[kvs[2]])[0]
+    assert "prefix keys/values of shape" in str(wrong)
