@@ -118,6 +118,13 @@ class Scorer:
 
     # -- scoring -----------------------------------------------------------------------------------
 
+    def t_star_or_none(self, prompt_ids: Sequence[int]) -> int | None:
+        """The prompt's t* under the profile's rule, or None where the rule finds none."""
+        try:
+            return self.profile.t_star.locate(prompt_ids, self.t_star_id)
+        except ItemError:
+            return None
+
     def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> PreparedItem:
         """Validate one item and locate t*; trailing end-of-sequence tokens of the answer are dropped."""
         answer = list(answer_ids)

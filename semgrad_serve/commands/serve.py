@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
-from ..vllm_ext.config import PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from ..vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 CPU_DEFAULTS = ["--gpu-memory-utilization", "0.3", "--enforce-eager"]  # on CPU: a share of RAM; no 3-minute compile
@@ -32,7 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto on GPU)",
     )
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=ScoringSettings.max_wait_ms, metavar="MS", help="longest wait for a scoring batch to fill (default: %(default)s)")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are")
 
 
@@ -50,15 +49,24 @@ def _check_model(model_dir: Path, profile: str | None) -> None:
     resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, profile)
 
 
+def vllm_options(args: argparse.Namespace) -> list[str]:
+    """The options after ``--``, refusing those scoring cannot work with."""
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    if any(a == "--kv-transfer-config" or a.startswith("--kv-transfer-config=") for a in extra):
+        raise SemgradError("--kv-transfer-config: SemGrad scoring runs its own KV connector, which cannot be combined with another")
+    return extra
+
+
 def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool) -> list[str]:
     """The vLLM server's command line."""
     dtype = args.dtype or ("float32" if on_cpu else "auto")
-    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    extra = vllm_options(args)
     return [
         sys.executable, "-W", "ignore::DeprecationWarning", "-m", VLLM_SERVER,
         "--model", str(model_dir), "--served-model-name", model_dir.name,
         "--host", args.host, "--port", str(args.port), "--dtype", dtype,
         "--worker-extension-cls", WORKER_EXTENSION,
+        "--kv-transfer-config", CAPTURE_KV_TRANSFER_CONFIG,
         *(CPU_DEFAULTS if on_cpu else []),
         *extra,
     ]  # fmt: skip
@@ -78,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from ..default_model import default_model_dir
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
-    settings = ScoringSettings(profile=profile, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    settings = ScoringSettings(profile=profile, max_batch=args.max_batch)
+    vllm_options(args)  # refuse what scoring cannot work with before anything loads
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()

@@ -11,7 +11,7 @@ ANSWERS_FLAGGED = Counter("semgrad_answers_flagged", "Scored answers flagged as 
 SCORING_ERRORS = Counter("semgrad_scoring_errors", "Answers whose scoring failed (returned with an error).")
 SCORING_LATENCY = Histogram(
     "semgrad_scoring_latency_seconds",
-    "Time from an answer's completion to its scores, batching wait included.",
+    "Time from an answer's completion to its scores, queueing included.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 SCORING_BATCH_SIZE = Histogram(
@@ -19,10 +19,9 @@ SCORING_BATCH_SIZE = Histogram(
 )
 
 
-def record_batch(results: Sequence[dict[str, Any]], latencies: Sequence[float]) -> None:
-    """Count one scored batch: its size, each answer's latency and outcome."""
-    SCORING_BATCH_SIZE.observe(len(results))
-    for result, latency in zip(results, latencies):
+def record_answers(results: Sequence[dict[str, Any]], latency: float) -> None:
+    """Count the scored answers of one request's call: latency and outcome of each."""
+    for result in results:
         SCORING_LATENCY.observe(latency)
         if "error" in result:
             SCORING_ERRORS.inc()

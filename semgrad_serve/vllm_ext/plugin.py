@@ -1,13 +1,14 @@
 """The vLLM endpoint plugin (entry point group ``vllm.endpoint_plugins``, name ``semgrad``).
 
 vLLM loads it in the API server when ``VLLM_PLUGINS`` names it. It replaces the
-completion routes with the scored ones and, at start-up, builds the scorer in
-the worker (failing start-up with a clear message when the model cannot be
-scored) and the batcher that feeds it.
+completion routes with the scored ones and, at start-up, builds the scorer and
+its scoring service in the worker (failing start-up with a clear message when
+the model or the parallel layout cannot be scored) and connects to it.
 """
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from typing import Any
 
@@ -15,8 +16,8 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from ..errors import SemgradError
-from .batcher import Pair, ScoringBatcher
-from .config import PLUGIN_NAME, TEST_FAULTS_ENV, WORKER_EXTENSION, ScoringSettings, log
+from .config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, TEST_FAULTS_ENV, WORKER_EXTENSION, ScoringSettings, log
+from .scoring_client import ScoringClient
 from .routes import router
 
 
@@ -33,8 +34,11 @@ class SemgradPlugin:
         if engine_client is None:  # vLLM's render-only server has no engine to score with
             return
         settings = ScoringSettings.from_env()
+        if getattr(args, "data_parallel_size", 1) != 1:
+            raise SemgradError("SemGrad scoring runs in one vLLM engine: data-parallel size must be 1")
+        api_cores = sorted(os.sched_getaffinity(0))
         try:
-            infos = await engine_client.collective_rpc("semgrad_setup", args=(settings.profile,))
+            infos = await engine_client.collective_rpc("semgrad_setup", args=(settings.profile, settings.max_batch, api_cores))
         except Exception as exc:
             if "semgrad_setup" in str(exc) and "attribute" in str(exc):
                 raise SemgradError(
@@ -43,13 +47,11 @@ class SemgradPlugin:
             raise SemgradError(f"SemGrad scoring cannot start: {exc}") from None
         if len(infos) != 1:
             raise SemgradError("SemGrad scoring runs in one vLLM worker: tensor-, pipeline- and data-parallel sizes must be 1")
-        log.info("SemGrad scoring ready: %s", infos[0])
+        info = infos[0]
+        state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), info["capture"])
+        state.semgrad_test_faults = settings.test_faults
+        log.info("SemGrad scoring ready: %s", info)
+        if not info["capture"]:
+            log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)
         if settings.test_faults:
             log.warning("%s=1: the scoring fault test hook is on; do not use this server in production", TEST_FAULTS_ENV)
-
-        async def rpc(pairs: list[Pair], fault: bool) -> list[dict[str, Any]]:
-            (results,) = await engine_client.collective_rpc("semgrad_score", args=(pairs, fault))
-            return results
-
-        state.semgrad_batcher = ScoringBatcher(rpc, settings.max_batch, settings.max_wait_ms)
-        state.semgrad_test_faults = settings.test_faults

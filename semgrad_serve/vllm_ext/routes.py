@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from contextlib import ExitStack
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -26,7 +25,8 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ..errors import SemgradError
-from .batcher import ScoringBatcher
+from .captures import KV_PARAM
+from .scoring_client import ScoringClient
 
 router = APIRouter()
 
@@ -56,8 +56,8 @@ def scoring_wanted(request: ChatCompletionRequest | CompletionRequest) -> bool:
 class _Choices:
     """Token ids per choice, gathered from a response or from stream chunks, and the scoring of each choice."""
 
-    def __init__(self, batcher: ScoringBatcher, keep_ids: bool, scorable: bool, fault: bool) -> None:
-        self.batcher, self.keep_ids, self.scorable, self.fault = batcher, keep_ids, scorable, fault
+    def __init__(self, client: ScoringClient, key: str | None, keep_ids: bool, scorable: bool, fault: bool) -> None:
+        self.client, self.key, self.keep_ids, self.scorable, self.fault = client, key, keep_ids, scorable, fault
         self.shared_prompt: list[int] | None = None  # chat: one prompt for all choices
         self.prompts: dict[int, list[int]] = {}  # completions: the prompt of each choice
         self.answers: dict[int, list[int]] = defaultdict(list)
@@ -95,15 +95,14 @@ class _Choices:
             else:
                 todo.append((choice, (prompt, answer)))
         if todo:
-            results = await self.batcher.score([pair for _, pair in todo], self.fault)
+            results = await self.client.score(self.key, [pair for _, pair in todo], self.fault)
             for (choice, _), result in zip(todo, results):
                 choice["semgrad"] = result
 
 
 async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> AsyncIterator[str]:
     """Pass vLLM's SSE events through, adding scores to each choice's final chunk."""
-    with ExitStack() as generating:
-        generating.enter_context(choices.batcher.generating())
+    try:
         async for event in events:
             if not event.startswith("data: {"):
                 yield event  # "[DONE]" and keep-alive comments
@@ -114,42 +113,48 @@ async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> Async
                 yield event
                 continue
             if finished:
-                generating.close()  # this request's first answer is done: batches need not wait for it
                 await choices.score(finished)
             yield f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    finally:
+        choices.client.drop(choices.key)  # the stream ended, finished or not: its capture can go
 
 
 async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request) -> Response | None:
-    batcher: ScoringBatcher | None = getattr(raw_request.app.state, "semgrad_batcher", None)
+    client: ScoringClient | None = getattr(raw_request.app.state, "semgrad_client", None)
     try:
         wanted = scoring_wanted(request)
     except SemgradError as exc:
         error = create_error_response(str(exc), param=OPT_OUT_FIELD)
         return JSONResponse(content=error.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
-    if batcher is None or not wanted:
+    if client is None or not wanted:
         return await vllm_route(request, raw_request)
 
     keep_ids = bool(request.return_token_ids)
     # vLLM drops the echoed prompt text when ids are returned, so echo is scored only if the client asked for ids.
     scorable = keep_ids or not getattr(request, "echo", False)
     fault = raw_request.app.state.semgrad_test_faults and (request.model_extra or {}).get(FAULT_FIELD) is True
+    key = client.new_key() if scorable else None
     if scorable:
         request.return_token_ids = True
-    choices = _Choices(batcher, keep_ids, scorable, fault)
+    if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
+        request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
+    choices = _Choices(client, key, keep_ids, scorable, fault)
 
-    if request.stream:
-        response = await vllm_route(request, raw_request)  # generation runs as the stream is read
-    else:
-        with batcher.generating():
-            response = await vllm_route(request, raw_request)
-    if isinstance(response, StreamingResponse):
-        response.body_iterator = _scored_stream(response.body_iterator, choices)
-    elif isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
-        body = json.loads(response.body)
-        await choices.score(choices.collect(body))
-        response.body = response.render(body)
-        response.headers["content-length"] = str(len(response.body))
-    return response
+    streaming = False
+    try:
+        response = await vllm_route(request, raw_request)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _scored_stream(response.body_iterator, choices)
+            streaming = True
+        elif isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
+            body = json.loads(response.body)
+            await choices.score(choices.collect(body))
+            response.body = response.render(body)
+            response.headers["content-length"] = str(len(response.body))
+        return response
+    finally:
+        if not streaming:
+            client.drop(key)
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)], response_model=None)

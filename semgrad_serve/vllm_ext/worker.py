@@ -1,7 +1,8 @@
 """The vLLM worker extension: SemGrad scoring inside the worker, over the weights vLLM already holds.
 
 vLLM mixes ``SemgradWorkerExtension`` into its worker (``--worker-extension-cls``);
-the API server calls its methods with ``collective_rpc``. Importing this module
+the API server calls ``semgrad_setup`` once with ``collective_rpc``, then talks to
+the scoring service it starts. Importing this module
 makes vLLM keep the dense CPU weights, so it must happen before the model loads,
 which is when vLLM imports worker extensions.
 """
@@ -9,7 +10,7 @@ which is when vLLM imports worker extensions.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -17,36 +18,57 @@ from ..errors import ItemError, SemgradError
 from ..profiles import resolve_profile
 from ..scorer import Scorer
 from ..scoring import ScoreResult
+from .captures import STORE
+from .config import CAPTURE_CONNECTOR_MODULE
+from .scoring_service import Pair, ScoringService, scoring_cores
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
 
 # The fields of a scored answer in the API response, in this order.
-REPORTED = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score", "threshold", "flagged")
+REPORTED = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score", "threshold", "flagged", "prompt_kv")
 
 
-def answer_report(scorer: Scorer, result: ScoreResult | ItemError) -> dict[str, Any]:
-    """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``."""
+def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False) -> dict[str, Any]:
+    """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``prompt_kv`` says
+    whether the prompt's keys/values came from vLLM's KV cache or were recomputed."""
     if isinstance(result, ItemError):
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = scorer.report(result)
+    report = {**scorer.report(result), "prompt_kv": "cache" if from_cache else "recomputed"}
     return {key: report[key] for key in REPORTED}
 
 
+def capture_state(kv_transfer_config: Any) -> bool:
+    """Whether vLLM runs this package's capture connector; a different connector is refused."""
+    if kv_transfer_config is None or kv_transfer_config.kv_connector is None:
+        return False
+    if kv_transfer_config.kv_connector_module_path == CAPTURE_CONNECTOR_MODULE:
+        return True
+    raise SemgradError(
+        f"SemGrad scoring needs its own KV connector ({CAPTURE_CONNECTOR_MODULE}); "
+        f"this server runs {kv_transfer_config.kv_connector!r}: drop --kv-transfer-config"
+    )
+
+
 class SemgradWorkerExtension:
-    """Methods added to vLLM's worker. ``semgrad_setup`` runs once at server start, then ``semgrad_score`` per batch."""
+    """Methods added to vLLM's worker. ``semgrad_setup`` runs once at server start and starts the scoring
+    service, which then takes answers over its own socket (``scoring_service.py``)."""
 
     semgrad_scorer: Scorer | None = None
+    semgrad_service: ScoringService | None = None
 
-    def semgrad_setup(self, profile_path: str | None = None) -> dict[str, Any]:
-        """Build the scorer over vLLM's modules; raise a ``SemgradError`` naming what is unsupported."""
+    def semgrad_setup(self, profile_path: str | None, max_batch: int, api_cores: list[int]) -> dict[str, Any]:
+        """Build the scorer over vLLM's modules and start the scoring service; raise a ``SemgradError``
+        naming what is unsupported. Returns what the API server needs to reach the service."""
         from transformers import AutoTokenizer
 
-        parallel = self.vllm_config.parallel_config  # type: ignore[attr-defined]
+        vllm_config = self.vllm_config  # type: ignore[attr-defined]
+        parallel = vllm_config.parallel_config
         if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
             raise SemgradError("SemGrad scoring needs tensor- and pipeline-parallel size 1")
+        capture = capture_state(vllm_config.kv_transfer_config)
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
         weights = from_vllm_model(self.model_runner.model, config)  # type: ignore[attr-defined]
@@ -59,6 +81,14 @@ class SemgradWorkerExtension:
         # responses carry no ExGrad: compute it only where it is the flag's score
         scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
         self.semgrad_scorer = scorer
+        STORE.prefix_length = scorer.t_star_or_none
+
+        def score(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
+            results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes)
+            return [answer_report(scorer, r, kv is not None) for r, kv in zip(results, prefixes)]
+
+        cores = scoring_cores(set(api_cores))
+        self.semgrad_service = ScoringService(score, STORE, max_batch, cores)
         band = scorer.band
         return {
             "family": weights.family,
@@ -68,19 +98,9 @@ class SemgradWorkerExtension:
             "threshold": profile.threshold,
             "dtype": str(weights.dtype).removeprefix("torch."),
             "kernels": scorer.kernels.name,
-            "threads": torch.get_num_threads(),
+            "prompt_kv": "captured from the KV cache" if capture else "recomputed (no capture connector)",
+            "scoring_cores": sorted(cores),
+            "capture": capture,
+            "address": self.semgrad_service.address,
+            "authkey": self.semgrad_service.authkey,
         }
-
-    def semgrad_score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], fault: bool = False) -> list[dict[str, Any]]:
-        """Score (prompt ids, answer ids) pairs with one backward; one ``"semgrad"`` object per pair.
-
-        ``fault`` (the test hook) makes the whole call fail, as an unexpected error would.
-        """
-        scorer = self.semgrad_scorer
-        if scorer is None:
-            raise SemgradError("semgrad_setup has not run in this worker")
-        if fault:
-            raise RuntimeError("injected scoring fault (test hook)")
-        with torch.enable_grad():
-            results = scorer.score(pairs, batch_size=max(len(pairs), 1))
-        return [answer_report(scorer, r) for r in results]

@@ -1,0 +1,133 @@
+"""A vLLM KV connector that hands scored requests' prompt keys/values to SemGrad scoring.
+
+Enabled by ``semgrad-serve serve`` (``--kv-transfer-config`` with this module as
+``kv_connector_module_path``, role ``kv_both``). Only requests whose
+``kv_transfer_params`` carry a capture key (the endpoint sets one when it will
+score the answer) are touched:
+
+- scheduler side: when such a request finishes normally, ``request_finished``
+  keeps its blocks (returns True) and passes its block table to the worker in
+  the next step's metadata; aborted and unscored requests are freed as usual;
+- worker side: before that step's forward, the keys/values of the prompt up to
+  t* are copied into the worker process's ``CaptureStore``, and the request is
+  reported finished in the same step, so vLLM frees its blocks one step after
+  the request ended, whatever happens to scoring later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from vllm.v1.request import RequestStatus
+
+from .captures import KV_PARAM, STORE
+from .config import log
+from .kv_layout import layout_for, read_prefix
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+CAPTURED_ENDINGS = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION)
+
+
+def capture_key(kv_transfer_params: dict[str, Any] | None) -> str | None:
+    key = (kv_transfer_params or {}).get(KV_PARAM)
+    return key if isinstance(key, str) else None
+
+
+@dataclass(frozen=True)
+class CaptureOrder:
+    request_id: str
+    key: str
+    prompt_ids: tuple[int, ...]
+    block_ids: tuple[int, ...]
+
+
+@dataclass
+class CaptureMetadata(KVConnectorMetadata):
+    orders: list[CaptureOrder] = field(default_factory=list)
+
+
+class SemgradCaptureConnector(KVConnectorBase_V1):
+    """Keeps a finished scored request's blocks for one step and copies its prompt keys/values out."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._orders: list[CaptureOrder] = []  # scheduler side: finished requests not yet sent to the worker
+        self._release: set[str] = set()  # worker side: copied requests whose blocks vLLM may free
+        self._caches: list[torch.Tensor] = []  # worker side: per-layer caches, in layer order
+        self._layout: str | None = None
+        self._layout_known = False
+
+    # -- scheduler side ----------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False  # loads nothing
+
+    def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
+        return None
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        key = capture_key(request.kv_transfer_params)
+        if key is None or request.status not in CAPTURED_ENDINGS or request.prompt_token_ids is None:
+            return False, None
+        self._orders.append(CaptureOrder(request.request_id, key, tuple(request.prompt_token_ids), tuple(block_ids)))
+        return True, None
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta, self._orders = CaptureMetadata(self._orders), []
+        return meta
+
+    # -- worker side -------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        self._caches = [kv_caches[name] for name in sorted(kv_caches, key=extract_layer_index)]
+
+    def _cache_layout(self) -> str | None:
+        """The layout of the registered caches, found once from the attention layers."""
+        if not self._layout_known:
+            from vllm.config import get_layers_from_vllm_config
+            from vllm.model_executor.layers.attention import Attention
+
+            layers = list(get_layers_from_vllm_config(self._vllm_config, Attention).values())
+            backend = layers[0].attn_backend.get_name() if layers else ""
+            self._layout = layout_for(backend, getattr(layers[0], "isa", None) if layers else None)
+            self._layout_known = True
+            if self._layout is None:
+                log.warning("SemGrad: the KV cache layout of %s is not known; answers are scored by recomputing the prompt", backend)
+        return self._layout
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Copy out the prompts of this step's finished requests before the forward runs."""
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, CaptureMetadata)
+        for order in connector_metadata.orders:
+            try:
+                layout = self._cache_layout() if self._caches else None
+                read = None if layout is None else (lambda n, o=order, lay=layout: read_prefix(self._caches, lay, o.block_ids, n))
+                STORE.add(order.key, order.prompt_ids, read)
+            except Exception as exc:  # noqa: BLE001 - a failed copy must not fail the engine step; scoring recomputes
+                log.warning("SemGrad: copying the prompt keys/values of %s failed (%s)", order.request_id, exc)
+            self._release.add(order.request_id)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        released, self._release = self._release, set()
+        return released or None, None
