@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,11 +72,28 @@ def metrics(base_url: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^(semgrad_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
 
+def kv_usage_after_probe(client: openai.OpenAI, base_url: str) -> float:
+    """vLLM's KV-cache usage reported while one fixed unscored request ran (the gauge updates on engine steps)."""
+    client.chat.completions.create(model=MODEL, messages=ask("Say OK."), max_tokens=2, temperature=0, extra_body={"semgrad": False})
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return float(re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", text, re.M)[1])
+
+
 # -- tests ----------------------------------------------------------------------------------------------
 
 
+# ~1.5k prompt tokens: a retrieved context before the question
+LONG_CONTEXT = " ".join(f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}." for i in range(70))
+
+
 def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
-    for question in ("What is the capital of France?", "Who wrote the novel Moby-Dick? Answer in one sentence."):
+    """Short and ~1.5k-token prompts: scored over the prompt keys/values vLLM computed, equal to the offline
+    scorer's recompute of them."""
+    for question in (
+        "What is the capital of France?",
+        "Who wrote the novel Moby-Dick? Answer in one sentence.",
+        f"{LONG_CONTEXT}\nHow many crates does the warehouse in district 3 store?",
+    ):
         messages = ask(question)
         response = client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=32, temperature=0, extra_body={"return_token_ids": True}
@@ -84,7 +102,9 @@ def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
         prompt_ids = response.model_extra["prompt_token_ids"]
         assert prompt_ids == default_scorer.prompt_ids(messages)  # vLLM templates and tokenizes as the scorer does
         assert_scored(semgrad_of(choice))
+        assert semgrad_of(choice)["prompt_kv"] == "cache"
         assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"])
+    assert len(prompt_ids) > 1400
     # Without return_token_ids the ids stay hidden, as vLLM renders them.
     response = client.chat.completions.create(model=MODEL, messages=ask("Name a planet."), max_tokens=8, temperature=0)
     assert response.model_extra["prompt_token_ids"] is None and response.choices[0].model_extra["token_ids"] is None
@@ -216,3 +236,36 @@ def test_bad_requests_get_vllm_errors_and_the_server_stays_up(client, base_url, 
 def test_unknown_fields_are_ignored_as_vllm_does(client) -> None:
     response = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"no_such_field": 1})
     assert_scored(semgrad_of(response.choices[0]))
+
+
+def test_scoring_holds_no_block_after_a_burst_with_disconnects_and_failures(client, base_url) -> None:
+    """Blocks kept for scoring go back to vLLM: after scored, streamed, n=2, failed, cut-off and abandoned
+    requests, KV-cache usage returns to its idle value."""
+    idle = kv_usage_after_probe(client, base_url)
+
+    async def abandoned_stream(aclient: openai.AsyncOpenAI) -> None:
+        stream = await aclient.chat.completions.create(model=MODEL, messages=ask("Write a long story."), max_tokens=200, stream=True)
+        async for _ in stream:
+            break  # the client goes away after the first chunk
+        await stream.close()
+
+    async def timed_out(aclient: openai.AsyncOpenAI) -> None:
+        with pytest.raises(openai.APITimeoutError):
+            await aclient.with_options(timeout=0.5).chat.completions.create(model=MODEL, messages=ask(LONG_CONTEXT), max_tokens=200)
+
+    async def run() -> list:
+        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as aclient:
+            chat = aclient.chat.completions.create
+            return await asyncio.gather(
+                *(chat(model=MODEL, messages=ask(f"{LONG_CONTEXT[: 200 * i]} Question {i}?"), max_tokens=12) for i in range(6)),
+                chat(model=MODEL, messages=ask("Two answers, please."), max_tokens=12, n=2, temperature=1.0),
+                chat(model=MODEL, messages=ask("Fail this one."), max_tokens=8, extra_body={"semgrad_test_fault": True}),
+                chat(model=MODEL, messages=ask("Unscored."), max_tokens=8, extra_body={"semgrad": False}),
+                abandoned_stream(aclient),
+                timed_out(aclient),
+            )
+
+    responses = asyncio.run(run())
+    assert all(semgrad_of(c) is not None for r in responses[:7] for c in r.choices)
+    time.sleep(5)  # the timed-out request finishes generating and is scored with nobody waiting
+    assert kv_usage_after_probe(client, base_url) == pytest.approx(idle, abs=1e-9)

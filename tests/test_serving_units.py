@@ -1,4 +1,5 @@
-"""The serving pieces that need no server: vLLM's weight layout, the batcher, settings, the serve command."""
+"""The serving pieces that need no server: vLLM's weight layout, the scoring service and its client, settings,
+the serve command."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError, SemgradError
 from semgrad_serve.kernels import select_kernels
 from semgrad_serve.scoring import score_batch
-from semgrad_serve.vllm_ext.batcher import ScoringBatcher
-from semgrad_serve.vllm_ext.config import MAX_BATCH_ENV, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from semgrad_serve.vllm_ext.captures import CaptureStore
+from semgrad_serve.vllm_ext.scoring_client import SERVICE_GONE, ScoringClient
+from semgrad_serve.vllm_ext.scoring_service import ScoringService
+from semgrad_serve.vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
 from semgrad_serve.vllm_ext.weights import from_vllm_model
 from semgrad_serve.weights import from_hf_model
 
@@ -92,105 +95,99 @@ def test_vllm_layout_errors_name_the_problem() -> None:
 # -- the batcher --------------------------------------------------------------------------------------
 
 
-class FakeRpc:
-    """Scores each pair as its prompt's first id; fails a whole batch holding a negative id; records batches."""
+class FakeScore:
+    """Scores each pair as its prompt's first id (plus 1000 when its prefix keys/values were given); fails a
+    whole batch holding a negative id; records batch sizes; takes ``delay`` seconds per batch."""
 
-    def __init__(self, delay: float = 0.01) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[int] = []
-        self.in_flight = self.most_in_flight = 0
         self.delay = delay
 
-    async def __call__(self, pairs: list, fault: bool) -> list[dict]:
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+    def __call__(self, pairs: list, prefixes: list) -> list[dict]:
         self.batches.append(len(pairs))
-        await asyncio.sleep(self.delay)
-        self.in_flight -= 1
-        if fault or any(p[0] < 0 for p, _ in pairs):
+        time.sleep(self.delay)
+        if any(p[0] < 0 for p, _ in pairs):
             raise RuntimeError("boom")
-        return [{"semgrad": float(p[0])} for p, _ in pairs]
+        return [{"semgrad": float(p[0] + (1000 if kv is not None else 0))} for (p, _), kv in zip(pairs, prefixes)]
 
 
-def run_concurrently(batcher: ScoringBatcher, prompts: list[int], faults: set[int] = frozenset()) -> list[dict]:
-    async def one(i: int, prompt: int) -> dict:
-        (result,) = await batcher.score([([prompt], [1])], i in faults)
-        return result
+def service_and_client(score: FakeScore, store: CaptureStore | None = None, max_batch: int = 8):
+    service = ScoringService(score, store if store is not None else CaptureStore(), max_batch, cores=set())
+    return service, ScoringClient(service.address, service.authkey, capture=True)
 
-    async def go() -> list[dict]:
-        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+def score_concurrently(client: ScoringClient, jobs: list[tuple[str | None, list[int]]], faults: set[int] = frozenset()) -> list[list[dict]]:
+    async def go() -> list[list[dict]]:
+        calls = [client.score(key, [([p], [1]) for p in prompts], i in faults) for i, (key, prompts) in enumerate(jobs)]
+        return await asyncio.gather(*calls)
 
     return asyncio.run(go())
 
 
-def test_batches_are_bounded_serial_and_keep_each_answer_its_result() -> None:
-    rpc = FakeRpc()
-    results = run_concurrently(ScoringBatcher(rpc, max_batch=8, max_wait_ms=50), list(range(20)))
-    assert [r["semgrad"] for r in results] == list(range(20))
-    assert rpc.batches == [8, 8, 4] and rpc.most_in_flight == 1
+def test_service_batches_what_arrives_while_it_scores_and_keeps_each_answer_its_result() -> None:
+    score = FakeScore(delay=0.2)
+    _, client = service_and_client(score, max_batch=8)
+    jobs = [(None, [i]) for i in range(12)] + [(None, [20, 21, 22])]
+    results = score_concurrently(client, jobs)
+    assert [[r["semgrad"] for r in rs] for rs in results] == [[i] for i in range(12)] + [[20, 21, 22]]
+    assert sum(score.batches) == 15 and max(score.batches) <= 8 and len(score.batches) >= 2
 
 
-def test_a_failing_answer_does_not_sink_its_batch() -> None:
-    rpc = FakeRpc()
-    results = run_concurrently(ScoringBatcher(rpc, max_batch=8, max_wait_ms=50), [0, 1, -1, 3, 4], faults={4})
-    assert [r.get("semgrad") for r in results] == [0, 1, None, 3, None]
-    assert "scoring failed: boom" in results[2]["error"] and "boom" in results[4]["error"]
-    assert rpc.batches == [5, 1, 1, 1, 1, 1]  # the failed batch, then each answer alone
+def test_a_failing_request_does_not_sink_its_batch() -> None:
+    score = FakeScore(delay=0.1)
+    _, client = service_and_client(score)
+    results = score_concurrently(client, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])], faults={4})
+    assert [r[0].get("semgrad") for r in results] == [0, 1, None, 3, None]
+    assert "scoring failed: boom" in results[2][0]["error"] and "injected" in results[4][0]["error"]
 
 
-def test_batches_wait_for_answers_still_being_generated_within_bounds() -> None:
-    rpc = FakeRpc(delay=0.1)  # each batch takes 0.1 s, so the next one may wait up to 0.2 s after it
+def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatch) -> None:
+    """An answer waits for its request's capture (it arrives one engine step after the request ends) and
+    runs over it; a capture of another prompt, one without keys/values, or none at all means recompute."""
+    from semgrad_serve.vllm_ext import scoring_service
 
-    async def generate_then_score(batcher: ScoringBatcher, prompt: int, seconds: float) -> float:
-        with batcher.generating():
-            await asyncio.sleep(seconds)
-        (result,) = await batcher.score([([prompt], [1])])
-        return result["semgrad"]
+    monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", 0.3)
+    store = CaptureStore()
+    store.prefix_length = lambda ids: 1
+    _, client = service_and_client(FakeScore(), store)
+    store.add("other-prompt", (9,), lambda n: torch.zeros(1))
+    store.add("no-kv", (4,), None)
 
-    async def go() -> None:
-        batcher = ScoringBatcher(rpc, max_batch=8, max_wait_ms=5000)
-        await batcher.score([([0], [1])])  # nothing generating: scored at once
-        assert await asyncio.gather(generate_then_score(batcher, 1, 0), generate_then_score(batcher, 2, 0.1)) == [1, 2]
-        assert rpc.batches == [1, 2]  # the first answer waited for the second
+    async def go() -> list[list[dict]]:
+        late = asyncio.create_task(client.score("late", [([5], [1]), ([5], [2])]))
+        await asyncio.sleep(0.1)
+        store.add("late", (5,), lambda n: torch.zeros(1))  # the capture lands after the answer arrived
         start = time.perf_counter()
-        assert await asyncio.gather(generate_then_score(batcher, 3, 0), generate_then_score(batcher, 4, 1.0)) == [3, 4]
-        assert rpc.batches == [1, 2, 1, 1] and time.perf_counter() - start < 1.5  # waited 0.2 s, not for 4
+        missing = await client.score("never", [([6], [1])])
+        assert time.perf_counter() - start >= 0.3
+        return [await late, missing, await client.score("other-prompt", [([7], [1])]), await client.score("no-kv", [([4], [1])])]
 
-        capped = ScoringBatcher(rpc, max_batch=8, max_wait_ms=50)
-        await capped.score([([5], [1])])
-        with capped.generating():  # a generation that never ends holds a batch for max_wait only
-            start = time.perf_counter()
-            await capped.score([([6], [1])])
-            assert 0.05 + 0.1 <= time.perf_counter() - start < 0.2 + 0.1
+    late, missing, other, no_kv = asyncio.run(go())
+    assert [r["semgrad"] for r in late] == [1005, 1005] and missing[0]["semgrad"] == 6
+    assert other[0]["semgrad"] == 7 and no_kv[0]["semgrad"] == 4
+    client.drop("late")
+    deadline = time.monotonic() + 5
+    while store.get("late") is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.get("late") is None and store.get("other-prompt") is not None
 
-    asyncio.run(go())
 
-
-def test_cancelled_answers_are_not_scored() -> None:
-    rpc = FakeRpc(delay=0.05)
-    batcher = ScoringBatcher(rpc, max_batch=2, max_wait_ms=0)
-
-    async def go() -> list[dict]:
-        first = asyncio.create_task(batcher.score([([0], [1])]))
-        await asyncio.sleep(0.01)  # the first batch is in flight; the next two wait
-        dropped = asyncio.create_task(batcher.score([([1], [1])]))
-        kept = asyncio.create_task(batcher.score([([2], [1])]))
-        await asyncio.sleep(0)
-        dropped.cancel()
-        await first
-        return await kept
-
-    assert asyncio.run(go()) == [{"semgrad": 2.0}]
-    assert rpc.batches == [1, 1]
+def test_answers_get_an_error_when_the_service_is_gone() -> None:
+    service, client = service_and_client(FakeScore())
+    assert score_concurrently(client, [(None, [2])]) == [[{"semgrad": 2.0}]]
+    service._conn.close()  # the worker side of the connection goes away
+    time.sleep(0.2)
+    assert score_concurrently(client, [(None, [3]), (None, [4, 5])]) == [[{"error": SERVICE_GONE}], [{"error": SERVICE_GONE}] * 2]
 
 
 # -- settings, reports, the serve command -------------------------------------------------------------
 
 
 def test_settings_from_environment() -> None:
-    settings = ScoringSettings(profile="/p.json", max_batch=4, max_wait_ms=2.5)
+    settings = ScoringSettings(profile="/p.json", max_batch=4)
     assert ScoringSettings.from_env(settings.to_env()) == settings
     assert ScoringSettings.from_env({}) == ScoringSettings()
-    with pytest.raises(SemgradError, match="must be numbers"):
+    with pytest.raises(SemgradError, match="must be a whole number"):
         ScoringSettings.from_env({MAX_BATCH_ENV: "many"})
     with pytest.raises(SemgradError, match="at least 1"):
         ScoringSettings.from_env({MAX_BATCH_ENV: "0"})
@@ -216,6 +213,7 @@ def test_serve_command_line_and_environment(monkeypatch) -> None:
     args = build_parser().parse_args(["serve", "--port", "9000", "--", "--gpu-memory-utilization", "0.5"])
     command = server_command(args, Path("/m/tiny"), on_cpu=True)
     assert command[command.index("--worker-extension-cls") + 1] == WORKER_EXTENSION
+    assert command[command.index("--kv-transfer-config") + 1] == CAPTURE_KV_TRANSFER_CONFIG
     assert command[command.index("--dtype") + 1] == "float32" and "--enforce-eager" in command
     assert command[-2:] == ["--gpu-memory-utilization", "0.5"]  # the user's vLLM options come last and win
     assert "--enforce-eager" not in server_command(args, Path("/m/tiny"), on_cpu=False)
@@ -230,6 +228,7 @@ def test_serve_command_line_and_environment(monkeypatch) -> None:
         (["serve", "--model", "/tmp"], "not a Hugging Face model directory"),
         (["serve", "--profile", "/nonexistent.json"], "cannot read profile"),
         (["serve", "--max-batch", "0"], "at least 1"),
+        (["serve", "--", "--kv-transfer-config", "{}"], "runs its own KV connector"),
     ],
 )
 def test_serve_mistakes_print_one_line(argv: list[str], message: str, capsys) -> None:
