@@ -59,6 +59,8 @@ def pad_prefix_kv(prefixes: Sequence[torch.Tensor], length: int) -> torch.Tensor
     """Stack per-item prefix keys/values [L, 2, kv_heads, t*_b, head_dim] into [L, 2, B, kv_heads, length, head_dim],
     zero past each item's t* (those keys are masked out)."""
     n_layers, _, kv_heads, _, head_dim = prefixes[0].shape
+    if len(prefixes) == 1 and prefixes[0].shape[3] == length:
+        return prefixes[0][:, :, None]  # one item: no copy
     out = prefixes[0].new_zeros(n_layers, 2, len(prefixes), kv_heads, length, head_dim)
     for b, kv in enumerate(prefixes):
         out[:, :, b, :, : kv.shape[3]] = kv

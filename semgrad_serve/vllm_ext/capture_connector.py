@@ -8,8 +8,9 @@ score the answer) are touched:
 - scheduler side: when such a request finishes normally, ``request_finished``
   keeps its blocks (returns True) and passes its block table to the worker in
   the next step's metadata; aborted and unscored requests are freed as usual;
-- worker side: before that step's forward, the keys/values of the prompt up to
-  t* are copied into the worker process's ``CaptureStore``, and the request is
+- worker side: before that step's forward, the blocks holding the prompt up to
+  t* are copied into the worker process's ``CaptureStore`` (unpacked later, on
+  the scoring thread), and the request is
   reported finished in the same step, so vLLM frees its blocks one step after
   the request ended, whatever happens to scoring later.
 """
@@ -25,7 +26,7 @@ from vllm.v1.request import RequestStatus
 
 from .captures import KV_PARAM, STORE
 from .config import log
-from .kv_layout import layout_for, read_prefix
+from .kv_layout import copy_blocks, layout_for, unpack
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -110,8 +111,8 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         for order in connector_metadata.orders:
             try:
                 layout = self._cache_layout() if self._caches else None
-                read = None if layout is None else (lambda n, o=order, lay=layout: read_prefix(self._caches, lay, o.block_ids, n))
-                STORE.add(order.key, order.prompt_ids, read)
+                read = None if layout is None else (lambda n, o=order: copy_blocks(self._caches, o.block_ids, n))
+                STORE.add(order.key, order.prompt_ids, read, lambda raw, n, lay=layout: unpack(raw, lay, n))
             except Exception as exc:  # noqa: BLE001 - a failed copy must not fail the engine step; scoring recomputes
                 log.warning("SemGrad: copying the prompt keys/values of %s failed (%s)", order.request_id, exc)
             self._release.add(order.request_id)

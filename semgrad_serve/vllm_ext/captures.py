@@ -27,14 +27,25 @@ TTL_S = 300.0  # a capture nobody claimed or dropped is discarded after this lon
 
 @dataclass
 class Capture:
+    """A prompt's keys/values before t*, as copied from the cache (``raw``) and turned by ``unpack``
+    into [n_layers, 2, kv_heads, t*, head_dim] when first asked for (on the scoring thread)."""
+
     prompt_ids: tuple[int, ...]
-    kv: torch.Tensor | None  # [n_layers, 2, kv_heads, t*, head_dim], None: score by recompute
+    raw: torch.Tensor | None  # None: score by recompute
+    unpack: Callable[[torch.Tensor], torch.Tensor] | None = None
     reason: str = ""  # why there are no keys/values
     created: float = field(default_factory=time.monotonic)
+    _kv: torch.Tensor | None = None
+
+    @property
+    def kv(self) -> torch.Tensor | None:
+        if self._kv is None and self.raw is not None:
+            self._kv = self.raw if self.unpack is None else self.unpack(self.raw)
+        return self._kv
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+        return 0 if self.raw is None else self.raw.numel() * self.raw.element_size()
 
 
 class CaptureStore:
@@ -48,27 +59,39 @@ class CaptureStore:
         # prompt ids -> number of leading positions to keep (t*), or None when the prompt cannot be scored
         self.prefix_length: Callable[[tuple[int, ...]], int | None] | None = None
 
-    def add(self, key: str, prompt_ids: tuple[int, ...], read: Callable[[int], torch.Tensor] | None) -> None:
-        """Record the capture of ``key``: ``read(n)`` returns the keys/values of the first n positions
-        (None: no readable cache). Called by the connector while vLLM still holds the blocks."""
+    def add(
+        self,
+        key: str,
+        prompt_ids: tuple[int, ...],
+        read: Callable[[int], torch.Tensor] | None,
+        unpack: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> None:
+        """Record the capture of ``key``: ``read(n)`` copies what holds the first n positions' keys/values
+        (None: no readable cache) and ``unpack(copy, n)`` turns the copy into them later (None: it already
+        is). Called by the connector while vLLM still holds the blocks."""
         with self._changed:
             self._expire()
             if key in self._entries:  # another choice of the same request (n > 1): same prompt, same prefix
                 return
-            capture = self._capture(prompt_ids, read)
+            capture = self._capture(prompt_ids, read, unpack)
             self._entries[key] = capture
             self._bytes += capture.nbytes
             self._changed.notify_all()
 
-    def _capture(self, prompt_ids: tuple[int, ...], read: Callable[[int], torch.Tensor] | None) -> Capture:
+    def _capture(
+        self,
+        prompt_ids: tuple[int, ...],
+        read: Callable[[int], torch.Tensor] | None,
+        unpack: Callable[[torch.Tensor, int], torch.Tensor] | None,
+    ) -> Capture:
         if read is None:
-            return Capture(prompt_ids, None, "the KV cache layout of this attention backend is not known")
+            return Capture(prompt_ids, None, reason="the KV cache layout of this attention backend is not known")
         n = self.prefix_length(prompt_ids) if self.prefix_length is not None else None
         if n is None:
-            return Capture(prompt_ids, None, "no t* in the prompt")
-        capture = Capture(prompt_ids, read(n))
+            return Capture(prompt_ids, None, reason="no t* in the prompt")
+        capture = Capture(prompt_ids, read(n), None if unpack is None else (lambda raw: unpack(raw, n)))
         if self._bytes + capture.nbytes > self.budget_bytes:
-            return Capture(prompt_ids, None, "over the capture memory budget")
+            return Capture(prompt_ids, None, reason="over the capture memory budget")
         return capture
 
     def wait(self, key: str, timeout_s: float) -> Capture | None:

@@ -11,8 +11,9 @@ backend:
   block and head, the keys as ``[head_dim, block_size]`` (transposed), then the
   values as ``[block_size, head_dim]``.
 
-``read_prefix`` gathers the first ``n`` positions of a request from its block
-table as ``[n_layers, 2, kv_heads, n, head_dim]``, the form ``Scorer.score`` takes.
+``copy_blocks`` copies a request's blocks as they are (cheap: it runs between
+engine steps), ``unpack`` turns them into ``[n_layers, 2, kv_heads, n, head_dim]``,
+the form ``Scorer.score`` takes (on the scoring thread).
 """
 
 from __future__ import annotations
@@ -37,30 +38,40 @@ def layout_for(backend_name: str, cpu_isa: str | None = None) -> str | None:
     return None
 
 
-def _read_layer(cache: torch.Tensor, layout: str, blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """[2, kv_heads, n, head_dim] keys and values of the first n positions stored in ``blocks``."""
-    n_blocks = len(blocks)
-    _, heads, block_size, two_d = cache.shape
-    d = two_d // 2
-    picked = cache.index_select(0, blocks)  # [n_blocks, heads, block_size, 2d], a copy
-    if layout == TOKEN_MAJOR:
-        k, v = picked[..., :d], picked[..., d:]
-    elif layout == CPU_TRANSPOSED_K:
-        halves = picked.reshape(n_blocks, heads, 2, block_size * d)
-        k = halves[:, :, 0].reshape(n_blocks, heads, d, block_size).transpose(-1, -2)
-        v = halves[:, :, 1].reshape(n_blocks, heads, block_size, d)
-    else:
-        raise ValueError(f"unknown KV cache layout {layout!r}")
-    kv = torch.stack((k, v))  # [2, n_blocks, heads, block_size, d]
-    return kv.permute(0, 2, 1, 3, 4).reshape(2, heads, n_blocks * block_size, d)[:, :, :n]
-
-
-def read_prefix(caches: Sequence[torch.Tensor], layout: str, block_ids: Sequence[int], n: int) -> torch.Tensor:
-    """Keys/values [n_layers, 2, kv_heads, n, head_dim] of a request's first ``n`` positions, from the
-    per-layer caches (in layer order) and the request's block table."""
+def copy_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], n: int) -> torch.Tensor:
+    """The blocks holding a request's first ``n`` positions, copied as they are stored:
+    [n_layers, n_blocks, kv_heads, block_size, 2 * head_dim]. One contiguous copy per layer: this runs
+    on the engine's critical path, so the unpacking is left to ``unpack`` (on the scoring thread)."""
     block_size = caches[0].shape[2]
     needed = -(-n // block_size)
     if needed > len(block_ids):
         raise ValueError(f"{n} positions need {needed} blocks, the request holds {len(block_ids)}")
     blocks = torch.tensor(list(block_ids[:needed]), dtype=torch.long, device=caches[0].device)
-    return torch.stack([_read_layer(cache, layout, blocks, n) for cache in caches])
+    out = caches[0].new_empty(len(caches), needed, *caches[0].shape[1:])
+    for cache, layer_out in zip(caches, out):
+        torch.index_select(cache, 0, blocks, out=layer_out)
+    return out
+
+
+def unpack(blocks: torch.Tensor, layout: str, n: int) -> torch.Tensor:
+    """Keys/values [n_layers, 2, kv_heads, n, head_dim] of the first ``n`` positions of ``copy_blocks``'s copy."""
+    n_layers, n_blocks, heads, block_size, two_d = blocks.shape
+    d = two_d // 2
+    if layout == TOKEN_MAJOR:
+        k, v = blocks[..., :d], blocks[..., d:]
+    elif layout == CPU_TRANSPOSED_K:
+        halves = blocks.contiguous().view(n_layers, n_blocks, heads, 2, block_size * d)
+        k = halves[..., 0, :].unflatten(-1, (d, block_size)).transpose(-1, -2)
+        v = halves[..., 1, :].unflatten(-1, (block_size, d))
+    else:
+        raise ValueError(f"unknown KV cache layout {layout!r}")
+    out = blocks.new_empty(n_layers, 2, heads, n_blocks, block_size, d)
+    out[:, 0].copy_(k.transpose(1, 2))
+    out[:, 1].copy_(v.transpose(1, 2))
+    return out.view(n_layers, 2, heads, n_blocks * block_size, d)[:, :, :, :n]
+
+
+def read_prefix(caches: Sequence[torch.Tensor], layout: str, block_ids: Sequence[int], n: int) -> torch.Tensor:
+    """Keys/values [n_layers, 2, kv_heads, n, head_dim] of a request's first ``n`` positions, from the
+    per-layer caches (in layer order) and the request's block table."""
+    return unpack(copy_blocks(caches, block_ids, n), layout, n)
