@@ -1,10 +1,17 @@
 """Serving benchmark: one ``semgrad-serve serve`` process, the same request load with scoring off and on.
 
-Measures output tokens/s, p50/p99 request latency and the server's memory (RSS of
-its process tree) for each load, alternating off/on rounds so that drift in the
-machine's load hits both alike; then, unless ``--no-baseline``, the idle memory
-of a plain vLLM server, to show what keeping the dense weights costs. Prints
-the ratios and writes a Markdown report.
+Loads: ``qa`` (the paper's short answers), ``chat`` (paragraph answers) and
+``rag`` (each request its own ~1.5k-token context and a question, answers of at
+most 32 tokens). Requests stream, so that per request the time to first token,
+the time per output token (between the first and the last token chunk before
+the final one, which with scoring on waits for the scores) and the end-to-end
+latency are measured; plus output tokens/s, the busy share of each core and the
+server's memory (RSS of its process tree), alternating off/on rounds so that
+drift in the machine's load hits both alike. Then the head-of-line test: the
+latency of short unscored requests sent one at a time, idle and while long-prompt
+requests run with scoring off and on. Unless ``--no-baseline``, the idle memory
+of a plain vLLM server shows what keeping the dense weights costs. Prints the
+ratios and writes a Markdown report.
 
     python benchmarks/serving.py                       # CPU defaults, report in benchmarks/results/
     python benchmarks/serving.py --requests 96 --concurrency 32
@@ -36,28 +43,33 @@ sys.path.insert(0, str(ROOT))
 from semgrad_serve.vllm_ext.config import ScoringSettings  # noqa: E402
 from semgrad_serve.vllm_ext.launch import RunningServer, free_port, running_server, serve_command  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "truthfulqa" / "test.jsonl"
-# name -> (prompt template, max_tokens): the paper's short-answer QA, and open answers of a paragraph.
+DATA = ROOT.parent / "shared" / "data"
+RAG_FACTS = 60  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question
+# name -> (prompt template, max_tokens): the paper's short-answer QA, open answers of a paragraph, and
+# retrieval-augmented questions (each its own long context, short answers).
 LOADS = {
     "qa": ("Please directly answer the following question with one or few words:\n{query}", 150),
     "chat": ("{query} Explain your answer in a short paragraph.", 128),
+    "rag": ("Notes:\n{context}\n\nUsing the notes, answer with one or few words:\n{query}", 32),
 }
 
 
 NOTES = [
     "## Reading the numbers",
     "",
-    "- Scoring an answer costs a forward pass over its answer and the part of its prompt it does not share with",
-    "  the other requests (the shared head, template, system prompt and instruction, runs once and is reused),",
-    "  plus a backward through the band from t* on, on the same core that generates; generating it costs about",
-    "  one forward pass over its tokens (prefill, then one step per answer token). Where generation is",
-    "  compute-bound, as on this core, long answers cost the most: their forward and band backward grow with them.",
-    "  On a GPU, decoding is memory-bound and the scoring pass is not.",
-    "- Not done yet: taking the prompt's keys/values from vLLM's cache instead of recomputing the prompt, which",
-    "  would leave roughly the answer's tokens to score.",
-    "- Under load the batcher lets generation run about twice as long as the previous scoring batch took before",
-    "  scoring again, so batches grow and latency (p50) roughly doubles; a lone request is scored at once.",
+    "- With scoring on, a finished request's prompt keys/values (up to t*) are copied out of vLLM's KV cache between",
+    "  engine steps and its blocks freed; its answer is scored from t* on in a thread of the worker process pinned to",
+    "  the core vLLM leaves to its API server, so generation is not paused. Scoring an answer costs about 1.2",
+    "  forward passes over its own tokens (lower layers, band forward and backward, head gradient), more than",
+    "  generating it, so the on/off ratio is bound by the second core's share: under a full load scoring falls",
+    "  behind and each request waits for the scores of those before it (E2E), while streams keep their pace (TPOT).",
+    "- The 2-core machine also runs the load client; the per-core busy shares show how much of each core was used.",
 ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 @dataclass
@@ -66,17 +78,45 @@ class Phase:
 
     wall_s: float = 0.0
     tokens: int = 0
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # end to end, scores included
+    ttfts: list[float] = field(default_factory=list)
+    tpots: list[float] = field(default_factory=list)  # per request: seconds per output token while streaming
     scored: int = 0
     peak_rss: int = 0
+    busy: list[list[float]] = field(default_factory=list)  # per round: busy share of each core
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+        return percentile(self.latencies, q)
+
+    def core_busy(self) -> list[float]:
+        return [sum(r[i] for r in self.busy) / len(self.busy) for i in range(len(self.busy[0]))]
+
+
+def cpu_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies of each core from /proc/stat."""
+    out = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3].isdigit():
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + values[4]
+            out.append((sum(values) - idle, sum(values)))
+    return out
+
+
+class CoreBusy:
+    """Busy share of each core while the block runs."""
+
+    def __enter__(self) -> "CoreBusy":
+        self._start = cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = cpu_times()
+        self.shares = [(b1 - b0) / max(t1 - t0, 1) for (b0, t0), (b1, t1) in zip(self._start, end)]
 
 
 def cpu_name() -> str:
@@ -120,6 +160,29 @@ class PeakRss:
         self._thread.join()
 
 
+async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, scoring: bool) -> dict:
+    """Stream one chat completion; its timings, output tokens and whether it was scored."""
+    start = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"semgrad": scoring},
+    )  # fmt: skip
+    token_times, tokens, scored = [], 0, False
+    async for chunk in stream:
+        now = time.perf_counter()
+        for choice in chunk.choices:
+            if choice.finish_reason is None and choice.delta.content:
+                token_times.append(now)
+            semgrad = (choice.model_extra or {}).get("semgrad")
+            scored = scored or (isinstance(semgrad, dict) and "error" not in semgrad)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    ttft = (token_times[0] if token_times else end) - start
+    tpot = (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else None
+    return {"latency": end - start, "ttft": ttft, "tpot": tpot, "tokens": tokens, "scored": scored}
+
+
 async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, scoring: bool, phase: Phase) -> None:
     """Send every prompt, at most ``concurrency`` at a time; add the outcome to ``phase``."""
     gate = asyncio.Semaphore(concurrency)
@@ -127,19 +190,35 @@ async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, co
 
         async def one(prompt: str) -> None:
             async with gate:
-                start = time.perf_counter()
-                response = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-                    extra_body={"semgrad": scoring},
-                )  # fmt: skip
-                phase.latencies.append(time.perf_counter() - start)
-                phase.tokens += response.usage.completion_tokens
-                semgrad = (response.choices[0].model_extra or {}).get("semgrad")
-                phase.scored += isinstance(semgrad, dict) and "error" not in semgrad
+                r = await one_request(client, model, prompt, max_tokens, scoring)
+            phase.latencies.append(r["latency"])
+            phase.ttfts.append(r["ttft"])
+            if r["tpot"] is not None:
+                phase.tpots.append(r["tpot"])
+            phase.tokens += r["tokens"]
+            phase.scored += r["scored"]
 
         start = time.perf_counter()
         await asyncio.gather(*(one(p) for p in prompts))
         phase.wall_s += time.perf_counter() - start
+
+
+async def head_of_line(url: str, model: str, background: list[str], probes: int, scoring: bool | None) -> list[float]:
+    """Latencies of short unscored requests sent one after another, alone (``scoring`` None) or while the
+    ``background`` long-prompt requests (rag, 4 in flight) run with scoring on or off."""
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0) as client:
+        load = None
+        if scoring is not None:
+            load = asyncio.create_task(run_load(url, model, background, LOADS["rag"][1], 4, scoring, Phase()))
+            await asyncio.sleep(3)  # the background is under way
+        latencies = []
+        for i in range(probes):
+            r = await one_request(client, model, f"Say the number {i}.", 8, False)
+            latencies.append(r["latency"])
+            await asyncio.sleep(0.2)
+        if load is not None:
+            await load
+        return latencies
 
 
 def scoring_metrics(url: str) -> dict[str, float]:
@@ -147,20 +226,35 @@ def scoring_metrics(url: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^(semgrad_\w+) (\S+)$", text, re.M)}
 
 
+def load_prompts(load: str, n: int) -> list[str]:
+    """``n`` prompts of a load: TruthfulQA questions; for rag, SciQ questions each after its own notes."""
+    template = LOADS[load][0]
+    if load != "rag":
+        queries = [json.loads(line)["query"] for line in (DATA / "truthfulqa" / "test.jsonl").read_text().splitlines()[:n]]
+        return [template.format(query=q) for q in queries]
+    rows = [json.loads(line) for line in (DATA / "sciq" / "test.jsonl").read_text().splitlines()]
+    prompts = []
+    for i in range(n):
+        notes = rows[(i * RAG_FACTS + 1) % len(rows) :][:RAG_FACTS]
+        context = "\n".join(f"- {r['query']} {r['truthful answer'][0]}." for r in notes)
+        prompts.append(template.format(context=context, query=rows[i]["query"]))
+    return prompts
+
+
 def benchmark(server: RunningServer, model: str, args: argparse.Namespace) -> dict[str, dict[str, Phase]]:
-    queries = [json.loads(line)["query"] for line in DATA.read_text().splitlines()[: args.requests]]
     results: dict[str, dict[str, Phase]] = {}
     for load in args.loads:
-        template, max_tokens = LOADS[load]
-        prompts = [template.format(query=q) for q in queries]
+        max_tokens = LOADS[load][1]
+        prompts = load_prompts(load, args.requests)
         for scoring in (False, True):  # warm-up: the first requests of each kind pay one-off costs
             asyncio.run(run_load(server.url, model, prompts[: args.concurrency], max_tokens, args.concurrency, scoring, Phase()))
         phases = results[load] = {"off": Phase(), "on": Phase()}
         for round_ in range(args.rounds):
             for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
-                with PeakRss(server.pid) as rss:
+                with PeakRss(server.pid) as rss, CoreBusy() as busy:
                     asyncio.run(run_load(server.url, model, prompts, max_tokens, args.concurrency, mode == "on", phases[mode]))
                 phases[mode].peak_rss = max(phases[mode].peak_rss, rss.peak)
+                phases[mode].busy.append(busy.shares)
                 print(f"{load} {mode} round {round_ + 1}: {phases[mode].tokens_per_s:.1f} tok/s so far", file=sys.stderr)
     return results
 
@@ -178,32 +272,61 @@ def plain_vllm_idle_rss(model_dir: Path, dtype: str, kv_bytes: int, log: Path) -
         return tree_rss(server.pid)
 
 
-def report(results: dict[str, dict[str, Phase]], memory: dict[str, int | None], info: dict[str, str], extra: list[str]) -> str:
+TARGETS = {"qa": 0.75, "chat": 0.5, "rag": 0.8}  # output tok/s on/off targets on this CPU
+
+
+def report(
+    results: dict[str, dict[str, Phase]], hol: dict[str, list[float]], memory: dict[str, int | None], info: dict[str, str], extra: list[str]
+) -> str:
     mib = 1 << 20
     lines = [
         "# Serving benchmark: SemGrad scoring off vs on (CPU)",
         "",
         *(f"- {k}: {v}" for k, v in info.items()),
         "",
-        "| load | scoring | output tok/s | p50 latency (s) | p99 latency (s) | peak RSS (MiB) | answers scored |",
-        "|---|---|---|---|---|---|---|",
+        "| load | scoring | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 (ms) "
+        "| busy share per core | peak RSS (MiB) | answers scored |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
     for load, phases in results.items():
         for mode, p in phases.items():
+            busy = " / ".join(f"{b:.0%}" for b in p.core_busy())
             lines.append(
-                f"| {load} | {mode} | {p.tokens_per_s:.1f} | {p.percentile(0.5):.2f} | {p.percentile(0.99):.2f} "
+                f"| {load} | {mode} | {p.tokens_per_s:.1f} | {p.percentile(0.5):.2f} / {p.percentile(0.99):.2f} "
+                f"| {percentile(p.ttfts, 0.5):.2f} / {percentile(p.ttfts, 0.99):.2f} "
+                f"| {percentile(p.tpots, 0.5) * 1000:.0f} / {percentile(p.tpots, 0.99) * 1000:.0f} | {busy} "
                 f"| {p.peak_rss / mib:.0f} | {p.scored}/{len(p.latencies)} |"
             )
         off, on = phases["off"], phases["on"]
         ratio = on.tokens_per_s / off.tokens_per_s
+        target = TARGETS[load]
         summary.append(
-            f"- **{load}**: throughput on/off = **{ratio:.2f}x** (target ≥ 0.6x: {'met' if ratio >= 0.6 else 'NOT met'}); "
-            f"p50 latency on/off = {on.percentile(0.5) / off.percentile(0.5):.2f}x, "
-            f"p99 = {on.percentile(0.99) / off.percentile(0.99):.2f}x; "
+            f"- **{load}**: output tok/s on/off = **{ratio:.2f}x** (target ≥ {target}x: {'met' if ratio >= target else 'NOT met'}); "
+            f"E2E p50 on/off = {on.percentile(0.5) / off.percentile(0.5):.2f}x, p99 = {on.percentile(0.99) / off.percentile(0.99):.2f}x; "
+            f"time per output token p99 on/off = {percentile(on.tpots, 0.99) / percentile(off.tpots, 0.99):.2f}x; "
             f"extra peak memory while scoring = {(on.peak_rss - off.peak_rss) / mib:+.0f} MiB"
         )
-    lines += ["", "## Ratios", "", *summary, "", "## Memory", ""]
+    lines += ["", "## Ratios", "", *summary]
+    if hol:
+        idle = hol["idle"]
+        lines += [
+            "",
+            "## Head-of-line: short unscored requests (8 tokens) sent one at a time",
+            "",
+            "| while | p50 (s) | p99 (s) | p50 / idle |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {percentile(v, 0.5):.2f} | {percentile(v, 0.99):.2f} | {percentile(v, 0.5) / percentile(idle, 0.5):.2f}x |"
+                for name, v in hol.items()
+            ),
+            "",
+            f"- rag requests with scoring on slow an unrelated unscored request by "
+            f"**{percentile(hol['rag, scoring on'], 0.5) / percentile(hol['rag, scoring off'], 0.5):.2f}x** against the same "
+            f"requests with scoring off (p50; p99 {percentile(hol['rag, scoring on'], 0.99) / percentile(hol['rag, scoring off'], 0.99):.2f}x), "
+            f"and **{percentile(hol['rag, scoring on'], 0.5) / percentile(idle, 0.5):.2f}x** against an idle server (target ≤ 2x).",
+        ]
+    lines += ["", "## Memory", ""]
     if memory["plain"] is not None:
         lines.append(
             f"- idle RSS: plain vLLM {memory['plain'] / mib:.0f} MiB, with SemGrad {memory['ours'] / mib:.0f} MiB "
@@ -224,7 +347,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="off/on rounds per load (default: 2)")
     parser.add_argument("--loads", nargs="+", choices=list(LOADS), default=list(LOADS))
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, help="the server's --max-batch (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=ScoringSettings.max_wait_ms, help="the server's --max-wait-ms (default: %(default)s)")
+    parser.add_argument("--hol-probes", type=int, default=12, help="short requests per head-of-line phase (0: skip it; default: 12)")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache size (default: 2)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain vLLM memory baseline")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving_cpu.md")
@@ -239,12 +362,18 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="semgrad-bench-"))
     load_before = os.getloadavg()[0]
     port = free_port()
-    serve_args = ["--model", str(model_dir), "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    serve_args = ["--model", str(model_dir), "--dtype", args.dtype, "--max-batch", str(args.max_batch)]
     serve_args += ["--", "--kv-cache-memory-bytes", str(kv_bytes)]
     with running_server(serve_command(port, *serve_args), port, logs / "semgrad.log") as server:
         before = scoring_metrics(server.url)
         idle = tree_rss(server.pid)
         results = benchmark(server, model_dir.name, args)
+        hol: dict[str, list[float]] = {}
+        if args.hol_probes:
+            background = load_prompts("rag", 3 * args.hol_probes)
+            for name, scoring in (("idle", None), ("rag, scoring off", False), ("rag, scoring on", True)):
+                hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, scoring))
+                print(f"head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
         after = scoring_metrics(server.url)
     plain = None if args.no_baseline else plain_vllm_idle_rss(model_dir, args.dtype, kv_bytes, logs / "plain.log")
 
@@ -256,21 +385,22 @@ def main() -> None:
         f"- {delta['semgrad_answers_scored_total']:.0f} answers scored in {batches:.0f} batches "
         f"(mean batch {delta['semgrad_scoring_batch_size_sum'] / max(batches, 1):.1f}); mean scoring latency "
         f"{delta['semgrad_scoring_latency_seconds_sum'] / max(delta['semgrad_scoring_latency_seconds_count'], 1):.2f} s "
-        "(answer finished → scores, batching wait included); warm-up requests included.",
+        "(answer finished → scores, queueing included); warm-up and head-of-line requests included.",
     ]
     info = {
         "machine": f"{cpu_name()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / (1 << 30):.0f} GiB",
         "software": f"torch {torch.__version__}, vllm {vllm.__version__}",
         "model": f"{model_dir.name}, {args.dtype}, enforce_eager, KV cache {args.kv_cache_gib:g} GiB",
-        "load": f"{args.requests} TruthfulQA questions per load, mode and round; {args.concurrency} in flight; "
-        f"greedy; {args.rounds} alternating off/on rounds; scoring batch ≤ {args.max_batch}, wait ≤ {args.max_wait_ms:g} ms",
+        "load": f"{args.requests} requests per load, mode and round (TruthfulQA questions; rag: SciQ questions, each after "
+        f"{RAG_FACTS} notes of other SciQ questions and answers, ~1.5k prompt tokens); {args.concurrency} in flight; greedy; "
+        f"streaming; {args.rounds} alternating off/on rounds; scoring batch ≤ {args.max_batch}",
         "loads": "; ".join(f"{name}: `{template!r}`, max_tokens {n}" for name, (template, n) in LOADS.items() if name in args.loads),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine load": f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
         "(the benchmark's own server included; vLLM binds its worker, where generation and scoring run, to one core "
         "and keeps the other for its front end)",
     }
-    text = report(results, {"plain": plain, "ours": idle}, info, extra)
+    text = report(results, hol, {"plain": plain, "ours": idle}, info, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -235,3 +235,27 @@ def test_serve_mistakes_print_one_line(argv: list[str], message: str, capsys) ->
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_data_parallel_is_refused_at_start_up() -> None:
+    """With --data-parallel-size > 1 scoring would reach only engine 0: the plugin refuses to start."""
+    from semgrad_serve.vllm_ext.plugin import SemgradPlugin
+
+    class NoRpc:
+        async def collective_rpc(self, *args: object, **kwargs: object) -> list:
+            pytest.fail("no worker is asked to set up")
+
+    state = SimpleNamespace()
+    with pytest.raises(SemgradError, match="data-parallel size must be 1"):
+        asyncio.run(SemgradPlugin().init_state(NoRpc(), state, SimpleNamespace(data_parallel_size=2)))
+
+
+def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
+    from semgrad_serve.vllm_ext.config import CAPTURE_CONNECTOR_MODULE
+    from semgrad_serve.vllm_ext.worker import capture_state
+
+    assert capture_state(None) is False
+    assert capture_state(SimpleNamespace(kv_connector=None, kv_connector_module_path=None)) is False
+    assert capture_state(SimpleNamespace(kv_connector="SemgradCaptureConnector", kv_connector_module_path=CAPTURE_CONNECTOR_MODULE))
+    with pytest.raises(SemgradError, match="drop --kv-transfer-config"):
+        capture_state(SimpleNamespace(kv_connector="LMCacheConnectorV1", kv_connector_module_path=None))
