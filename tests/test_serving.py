@@ -55,6 +55,8 @@ def assert_scored(semgrad: dict[str, Any] | None) -> None:
 
 
 def assert_equals_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int]) -> None:
+    """The served scores (over the prompt keys/values vLLM computed) equal the offline scorer's recompute."""
+    assert semgrad["prompt_kv"] == "cache"
     (offline,) = scorer.score([(prompt_ids, answer_ids)])
     assert not isinstance(offline, ItemError), offline
     expected = scorer.report(offline)
@@ -102,7 +104,6 @@ def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
         prompt_ids = response.model_extra["prompt_token_ids"]
         assert prompt_ids == default_scorer.prompt_ids(messages)  # vLLM templates and tokenizes as the scorer does
         assert_scored(semgrad_of(choice))
-        assert semgrad_of(choice)["prompt_kv"] == "cache"
         assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"])
     assert len(prompt_ids) > 1400
     # Without return_token_ids the ids stay hidden, as vLLM renders them.
