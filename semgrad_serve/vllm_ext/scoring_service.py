@@ -137,14 +137,21 @@ class ScoringService:
 
     def _run(self) -> None:
         if self._cores:
-            os.sched_setaffinity(0, self._cores)  # this thread only
+            try:
+                os.sched_setaffinity(0, self._cores)  # this thread only
+            except OSError as exc:
+                log.warning("SemGrad: cannot pin the scoring thread to cores %s (%s)", sorted(self._cores), exc)
         stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         while True:
             jobs = self._next_batch()
-            with torch.enable_grad(), torch.cuda.stream(stream) if stream is not None else nullcontext():
-                results = self._score_jobs(jobs)
-            if stream is not None:
-                stream.synchronize()
+            try:
+                with torch.enable_grad(), torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    results = self._score_jobs(jobs)
+                if stream is not None:
+                    stream.synchronize()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive anything, or requests wait forever
+                log.exception("SemGrad: the scoring thread failed on a batch")
+                results = [[{"error": f"scoring failed: {exc}"}] * len(job.pairs) for job in jobs]
             size = sum(len(job.pairs) for job in jobs)
             for i, (job, reports) in enumerate(zip(jobs, results)):
                 self._send(("result", job.job, reports, size if i == 0 else 0))
@@ -154,6 +161,6 @@ class ScoringService:
             if self._conn is not None:
                 try:
                     self._conn.send(message)
-                except OSError as exc:
+                except Exception as exc:  # noqa: BLE001 - a lost connection must not end the thread
                     log.warning("SemGrad: cannot send scores to the API server (%s)", exc)
 
