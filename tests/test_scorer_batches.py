@@ -15,9 +15,9 @@ def test_batches_bounded_by_items_and_tokens(default_scorer, monkeypatch) -> Non
     batches: list[list[int]] = []
     original = scorer.score_prepared
 
-    def record(items):
+    def record(items, prefix_kv=None):
         batches.append([it.length for it in items])
-        return original(items)
+        return original(items, prefix_kv)
 
     monkeypatch.setattr(scorer, "score_prepared", record)
     budget = 2 * max(len(p) + len(a) - 1 for p, a in pairs) - 1  # never two of the longest
