@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import baselines, judges, metrics
+from . import baselines, judges, metrics, tied_head
 from .errors import ItemError, SemgradError
 from .generation import MAX_NEW_TOKENS, PAPER_PROMPT, Generation, make_generator, paper_messages
 from .jsonl import read_queries
@@ -32,6 +32,7 @@ from .profiles import ModelProfile
 METHODS = [
     ("semgrad", "SemGrad", "ours"),
     ("paragrad", "ParaGrad", "ours"),
+    ("paragrad_tied", "ParaGrad, tied head (authors')", "ours"),
     ("hybridgrad", "HybridGrad", "ours"),
     ("mean_nll", "Mean token NLL (perplexity)", "single pass"),
     ("max_nll", "Max token NLL", "single pass"),
@@ -75,6 +76,7 @@ class DatasetRun:
     judgements: dict[str, list[judges.Judgement]] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)  # answer index → why it has no scores
     clusters: list[int] = field(default_factory=list)
+    eos_ids: list[int] = field(default_factory=list)  # the model's EOS ids, to tell answers that ended on one
 
     @property
     def n(self) -> int:
@@ -109,6 +111,8 @@ class EvalConfig:
     batch_size: int = 8
     cache_dir: str | None = None
     seed: int = 0
+    stop_token: bool = True  # score the EOS token that ended an answer (SPEC); False: the old convention
+    paragrad_tied: bool | None = None  # also the tied-head ParaGrad; None: the profile's setting
     progress: bool = True
 
 
@@ -122,7 +126,7 @@ def _log(msg: str) -> None:
 def _cache_path(cfg: EvalConfig, run: DatasetRun, model_dir: Path) -> Path | None:
     if not cfg.cache_dir:
         return None
-    key = json.dumps([str(model_dir), cfg.dtype, cfg.generator, cfg.samples, cfg.temperature, cfg.max_tokens, cfg.seed,
+    key = json.dumps(["ids end on the EOS token", str(model_dir), cfg.dtype, cfg.generator, cfg.samples, cfg.temperature, cfg.max_tokens, cfg.seed,
                       PAPER_PROMPT, [r[0] for r in run.rows]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.cache_dir) / f"generations_{run.name}_{digest}.json.gz"
@@ -181,12 +185,17 @@ def _timed(run: DatasetRun, stage: str, fn, *args, **kwargs):
     return out
 
 
+def scored_answer(cfg: EvalConfig, scorer: Any, answer: Generation) -> list[int]:
+    """The ids of a generated answer that are scored: with the EOS token that ended it unless ``cfg.stop_token`` is off."""
+    return answer.token_ids if cfg.stop_token else scorer.without_stop_token(answer.token_ids)
+
+
 def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[str, Any]], embedder: judges.Embedder) -> None:
     n = run.n
     nan = [math.nan] * n
-    pairs = [(p, a.token_ids) for p, a in zip(run.prompts, run.answers)]
+    pairs = [(p, scored_answer(cfg, scorer, a)) for p, a in zip(run.prompts, run.answers)]
     for i, a in enumerate(run.answers):
-        if not a.token_ids:
+        if not scorer.without_stop_token(a.token_ids):
             run.excluded[i] = "empty answer"
     _log(f"{run.name}: gradient pass (SemGrad, ParaGrad, HybridGrad, ExGrad)")
     results = _timed(run, "gradient pass", scorer.score, pairs, cfg.batch_size, cfg.progress)
@@ -198,6 +207,9 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
             continue
         for key in ("semgrad", "paragrad", "hybridgrad", "exgrad"):
             run.scores[key][i] = getattr(r, key)
+    if cfg.paragrad_tied:
+        _log(f"{run.name}: tied-head ParaGrad (a backward through every layer and position)")
+        run.scores["paragrad_tied"] = _timed(run, "tied backward", tied_paragrads, scorer, pairs, results)
     for label, other in extra:
         _log(f"{run.name}: gradient pass with profile {label}")
         res = _timed(run, f"gradient pass [{label}]", other.score, pairs, cfg.batch_size, cfg.progress)
@@ -233,11 +245,19 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
         run.seconds["embeddings + clustering"] = t_se
 
 
+def tied_paragrads(scorer: Any, pairs: list[tuple[list[int], list[int]]], results: list[Any]) -> list[float]:
+    """``paragrad_tied`` of every scored answer (NaN where it was not scored)."""
+    return [math.nan if isinstance(r, ItemError) else tied_head.paragrad_tied(scorer.weights, scorer.prepare(*pair), r.paragrad, scorer.kernels)
+            for pair, r in zip(pairs, results)]
+
+
 def method_seconds(run: DatasetRun, key: str) -> float | None:
     """Seconds per answer that ``key`` costs on top of generating the greedy answer."""
     s = run.seconds
     if key in ("semgrad", "paragrad", "hybridgrad", "exgrad"):
         total = s.get("gradient pass")
+    elif key == "paragrad_tied":
+        total = s.get("gradient pass", 0.0) + s.get("tied backward", 0.0)
     elif "[" in key:
         total = s.get(f"gradient pass [{key.split('[', 1)[1][:-1]}]")
     elif key in ("mean_nll", "max_nll", "mean_entropy"):
@@ -338,6 +358,8 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
         f"Greedy answers ({cfg.generator}, at most {cfg.max_tokens} new tokens) to the paper's prompt "
         f"\"{PAPER_PROMPT.splitlines()[0]}\\n{{query}}\"; profile `{profile_name}`; "
         f"{cfg.samples} samples per question at temperature {cfg.temperature:g} for the sampling baselines.",
+        "Stop token: " + ("counted (SPEC): an answer that ended on the model's EOS token is scored with it."
+                          if cfg.stop_token else "not counted (the old convention): answers are scored without their EOS token."),
         "Profiles: " + "; ".join(f"`{name}`: t* = last {tok!r} {off:+d}, band = hidden states {band}" for name, tok, off, band in profiles) + ".",
         f"Judge: **{cfg.judge}** — correct if {judges.describe(cfg.judge, cfg.judge_threshold)}. "
         "Positive class = wrong answer; higher score = more likely wrong.",
@@ -365,7 +387,7 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
             f"- {r.name}: {r.n} questions, {int(kept.sum())} scored ({len(r.excluded)} excluded: empty answers); "
             f"accuracy " + ", ".join(f"{j} {100 * a:.1f}%" for j, a in acc.items())
             + (f"; greedy answer {gen / r.n:.3f} s/answer" if gen else "")
-            + f"; mean answer length {np.mean([len(a.token_ids) for a in r.answers]):.1f} tokens"
+            + f"; mean answer length {np.mean(text_tokens(r)):.1f} tokens, {np.mean(ended_on_eos(r)) * 100:.1f}% ended on the EOS token"
             + (f"; {np.mean(r.clusters):.2f} clusters of {cfg.samples} samples on average" if r.clusters else "")
         )
     lines += ["", "AUROC (%) of every method under each judge:", ""]
@@ -387,12 +409,22 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
     return "\n".join(lines) + "\n"
 
 
+def text_tokens(run: DatasetRun) -> list[int]:
+    """Answer lengths in tokens, the EOS token that ended an answer not counted (the same under both conventions)."""
+    return [len(a.token_ids) - e for a, e in zip(run.answers, ended_on_eos(run))]
+
+
+def ended_on_eos(run: DatasetRun) -> list[bool]:
+    return [bool(a.token_ids) and a.token_ids[-1] in run.eos_ids for a in run.answers]
+
+
 def write_items(path: Path, runs: list[DatasetRun]) -> None:
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for r in runs:
             for i in range(r.n):
                 doc = {
-                    "dataset": r.name, "index": i, "answer": r.answers[i].text[:300], "answer_tokens": len(r.answers[i].token_ids),
+                    "dataset": r.name, "index": i, "answer": r.answers[i].text[:300], "answer_tokens": text_tokens(r)[i],
+                    "ended_on_eos": ended_on_eos(r)[i],
                     "correct": {j: r.judgements[j][i].correct for j in r.judgements},
                     "similarity": {j: round(r.judgements[j][i].similarity, 4) for j in r.judgements},
                     "scores": {k: (None if not math.isfinite(v[i]) else v[i]) for k, v in r.scores.items()},
@@ -417,17 +449,22 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     runs = [DatasetRun(name, str(path), read_dataset(path, cfg.limit)) for name, path in zip(names, cfg.datasets)]
     compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
 
-    scorer = Scorer.from_pretrained(cfg.model, cfg.dtype, cfg.profile)
+    scorer = Scorer.from_pretrained(cfg.model, cfg.dtype, cfg.profile, paragrad_tied=False)  # timed apart: score_all
+    if cfg.paragrad_tied is None:
+        cfg.paragrad_tied = scorer.profile.paragrad_tied
+    if cfg.paragrad_tied:
+        tied_head.check_tied(scorer.weights)
     from .default_model import default_model_dir
 
     model_dir = Path(cfg.model) if cfg.model else default_model_dir()
     extra = []
     for p in compare:
-        other = type(scorer)(scorer.weights, scorer.tokenizer, p, scorer.kernels)
+        other = type(scorer)(scorer.weights, scorer.tokenizer, p, scorer.kernels, eos_ids=scorer.eos_ids)
         other.model = scorer.model
         extra.append((p.name, other))
     for run in runs:
         run.prompts = [scorer.prompt_ids(paper_messages(q)) for q, _ in run.rows]
+        run.eos_ids = scorer.eos_ids
 
     generate_all(cfg, scorer, model_dir, runs)
 
@@ -467,7 +504,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             r.name: {
                 "file": r.path, "questions": r.n, "scored": int(r.kept().sum()), "excluded": len(r.excluded),
                 "accuracy": {j: float(1 - r.wrong(j)[r.kept()].mean()) for j in r.judgements},
-                "mean_answer_tokens": float(np.mean([len(a.token_ids) for a in r.answers])),
+                "mean_answer_tokens": float(np.mean(text_tokens(r))),
+                "ended_on_eos": float(np.mean(ended_on_eos(r))),
                 "seconds_total": r.seconds,
                 "seconds_per_answer": {k: method_seconds(r, k) for k, _, _ in methods},
                 "greedy_seconds_per_answer": r.seconds.get("greedy answer", math.nan) / r.n,

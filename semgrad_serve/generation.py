@@ -2,8 +2,9 @@
 
 Both generators take prompts as token ids (the scorer's ``prompt_ids``, so the
 prompt vLLM answers is exactly the prompt that is scored) and return the answer
-token ids without the end-of-sequence token, the decoded text and the
-log-probability of every generated token.
+token ids as generated (an answer that ended on the model's EOS token includes
+it, as the SPEC counts it; one cut at the token limit has none), the decoded
+text and the log-probability of every generated token.
 
 vLLM is the default (``--generator vllm``): its offline ``LLM`` class, started
 once per run. The Hugging Face fallback (``--generator hf``) uses the scorer's
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import SemgradError
+from .stop_token import hf_eos_ids
 
 # SPEC: the prompt the paper's evaluation uses, and its decoding limit.
 PAPER_PROMPT = "Please directly answer the following question with one or few words:\n{query}"
@@ -37,7 +39,7 @@ def paper_messages(query: str) -> list[dict[str, str]]:
 
 @dataclass
 class Generation:
-    """One generated answer: token ids (no end-of-sequence token), text, per-token log-probabilities."""
+    """One generated answer: token ids (with the EOS token that ended it), text, per-token log-probabilities."""
 
     token_ids: list[int]
     text: str
@@ -54,15 +56,6 @@ class Generation:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "Generation":
         return cls([int(i) for i in doc["token_ids"]], str(doc["text"]), [float(x) for x in doc.get("logprobs", [])])
-
-
-def _strip_stop(ids: Sequence[int], logprobs: Sequence[float], stop_ids: set[int]) -> tuple[list[int], list[float]]:
-    ids, logprobs = list(ids), list(logprobs)
-    while ids and ids[-1] in stop_ids:
-        ids.pop()
-        if len(logprobs) > len(ids):
-            logprobs = logprobs[: len(ids)]
-    return ids, logprobs[: len(ids)]
 
 
 class Generator:
@@ -96,7 +89,6 @@ class VLLMGenerator(Generator):
         if not torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = 0.3
         self.llm = LLM(**kwargs)
-        self.stop_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
         self.tokenizer = tokenizer
 
     def _run(self, prompts: Sequence[Sequence[int]], params: Any) -> list[list[Generation]]:
@@ -108,8 +100,9 @@ class VLLMGenerator(Generator):
         for out in outputs:
             gens = []
             for c in out.outputs:
-                lps = [float(d[t].logprob) for t, d in zip(c.token_ids, c.logprobs or [])]
-                ids, lps = _strip_stop(c.token_ids, lps, self.stop_ids)
+                # vLLM's token ids end on the EOS token when generation stopped on it (checked: vLLM 0.32)
+                ids = list(c.token_ids)
+                lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs or [])]
                 gens.append(Generation(ids, self.tokenizer.decode(ids, skip_special_tokens=True).strip(), lps))
             result.append(gens)
         return result
@@ -150,7 +143,7 @@ class HFGenerator(Generator):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.stop_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
+        self.stop_ids = set(hf_eos_ids(tokenizer, model))  # where generate stops
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _generate(self, prompts: Sequence[Sequence[int]], n: int, do_sample: bool, temperature: float, max_tokens: int, desc: str) -> list[list[Generation]]:
@@ -177,9 +170,9 @@ class HFGenerator(Generator):
                 for j in range(n):
                     row = b * n + j
                     tokens = new[row].tolist()
-                    if self.stop_ids & set(tokens):  # cut at the first stop token
+                    if self.stop_ids & set(tokens):  # cut after the first stop token
                         cut = min(tokens.index(s) for s in self.stop_ids if s in tokens)
-                        tokens = tokens[:cut]
+                        tokens = tokens[: cut + 1]
                     lps = logp[row, : len(tokens)].tolist()
                     gens.append(Generation(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), lps))
                 result.append(gens)

@@ -3,6 +3,7 @@
 One item at a time: a full Hugging Face forward with autograd over every layer
 and position, then ``torch.autograd.grad`` w.r.t. the band hidden states and a
 separate copy of the head weight (so a tied embedding's lookup path does not count).
+``naive_paragrad_tied`` instead differentiates a tied model's shared matrix, as the authors' code does.
 Used by the exactness tests and as the baseline of the benchmarks.
 """
 
@@ -11,19 +12,24 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .scoring import hybrid
 
 
 def _forward(
-    model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, answer: torch.Tensor, all_logits: bool = False
+    model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, answer: torch.Tensor, all_logits: bool = False, tied: bool = False
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states, head copy, answer log-probs, detached token entropies) of one full forward with autograd;
-    ``all_logits`` computes the logits of every position first, as a language-model forward does."""
-    # A leaf embedding that requires grad puts every layer and position in the graph, frozen weights or not.
-    embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
-    out = model.model(inputs_embeds=embeds, output_hidden_states=True)
+    ``all_logits`` computes the logits of every position first, as a language-model forward does; ``tied``: the
+    head copy is also the embedding matrix that the input is looked up in (a tied model's shared matrix)."""
+    embedding = model.model.embed_tokens
     head = model.lm_head.weight.detach().clone().requires_grad_(True)
+    if tied:
+        embeds = F.embedding(ids, head, embedding.padding_idx)
+    else:  # a leaf embedding that requires grad puts every layer and position in the graph, frozen weights or not
+        embeds = embedding(ids).detach().requires_grad_(True)
+    out = model.model(inputs_embeds=embeds, output_hidden_states=True)
     answer_rows = slice(n_prompt - 1, n_prompt + len(answer) - 1)
     logits = (out.last_hidden_state[0] @ head.T)[answer_rows] if all_logits else out.last_hidden_state[0, answer_rows] @ head.T
     logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -67,3 +73,12 @@ def naive_scores(
         "exgrad": float(ex_head_grad.double().abs().mean()),
         "mean_entropy": mean_entropy,
     }
+
+
+def naive_paragrad_tied(model: torch.nn.Module, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> float:
+    """mean |∂loss/∂E| of a tied model's shared matrix E, head and embedding lookup both differentiated (authors' code)."""
+    device = model.lm_head.weight.device
+    ids = torch.tensor([list(prompt_ids) + list(answer_ids)], device=device)
+    _, shared, logp, entropy = _forward(model, ids, len(prompt_ids), torch.tensor(list(answer_ids), device=device), tied=True)
+    (grad,) = torch.autograd.grad(-(entropy * logp).mean(), shared)
+    return float(grad.double().abs().mean())

@@ -52,6 +52,7 @@ class ModelProfile:
     threshold: float | None = None
     match: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    paragrad_tied: bool = False  # also score the authors' tied-head ParaGrad offline (tied models; never in serving)
 
     def band_range(self, n_layers: int) -> range:
         """Hidden-state indices of the band: the SPEC's deeper half unless the profile fixes it."""
@@ -90,6 +91,7 @@ class ModelProfile:
                 threshold=None if doc.get("threshold") is None else float(doc["threshold"]),
                 match=dict(doc.get("match") or {}),
                 calibration=doc.get("calibration"),
+                paragrad_tied=bool(doc.get("paragrad_tied", False)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SemgradError(f"{source}: not a valid profile ({exc.__class__.__name__}: {exc})") from None

@@ -8,8 +8,9 @@ of similar length into batches.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,8 @@ from .kernels import Kernels, select_kernels
 from .profiles import ModelProfile, resolve_profile
 from .scoring import ScoreResult, score_batch
 from .shared_prefix import PrefixCache
+from .stop_token import eos_ids as collect_eos_ids, hf_eos_ids
+from . import tied_head
 from .weights import DecoderWeights, from_hf_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -55,7 +58,10 @@ def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: 
 
 
 class Scorer:
-    """Scores answers with SemGrad, ParaGrad, HybridGrad and ExGrad."""
+    """Scores answers with SemGrad, ParaGrad, HybridGrad and ExGrad (and, opted in, the tied-head ParaGrad).
+
+    An answer is scored as given: it counts its stop token when it ends on one of the model's EOS ids
+    (the SPEC's convention: generation that ended on EOS includes it, one cut at the token limit has none)."""
 
     def __init__(
         self,
@@ -64,8 +70,12 @@ class Scorer:
         profile: ModelProfile,
         kernels: Kernels | None = None,
         exgrad: bool = True,
+        eos_ids: Iterable[int] | None = None,
+        paragrad_tied: bool = False,
     ) -> None:
-        """``exgrad=False`` leaves ExGrad (a baseline, one more pass over the head gradient) out of the results."""
+        """``exgrad=False`` leaves ExGrad (a baseline, one more pass over the head gradient) out of the results;
+        ``eos_ids``: the model's EOS ids (default: the tokenizer's); ``paragrad_tied`` adds ``paragrad_tied`` (a backward
+        through every layer and position) and is refused for untied models."""
         self.weights = weights
         self.tokenizer = tokenizer
         self.profile = profile
@@ -75,7 +85,10 @@ class Scorer:
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise SemgradError(f"profile {profile.name!r}: t* token {profile.t_star.token!r} is not in the vocabulary")
         self.t_star_id: int = token_id
-        self.stop_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
+        self.eos_ids: list[int] = list(eos_ids) if eos_ids is not None else collect_eos_ids(tokenizer.eos_token_id)
+        if paragrad_tied:
+            tied_head.check_tied(weights)
+        self.paragrad_tied = paragrad_tied
         self.model: Any = None  # the Hugging Face module the weights came from, when there is one
         self.prefix_cache = PrefixCache()
         self.exgrad = exgrad
@@ -88,12 +101,15 @@ class Scorer:
         profile: str | Path | None = None,
         kernels: str | None = None,
         device: str = "cpu",
+        paragrad_tied: bool | None = None,
     ) -> "Scorer":
-        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct)."""
+        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct); ``paragrad_tied``
+        defaults to the profile's setting."""
         model, tokenizer, path = load_hf_model(model_dir, dtype, device)
         weights = from_hf_model(model)
         chosen = resolve_profile(model.config, tokenizer.chat_template, path, profile)
-        scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device))
+        tied = chosen.paragrad_tied if paragrad_tied is None else paragrad_tied
+        scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device), eos_ids=hf_eos_ids(tokenizer, model), paragrad_tied=tied)
         scorer.model = model
         return scorer
 
@@ -113,8 +129,19 @@ class Scorer:
         except Exception as exc:  # the template's own error, e.g. roles out of order
             raise ItemError(f"the chat template rejected the messages: {exc}") from None
 
-    def answer_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(answer, add_special_tokens=False).input_ids
+    def answer_ids(self, answer: str, stop_token: bool = True) -> list[int]:
+        """A given answer text as a complete answer: its tokens, then (``stop_token``) the end-of-turn token."""
+        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        if not stop_token:
+            return ids
+        if not self.eos_ids:
+            raise SemgradError("the model has no end-of-turn token; score the answer without it (stop_token=False)")
+        return ids + [self.eos_ids[0]]
+
+    def without_stop_token(self, answer_ids: Sequence[int]) -> list[int]:
+        """``answer_ids`` less the stop token it ends on, if any (the old convention)."""
+        answer = list(answer_ids)
+        return answer[:-1] if answer and answer[-1] in self.eos_ids else answer
 
     # -- scoring -----------------------------------------------------------------------------------
 
@@ -126,10 +153,8 @@ class Scorer:
             return None
 
     def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> PreparedItem:
-        """Validate one item and locate t*; trailing end-of-sequence tokens of the answer are dropped."""
+        """Validate one item and locate t*; the answer is scored as given, its stop token included."""
         answer = list(answer_ids)
-        while answer and answer[-1] in self.stop_ids:
-            answer.pop()
         if not answer:
             raise ItemError("the answer is empty")
         if not prompt_ids:
@@ -151,12 +176,18 @@ class Scorer:
         ``prefix_kv``: each item's keys/values before t* at every layer (see ``band_pass``)."""
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
-            return list(score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv))
+            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv)
+            return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 return [ItemError(f"scoring failed: {exc}")]
             kvs = [None] * len(items) if prefix_kv is None else [[kv] for kv in prefix_kv]
             return [r for item, kv in zip(items, kvs) for r in self.score_prepared([item], kv)]
+
+    def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
+        """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
+        tied = tied_head.paragrad_tied(self.weights, item, result.paragrad, self.kernels) if self.paragrad_tied else None
+        return replace(result, stop_token=item.answer_ids[-1] in self.eos_ids, paragrad_tied=tied)
 
     def score(
         self,

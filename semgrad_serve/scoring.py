@@ -36,10 +36,12 @@ class ScoreResult:
     t_star_token: str
     band: tuple[int, int]
     prompt_tokens: int
-    answer_tokens: int
+    answer_tokens: int  # the stop token included where counted
+    stop_token: bool = False  # the answer's last token is the model's end-of-turn / EOS token, and was scored
+    paragrad_tied: float | None = None  # the authors' tied-head ParaGrad (``tied_head.py``), where asked for
 
     def scores(self) -> dict[str, float]:
-        names = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
+        names = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy", "paragrad_tied")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def to_dict(self) -> dict[str, Any]:

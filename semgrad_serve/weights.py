@@ -42,6 +42,8 @@ class DecoderWeights:
     layers: tuple[LayerWeights, ...]
     final_norm: torch.Tensor
     head: torch.Tensor  # [V, d]; its own copy in the maths even when tied to ``embed``
+    tied: bool  # the head is the input embedding matrix (one tensor)
+    padding_idx: int | None  # the embedding row Hugging Face gives no gradient (``config.pad_token_id``)
     norm_eps: float
     n_heads: int
     n_kv_heads: int
@@ -122,12 +124,15 @@ def build_decoder_weights(
     n_heads, n_kv, head_dim = attention_shape(config)
     inv_freq, rope_scale = rotary_frequencies(config)
     vocab = config.vocab_size
+    pad = getattr(config, "pad_token_id", None)
     return DecoderWeights(
         family=config.model_type,
         embed=embed.detach()[:vocab],
         layers=tuple(layers),
         final_norm=final_norm.detach(),
         head=head.detach()[:vocab],
+        tied=head.data_ptr() == embed.data_ptr(),
+        padding_idx=pad if isinstance(pad, int) and 0 <= pad < vocab else None,
         norm_eps=float(norm_eps),
         n_heads=n_heads,
         n_kv_heads=n_kv,

@@ -8,9 +8,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
+from semgrad_serve.naive import naive_paragrad_tied
 from semgrad_serve.profiles import ModelProfile
 
 
@@ -56,7 +58,8 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["eval", "--dataset", str(data), "--generator", "hf", "--samples", "2", "--max-tokens", "12",
             "--judge", "containment", "--flag-target", "recall:0.5", "--out", str(out), "--cache-dir", str(cache)]
-    assert main(args) == 0
+    assert main(args + ["--paragrad-tied"]) == 0
+    assert main(args + ["--no-stop-token", "--prefix", "old"]) == 0  # the old convention, on the cached answers
     report = json.loads((out / "eval.json").read_text())
     ds = report["datasets"]["qa"]
     assert ds["questions"] == 4 and report["judge"]["name"] == "containment"
@@ -66,7 +69,9 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
         assert label in md
     assert (out / "eval_roc.png").read_bytes()[:4] == b"\x89PNG"
     items = [json.loads(line) for line in gzip.open(out / "eval_items.jsonl.gz", "rt")]
+    old = [json.loads(line) for line in gzip.open(out / "old_items.jsonl.gz", "rt")]
     assert len(items) == 4 and all(set(i["correct"]) == {"containment", "rouge", "embedding"} for i in items)
+    assert "Stop token: counted" in md and "Stop token: not counted" in (out / "old.md").read_text()
 
     # independent checks: the forward-pass NLL = the generator's own (incremental) log-probs of the same tokens;
     # the gradient scores = the scorer on the same token ids
@@ -80,10 +85,18 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
         if not answer["token_ids"]:
             assert "excluded" in item
             continue
+        ids = answer["token_ids"]  # as generated: through the EOS token when generation ended on it
+        assert item["ended_on_eos"] == (ids[-1] == 2) == (len(ids) < 12 or ids[-1] == 2)
+        assert item["answer_tokens"] == len(ids) - item["ended_on_eos"] == old[item["index"]]["answer_tokens"]
         assert item["scores"]["mean_nll"] == pytest.approx(-np.mean(answer["logprobs"]), rel=1e-3, abs=1e-4)
-        (expected,) = default_scorer.score([(default_scorer.prompt_ids(paper_messages(q)), answer["token_ids"])])
-        assert item["scores"]["semgrad"] == pytest.approx(expected.semgrad, rel=FLOAT32_BATCH_REL)
-        assert item["scores"]["hybridgrad"] == pytest.approx(expected.hybridgrad, rel=FLOAT32_BATCH_REL)
+        prompt = default_scorer.prompt_ids(paper_messages(q))
+        expected, without = default_scorer.score([(prompt, ids), (prompt, default_scorer.without_stop_token(ids))])
+        for scored, result in ((item, expected), (old[item["index"]], without)):
+            assert scored["scores"]["semgrad"] == pytest.approx(result.semgrad, rel=FLOAT32_BATCH_REL)
+            assert scored["scores"]["hybridgrad"] == pytest.approx(result.hybridgrad, rel=FLOAT32_BATCH_REL)
+        with torch.enable_grad():
+            assert item["scores"]["paragrad_tied"] == pytest.approx(naive_paragrad_tied(default_scorer.model, prompt, ids), rel=1e-4)
+    assert any(i["ended_on_eos"] for i in items)
 
     # the threshold meets its target on these answers and lands in the profile the server reads
     t = report["threshold"]

@@ -50,6 +50,23 @@ def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsy
     assert "scored 2 of 9 lines" in capsys.readouterr().err
 
 
+def test_score_counts_the_stop_token_unless_turned_off(tmp_path, default_scorer) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris."}) + "\n")
+    rows = {}
+    for name, flags in (("counted", ["--paragrad-tied"]), ("plain", ["--no-stop-token"])):
+        assert main(["score", "--input", str(src), "--output", str(tmp_path / name), *flags]) == 0
+        (rows[name],) = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+    scorer = default_scorer
+    prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    text_ids = scorer.tokenizer("Paris.", add_special_tokens=False).input_ids
+    for name, answer in (("counted", text_ids + [2]), ("plain", text_ids)):
+        (direct,) = scorer.score([(prompt, answer)])
+        assert rows[name]["semgrad"] == pytest.approx(direct.semgrad, rel=FLOAT32_BATCH_REL)
+        assert rows[name]["stop_token"] == (name == "counted") and rows[name]["answer_tokens"] == len(answer)
+    assert rows["plain"]["paragrad_tied"] is None and rows["counted"]["paragrad_tied"] > rows["counted"]["paragrad"]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

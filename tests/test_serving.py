@@ -24,6 +24,7 @@ MODEL = "smollm2-135m-instruct"  # the served name of the default model
 START_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 180
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
+EOS = 2  # <|im_end|>, the default model's end-of-turn token
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def semgrad_of(choice: Any) -> dict[str, Any] | None:
 
 
 def assert_scored(semgrad: dict[str, Any] | None) -> None:
-    assert semgrad is not None and tuple(semgrad) == REPORTED, semgrad
+    assert semgrad is not None and tuple(semgrad) == REPORTED + ("stop_token",), semgrad
     assert all(semgrad[k] > 0 for k in SCORE_KEYS) and semgrad["score"] == semgrad["hybridgrad"]
 
 
@@ -63,6 +64,15 @@ def assert_equals_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int]
     for key in SCORE_KEYS:
         assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
     assert semgrad["flagged"] == expected["flagged"] and semgrad["threshold"] == expected["threshold"]
+    assert semgrad["stop_token"] == offline.stop_token == (answer_ids[-1] == EOS)
+
+
+def assert_ids_follow_finish(ids: list[int], finish_reason: str, max_tokens: int) -> None:
+    """vLLM's token ids end on the EOS token when generation stopped on it, and have none when cut at the limit."""
+    if finish_reason == "stop":
+        assert ids[-1] == EOS and EOS not in ids[:-1], ids
+    else:
+        assert finish_reason == "length" and len(ids) == max_tokens and EOS not in ids, (finish_reason, ids)
 
 
 def ask(question: str) -> list[dict[str, str]]:
@@ -104,6 +114,7 @@ def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
         prompt_ids = response.model_extra["prompt_token_ids"]
         assert prompt_ids == default_scorer.prompt_ids(messages)  # vLLM templates and tokenizes as the scorer does
         assert_scored(semgrad_of(choice))
+        assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 32)
         assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"])
     assert len(prompt_ids) > 1400
     # Without return_token_ids the ids stay hidden, as vLLM renders them.
@@ -119,6 +130,8 @@ def test_completions_are_scored_or_say_why_not(client, default_scorer) -> None:
         model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body={"return_token_ids": True}
     )
     (choice,) = response.choices
+    assert choice.finish_reason == "stop"
+    assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 16)
     assert_equals_offline(semgrad_of(choice), default_scorer, choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
 
     plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
@@ -132,18 +145,19 @@ def test_streaming_n2_scores_each_choice_in_its_final_chunk(client, default_scor
         model=MODEL, messages=ask("Name three colors."), max_tokens=24, temperature=1.0, seed=7, n=2, stream=True,
         extra_body={"return_token_ids": True},
     )  # fmt: skip
-    prompt_ids, answers, scored = None, {0: [], 1: []}, {}
+    prompt_ids, answers, scored, finish = None, {0: [], 1: []}, {}, {}
     for chunk in stream:
         prompt_ids = chunk.model_extra.get("prompt_token_ids") or prompt_ids
         for choice in chunk.choices:
             answers[choice.index] += choice.model_extra.get("token_ids") or []
             if semgrad_of(choice) is not None:
                 assert choice.finish_reason is not None and choice.index not in scored
-                scored[choice.index] = semgrad_of(choice)
+                scored[choice.index], finish[choice.index] = semgrad_of(choice), choice.finish_reason
             else:
                 assert choice.finish_reason is None
     assert sorted(scored) == [0, 1] and answers[0] != answers[1]
     for index, semgrad in scored.items():
+        assert_ids_follow_finish(answers[index], finish[index], 24)
         assert_equals_offline(semgrad, default_scorer, prompt_ids, answers[index])
 
 
@@ -154,7 +168,33 @@ def test_n2_scores_every_choice(client, default_scorer) -> None:
     )  # fmt: skip
     assert len(response.choices) == 2
     for choice in response.choices:
+        assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 24)
         assert_equals_offline(semgrad_of(choice), default_scorer, response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+
+
+def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client, default_scorer) -> None:
+    """The scored answer: through the EOS token when generation ended on it (as the offline scorer scores a given
+    answer text), no EOS when cut at max_tokens, and the tokens the user receives when a stop string ended it."""
+    messages = ask("What is the capital of France?")
+    prompt_ids = default_scorer.prompt_ids(messages)
+
+    def chat(max_tokens: int, **extra) -> Any:
+        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0,
+                                                  extra_body={"return_token_ids": True, **extra})
+        return response.choices[0]
+
+    ended, cut = chat(32), chat(3)
+    assert ended.finish_reason == "stop" and cut.finish_reason == "length"
+    assert_ids_follow_finish(ended.model_extra["token_ids"], "stop", 32)
+    assert_ids_follow_finish(cut.model_extra["token_ids"], "length", 3)
+    assert semgrad_of(ended)["stop_token"] and not semgrad_of(cut)["stop_token"]
+    assert_equals_offline(semgrad_of(ended), default_scorer, prompt_ids, default_scorer.answer_ids(ended.message.content))
+    assert_equals_offline(semgrad_of(cut), default_scorer, prompt_ids, default_scorer.answer_ids(cut.message.content, stop_token=False))
+    # a stop string is not a token: the answer is what the user receives ("The capital of France ")
+    stopped = chat(32, stop=["is"])
+    assert stopped.finish_reason == "stop" and stopped.message.content.endswith("France ")
+    received = default_scorer.answer_ids(stopped.message.content.rstrip(), stop_token=False)
+    assert_equals_offline(semgrad_of(stopped), default_scorer, prompt_ids, received)
 
 
 def test_scoring_can_be_turned_off(client) -> None:

@@ -64,9 +64,10 @@ def _float64_rms_norm(module: torch.nn.Module):
     return forward
 
 
-def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
-    """A random model of family ``name`` in ``dtype``, SDPA attention, eval mode."""
-    cls, config = FAMILIES[name]
+def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, **config_changes) -> torch.nn.Module:
+    """A random model of family ``name`` in ``dtype``, SDPA attention, eval mode (``config_changes``: config fields)."""
+    cls, base = FAMILIES[name]
+    config = type(base)(**{**base.to_dict(), **config_changes}) if config_changes else base
     torch.manual_seed(seed)
     config._attn_implementation = "sdpa"
     model = cls(config).to(dtype).eval()

@@ -8,12 +8,13 @@ import json
 import torch
 
 from ..errors import ItemError, SemgradError
-from .common import add_model_arguments, scorer_from_args
+from .common import add_convention_arguments, add_model_arguments, scorer_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question")
     add_model_arguments(parser)
+    add_convention_arguments(parser)
     parser.add_argument("--max-tokens", type=int, default=150, metavar="N", help="most answer tokens (default: 150)")
 
 
@@ -25,11 +26,13 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.tensor([prompt], device=scorer.weights.device)
     with torch.no_grad():
         out = scorer.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False)
-    answer = out[0, len(prompt) :].tolist()
+    answer = out[0, len(prompt) :].tolist()  # ends on the EOS token when generation stopped on it
+    if not args.stop_token:
+        answer = scorer.without_stop_token(answer)
     print(scorer.tokenizer.decode(answer, skip_special_tokens=True).strip())
     (result,) = scorer.score([(prompt, answer)])
     if isinstance(result, ItemError):
         raise SemgradError(str(result))
     report = scorer.report(result)
-    print(json.dumps({k: report[k] for k in ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy", "score", "threshold", "flagged")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("semgrad", "paragrad", "paragrad_tied", "hybridgrad", "exgrad", "mean_entropy", "stop_token", "score", "threshold", "flagged")}, indent=2))
     return 0

@@ -16,5 +16,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, kernels: bool = True) -
         parser.add_argument("--kernels", choices=kernel_choices(), default=None, help="kernel implementation (default: $SEMGRAD_KERNELS or auto)")
 
 
+def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stop-token convention and the opt-in tied-head ParaGrad."""
+    parser.add_argument("--no-stop-token", dest="stop_token", action="store_false",
+                        help="score answers without the end-of-turn / EOS token (default: counted, as the SPEC says)")
+    parser.add_argument("--paragrad-tied", action="store_true", default=None,
+                        help="also score the authors' tied-head ParaGrad (tied models only; a backward through every layer "
+                        "and position; default: the profile's setting)")
+
+
 def scorer_from_args(args: argparse.Namespace) -> Scorer:
-    return Scorer.from_pretrained(args.model, args.dtype, args.profile, getattr(args, "kernels", None))
+    return Scorer.from_pretrained(args.model, args.dtype, args.profile, getattr(args, "kernels", None),
+                                  paragrad_tied=getattr(args, "paragrad_tied", None))

@@ -7,6 +7,7 @@ import sys
 
 from ..errors import SemgradError
 from ..scorer import DTYPES
+from .common import add_convention_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="answers per scoring pass (default: 8)")
     parser.add_argument("--cache-dir", metavar="DIR", help="keep the generations here and reuse them when the run is repeated")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add_convention_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, samples=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, generator=args.generator,
         judge=args.judge, judge_threshold=args.judge_threshold, cluster_threshold=args.cluster_threshold, flag_target=args.flag_target,
         out=args.out, prefix=args.prefix, profile_out=args.profile_out, batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed,
+        stop_token=args.stop_token, paragrad_tied=args.paragrad_tied,
     )
     report = run_eval(cfg)
     md = report["files"][0]

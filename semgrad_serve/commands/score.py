@@ -1,4 +1,6 @@
-"""``semgrad-serve score``: one output line per input line, in order; a bad line gets ``{"error": ...}``."""
+"""``semgrad-serve score``: one output line per input line, in order; a bad line gets ``{"error": ...}``.
+
+An input answer is a complete answer: its tokens and the model's end-of-turn token (``--no-stop-token``: without it)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from typing import Any
 from ..errors import ItemError, SemgradError
 from ..jsonl import read_jsonl
 from ..scorer import DEFAULT_BATCH_TOKENS
-from .common import add_model_arguments, scorer_from_args
+from .common import add_convention_arguments, add_model_arguments, scorer_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_convention_arguments(parser)
     parser.add_argument("--input", required=True, metavar="IN.jsonl", help='lines {"question", "answer"} or {"messages", "answer"}')
     parser.add_argument("--output", required=True, metavar="OUT.jsonl")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="most answers per backward pass (default: 8)")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             answer = obj.get("answer")
             if not isinstance(answer, str) or not answer.strip():
                 raise ItemError("needs a non-empty 'answer' string")
-            pairs.append((scorer.prompt_ids(messages_of(obj)), scorer.answer_ids(answer)))
+            pairs.append((scorer.prompt_ids(messages_of(obj)), scorer.answer_ids(answer, args.stop_token)))
             slots.append((k, number))
         except ItemError as exc:
             outputs[k] = {"error": f"line {number}: {exc}"}

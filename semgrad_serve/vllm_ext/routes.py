@@ -4,7 +4,9 @@ Each request runs through vLLM's route unchanged (same validation, errors,
 headers and streaming) except that ``return_token_ids`` is switched on, so the
 response carries the exact prompt and answer ids the engine used. Each choice
 then gets ``"semgrad": {...}`` (its final chunk when streaming), and the ids
-are hidden again unless the client asked for them. ``"semgrad": false`` in the
+are hidden again unless the client asked for them. The scored answer follows the
+SPEC's stop-token convention (``stop_token.py``), and ``"stop_token"`` says whether
+it ended on the EOS token that was scored. ``"semgrad": false`` in the
 body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request.
 """
 
@@ -25,6 +27,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ..errors import SemgradError
+from ..stop_token import eos_ids, received_tokens
 from .captures import KV_PARAM
 from .scoring_client import ScoringClient
 
@@ -53,11 +56,40 @@ def scoring_wanted(request: ChatCompletionRequest | CompletionRequest) -> bool:
     return _SWITCH[key]
 
 
+class StopTokens:
+    """The model's EOS ids and tokenizer, which decide the scored answer (built once per server, on first use)."""
+
+    def __init__(self, engine_client: Any) -> None:
+        self.tokenizer = engine_client.get_tokenizer()
+        config = engine_client.model_config
+        generation = config.try_get_generation_config().get("eos_token_id")
+        self.eos_ids = set(eos_ids(self.tokenizer.eos_token_id, config.hf_config.eos_token_id, generation))
+
+    @classmethod
+    def of(cls, state: Any) -> "StopTokens":
+        if getattr(state, "semgrad_stop_tokens", None) is None:
+            state.semgrad_stop_tokens = cls(state.engine_client)
+        return state.semgrad_stop_tokens
+
+    def scored(self, ids: list[int], stop_reason: int | str | None, include_stop: bool) -> tuple[list[int], bool]:
+        """(answer ids to score, whether they end on the EOS token). vLLM's ids end on the EOS token that
+        ended generation (checked for vLLM 0.32: chat and completions, streamed or not, n > 1), and on the
+        tokens of a stop string or a request's stop token id, which the user does not receive: those are cut."""
+        if isinstance(stop_reason, str):
+            return received_tokens(self.tokenizer, ids, stop_reason, include_stop), False
+        if isinstance(stop_reason, int) and stop_reason not in self.eos_ids and not include_stop:
+            ids = ids[:-1]
+        return ids, bool(ids) and ids[-1] in self.eos_ids
+
+
 class _Choices:
     """Token ids per choice, gathered from a response or from stream chunks, and the scoring of each choice."""
 
-    def __init__(self, client: ScoringClient, key: str | None, keep_ids: bool, scorable: bool, fault: bool) -> None:
+    def __init__(
+        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool, scorable: bool, fault: bool
+    ) -> None:
         self.client, self.key, self.keep_ids, self.scorable, self.fault = client, key, keep_ids, scorable, fault
+        self.stop, self.include_stop = stop, include_stop
         self.shared_prompt: list[int] | None = None  # chat: one prompt for all choices
         self.prompts: dict[int, list[int]] = {}  # completions: the prompt of each choice
         self.answers: dict[int, list[int]] = defaultdict(list)
@@ -87,17 +119,18 @@ class _Choices:
         todo = []
         for choice in choices:
             index = choice["index"]
-            prompt, answer = self.prompts.get(index, self.shared_prompt), self.answers.get(index)
+            prompt = self.prompts.get(index, self.shared_prompt)
+            answer, stop_token = self.stop.scored(self.answers.get(index, []), choice.get("stop_reason"), self.include_stop)
             if not self.scorable:
                 choice["semgrad"] = {"error": ECHO_WITHOUT_IDS}
             elif not prompt or not answer:
                 choice["semgrad"] = {"error": NO_IDS}
             else:
-                todo.append((choice, (prompt, answer)))
+                todo.append((choice, (prompt, answer), stop_token))
         if todo:
-            results = await self.client.score(self.key, [pair for _, pair in todo], self.fault)
-            for (choice, _), result in zip(todo, results):
-                choice["semgrad"] = result
+            results = await self.client.score(self.key, [pair for _, pair, _ in todo], self.fault)
+            for (choice, _, stop_token), result in zip(todo, results):
+                choice["semgrad"] = result if "error" in result else {**result, "stop_token": stop_token}
 
 
 async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> AsyncIterator[str]:
@@ -138,7 +171,8 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
         request.return_token_ids = True
     if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
         request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
-    choices = _Choices(client, key, keep_ids, scorable, fault)
+    stop = StopTokens.of(raw_request.app.state)
+    choices = _Choices(client, key, stop, bool(request.include_stop_str_in_output), keep_ids, scorable, fault)
 
     streaming = False
     try:
