@@ -82,26 +82,28 @@ def make_connector(role: KVConnectorRole):
     return SemgradCaptureConnector(config, role, None)
 
 
-def finished(request_id: str, status: RequestStatus, key: str | None, prompt: list[int]) -> SimpleNamespace:
+def finished(request_id: str, status: RequestStatus, key: str | None, prompt: list[int], computed: int = 1000) -> SimpleNamespace:
     params = {KV_PARAM: key, "other": 1} if key else None
-    return SimpleNamespace(request_id=request_id, status=status, kv_transfer_params=params, prompt_token_ids=prompt)
+    return SimpleNamespace(request_id=request_id, status=status, kv_transfer_params=params, prompt_token_ids=prompt, num_computed_tokens=computed)
 
 
 def test_connector_holds_only_finished_scored_requests_for_one_step(monkeypatch) -> None:
-    """Scheduler side: scored requests that ended normally are held and handed to the worker; unscored,
-    aborted and failed ones are freed at once. Worker side: the prompt up to t* is copied before the step's
-    forward, and every handed request is released in the same step."""
+    """Scheduler side: scored requests that ended (aborted too: stop strings end requests that way) are held
+    and handed to the worker; unscored and failed ones are freed at once. Worker side: the prompt up to t* is
+    copied before the step's forward, and every handed request is released in the same step."""
     from semgrad_serve.vllm_ext import capture_connector
 
     scheduler = make_connector(KVConnectorRole.SCHEDULER)
     assert scheduler.request_finished(finished("r0", RequestStatus.FINISHED_STOPPED, None, [1, 2]), [0]) == (False, None)
-    assert scheduler.request_finished(finished("r1", RequestStatus.FINISHED_ABORTED, "k1", [1, 2]), [0]) == (False, None)
+    assert scheduler.request_finished(finished("r1", RequestStatus.FINISHED_IGNORED, "k1", [1, 2]), [0]) == (False, None)
     assert scheduler.request_finished(finished("r2", RequestStatus.FINISHED_ERROR, "k2", [1, 2]), [0]) == (False, None)
     prompt = list(range(10, 50))
     assert scheduler.request_finished(finished("r3", RequestStatus.FINISHED_STOPPED, "k3", prompt), [4, 1]) == (True, None)
     assert scheduler.request_finished(finished("r4", RequestStatus.FINISHED_LENGTH_CAPPED, "k4", [7] * 5), [2]) == (True, None)
+    aborted_in_prefill = finished("r5", RequestStatus.FINISHED_ABORTED, "k5", prompt, computed=20)
+    assert scheduler.request_finished(aborted_in_prefill, [3]) == (True, None)
     meta = scheduler.build_connector_meta(SimpleNamespace())
-    assert [o.request_id for o in meta.orders] == ["r3", "r4"] and meta.orders[0].block_ids == (4, 1)
+    assert [o.request_id for o in meta.orders] == ["r3", "r4", "r5"] and meta.orders[0].block_ids == (4, 1)
     assert scheduler.build_connector_meta(SimpleNamespace()).orders == []  # handed over once
 
     store = CaptureStore()
@@ -113,10 +115,11 @@ def test_connector_holds_only_finished_scored_requests_for_one_step(monkeypatch)
     worker.register_kv_caches(caches)
     worker._layout, worker._layout_known = TOKEN_MAJOR, True
     worker.bind_connector_metadata(meta)
-    assert worker.get_finished(set()) == ({"r3", "r4"}, None)
+    assert worker.get_finished(set()) == ({"r3", "r4", "r5"}, None)
     assert worker.get_finished(set()) == (None, None)  # released once
     kv = store.get("k3").kv
     assert kv.shape == (3, 2, heads, 37, d) and store.get("k4").kv is None
+    assert store.get("k5").kv is None and "computing 20 of the 37" in store.get("k5").reason
     layer0 = caches["model.layers.0.self_attn.attn"]
     position = 33  # the second position of the request's second block (block 1)
     assert torch.equal(kv[0, 0, :, position], layer0[1, :, 1, :d]) and torch.equal(kv[0, 1, :, position], layer0[1, :, 1, d:])

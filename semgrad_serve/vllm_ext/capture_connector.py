@@ -7,7 +7,8 @@ score the answer) are touched:
 
 - scheduler side: when such a request finishes normally, ``request_finished``
   keeps its blocks (returns True) and passes its block table to the worker in
-  the next step's metadata; aborted and unscored requests are freed as usual;
+  the next step's metadata (aborted ones too: a stop string ends a request by aborting it); unscored and
+  failed requests are freed as usual;
 - worker side: before that step's forward, the blocks holding the prompt up to
   t* are copied into the worker process's ``CaptureStore`` (unpacked later, on
   the scoring thread), and the request is
@@ -32,7 +33,13 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-CAPTURED_ENDINGS = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION)
+# Aborted included: vLLM's API server ends a request on a stop string by aborting it in the engine.
+CAPTURED_ENDINGS = (
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH_CAPPED,
+    RequestStatus.FINISHED_REPETITION,
+    RequestStatus.FINISHED_ABORTED,
+)
 
 
 def capture_key(kv_transfer_params: dict[str, Any] | None) -> str | None:
@@ -46,6 +53,7 @@ class CaptureOrder:
     key: str
     prompt_ids: tuple[int, ...]
     block_ids: tuple[int, ...]
+    computed: int  # positions whose keys/values the blocks hold
 
 
 @dataclass
@@ -76,7 +84,8 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         key = capture_key(request.kv_transfer_params)
         if key is None or request.status not in CAPTURED_ENDINGS or request.prompt_token_ids is None:
             return False, None
-        self._orders.append(CaptureOrder(request.request_id, key, tuple(request.prompt_token_ids), tuple(block_ids)))
+        order = CaptureOrder(request.request_id, key, tuple(request.prompt_token_ids), tuple(block_ids), request.num_computed_tokens)
+        self._orders.append(order)
         return True, None
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -109,13 +118,15 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, CaptureMetadata)
         for order in connector_metadata.orders:
-            try:
-                layout = self._cache_layout() if self._caches else None
-                read = None if layout is None else (lambda n, o=order: copy_blocks(self._caches, o.block_ids, n))
-                STORE.add(order.key, order.prompt_ids, read, lambda raw, n, lay=layout: unpack(raw, lay, n))
-            except Exception as exc:  # noqa: BLE001 - a failed copy must not fail the engine step; scoring recomputes
-                log.warning("SemGrad: copying the prompt keys/values of %s failed (%s)", order.request_id, exc)
+            layout = self._cache_layout() if self._caches else None
+            read = None if layout is None else (lambda n, o=order: self._copy(o, n))
+            STORE.add(order.key, order.prompt_ids, read, lambda raw, n, lay=layout: unpack(raw, lay, n))
             self._release.add(order.request_id)
+
+    def _copy(self, order: CaptureOrder, n: int) -> torch.Tensor:
+        if n > order.computed:
+            raise ValueError(f"the request ended after computing {order.computed} of the {n} positions before t*")
+        return copy_blocks(self._caches, order.block_ids, n)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return None

@@ -89,7 +89,11 @@ class CaptureStore:
         n = self.prefix_length(prompt_ids) if self.prefix_length is not None else None
         if n is None:
             return Capture(prompt_ids, None, reason="no t* in the prompt")
-        capture = Capture(prompt_ids, read(n), None if unpack is None else (lambda raw: unpack(raw, n)))
+        try:
+            raw = read(n)
+        except Exception as exc:  # noqa: BLE001 - runs between engine steps: never fail the step; scoring recomputes
+            return Capture(prompt_ids, None, reason=f"copying the keys/values failed: {exc}")
+        capture = Capture(prompt_ids, raw, None if unpack is None else (lambda raw: unpack(raw, n)))
         if self._bytes + capture.nbytes > self.budget_bytes:
             return Capture(prompt_ids, None, reason="over the capture memory budget")
         return capture

@@ -36,7 +36,7 @@ import torch
 from .captures import CaptureStore
 from .config import log
 
-CAPTURE_WAIT_S = 30.0  # longest wait for a request's capture (normally one engine step) before recomputing
+CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
 
 Pair = tuple[list[int], list[int]]
