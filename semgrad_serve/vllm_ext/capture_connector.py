@@ -123,7 +123,7 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
             STORE.add(order.key, order.prompt_ids, read, lambda raw, n, lay=layout: unpack(raw, lay, n))
             self._release.add(order.request_id)
 
-    def _copy(self, order: CaptureOrder, n: int) -> torch.Tensor:
+    def _copy(self, order: CaptureOrder, n: int) -> list[torch.Tensor]:
         if n > order.computed:
             raise ValueError(f"the request ended after computing {order.computed} of the {n} positions before t*")
         return copy_blocks(self._caches, order.block_ids, n)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -31,8 +31,8 @@ class Capture:
     into [n_layers, 2, kv_heads, t*, head_dim] when first asked for (on the scoring thread)."""
 
     prompt_ids: tuple[int, ...]
-    raw: torch.Tensor | None  # None: score by recompute
-    unpack: Callable[[torch.Tensor], torch.Tensor] | None = None
+    raw: Any = None  # a tensor or a list of tensors, as the connector copied it; None: score by recompute
+    unpack: Callable[[Any], torch.Tensor] | None = None
     reason: str = ""  # why there are no keys/values
     created: float = field(default_factory=time.monotonic)
     _kv: torch.Tensor | None = None
@@ -45,7 +45,8 @@ class Capture:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.raw is None else self.raw.numel() * self.raw.element_size()
+        parts = [] if self.raw is None else [self.raw] if isinstance(self.raw, torch.Tensor) else self.raw
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 class CaptureStore:
@@ -63,8 +64,8 @@ class CaptureStore:
         self,
         key: str,
         prompt_ids: tuple[int, ...],
-        read: Callable[[int], torch.Tensor] | None,
-        unpack: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        read: Callable[[int], Any] | None,
+        unpack: Callable[[Any, int], torch.Tensor] | None = None,
     ) -> None:
         """Record the capture of ``key``: ``read(n)`` copies what holds the first n positions' keys/values
         (None: no readable cache) and ``unpack(copy, n)`` turns the copy into them later (None: it already
@@ -81,8 +82,8 @@ class CaptureStore:
     def _capture(
         self,
         prompt_ids: tuple[int, ...],
-        read: Callable[[int], torch.Tensor] | None,
-        unpack: Callable[[torch.Tensor, int], torch.Tensor] | None,
+        read: Callable[[int], Any] | None,
+        unpack: Callable[[Any, int], torch.Tensor] | None,
     ) -> Capture:
         if read is None:
             return Capture(prompt_ids, None, reason="the KV cache layout of this attention backend is not known")

@@ -38,37 +38,36 @@ def layout_for(backend_name: str, cpu_isa: str | None = None) -> str | None:
     return None
 
 
-def copy_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], n: int) -> torch.Tensor:
-    """The blocks holding a request's first ``n`` positions, copied as they are stored:
-    [n_layers, n_blocks, kv_heads, block_size, 2 * head_dim]. One contiguous copy per layer: this runs
-    on the engine's critical path, so the unpacking is left to ``unpack`` (on the scoring thread)."""
+def copy_blocks(caches: Sequence[torch.Tensor], block_ids: Sequence[int], n: int) -> list[torch.Tensor]:
+    """The blocks holding a request's first ``n`` positions, copied as they are stored: per layer
+    [n_blocks, kv_heads, block_size, 2 * head_dim]. One contiguous copy per layer, in buffers of a layer each
+    (small enough for the allocator to reuse freed memory instead of faulting in fresh pages): this runs on
+    the engine's critical path, so the unpacking is left to ``unpack`` (on the scoring thread)."""
     block_size = caches[0].shape[2]
     needed = -(-n // block_size)
     if needed > len(block_ids):
         raise ValueError(f"{n} positions need {needed} blocks, the request holds {len(block_ids)}")
     blocks = torch.tensor(list(block_ids[:needed]), dtype=torch.long, device=caches[0].device)
-    out = caches[0].new_empty(len(caches), needed, *caches[0].shape[1:])
-    for cache, layer_out in zip(caches, out):
-        torch.index_select(cache, 0, blocks, out=layer_out)
-    return out
+    return [cache.index_select(0, blocks) for cache in caches]
 
 
-def unpack(blocks: torch.Tensor, layout: str, n: int) -> torch.Tensor:
+def unpack(blocks: Sequence[torch.Tensor], layout: str, n: int) -> torch.Tensor:
     """Keys/values [n_layers, 2, kv_heads, n, head_dim] of the first ``n`` positions of ``copy_blocks``'s copy."""
-    n_layers, n_blocks, heads, block_size, two_d = blocks.shape
+    n_blocks, heads, block_size, two_d = blocks[0].shape
     d = two_d // 2
-    if layout == TOKEN_MAJOR:
-        k, v = blocks[..., :d], blocks[..., d:]
-    elif layout == CPU_TRANSPOSED_K:
-        halves = blocks.contiguous().view(n_layers, n_blocks, heads, 2, block_size * d)
-        k = halves[..., 0, :].unflatten(-1, (d, block_size)).transpose(-1, -2)
-        v = halves[..., 1, :].unflatten(-1, (block_size, d))
-    else:
-        raise ValueError(f"unknown KV cache layout {layout!r}")
-    out = blocks.new_empty(n_layers, 2, heads, n_blocks, block_size, d)
-    out[:, 0].copy_(k.transpose(1, 2))
-    out[:, 1].copy_(v.transpose(1, 2))
-    return out.view(n_layers, 2, heads, n_blocks * block_size, d)[:, :, :, :n]
+    out = blocks[0].new_empty(len(blocks), 2, heads, n_blocks, block_size, d)
+    for layer, layer_out in zip(blocks, out):
+        if layout == TOKEN_MAJOR:
+            k, v = layer[..., :d], layer[..., d:]
+        elif layout == CPU_TRANSPOSED_K:
+            halves = layer.contiguous().view(n_blocks, heads, 2, block_size * d)
+            k = halves[:, :, 0].unflatten(-1, (d, block_size)).transpose(-1, -2)
+            v = halves[:, :, 1].unflatten(-1, (block_size, d))
+        else:
+            raise ValueError(f"unknown KV cache layout {layout!r}")
+        layer_out[0].copy_(k.transpose(0, 1))
+        layer_out[1].copy_(v.transpose(0, 1))
+    return out.view(len(blocks), 2, heads, n_blocks * block_size, d)[:, :, :, :n]
 
 
 def read_prefix(caches: Sequence[torch.Tensor], layout: str, block_ids: Sequence[int], n: int) -> torch.Tensor:
