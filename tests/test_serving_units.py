@@ -92,7 +92,7 @@ def test_vllm_layout_errors_name_the_problem() -> None:
         from_vllm_model(layout, SimpleNamespace(model_type="gemma2"))
 
 
-# -- the batcher --------------------------------------------------------------------------------------
+# -- the scoring service and its client ---------------------------------------------------------------
 
 
 class FakeScore:

@@ -1,8 +1,11 @@
 """SemGrad inside vLLM's OpenAI-compatible server.
 
-``worker.py`` is a vLLM worker extension (``--worker-extension-cls``) that scores
-answers with the weights the worker already holds; ``plugin.py`` is an endpoint
-plugin (entry point group ``vllm.endpoint_plugins``) that replaces the
-completion routes, batches scoring requests and attaches the scores to each
-choice. Importing this package does not import vLLM.
+``plugin.py`` is an endpoint plugin (entry point group ``vllm.endpoint_plugins``)
+whose routes (``routes.py``) tag scored requests and attach the scores to each
+choice; ``capture_connector.py`` is a KV connector that copies a finished scored
+request's prompt keys/values out of vLLM's cache; ``worker.py`` is a worker
+extension (``--worker-extension-cls``) that starts the scoring service
+(``scoring_service.py``), a thread of the worker process that scores answers on
+the weights the worker holds, fed by the API server's ``scoring_client.py``.
+Importing this package does not import vLLM.
 """
