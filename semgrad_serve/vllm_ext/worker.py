@@ -56,7 +56,6 @@ class SemgradWorkerExtension:
     """Methods added to vLLM's worker. ``semgrad_setup`` runs once at server start and starts the scoring
     service, which then takes answers over its own socket (``scoring_service.py``)."""
 
-    semgrad_scorer: Scorer | None = None
     semgrad_service: ScoringService | None = None
 
     def semgrad_setup(self, profile_path: str | None, max_batch: int, api_cores: list[int]) -> dict[str, Any]:
@@ -80,7 +79,6 @@ class SemgradWorkerExtension:
         profile = resolve_profile(config, tokenizer.chat_template, model_config.model, profile_path)
         # responses carry no ExGrad: compute it only where it is the flag's score
         scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
-        self.semgrad_scorer = scorer
         STORE.prefix_length = scorer.t_star_or_none
 
         def score(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
@@ -98,7 +96,6 @@ class SemgradWorkerExtension:
             "threshold": profile.threshold,
             "dtype": str(weights.dtype).removeprefix("torch."),
             "kernels": scorer.kernels.name,
-            "prompt_kv": "captured from the KV cache" if capture else "recomputed (no capture connector)",
             "scoring_cores": sorted(cores),
             "capture": capture,
             "address": self.semgrad_service.address,
