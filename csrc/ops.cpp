@@ -3,8 +3,10 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(semgrad, m) {
-  // logits [N, V], targets [N] -> (logp [N], entropy [N], softmax - onehot [N, V]), float32 or wider
-  m.def("token_stats(Tensor logits, Tensor targets) -> (Tensor, Tensor, Tensor)");
+  // logits [N, V], targets [N] -> (logp [N], entropy [N], softmax - onehot [N, V]), float32 or wider.
+  // check=False: no error for NaN/+inf logits (their rows get NaN entropy) and no target range check,
+  // so that a CUDA caller validates once per batch instead of synchronizing here.
+  m.def("token_stats(Tensor logits, Tensor targets, bool check=True) -> (Tensor, Tensor, Tensor)");
   // per sequence b (rows offsets[b]..offsets[b+1]): mean |sum_t row_scale_t nll_grad_t hidden_t^T| -> float64 [B]
   m.def("head_grad_l1(Tensor nll_grad, Tensor hidden, Tensor row_scale, Tensor offsets) -> Tensor");
   // grads [n_band, B, d] -> float64 [B]: sum |grads[:, b, :]| / (n_band d)

@@ -67,6 +67,13 @@ def pad_prefix_kv(prefixes: Sequence[torch.Tensor], length: int) -> torch.Tensor
     return out
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, asynchronously (no stream sync)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def band_pass(
     w: DecoderWeights,
     items: Sequence[PreparedItem],
@@ -85,9 +92,11 @@ def band_pass(
         raise ValueError("a shared prefix and per-item prefix keys/values exclude each other")
     c = len(shared.ids) if shared is not None else 0
     seqs = [it.prompt_ids + it.answer_ids[:-1] for it in items]
-    lengths = torch.tensor([it.length for it in items], device=dev)
-    t_star = torch.tensor([it.t_star for it in items], device=dev)
-    batch, n_max = len(items), int(lengths.max())
+    # Index bookkeeping on the host, each tensor sent once: no device read-back, no per-item copies.
+    t_star_h = [it.t_star for it in items]
+    s_len_h = [it.length - t for it, t in zip(items, t_star_h)]
+    t_star = to_device(torch.tensor(t_star_h), dev)
+    batch, n_max = len(items), max(it.length for it in items)
     # keys/values of the shared positions [0, c) per layer, the same for every item
     shared_kv = [None] * n_layers if shared is None else [
         (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in shared.keys_values
@@ -95,18 +104,17 @@ def band_pass(
     shared_pos = torch.arange(c, device=dev).expand(batch, c)
 
     # Split each sequence at its t*: prefix [c, t*) and suffix [t*, n).
-    p_max = int(t_star.max())
-    s_len = lengths - t_star
-    s_max = int(s_len.max())
+    p_max, s_max = max(t_star_h), max(s_len_h)
     suf_pos = t_star[:, None] + torch.arange(s_max, device=dev)
     pre_pos = torch.arange(c, p_max, device=dev).expand(batch, p_max - c)
     pre_valid = pre_pos < t_star[:, None]
 
     if prefix_kv is None:
         first = band.start  # layers below the band run on every position, without a graph
-        ids = torch.zeros(batch, n_max - c, dtype=torch.long, device=dev)
+        ids = torch.zeros(batch, n_max - c, dtype=torch.long)
         for b, s in enumerate(seqs):
-            ids[b, : len(s) - c] = torch.tensor(s[c:], device=dev)
+            ids[b, : len(s) - c] = torch.tensor(s[c:])
+        ids = to_device(ids, dev)
         with torch.no_grad():
             x = F.embedding(ids, w.embed)
             if first > 0:
@@ -121,10 +129,10 @@ def band_pass(
         pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
     else:
         first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
-        ids = torch.zeros(batch, s_max, dtype=torch.long, device=dev)
-        for b, (s, t) in enumerate(zip(seqs, t_star.tolist())):
-            ids[b, : len(s) - t] = torch.tensor(s[t:], device=dev)
-        x_suf = F.embedding(ids, w.embed)
+        ids = torch.zeros(batch, s_max, dtype=torch.long)
+        for b, (s, t) in enumerate(zip(seqs, t_star_h)):
+            ids[b, : len(s) - t] = torch.tensor(s[t:])
+        x_suf = F.embedding(to_device(ids, dev), w.embed)
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
 
     suf_rope = rotary(w, suf_pos, dtype)
@@ -154,9 +162,9 @@ def band_pass(
             x_suf, _ = layer_forward(w, w.layers[i], x_suf, suf_rope, suf_masks, past=past)
 
     answer_lengths = [len(it.answer_ids) for it in items]
-    rows_b = torch.repeat_interleave(torch.arange(batch, device=dev), torch.tensor(answer_lengths, device=dev))
-    rows_s = torch.cat([torch.arange(int(s) - t, int(s), device=dev) for s, t in zip(s_len, answer_lengths)])
-    answer_hidden = rms_norm(x_suf[rows_b, rows_s], w.final_norm, w.norm_eps)
-    targets = torch.tensor([tok for it in items for tok in it.answer_ids], dtype=torch.long, device=dev)
-    offsets = torch.tensor([0, *answer_lengths], device=dev).cumsum(0)
+    rows_b = torch.repeat_interleave(torch.arange(batch), torch.tensor(answer_lengths))
+    rows_s = torch.cat([torch.arange(s - t, s) for s, t in zip(s_len_h, answer_lengths)])
+    answer_hidden = rms_norm(x_suf[to_device(rows_b, dev), to_device(rows_s, dev)], w.final_norm, w.norm_eps)
+    targets = to_device(torch.tensor([tok for it in items for tok in it.answer_ids], dtype=torch.long), dev)
+    offsets = to_device(torch.tensor([0, *answer_lengths]).cumsum(0), dev)
     return BandPass(answer_hidden, probes, targets, offsets)

@@ -9,6 +9,7 @@ are formed for a bounded number of answer rows at a time (``HEAD_CHUNK_ELEMENTS`
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -17,6 +18,7 @@ import torch
 
 from .band_pass import PreparedItem, band_pass
 from .kernels import Kernels
+from .kernels.token_stats import NON_FINITE_LOGITS
 from .shared_prefix import SharedPrefix
 from .weights import DecoderWeights
 
@@ -83,31 +85,43 @@ def score_batch(
     ``band_pass``). ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient."""
     fwd = band_pass(w, items, band, shared, prefix_kv)
     hidden = fwd.answer_hidden.detach()
-    bounds = fwd.offsets.tolist()
-    logp, entropy, paragrad, ex, grad_hidden = [], [], [], [], []
+    bounds = [0, *itertools.accumulate(len(it.answer_ids) for it in items)]  # on the host: no read-back
+    logp, entropy, head_l1, grad_hidden = [], [], [], []
     for lo, hi in head_groups(bounds, max(1, HEAD_CHUNK_ELEMENTS // w.vocab_size)):
         rows = slice(bounds[lo], bounds[hi])
         offsets = fwd.offsets[lo : hi + 1] - bounds[lo]
         h = hidden[rows]
-        lp, ent, nll_grad = kernels.token_stats(h @ w.head.T, fwd.targets[rows])
+        # the logits' memory holds the gradient softmax − onehot where the dtypes allow: one [rows, V] buffer
+        lp, ent, nll_grad = kernels.token_stats(h @ w.head.T, fwd.targets[rows], check=False, overwrite=True)
         lengths = offsets.diff()
-        inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths)
+        inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths, output_size=bounds[hi] - bounds[lo])
         token_weight = ent * inv_len  # w_t / T
-        paragrad += kernels.head_grad_l1(nll_grad, h, token_weight, offsets).tolist()
-        ex += kernels.head_grad_l1(nll_grad, h, inv_len, offsets).tolist() if exgrad else [None] * (hi - lo)
-        grad_hidden.append((nll_grad * token_weight[:, None]).to(w.dtype) @ w.head)
+        head_l1.append(kernels.head_grad_l1(nll_grad, h, torch.stack((token_weight, inv_len)[: 1 + exgrad]), offsets))
+        # Σ_v (w_t/T) g_tv W_v: the row scale applied after the product, so no scaled [rows, V] copy
+        grad_hidden.append((nll_grad.to(w.dtype) @ w.head) * token_weight[:, None].to(w.dtype))
         logp.append(lp)
         entropy.append(ent)
         del nll_grad
     (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=torch.cat(grad_hidden))
     semgrad = kernels.band_l1(probe_grads)
 
+    # One read-back for the whole batch; a NaN/+inf logit shows as a NaN entropy (token_stats unchecked).
+    head_l1 = torch.cat(head_l1, dim=1).double()
+    flat = torch.cat((torch.cat(entropy).double(), torch.cat(logp).double(), head_l1.flatten(), semgrad.double()))
+    values = flat.cpu().tolist()
+    n_rows, batch = bounds[-1], len(items)
+    entropies, logps = values[:n_rows], values[n_rows : 2 * n_rows]
+    paragrad = values[2 * n_rows : 2 * n_rows + batch]
+    ex = values[2 * n_rows + batch : 2 * n_rows + 2 * batch] if exgrad else [None] * batch
+    semgrad = values[-batch:]
+    if not all(map(math.isfinite, entropies)):
+        raise ValueError(NON_FINITE_LOGITS)
+
     results = []
-    entropies, logps = torch.cat(entropy).double().tolist(), torch.cat(logp).double().tolist()
     for b, item in enumerate(items):
         s, e = bounds[b], bounds[b + 1]
         mean_entropy = math.fsum(entropies[s:e]) / (e - s)
-        para, sem = paragrad[b], float(semgrad[b])
+        para, sem = paragrad[b], semgrad[b]
         results.append(
             ScoreResult(
                 semgrad=sem,

@@ -113,6 +113,32 @@ def test_token_stats_rejects_nan_and_inf(impl: str, bad: float) -> None:
 
 
 @pytest.mark.parametrize("impl", ("torch", *IMPLS))
+def test_token_stats_unchecked_marks_nan_and_inf_rows_with_nan_entropy(impl: str) -> None:
+    """check=False never raises (no device read-back): a NaN/+inf row gets NaN entropy and log-prob, the
+    others are exact. Scoring checks the entropies once per batch."""
+    logits, targets = random_logits(4, 700, torch.float32)
+    logits[1, 350] = math.nan
+    logits[2, 3] = math.inf
+    logp, entropy, grad = implementation("token_stats", impl)(logits, targets, check=False)
+    assert torch.isnan(entropy[1:3]).all() and torch.isnan(logp[1:3]).all()
+    ok = [0, 3]
+    want = token_stats_reference(logits[ok], targets[ok])
+    for got, w in zip((logp[ok], entropy[ok], grad[ok]), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ("torch", *IMPLS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_stats_overwrite_gives_the_same_stats(impl: str, dtype: torch.dtype) -> None:
+    """overwrite=True may put the gradient in the logits' memory: same results as a fresh buffer."""
+    logits, targets = random_logits(5, 1500, dtype, seed=4)
+    want = token_stats_reference(logits.clone(), targets)
+    got = implementation("token_stats", impl)(logits, targets, overwrite=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("impl", ("torch", *IMPLS))
 def test_token_stats_rejects_target_outside_vocabulary(impl: str) -> None:
     logits, _ = random_logits(2, 50, torch.float32)
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -153,6 +179,17 @@ def test_head_grad_l1_matches_reference(impl: str, dtype: torch.dtype, lengths: 
     args = head_inputs(lengths, v, d, dtype)
     rel = 1e-12 if dtype == torch.float64 else 1e-5
     assert_rel(implementation("head_grad_l1", impl)(*args), head_grad_l1_reference(*args), rel)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_grad_l1_two_scales_in_one_call(impl: str, dtype: torch.dtype) -> None:
+    """ParaGrad's and ExGrad's scales stacked [2, N] give [2, B]: each row as its own reference call."""
+    nll_grad, hidden, row_scale, offsets = head_inputs([3, 0, 17], 300, 100, dtype, seed=5)
+    inv_len = torch.rand(row_scale.shape, generator=torch.Generator().manual_seed(1), dtype=row_scale.dtype)
+    got = implementation("head_grad_l1", impl)(nll_grad, hidden, torch.stack([row_scale, inv_len]), offsets)
+    want = torch.stack([head_grad_l1_reference(nll_grad, hidden, c, offsets) for c in (row_scale, inv_len)])
+    assert_rel(got, want, 1e-12 if dtype == torch.float64 else 1e-5)
 
 
 def test_head_grad_l1_triton_default_blocks() -> None:

@@ -33,6 +33,17 @@ def test_every_choice_gives_the_same_scores(dtype: torch.dtype, rel: float) -> N
             assert ours.token_entropies == pytest.approx(ref.token_entropies, rel=rel, abs=1e-7)
 
 
+@pytest.mark.parametrize("choice", ["torch", "triton", "native"])
+def test_nan_logits_fail_the_batch_with_the_clear_error(choice: str) -> None:
+    """The scorer runs token_stats unchecked and checks the batch's entropies once, at its one read-back."""
+    weights = from_hf_model(tiny_model("llama3-untied", torch.float32))
+    weights.head[7, 3] = float("nan")  # every answer row's logit for token 7 becomes NaN
+    band = range(weights.n_layers - weights.n_layers // 2, weights.n_layers)
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(2, seed=6)]
+    with pytest.raises(ValueError, match=r"logits contain NaN or \+inf"):
+        score_batch(weights, items, band, select_kernels(choice))
+
+
 def test_choices_and_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernel_choices() == ("auto", "torch", "triton", "native")
     assert select_kernels().name == "native"  # auto on CPU, when built
@@ -43,15 +54,23 @@ def test_choices_and_environment_variable(monkeypatch: pytest.MonkeyPatch) -> No
         select_kernels("cuda")
 
 
-def test_auto_on_cuda_prefers_triton_then_native(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_auto_follows_the_dispatch_table_per_op(monkeypatch: pytest.MonkeyPatch, device_type: str) -> None:
+    """Per op, the first available implementation of AUTO's list; each one missing in turn moves every
+    op that preferred it to its next choice, down to the torch reference."""
     available = {"triton": True, "native": True}
     monkeypatch.setattr(kernels, "triton_available", lambda device_type: available["triton"])
     monkeypatch.setattr(kernels, "native_available", lambda device_type: available["native"])
-    assert select_kernels("auto", "cuda").name == "triton"
-    available["triton"] = False
-    assert select_kernels("auto", "cuda").name == "native"
-    available["native"] = False
-    assert select_kernels("auto", "cuda").name == "torch"
+    monkeypatch.setattr(kernels, "native_loaded", lambda: available["native"])
+    for missing in ([], ["native"], ["triton"], ["triton", "native"]):
+        for name in available:
+            available[name] = name not in missing
+        chosen = select_kernels("auto", device_type)
+        for op in kernels.OPS:
+            order = [n for n in kernels.AUTO[device_type][op][0] if available.get(n, True)]
+            want = getattr(select_kernels(order[0], device_type), op)
+            assert getattr(chosen, op) is want, (missing, op)
+    assert select_kernels("auto", "cuda").name == "torch"  # every op falls back to the reference
 
 
 def test_unavailable_choices_say_why(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,13 +14,13 @@ static_assert(kThreads == 256, "16x16 threads per tile");
 
 template <typename acc_t>
 __global__ void head_grad_l1_kernel(
-    const acc_t* grad, int64_t stride_grad, const acc_t* hidden, const int64_t* offsets, int64_t v, int64_t d,
-    int64_t tiles_d, double* partial) {
+    const acc_t* grad, int64_t stride_grad, const acc_t* hidden, const int64_t* offsets, int64_t n, int64_t v,
+    int64_t d, int64_t tiles_d, double* partial) {
   __shared__ acc_t gs[kRows][kTile];
   __shared__ acc_t hs[kRows][kTile];
   const int64_t tile = blockIdx.x, b = blockIdx.y;
   const int64_t v0 = tile / tiles_d * kTile, d0 = tile % tiles_d * kTile;
-  const int64_t start = offsets[b], end = offsets[b + 1];
+  const int64_t start = min(max(offsets[b], int64_t{0}), n), end = min(max(offsets[b + 1], start), n);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 
   acc_t acc[kSub][kSub] = {};
@@ -64,17 +64,17 @@ int64_t head_grad_l1_tiles(int64_t v, int64_t d) { return ((v + kTile - 1) / kTi
 
 cudaError_t launch_head_grad_l1(
     Dtype acc, const void* grad, int64_t stride_grad, const void* hidden, const int64_t* offsets, int64_t batch,
-    int64_t v, int64_t d, double* partial, cudaStream_t stream) {
+    int64_t n, int64_t v, int64_t d, double* partial, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   const dim3 grid(head_grad_l1_tiles(v, d), batch);
   const int64_t tiles_d = (d + kTile - 1) / kTile;
   if (acc == Dtype::kFloat64) {
     head_grad_l1_kernel<double><<<grid, kThreads, 0, stream>>>(
-        static_cast<const double*>(grad), stride_grad, static_cast<const double*>(hidden), offsets, v, d, tiles_d,
+        static_cast<const double*>(grad), stride_grad, static_cast<const double*>(hidden), offsets, n, v, d, tiles_d,
         partial);
   } else if (acc == Dtype::kFloat32) {
     head_grad_l1_kernel<float><<<grid, kThreads, 0, stream>>>(
-        static_cast<const float*>(grad), stride_grad, static_cast<const float*>(hidden), offsets, v, d, tiles_d,
+        static_cast<const float*>(grad), stride_grad, static_cast<const float*>(hidden), offsets, n, v, d, tiles_d,
         partial);
   } else {
     return cudaErrorInvalidValue;

@@ -24,8 +24,9 @@ Dtype dtype_of(const at::Tensor& t) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(const at::Tensor& logits, const at::Tensor& targets) {
-  check_token_stats_args(logits, targets);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, bool check) {
+  check_token_stats_args(logits, targets, check);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor z = logits.stride(1) == 1 ? logits : logits.contiguous();
   const at::Tensor y = targets.contiguous();
@@ -36,13 +37,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(const at::Tensor
   C10_CUDA_CHECK(launch_token_stats(
       dtype_of(z), z.const_data_ptr(), z.stride(0), y.const_data_ptr<int64_t>(), n, v, logp.data_ptr(),
       entropy.data_ptr(), grad.data_ptr(), nonfinite.data_ptr<uint8_t>(), c10::cuda::getCurrentCUDAStream()));
-  TORCH_CHECK_VALUE(n == 0 || !nonfinite.any().item<bool>(), kNonFiniteLogits);
+  // Unchecked, a NaN/+inf row's NaN entropy tells the caller, with no synchronization here.
+  TORCH_CHECK_VALUE(!check || n == 0 || !nonfinite.any().item<bool>(), kNonFiniteLogits);
   return {logp, entropy, grad};
 }
 
 at::Tensor head_grad_l1_cuda(
     const at::Tensor& nll_grad, const at::Tensor& hidden, const at::Tensor& row_scale, const at::Tensor& offsets) {
-  check_head_grad_l1_args(nll_grad, hidden, row_scale, offsets);
+  check_head_grad_l1_shapes(nll_grad, hidden, row_scale, offsets);
   const c10::cuda::CUDAGuard guard(nll_grad.device());
   const auto acc = at::toOpMathType(hidden.scalar_type());
   at::Tensor g = nll_grad.to(acc);
@@ -53,7 +55,8 @@ at::Tensor head_grad_l1_cuda(
   at::Tensor partial = at::zeros({batch, head_grad_l1_tiles(v, d)}, g.options().dtype(at::kDouble));
   C10_CUDA_CHECK(launch_head_grad_l1(
       acc == at::kDouble ? Dtype::kFloat64 : Dtype::kFloat32, g.const_data_ptr(), g.stride(0), h.const_data_ptr(),
-      off.const_data_ptr<int64_t>(), batch, v, d, partial.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()));
+      off.const_data_ptr<int64_t>(), batch, g.size(0), v, d, partial.data_ptr<double>(),
+      c10::cuda::getCurrentCUDAStream()));
   return partial.sum(1) / (static_cast<double>(v) * d);
 }
 

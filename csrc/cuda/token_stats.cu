@@ -26,7 +26,10 @@ __global__ void token_stats_kernel(
   m = block_reduce(m, Max{});
   bad = block_reduce(bad, Max{});
   if (bad) {
-    if (threadIdx.x == 0) nonfinite[row] = 1;
+    if (threadIdx.x == 0) {
+      nonfinite[row] = 1;
+      logp[row] = entropy[row] = NAN;
+    }
     return;
   }
 

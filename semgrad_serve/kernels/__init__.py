@@ -2,9 +2,10 @@
 
 Each operation lives in its own module beside its plain-torch reference, with its
 Triton kernel and its native (csrc/) binding. ``select_kernels`` picks an
-implementation set: an explicit choice, else the ``SEMGRAD_KERNELS`` environment
-variable, else the best available for the device ("auto": native on CPU; Triton,
-then native, on CUDA; the torch reference otherwise).
+implementation set: an explicit choice ("torch", "triton", "native": every op from
+that set), else the ``SEMGRAD_KERNELS`` environment variable, else "auto": per
+device and op, the first available implementation of ``AUTO`` (the dispatch table,
+decided from ``benchmarks/kernels.py``; see its results in ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .head_grad_l1 import head_grad_l1_native, head_grad_l1_reference, head_grad
 from .token_stats import TokenStats, token_stats_native, token_stats_reference, token_stats_triton
 
 ENV_VAR = "SEMGRAD_KERNELS"
+OPS = ("token_stats", "head_grad_l1", "band_l1")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class Kernels:
     """One implementation of each scoring operation."""
 
     name: str
-    token_stats: Callable[[torch.Tensor, torch.Tensor], TokenStats]
+    token_stats: Callable[..., TokenStats]  # (logits, targets, *, check=True, overwrite=False)
     head_grad_l1: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     band_l1: Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,7 +41,21 @@ TORCH = Kernels("torch", token_stats_reference, head_grad_l1_reference, band_l1_
 TRITON = Kernels("triton", token_stats_triton, head_grad_l1_triton, band_l1_triton)
 NATIVE = Kernels("native", token_stats_native, head_grad_l1_native, band_l1_native)
 _KERNELS = {k.name: k for k in (TORCH, TRITON, NATIVE)}
-_AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+
+# The dispatch table of "auto": per device type and op, implementations in order of preference
+# (the first available one runs), and why, from the measurements in benchmarks/results/kernels_*.md.
+AUTO: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+    "cpu": {
+        "token_stats": (("native", "torch"), "one streaming pass per row, 1.3-1.9x the reference, 1/5 its memory"),
+        "head_grad_l1": (("native", "torch"), "BLAS tiles abs-summed in cache: 9-119x the reference"),
+        "band_l1": (("native", "torch"), "one pass; Triton runs on CPU only interpreted"),
+    },
+    "cuda": {
+        "token_stats": (("triton", "native", "torch"), "parallel over rows x vocabulary chunks"),
+        "head_grad_l1": (("triton", "native", "torch"), "TF32 tensor cores, ParaGrad and ExGrad in one pass"),
+        "band_l1": (("native", "triton", "torch"), "one pass, no compile"),
+    },
+}
 
 
 def kernel_choices() -> tuple[str, ...]:
@@ -48,6 +64,8 @@ def kernel_choices() -> tuple[str, ...]:
 
 def unavailable_reason(name: str, device_type: str) -> str | None:
     """Why kernels ``name`` cannot run on ``device_type`` ("cpu", "cuda"), or None if they can."""
+    if name == "torch":
+        return None
     if name == "triton" and not triton_available(device_type):
         return (
             "triton kernels need the triton package and a CUDA device; on CPU, its (slow) interpreter, "
@@ -63,13 +81,20 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     return None
 
 
+def auto_kernels(device_type: str) -> Kernels:
+    """Per op, the first available implementation of ``AUTO[device_type]`` (the reference elsewhere)."""
+    table = AUTO.get(device_type, {op: (("torch",), "no kernels for this device") for op in OPS})
+    chosen = {op: next(n for n in table[op][0] if unavailable_reason(n, device_type) is None) for op in OPS}
+    name = chosen["token_stats"] if len(set(chosen.values())) == 1 else "+".join(chosen[op] for op in OPS)
+    return Kernels(name, *(getattr(_KERNELS[chosen[op]], op) for op in OPS))
+
+
 def select_kernels(choice: str | None = None, device: torch.device | str = "cpu") -> Kernels:
-    """Kernels named by ``choice`` or ``$SEMGRAD_KERNELS``; "auto" (default) picks the best for ``device``."""
+    """Kernels named by ``choice`` or ``$SEMGRAD_KERNELS``; "auto" (default) follows ``AUTO`` for ``device``."""
     choice = choice or os.environ.get(ENV_VAR) or "auto"
     device_type = torch.device(device).type
     if choice == "auto":
-        order = _AUTO_ORDER.get(device_type, ("torch",))
-        return next(_KERNELS[n] for n in order if unavailable_reason(n, device_type) is None)
+        return auto_kernels(device_type)
     if choice not in _KERNELS:
         raise SemgradError(f"unknown kernels {choice!r}; choose one of {', '.join(kernel_choices())}")
     reason = unavailable_reason(choice, device_type)

@@ -1,4 +1,4 @@
-"""What the Triton kernels share: the optional import, the jit decorator, dtype names.
+"""What the Triton kernels share: the optional import, the jit and autotune decorators, dtype names.
 
 Triton runs on CUDA tensors, or on CPU tensors under its interpreter; the interpreter
 must be chosen (``TRITON_INTERPRET=1``) before triton is first imported, because
@@ -24,6 +24,21 @@ INTERPRETED = tl is not None and os.environ.get("TRITON_INTERPRET") == "1"
 def jit(fn: Callable[..., None]) -> Any:
     """``triton.jit``; without triton the plain function, which ``triton_available`` keeps from being launched."""
     return fn if triton is None else triton.jit(fn)
+
+
+def autotuned(kernel: Any, configs: list[dict[str, int]], key: list[str]) -> Any:
+    """``kernel`` autotuned over ``configs`` (block sizes plus ``num_warps``/``num_stages``) per ``key``
+    shape, on a GPU; None where Triton is missing or interpreted, and then callers pass block sizes."""
+    if triton is None or INTERPRETED:
+        return None
+    return triton.autotune(
+        configs=[
+            triton.Config({k: v for k, v in c.items() if k.isupper()}, num_warps=c["num_warps"],
+                          num_stages=c["num_stages"])
+            for c in configs
+        ],
+        key=key,
+    )(kernel)
 
 
 def triton_available(device_type: str) -> bool:
