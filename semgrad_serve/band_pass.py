@@ -145,8 +145,7 @@ def band_pass(
     )
 
     probes = torch.zeros(len(band), batch, w.hidden_size, dtype=dtype, device=dev, requires_grad=True)
-    at_t_star = torch.zeros(1, s_max, 1, dtype=dtype, device=dev)
-    at_t_star[0, 0, 0] = 1
+    at_t_star = (torch.arange(s_max, device=dev) == 0).to(dtype)[None, :, None]  # no host-to-device copy
     grad_on = torch.is_grad_enabled()
     for i in range(first, n_layers):
         past = shared_kv[i]

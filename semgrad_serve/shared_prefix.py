@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .band_pass import PreparedItem
+from .band_pass import PreparedItem, to_device
 from .decoder import KeyValue, context_step, rotary, window_masks
 from .weights import DecoderWeights
 
@@ -42,7 +42,7 @@ def shared_prefix(w: DecoderWeights, ids: Sequence[int]) -> SharedPrefix:
     masks = window_masks(w, range(w.n_layers), pos, pos, None)
     kvs = []
     with torch.no_grad():
-        x = F.embedding(torch.tensor([list(ids)], device=w.device), w.embed)
+        x = F.embedding(to_device(torch.tensor([list(ids)]), w.device), w.embed)
         for i in range(w.n_layers):
             x, kv = context_step(w, i, x, rope, masks)
             kvs.append(kv)

@@ -128,7 +128,7 @@ def head_grad_l1_triton(
     tuned = _head_grad_l1_tuned if None in blocks.values() else None
     if tuned is None:
         blocks = {k: b or _HEAD_CONFIGS[0][k] for k, b in blocks.items()}
-    max_tiles = -(-v // 16)  # the smallest BLOCK_V: room for any tuned tiling; unused partials stay 0
+    max_tiles = -(-v // 16)  # the smallest BLOCK_V: room for any tuned tiling
     partial = grad.new_zeros(n_scales, batch, max_tiles, dtype=acc)
     if batch:
         args = (grad, h, scales.contiguous(), offsets.contiguous(), partial, n, v, d, grad.stride(0), h.stride(0),
@@ -136,10 +136,14 @@ def head_grad_l1_triton(
         if tuned is not None:
             grid = lambda meta: (triton.cdiv(v, meta["BLOCK_V"]), batch)  # noqa: E731
             tuned[grid](*args, S=n_scales, ACC=tl_dtype(acc), PRECISION=prec)
+            block_v = tuned.best_config.kwargs["BLOCK_V"]
         else:
-            _head_grad_l1_kernel[(-(-v // blocks["BLOCK_V"]), batch)](
+            block_v = blocks["BLOCK_V"]
+            _head_grad_l1_kernel[(-(-v // block_v), batch)](
                 *args, S=n_scales, ACC=tl_dtype(acc), PRECISION=prec, **blocks, num_warps=4
             )
+        # only the tiles of the tiling that ran: autotuning's trial runs of other tilings may leave partials beyond
+        partial = partial[:, :, : -(-v // block_v)]
     out = partial.sum(2, dtype=torch.float64) / (v * d)
     return out if row_scale.dim() == 2 else out[0]
 
