@@ -526,7 +526,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if threshold is not None:
         calibration = dict(scorer.profile.calibration or {})
         calibration["flag_threshold"] = {k: v for k, v in threshold.items() if k != "score"}
-        profile = replace(scorer.profile, threshold=threshold["threshold"], calibration=calibration)
+        profile = replace(
+            scorer.profile, threshold=threshold["threshold"], calibration=calibration,
+            dtype=str(scorer.weights.dtype).removeprefix("torch."),
+        )
         profile_path = Path(cfg.profile_out) if cfg.profile_out else Path(f"{stem}_profile.json")
         profile.save(profile_path)
         report["profile_path"] = str(profile_path)

@@ -53,6 +53,7 @@ class ModelProfile:
     match: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     paragrad_tied: bool = False  # also score the authors' tied-head ParaGrad offline (tied models; never in serving)
+    dtype: str = "float32"  # the scoring dtype the threshold was fitted in (scores shift with it)
 
     def band_range(self, n_layers: int) -> range:
         """Hidden-state indices of the band: the SPEC's deeper half unless the profile fixes it."""
@@ -69,6 +70,15 @@ class ModelProfile:
         """(configured score, flagged); flagged is None when the profile has no threshold."""
         value = scores[self.score]
         return value, None if self.threshold is None else bool(value > self.threshold)
+
+    def dtype_mismatch(self, dtype: str) -> str | None:
+        """A warning when scores in ``dtype`` would meet a threshold fitted in another dtype, else None."""
+        if self.threshold is None or dtype == self.dtype:
+            return None
+        return (
+            f"profile {self.name!r}: its threshold was fitted on {self.dtype} scores and these are {dtype}; "
+            f"flags may shift: refit it with `semgrad-serve eval --dtype {dtype}` or score in {self.dtype}"
+        )
 
     def to_json(self) -> str:
         doc = asdict(self)
@@ -92,6 +102,7 @@ class ModelProfile:
                 match=dict(doc.get("match") or {}),
                 calibration=doc.get("calibration"),
                 paragrad_tied=bool(doc.get("paragrad_tied", False)),
+                dtype=str(doc.get("dtype", "float32")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SemgradError(f"{source}: not a valid profile ({exc.__class__.__name__}: {exc})") from None

@@ -8,6 +8,8 @@ of similar length into batches.
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -81,6 +83,9 @@ class Scorer:
         self.profile = profile
         self.kernels = kernels or select_kernels(device=weights.device)
         self.band = profile.band_range(weights.n_layers)
+        mismatch = profile.dtype_mismatch(str(weights.dtype).removeprefix("torch."))
+        if mismatch:
+            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
         token_id = tokenizer.convert_tokens_to_ids(profile.t_star.token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise SemgradError(f"profile {profile.name!r}: t* token {profile.t_star.token!r} is not in the vocabulary")

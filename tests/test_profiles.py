@@ -97,3 +97,16 @@ def test_builtin_profiles_are_valid() -> None:
 def test_unsupported_family_is_named() -> None:
     with pytest.raises(SemgradError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3"):
         check_family(SimpleNamespace(model_type="gpt2"))
+
+
+def test_threshold_fitted_in_another_dtype_warns(default_scorer) -> None:
+    """A float32 threshold met by bfloat16 scores (or the reverse) is said, not silently used."""
+    from dataclasses import replace
+
+    from semgrad_serve.scorer import Scorer
+
+    fitted_bf16 = replace(default_scorer.profile, dtype="bfloat16")
+    assert default_scorer.profile.dtype == "float32" and default_scorer.profile.dtype_mismatch("float32") is None
+    with pytest.warns(RuntimeWarning, match="fitted on bfloat16 scores and these are float32"):
+        Scorer(default_scorer.weights, default_scorer.tokenizer, fitted_bf16, kernels=default_scorer.kernels)
+    assert replace(fitted_bf16, threshold=None).dtype_mismatch("float32") is None  # nothing to misuse

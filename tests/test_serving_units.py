@@ -216,10 +216,25 @@ def test_serve_command_line_and_environment(monkeypatch) -> None:
     assert command[command.index("--kv-transfer-config") + 1] == CAPTURE_KV_TRANSFER_CONFIG
     assert command[command.index("--dtype") + 1] == "float32" and "--enforce-eager" in command
     assert command[-2:] == ["--gpu-memory-utilization", "0.5"]  # the user's vLLM options come last and win
-    assert "--enforce-eager" not in server_command(args, Path("/m/tiny"), on_cpu=False)
     monkeypatch.setenv("VLLM_PLUGINS", "other")
     env = server_env(ScoringSettings(max_batch=3))
     assert env["VLLM_PLUGINS"] == f"other,{PLUGIN_NAME}" and env[MAX_BATCH_ENV] == "3"
+
+
+def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
+    """SmolLM2-135M in float32: 15 band layers × (12·576 + 2·3·64 + 4·1536) values × 4 bytes per token,
+    × 4096 batch tokens, plus one 2^26-element head chunk (float32 + its float32 cast): 3.58 GiB of 80."""
+    from semgrad_serve.cli import build_parser
+    from semgrad_serve.commands.serve import server_command
+    from semgrad_serve.default_model import default_model_dir
+
+    args = build_parser().parse_args(["serve", "--dtype", "float32"])
+    command = server_command(args, default_model_dir(), on_cpu=False, gpu_bytes=80 * 2**30)
+    reserve = 15 * (12 * 576 + 2 * 3 * 64 + 4 * 1536) * 4 * 4096 + 2**26 * 8
+    share = float(command[command.index("--gpu-memory-utilization") + 1])
+    assert share == pytest.approx(0.9 - reserve / (80 * 2**30), abs=5e-4) and "--enforce-eager" not in command
+    with pytest.raises(SemgradError, match="more than this GPU's 4 GiB allows"):
+        server_command(args, default_model_dir(), on_cpu=False, gpu_bytes=4 * 2**30)
 
 
 @pytest.mark.parametrize(

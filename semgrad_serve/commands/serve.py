@@ -57,8 +57,36 @@ def vllm_options(args: argparse.Namespace) -> list[str]:
     return extra
 
 
-def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool) -> list[str]:
-    """The vLLM server's command line."""
+# vLLM's own default share of the GPU, from which serve takes the scoring reserve.
+VLLM_GPU_SHARE = 0.9
+
+
+def gpu_memory_option(model_dir: Path, dtype: str, total_bytes: int) -> list[str]:
+    """``--gpu-memory-utilization`` that leaves a scoring batch's memory (``scoring_reserve_bytes`` at the
+    scorer's batch-token budget) outside vLLM's share, which vLLM otherwise fills with KV cache."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..scorer import DEFAULT_BATCH_TOKENS
+    from ..vllm_ext.scoring_memory import scoring_reserve_bytes
+
+    config = AutoConfig.from_pretrained(model_dir)
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else (getattr(config, "torch_dtype", None) or torch.float32)
+    torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    reserve = scoring_reserve_bytes(config, torch_dtype, DEFAULT_BATCH_TOKENS)
+    share = VLLM_GPU_SHARE - reserve / total_bytes
+    if share < 0.1:
+        raise SemgradError(
+            f"scoring needs ~{reserve / 2**30:.1f} GiB beside vLLM, more than this GPU's "
+            f"{total_bytes / 2**30:.0f} GiB allows: use a smaller model or --dtype bfloat16"
+        )
+    print(f"semgrad-serve: keeping {reserve / 2**30:.1f} GiB of the GPU for scoring "
+          f"(--gpu-memory-utilization {share:.3f}; pass your own after -- to override)", file=sys.stderr)
+    return ["--gpu-memory-utilization", f"{share:.3f}"]
+
+
+def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_bytes: int = 0) -> list[str]:
+    """The vLLM server's command line (``gpu_bytes``: the GPU's memory, when serving on one)."""
     dtype = args.dtype or ("float32" if on_cpu else "auto")
     extra = vllm_options(args)
     return [
@@ -67,7 +95,7 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool) -> l
         "--host", args.host, "--port", str(args.port), "--dtype", dtype,
         "--worker-extension-cls", WORKER_EXTENSION,
         "--kv-transfer-config", CAPTURE_KV_TRANSFER_CONFIG,
-        *(CPU_DEFAULTS if on_cpu else []),
+        *(CPU_DEFAULTS if on_cpu else gpu_memory_option(model_dir, dtype, gpu_bytes)),
         *extra,
     ]  # fmt: skip
 
@@ -92,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     _check_model(model_dir, profile)
-    command = server_command(args, model_dir, on_cpu=not torch.cuda.is_available())
+    on_cpu = not torch.cuda.is_available()
+    command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
     print(f"semgrad-serve: starting vLLM on http://{args.host}:{args.port}/v1 with SemGrad scoring", file=sys.stderr, flush=True)
     os.execve(sys.executable, command, server_env(settings))
