@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from semgrad_serve.errors import ItemError, SemgradError
-from semgrad_serve.vllm_ext.config import TEST_FAULTS_ENV
-from semgrad_serve.vllm_ext.launch import free_port, running_server, serve_command
-from semgrad_serve.vllm_ext.worker import REPORTED
+from semgrad_serve.serving.config import TEST_FAULTS_ENV
+from launch_server import free_port, running_server, serve_command
+from semgrad_serve.serving.worker import REPORTED
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"  # the served name of the default model

@@ -12,17 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from semgrad_serve.band_pass import PreparedItem
+from semgrad_serve.scoring.band_pass import PreparedItem
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError, SemgradError
 from semgrad_serve.kernels import select_kernels
-from semgrad_serve.scoring import score_batch
-from semgrad_serve.vllm_ext.captures import CaptureStore
-from semgrad_serve.vllm_ext.scoring_client import SERVICE_GONE, ScoringClient
-from semgrad_serve.vllm_ext.scoring_service import ScoringService
-from semgrad_serve.vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
-from semgrad_serve.vllm_ext.weights import from_vllm_model
-from semgrad_serve.weights import from_hf_model
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.serving.captures import CaptureStore
+from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
+from semgrad_serve.serving.scoring_service import ScoringService
+from semgrad_serve.serving.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from semgrad_serve.serving.weights import from_vllm_model
+from semgrad_serve.model.weights import from_hf_model
 
 from tiny_models import FAMILIES, random_items, tiny_model
 
@@ -144,7 +144,7 @@ def test_a_failing_request_does_not_sink_its_batch() -> None:
 def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatch) -> None:
     """An answer waits for its request's capture (it arrives one engine step after the request ends) and
     runs over it; a capture of another prompt, one without keys/values, or none at all means recompute."""
-    from semgrad_serve.vllm_ext import scoring_service
+    from semgrad_serve.serving import scoring_service
 
     monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", 0.3)
     store = CaptureStore()
@@ -194,7 +194,7 @@ def test_settings_from_environment() -> None:
 
 
 def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> None:
-    from semgrad_serve.vllm_ext.worker import REPORTED, answer_report
+    from semgrad_serve.serving.worker import REPORTED, answer_report
 
     scorer = default_scorer
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
@@ -239,7 +239,7 @@ def test_serve_mistakes_print_one_line(argv: list[str], message: str, capsys) ->
 
 def test_data_parallel_is_refused_at_start_up() -> None:
     """With --data-parallel-size > 1 scoring would reach only engine 0: the plugin refuses to start."""
-    from semgrad_serve.vllm_ext.plugin import SemgradPlugin
+    from semgrad_serve.serving.plugin import SemgradPlugin
 
     class NoRpc:
         async def collective_rpc(self, *args: object, **kwargs: object) -> list:
@@ -251,8 +251,8 @@ def test_data_parallel_is_refused_at_start_up() -> None:
 
 
 def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
-    from semgrad_serve.vllm_ext.config import CAPTURE_CONNECTOR_MODULE
-    from semgrad_serve.vllm_ext.worker import capture_state
+    from semgrad_serve.serving.config import CAPTURE_CONNECTOR_MODULE
+    from semgrad_serve.serving.worker import capture_state
 
     assert capture_state(None) is False
     assert capture_state(SimpleNamespace(kv_connector=None, kv_connector_module_path=None)) is False

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import SemgradError
-from ..scorer import DTYPES
+from ..scoring.scorer import DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         raise SemgradError("--limit must be at least 2 (SPS compares different queries)")
     if args.batch_size < 1:
         raise SemgradError("--batch-size must be at least 1")
-    from ..calibrate import run_calibration
+    from ..calibration.calibrate import run_calibration
 
     profile, cal, png = run_calibration(
         args.model, args.paraphrases, args.limit, args.positions, args.batch_size, args.out, args.heatmap, args.dtype, args.base_profile

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..kernels import kernel_choices
-from ..scorer import DTYPES, Scorer
+from ..scoring.scorer import DTYPES, Scorer
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, kernels: bool = True) -> None:

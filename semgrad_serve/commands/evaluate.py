@@ -6,14 +6,14 @@ import argparse
 import sys
 
 from ..errors import SemgradError
-from ..scorer import DTYPES
+from ..scoring.scorer import DTYPES
 from .common import add_convention_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..baselines import DEFAULT_CLUSTER_THRESHOLD
-    from ..generation import GENERATORS, MAX_NEW_TOKENS
-    from ..judges import DEFAULT_THRESHOLDS, JUDGES
+    from ..evaluation.baselines import DEFAULT_CLUSTER_THRESHOLD
+    from ..evaluation.generation import GENERATORS, MAX_NEW_TOKENS
+    from ..evaluation.judges import DEFAULT_THRESHOLDS, JUDGES
 
     parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import EvalConfig, run_eval
-    from ..metrics import parse_target
+    from ..evaluation.evaluate import EvalConfig, run_eval
+    from ..evaluation.metrics import parse_target
 
     if args.limit is not None and args.limit < 1:
         raise SemgradError("--limit must be at least 1")

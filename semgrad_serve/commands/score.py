@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ItemError, SemgradError
 from ..jsonl import read_jsonl
-from ..scorer import DEFAULT_BATCH_TOKENS
+from ..scoring.scorer import DEFAULT_BATCH_TOKENS
 from .common import add_convention_arguments, add_model_arguments, scorer_from_args
 
 

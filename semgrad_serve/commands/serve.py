@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
-from ..vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from ..serving.config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 CPU_DEFAULTS = ["--gpu-memory-utilization", "0.3", "--enforce-eager"]  # on CPU: a share of RAM; no 3-minute compile
@@ -39,8 +39,8 @@ def _check_model(model_dir: Path, profile: str | None) -> None:
     """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..profiles import resolve_profile
-    from ..weights import check_family
+    from ..scoring.profiles import resolve_profile
+    from ..model.weights import check_family
 
     if not (model_dir / "config.json").is_file():
         raise SemgradError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -83,7 +83,7 @@ def server_env(settings: ScoringSettings) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..default_model import default_model_dir
+    from ..model.default_model import default_model_dir
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
     settings = ScoringSettings(profile=profile, max_batch=args.max_batch)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
-from .decoder import context_step, layer_forward, rms_norm, rotary, window_masks
-from .weights import DecoderWeights
+from ..model.decoder import context_step, layer_forward, rms_norm, rotary, window_masks
+from ..model.weights import DecoderWeights
 
 if TYPE_CHECKING:
     from .shared_prefix import SharedPrefix

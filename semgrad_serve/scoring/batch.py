@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import torch
 
 from .band_pass import PreparedItem, band_pass
-from .kernels import Kernels
+from ..kernels import Kernels
 from .shared_prefix import SharedPrefix
-from .weights import DecoderWeights
+from ..model.weights import DecoderWeights
 
 
 @dataclass(frozen=True)

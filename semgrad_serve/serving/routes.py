@@ -27,7 +27,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ..errors import SemgradError
-from ..stop_token import eos_ids, received_tokens
+from ..model.stop_token import eos_ids, received_tokens
 from .captures import KV_PARAM
 from .scoring_client import ScoringClient
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .decoder import layer_forward, rotary, window_masks
-from .errors import SemgradError
-from .profiles import TStarRule, deeper_half
-from .weights import DecoderWeights
+from ..model.decoder import layer_forward, rotary, window_masks
+from ..errors import SemgradError
+from ..scoring.profiles import TStarRule, deeper_half
+from ..model.weights import DecoderWeights
 
 
 class SPSAccumulator:
@@ -185,7 +185,7 @@ def prompt_tail_states(model: Any, prompts: Sequence[Sequence[int]], n_positions
     Runs the project's functional decoder (``decoder.layer_forward``) on ``DecoderWeights`` (or a Hugging Face
     model, viewed as such): the prefix that all prompts share (system prompt, instruction) is computed once and
     its keys/values are handed to every batch; the rest is right-padded, so real tokens keep their positions."""
-    from .weights import DecoderWeights as _DW, from_hf_model
+    from ..model.weights import DecoderWeights as _DW, from_hf_model
 
     w = model if isinstance(model, _DW) else from_hf_model(model)
     short = [i for i, p in enumerate(prompts) if len(p) < n_positions]
@@ -243,7 +243,7 @@ def scan(
     groups_per_chunk: int = 8, progress: bool = True,
 ) -> SPSTable:
     """SPS over every hidden-state index and the last ``n_positions`` prompt positions for groups of prompt ids."""
-    from .weights import from_hf_model
+    from ..model.weights import from_hf_model
 
     weights = model if isinstance(model, DecoderWeights) else from_hf_model(model)
     acc = SPSAccumulator()

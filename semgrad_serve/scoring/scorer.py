@@ -16,14 +16,14 @@ import torch
 from tqdm import tqdm
 
 from .band_pass import PreparedItem
-from .errors import ItemError, SemgradError
-from .kernels import Kernels, select_kernels
+from ..errors import ItemError, SemgradError
+from ..kernels import Kernels, select_kernels
 from .profiles import ModelProfile, resolve_profile
-from .scoring import ScoreResult, score_batch
+from .batch import ScoreResult, score_batch
 from .shared_prefix import PrefixCache
-from .stop_token import eos_ids as collect_eos_ids, hf_eos_ids
+from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
 from . import tied_head
-from .weights import DecoderWeights, from_hf_model
+from ..model.weights import DecoderWeights, from_hf_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -47,7 +47,7 @@ def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: 
     """(model, tokenizer, directory) of a local Hugging Face model; the embedded default model when None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .default_model import default_model_dir
+    from ..model.default_model import default_model_dir
 
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     if not (path / "config.json").is_file():

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .band_pass import PreparedItem
-from .decoder import KeyValue, context_step, rotary, window_masks
-from .weights import DecoderWeights
+from ..model.decoder import KeyValue, context_step, rotary, window_masks
+from ..model.weights import DecoderWeights
 
 MIN_SHARED_TOKENS = 16  # below this, one more forward call costs more than it saves
 

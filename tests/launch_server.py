@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from ..errors import SemgradError
+from semgrad_serve.errors import SemgradError
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from ..errors import SemgradError
 log = logging.getLogger("vllm.semgrad")
 
 PLUGIN_NAME = "semgrad"  # the endpoint plugin's entry point name, allowlisted through VLLM_PLUGINS
-WORKER_EXTENSION = "semgrad_serve.vllm_ext.worker.SemgradWorkerExtension"
-CAPTURE_CONNECTOR_MODULE = "semgrad_serve.vllm_ext.capture_connector"
+WORKER_EXTENSION = "semgrad_serve.serving.worker.SemgradWorkerExtension"
+CAPTURE_CONNECTOR_MODULE = "semgrad_serve.serving.capture_connector"
 # vLLM's --kv-transfer-config that makes finished scored requests hand their prompt keys/values to scoring
 CAPTURE_KV_TRANSFER_CONFIG = json.dumps(
     {"kv_connector": "SemgradCaptureConnector", "kv_connector_module_path": CAPTURE_CONNECTOR_MODULE, "kv_role": "kv_both"}

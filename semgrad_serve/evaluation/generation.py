@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from .errors import SemgradError
-from .stop_token import hf_eos_ids
+from ..errors import SemgradError
+from ..model.stop_token import hf_eos_ids
 
 # SPEC: the prompt the paper's evaluation uses, and its decoding limit.
 PAPER_PROMPT = "Please directly answer the following question with one or few words:\n{query}"

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..errors import ItemError, SemgradError
-from ..profiles import resolve_profile
-from ..scorer import Scorer
-from ..scoring import ScoreResult
+from ..scoring.profiles import resolve_profile
+from ..scoring.scorer import Scorer
+from ..scoring.batch import ScoreResult
 from .captures import STORE
 from .config import CAPTURE_CONNECTOR_MODULE
 from .scoring_service import Pair, ScoringService, scoring_cores

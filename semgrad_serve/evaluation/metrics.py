@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import SemgradError
+from ..errors import SemgradError
 
 
 def _arrays(scores: Sequence[float], wrong: Sequence[int | bool]) -> tuple[np.ndarray, np.ndarray]:

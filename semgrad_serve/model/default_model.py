@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import SemgradError
+from ..errors import SemgradError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"

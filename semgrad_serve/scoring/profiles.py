@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ItemError, SemgradError
+from ..errors import ItemError, SemgradError
 
 SCORE_NAMES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 PROFILE_FILE_IN_MODEL_DIR = "semgrad_profile.json"
@@ -112,7 +112,7 @@ class ModelProfile:
 
 def builtin_profiles() -> list[ModelProfile]:
     """The packaged profiles, most specific (model signature) first."""
-    folder = resources.files("semgrad_serve") / "profiles"
+    folder = resources.files(__package__) / "profiles"
     found = [
         ModelProfile.from_dict(json.loads(f.read_text()), source=f.name)
         for f in sorted(folder.iterdir(), key=lambda f: f.name)

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import SemgradError
+from ..errors import SemgradError
 
 JUDGES = ("containment", "rouge", "embedding")
 DEFAULT_THRESHOLDS = {"containment": 1.0, "rouge": 0.3, "embedding": 0.7}

@@ -1,7 +1,7 @@
 """A family-neutral, frozen view of a decoder-only model's weights.
 
 The scoring forward (``decoder.py``) runs on this view, so the same code scores a
-Hugging Face model and the modules vLLM has loaded (``vllm_ext/weights.py``).
+Hugging Face model and the modules vLLM has loaded (``serving/weights.py``).
 Every tensor is detached: weights never enter the autograd graph.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import SemgradError
+from ..errors import SemgradError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

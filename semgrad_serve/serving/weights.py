@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import SemgradError
-from ..weights import DecoderWeights, LayerWeights, build_decoder_weights, check_family, layer_windows
+from ..model.weights import DecoderWeights, LayerWeights, build_decoder_weights, check_family, layer_windows
 
 
 def keep_dense_cpu_weights() -> None:

@@ -22,11 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import baselines, judges, metrics, tied_head
-from .errors import ItemError, SemgradError
+from ..scoring import tied_head
+from . import baselines, judges, metrics
+from ..errors import ItemError, SemgradError
 from .generation import MAX_NEW_TOKENS, PAPER_PROMPT, Generation, make_generator, paper_messages
-from .jsonl import read_queries
-from .profiles import ModelProfile
+from ..jsonl import read_queries
+from ..scoring.profiles import ModelProfile
 
 # (key, label, family); the order of the tables
 METHODS = [
@@ -438,7 +439,7 @@ def write_items(path: Path, runs: list[DatasetRun]) -> None:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    from .scorer import Scorer
+    from ..scoring.scorer import Scorer
 
     if cfg.judge not in judges.JUDGES:
         raise SemgradError(f"unknown judge {cfg.judge!r}; choose one of {', '.join(judges.JUDGES)}")
@@ -454,7 +455,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         cfg.paragrad_tied = scorer.profile.paragrad_tied
     if cfg.paragrad_tied:
         tied_head.check_tied(scorer.weights)
-    from .default_model import default_model_dir
+    from ..model.default_model import default_model_dir
 
     model_dir = Path(cfg.model) if cfg.model else default_model_dir()
     extra = []
