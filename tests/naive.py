@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from semgrad_serve.scoring.batch import hybrid
+from semgrad_serve.scoring.items import hybrid
 
 
 def _forward(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semgrad_serve.scoring.band_pass import PreparedItem
+from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.kernels import select_kernels
 from naive import naive_scores
 from semgrad_serve.scoring.batch import score_batch

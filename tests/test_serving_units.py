@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from semgrad_serve.scoring.band_pass import PreparedItem
+from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError, SemgradError
 from semgrad_serve.kernels import select_kernels

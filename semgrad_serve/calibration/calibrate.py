@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from ..errors import SemgradError
 from ..evaluation.generation import PAPER_PROMPT, paper_messages
 from ..jsonl import read_queries
+from ..scoring.items import DEFAULT_SCORE
 from ..scoring.profiles import ModelProfile, TStarRule, deeper_half
 from ..scoring.scorer import chat_prompt_ids
 from .sps import SPSTable, best_position, choose_band, position_labels, scan, t_star_rule
@@ -105,7 +106,7 @@ def build_profile(base: ModelProfile | None, config: Any, cal: Calibration, sour
     summary = {"paraphrases": source, "date": datetime.date.today().isoformat(), **cal.summary()}
     name = f"{base.name if base is not None else getattr(config, 'model_type', 'model')}-calibrated"
     return ModelProfile(
-        name=name, t_star=cal.rule, band=cal.band, score=base.score if base is not None else "hybridgrad",
+        name=name, t_star=cal.rule, band=cal.band, score=base.score if base is not None else DEFAULT_SCORE,
         threshold=None, match=match, calibration={"sps": summary},
     )
 

@@ -8,6 +8,7 @@ import json
 import torch
 
 from ..errors import ItemError, SemgradError
+from ..scoring.items import SCORE_NAMES
 from .common import add_convention_arguments, add_model_arguments, scorer_from_args
 
 
@@ -34,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(result, ItemError):
         raise SemgradError(str(result))
     report = scorer.report(result)
-    print(json.dumps({k: report[k] for k in ("semgrad", "paragrad", "paragrad_tied", "hybridgrad", "exgrad", "mean_entropy", "stop_token", "score", "threshold", "flagged")}, indent=2))
+    print(json.dumps({k: report[k] for k in (*SCORE_NAMES, "stop_token", "score", "threshold", "flagged")}, indent=2))
     return 0

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..scoring import tied_head
+from ..scoring.items import GRADIENT_SCORES
 from . import baselines, judges, metrics
 from ..errors import ItemError, SemgradError
 from .generation import MAX_NEW_TOKENS, PAPER_PROMPT, Generation, make_generator, paper_messages
@@ -200,13 +201,13 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
             run.excluded[i] = "empty answer"
     _log(f"{run.name}: gradient pass (SemGrad, ParaGrad, HybridGrad, ExGrad)")
     results = _timed(run, "gradient pass", scorer.score, pairs, cfg.batch_size, cfg.progress)
-    for key in ("semgrad", "paragrad", "hybridgrad", "exgrad"):
+    for key in GRADIENT_SCORES:
         run.scores[key] = list(nan)
     for i, r in enumerate(results):
         if isinstance(r, ItemError):
             run.excluded.setdefault(i, str(r))
             continue
-        for key in ("semgrad", "paragrad", "hybridgrad", "exgrad"):
+        for key in GRADIENT_SCORES:
             run.scores[key][i] = getattr(r, key)
     if cfg.paragrad_tied:
         _log(f"{run.name}: tied-head ParaGrad (a backward through every layer and position)")
@@ -255,7 +256,7 @@ def tied_paragrads(scorer: Any, pairs: list[tuple[list[int], list[int]]], result
 def method_seconds(run: DatasetRun, key: str) -> float | None:
     """Seconds per answer that ``key`` costs on top of generating the greedy answer."""
     s = run.seconds
-    if key in ("semgrad", "paragrad", "hybridgrad", "exgrad"):
+    if key in GRADIENT_SCORES:
         total = s.get("gradient pass")
     elif key == "paragrad_tied":
         total = s.get("gradient pass", 0.0) + s.get("tied backward", 0.0)

@@ -20,31 +20,15 @@ The last answer token is never fed in: no position that matters attends to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..model.decoder import context_step, layer_forward, rms_norm, rotary, window_masks
 from ..model.weights import DecoderWeights
-
-if TYPE_CHECKING:
-    from .shared_prefix import SharedPrefix
-
-
-@dataclass(frozen=True)
-class PreparedItem:
-    """Token ids of one prompt and answer, with the prompt position of t* and its token."""
-
-    prompt_ids: tuple[int, ...]
-    answer_ids: tuple[int, ...]
-    t_star: int
-    t_star_token: str = ""
-
-    @property
-    def length(self) -> int:
-        """Tokens the scoring forward runs on (the last answer token is never fed in)."""
-        return len(self.prompt_ids) + len(self.answer_ids) - 1
+from .items import PreparedItem
+from .shared_prefix import SharedPrefix
 
 
 @dataclass

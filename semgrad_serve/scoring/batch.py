@@ -10,48 +10,15 @@ are formed for a bounded number of answer rows at a time (``HEAD_CHUNK_ELEMENTS`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from .band_pass import PreparedItem, band_pass
 from ..kernels import Kernels
-from .shared_prefix import SharedPrefix
 from ..model.weights import DecoderWeights
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """All scores of one answer (higher = more uncertain) and what they were computed from."""
-
-    semgrad: float
-    paragrad: float
-    hybridgrad: float
-    exgrad: float | None  # None where not asked for (the server skips it unless it is the flag's score)
-    mean_entropy: float
-    token_entropies: list[float]
-    token_logprobs: list[float]
-    t_star: int
-    t_star_token: str
-    band: tuple[int, int]
-    prompt_tokens: int
-    answer_tokens: int  # the stop token included where counted
-    stop_token: bool = False  # the answer's last token is the model's end-of-turn / EOS token, and was scored
-    paragrad_tied: float | None = None  # the authors' tied-head ParaGrad (``tied_head.py``), where asked for
-
-    def scores(self) -> dict[str, float]:
-        names = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy", "paragrad_tied")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def hybrid(paragrad: float, semgrad: float, mean_entropy: float) -> float:
-    """HybridGrad = α·ParaGrad + (1−α)·SemGrad with α = exp(−mean_entropy)."""
-    alpha = math.exp(-mean_entropy)
-    return alpha * paragrad + (1 - alpha) * semgrad
+from .band_pass import band_pass
+from .items import PreparedItem, ScoreResult, hybrid
+from .shared_prefix import SharedPrefix
 
 
 # Answer rows whose logits [rows, V] are formed at once: bounds the head's memory (256 MiB of float32),

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ItemError, SemgradError
+from .items import DEFAULT_SCORE, FLAG_SCORES
 
-SCORE_NAMES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 PROFILE_FILE_IN_MODEL_DIR = "semgrad_profile.json"
 
 
@@ -48,7 +48,7 @@ class ModelProfile:
     name: str
     t_star: TStarRule
     band: tuple[int, int] | None = None  # first and last hidden-state index; None = the deeper half
-    score: str = "hybridgrad"  # the score compared with the threshold
+    score: str = DEFAULT_SCORE  # the score compared with the threshold
     threshold: float | None = None
     match: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
@@ -87,7 +87,7 @@ class ModelProfile:
                 name=str(doc.get("name", source)),
                 t_star=TStarRule(token=str(rule["token"]), offset=int(rule.get("offset", 0))),
                 band=None if band is None else (int(band[0]), int(band[1])),
-                score=str(doc.get("score", "hybridgrad")),
+                score=str(doc.get("score", DEFAULT_SCORE)),
                 threshold=None if doc.get("threshold") is None else float(doc["threshold"]),
                 match=dict(doc.get("match") or {}),
                 calibration=doc.get("calibration"),
@@ -95,8 +95,8 @@ class ModelProfile:
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SemgradError(f"{source}: not a valid profile ({exc.__class__.__name__}: {exc})") from None
-        if profile.score not in SCORE_NAMES:
-            raise SemgradError(f"{source}: score must be one of {', '.join(SCORE_NAMES)}, not {profile.score!r}")
+        if profile.score not in FLAG_SCORES:
+            raise SemgradError(f"{source}: score must be one of {', '.join(FLAG_SCORES)}, not {profile.score!r}")
         return profile
 
     @classmethod

@@ -15,11 +15,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm import tqdm
 
-from .band_pass import PreparedItem
 from ..errors import ItemError, SemgradError
 from ..kernels import Kernels, select_kernels
 from .profiles import ModelProfile, resolve_profile
-from .batch import ScoreResult, score_batch
+from .batch import score_batch
+from .items import PreparedItem, ScoreResult
 from .shared_prefix import PrefixCache
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
 from . import tied_head

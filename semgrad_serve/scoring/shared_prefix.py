@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .band_pass import PreparedItem
 from ..model.decoder import KeyValue, context_step, rotary, window_masks
 from ..model.weights import DecoderWeights
+from .items import PreparedItem
 
 MIN_SHARED_TOKENS = 16  # below this, one more forward call costs more than it saves
 

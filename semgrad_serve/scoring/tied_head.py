@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from .band_pass import PreparedItem
 from ..model.decoder import layer_forward, rms_norm, rotary, window_masks
 from ..errors import SemgradError
 from ..kernels import Kernels
 from ..model.weights import DecoderWeights
+from .items import PreparedItem
 
 UNTIED = "paragrad_tied needs a model whose output head is its input embedding; this model's head is its own matrix"
 

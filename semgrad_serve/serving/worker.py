@@ -17,7 +17,7 @@ import torch
 from ..errors import ItemError, SemgradError
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
-from ..scoring.batch import ScoreResult
+from ..scoring.items import FLAG_SCORES, ScoreResult
 from .captures import STORE
 from .config import CAPTURE_CONNECTOR_MODULE
 from .scoring_service import Pair, ScoringService, scoring_cores
@@ -26,7 +26,8 @@ from .weights import from_vllm_model, keep_dense_cpu_weights
 keep_dense_cpu_weights()
 
 # The fields of a scored answer in the API response, in this order.
-REPORTED = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score", "threshold", "flagged", "prompt_kv")
+SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
+REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv")
 
 
 def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False) -> dict[str, Any]:
