@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from semgrad_serve.model.logprobs import token_logprobs
 from semgrad_serve.scoring.items import hybrid
 
 
@@ -32,10 +33,8 @@ def _forward(
     out = model.model(inputs_embeds=embeds, output_hidden_states=True)
     answer_rows = slice(n_prompt - 1, n_prompt + len(answer) - 1)
     logits = (out.last_hidden_state[0] @ head.T)[answer_rows] if all_logits else out.last_hidden_state[0, answer_rows] @ head.T
-    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    p = logp_all.exp()
-    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1).detach()
-    return out.hidden_states, head, logp_all.gather(1, answer[:, None]).squeeze(1), entropy
+    logp, entropy = token_logprobs(logits, answer)
+    return out.hidden_states, head, logp, entropy.detach()
 
 
 def naive_scores(

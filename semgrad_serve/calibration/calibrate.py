@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from ..errors import SemgradError
 from ..evaluation.generation import PAPER_PROMPT, paper_messages
 from ..jsonl import read_queries
+from ..model.loading import chat_prompt_ids, load_hf_model
 from ..scoring.items import DEFAULT_SCORE
-from ..scoring.profiles import ModelProfile, TStarRule, deeper_half
-from ..scoring.scorer import chat_prompt_ids
+from ..scoring.profiles import ModelProfile, TStarRule, deeper_half, resolve_profile
 from .sps import SPSTable, best_position, choose_band, position_labels, scan, t_star_rule
 
 MIN_POSITIONS = 8
@@ -165,9 +164,6 @@ def run_calibration(
     heatmap: str | None = None, dtype: str = "float32", base_profile: str | None = None,
 ) -> tuple[ModelProfile, Calibration, Path]:
     """Everything ``semgrad-serve calibrate`` does; returns the profile, the calibration and the heatmap path."""
-    from ..scoring.profiles import resolve_profile
-    from ..scoring.scorer import load_hf_model
-
     groups = read_paraphrases(paraphrases, limit)
     model, tokenizer, path = load_hf_model(model_dir, dtype)
     try:

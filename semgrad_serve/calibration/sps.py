@@ -18,13 +18,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..model.decoder import layer_forward, rotary, window_masks
 from ..errors import SemgradError
+from ..model.forward import common_prefix_length, padded_forward, prefix_keys_values
+from ..model.weights import DecoderWeights, from_hf_model
 from ..scoring.profiles import TStarRule, deeper_half
-from ..model.weights import DecoderWeights
 
 
 class SPSAccumulator:
@@ -167,74 +166,34 @@ def position_labels(prompts: Sequence[Sequence[int]], n_positions: int, id_to_to
 # -- hidden states of prompts ----------------------------------------------------------------------
 
 
-def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by every prompt."""
-    first = prompts[0]
-    n = min(len(p) for p in prompts)
-    for i in range(n):
-        t = first[i]
-        if any(p[i] != t for p in prompts):
-            return i
-    return n
-
-
 def prompt_tail_states(model: Any, prompts: Sequence[Sequence[int]], n_positions: int, batch_size: int = 16) -> torch.Tensor:
     """Hidden states [len(prompts), L + 1, n_positions, d] of the last ``n_positions`` prompt tokens.
 
     Index 0 is the embedding output, index i the residual stream after layer i, before the final norm (SPEC).
-    Runs the project's functional decoder (``decoder.layer_forward``) on ``DecoderWeights`` (or a Hugging Face
+    Runs the scoring forward's no-graph passes (``model/forward.py``) on ``DecoderWeights`` (or a Hugging Face
     model, viewed as such): the prefix that all prompts share (system prompt, instruction) is computed once and
     its keys/values are handed to every batch; the rest is right-padded, so real tokens keep their positions."""
-    from ..model.weights import DecoderWeights as _DW, from_hf_model
-
-    w = model if isinstance(model, _DW) else from_hf_model(model)
+    w = model if isinstance(model, DecoderWeights) else from_hf_model(model)
     short = [i for i, p in enumerate(prompts) if len(p) < n_positions]
     if short:
         raise SemgradError(f"prompt {short[0]} has fewer than {n_positions} tokens")
-    dev, dtype = w.device, w.dtype
     n_prefix = max(0, min(common_prefix_length(prompts), min(len(p) for p in prompts) - n_positions))
-    out = torch.empty(len(prompts), w.n_layers + 1, n_positions, w.hidden_size, dtype=dtype)
-    with torch.no_grad():
-        past: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if n_prefix:
-            pos = torch.arange(n_prefix, device=dev)[None]
-            x = F.embedding(torch.tensor([list(prompts[0][:n_prefix])], device=dev), w.embed)
-            rope = rotary(w, pos, dtype)
-            masks = window_masks(w, range(w.n_layers), pos, pos, None)
-            for layer in w.layers:
-                x, kv = layer_forward(w, layer, x, rope, masks)
-                past.append(kv)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            tails = [list(prompts[i][n_prefix:]) for i in idx]
-            lengths = torch.tensor([len(t) for t in tails], device=dev)
-            batch, width = len(idx), int(lengths.max())
-            ids = torch.zeros(batch, width, dtype=torch.long, device=dev)
-            for b, t in enumerate(tails):
-                ids[b, : len(t)] = torch.tensor(t, device=dev)
-            q_pos = n_prefix + torch.arange(width, device=dev).expand(batch, width)
-            k_pos = torch.cat((torch.arange(n_prefix, device=dev).expand(batch, n_prefix), q_pos), dim=1)
-            k_valid = torch.cat(
-                (torch.ones(batch, n_prefix, dtype=torch.bool, device=dev), torch.arange(width, device=dev)[None] < lengths[:, None]), dim=1
-            )
-            rope = rotary(w, q_pos, dtype)
-            masks = window_masks(w, range(w.n_layers), q_pos, k_pos, k_valid)
-            # gather index of each prompt's last n_positions tokens within its tail
-            cols = (lengths[:, None] - n_positions + torch.arange(n_positions, device=dev)).clamp(min=0)
-            take = lambda h: h.gather(1, cols[..., None].expand(-1, -1, h.shape[-1])).cpu()  # noqa: E731
-            x = F.embedding(ids, w.embed)
-            states = [take(x)]
-            for i, layer in enumerate(w.layers):
-                kv = None
-                if past:
-                    k, v = past[i]
-                    kv = (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                x, _ = layer_forward(w, layer, x, rope, masks, past=kv)
-                states.append(take(x))
-            stacked = torch.stack(states, dim=1)  # [B, L+1, n_positions, d]
-            for b, i in enumerate(idx):
-                out[i] = stacked[b]
+    prefix = prefix_keys_values(w, prompts[0][:n_prefix]) if n_prefix else None
+    out = torch.empty(len(prompts), w.n_layers + 1, n_positions, w.hidden_size, dtype=w.dtype)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        tails = [list(prompts[i][n_prefix:]) for i in idx]
+        # gather index of each prompt's last n_positions tokens within its tail
+        lengths = torch.tensor([len(t) for t in tails], device=w.device)
+        cols = (lengths[:, None] - n_positions + torch.arange(n_positions, device=w.device)).clamp(min=0)
+        states: list[torch.Tensor] = []
+
+        def keep_tail(h: torch.Tensor, cols: torch.Tensor = cols) -> None:
+            states.append(h.gather(1, cols[..., None].expand(-1, -1, h.shape[-1])).cpu())
+
+        padded_forward(w, tails, n_prefix, prefix, each_state=keep_tail)
+        out[idx] = torch.stack(states, dim=1)  # [B, L+1, n_positions, d]
     return out
 
 
@@ -243,8 +202,6 @@ def scan(
     groups_per_chunk: int = 8, progress: bool = True,
 ) -> SPSTable:
     """SPS over every hidden-state index and the last ``n_positions`` prompt positions for groups of prompt ids."""
-    from ..model.weights import from_hf_model
-
     weights = model if isinstance(model, DecoderWeights) else from_hf_model(model)
     acc = SPSAccumulator()
     total = sum(len(g) for g in groups)

@@ -6,12 +6,12 @@ import argparse
 import sys
 
 from ..errors import SemgradError
-from ..scoring.scorer import DTYPES
+from ..model.loading import DTYPE_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype (default: float32)")
     parser.add_argument("--paraphrases", required=True, metavar="FILE.jsonl", help='lines {"query": str, "paraphrases": [str, ...]}')
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N queries only")
     parser.add_argument("--positions", type=int, default=10, metavar="K", help="last K prompt positions to scan (≥ 8; default: 10)")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..kernels import kernel_choices
-from ..scoring.scorer import DTYPES, Scorer
+from ..model.loading import DTYPE_NAMES
+from ..scoring.scorer import Scorer
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, kernels: bool = True) -> None:
     parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype (default: float32)")
     parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, threshold); default: built-in")
     if kernels:
         parser.add_argument("--kernels", choices=kernel_choices(), default=None, help="kernel implementation (default: $SEMGRAD_KERNELS or auto)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import SemgradError
-from ..scoring.scorer import DTYPES
+from ..model.loading import DTYPE_NAMES
 from .common import add_convention_arguments
 
 
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..evaluation.judges import DEFAULT_THRESHOLDS, JUDGES
 
     parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype (default: float32)")
     parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, score); default: built-in")
     parser.add_argument("--compare-profile", action="append", default=[], metavar="FILE",
                         help="also score SemGrad and HybridGrad with this profile (e.g. a calibrated one); repeatable")

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..model.forward import right_padded, valid_mask
+from ..model.logprobs import log_softmax, token_logprobs
 from .judges import Embedder, rouge_l
 
 P_TRUE_PROMPT = (
@@ -33,13 +35,9 @@ DEFAULT_CLUSTER_THRESHOLD = 0.8
 
 
 def _right_padded(seqs: Sequence[Sequence[int]], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(list(s), device=device)
-        mask[b, : len(s)] = 1
-    return ids, mask
+    """Token ids and Hugging Face's attention mask (1 on tokens, 0 on padding) of right-padded ``seqs``."""
+    ids = right_padded(seqs, device)
+    return ids, valid_mask([len(s) for s in seqs], ids.shape[1], device).long()
 
 
 def answer_token_stats(
@@ -59,11 +57,7 @@ def answer_token_stats(
         for b, i in enumerate(idx):
             n_prompt, n_answer = len(pairs[i][0]), len(pairs[i][1])
             z = logits[b, n_prompt - 1 : n_prompt - 1 + n_answer]
-            z = z.to(torch.promote_types(z.dtype, torch.float32))
-            logp = torch.log_softmax(z, dim=-1)
-            target = torch.tensor(list(pairs[i][1]), device=dev)
-            token_logp = logp.gather(-1, target[:, None]).squeeze(-1)
-            entropy = -(logp.exp() * logp).sum(-1)
+            token_logp, entropy = token_logprobs(z, torch.tensor(list(pairs[i][1]), device=dev))
             out[i] = (token_logp.double().cpu().numpy(), entropy.double().cpu().numpy())
     return out  # type: ignore[return-value]
 
@@ -111,7 +105,7 @@ def p_true_scores(
         with torch.no_grad():
             hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(idx)), mask.sum(1) - 1]
-            logp = torch.log_softmax(model.lm_head(last).float(), dim=-1)
+            logp = log_softmax(model.lm_head(last))
         p_t = logp[:, true_ids].exp().sum(-1)
         p_f = logp[:, false_ids].exp().sum(-1)
         for b, i in enumerate(idx):

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import SemgradError
+from ..model.logprobs import log_softmax
 from ..model.stop_token import hf_eos_ids
 
 # SPEC: the prompt the paper's evaluation uses, and its decoding limit.
@@ -163,8 +164,8 @@ class HFGenerator(Generator):
             with torch.no_grad():
                 out = self.model.generate(ids, attention_mask=mask, **kwargs)
             new = out.sequences[:, width:]
-            scores = torch.stack(out.scores, dim=1).float()  # [B*n, steps, V], already temperature-scaled
-            logp = torch.log_softmax(scores, dim=-1).gather(-1, new[..., None]).squeeze(-1)
+            scores = torch.stack(out.scores, dim=1)  # [B*n, steps, V], already temperature-scaled
+            logp = log_softmax(scores).gather(-1, new[..., None]).squeeze(-1)
             for b in range(len(chunk)):
                 gens = []
                 for j in range(n):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.decoder import context_step, layer_forward, rms_norm, rotary, window_masks
+from ..model.forward import expand_prefix, padded_forward, right_padded
 from ..model.weights import DecoderWeights
 from .items import PreparedItem
 from .shared_prefix import SharedPrefix
@@ -73,9 +74,7 @@ def band_pass(
     t_star = torch.tensor([it.t_star for it in items], device=dev)
     batch, n_max = len(items), int(lengths.max())
     # keys/values of the shared positions [0, c) per layer, the same for every item
-    shared_kv = [None] * n_layers if shared is None else [
-        (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in shared.keys_values
-    ]
+    shared_kv = expand_prefix(None if shared is None else shared.keys_values, batch, n_layers)
     shared_pos = torch.arange(c, device=dev).expand(batch, c)
 
     # Split each sequence at its t*: prefix [c, t*) and suffix [t*, n).
@@ -88,27 +87,14 @@ def band_pass(
 
     if prefix_kv is None:
         first = band.start  # layers below the band run on every position, without a graph
-        ids = torch.zeros(batch, n_max - c, dtype=torch.long, device=dev)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s) - c] = torch.tensor(s[c:], device=dev)
-        with torch.no_grad():
-            x = F.embedding(ids, w.embed)
-            if first > 0:
-                pos = torch.arange(c, n_max, device=dev).expand(batch, n_max - c)
-                rope = rotary(w, pos, dtype)
-                masks = window_masks(w, range(first), pos, torch.cat((shared_pos, pos), dim=1), None)
-                for i, layer in enumerate(w.layers[:first]):
-                    x, _ = layer_forward(w, layer, x, rope, masks, past=shared_kv[i])
+        x = padded_forward(w, [s[c:] for s in seqs], c, None if shared is None else shared.keys_values, n_layers=first)
         x_suf = x.gather(1, (suf_pos - c).clamp(max=n_max - c - 1)[..., None].expand(-1, -1, x.shape[-1]))
         x_pre = x[:, : p_max - c]
         pre_rope = rotary(w, pre_pos, dtype)
         pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
     else:
         first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
-        ids = torch.zeros(batch, s_max, dtype=torch.long, device=dev)
-        for b, (s, t) in enumerate(zip(seqs, t_star.tolist())):
-            ids[b, : len(s) - t] = torch.tensor(s[t:], device=dev)
-        x_suf = F.embedding(ids, w.embed)
+        x_suf = F.embedding(right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max), w.embed)
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
 
     suf_rope = rotary(w, suf_pos, dtype)

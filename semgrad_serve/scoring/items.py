@@ -15,6 +15,9 @@ FLAG_SCORES = (*GRADIENT_SCORES, "mean_entropy")  # what a profile may compare w
 SCORE_NAMES = (*FLAG_SCORES, "paragrad_tied")  # every score; ``paragrad_tied`` is opt-in (``tied_head.py``)
 DEFAULT_SCORE = "hybridgrad"  # the SPEC's flag score
 
+# Most tokens per scoring batch, padding included (``Scorer.score``); a longer item goes alone.
+DEFAULT_BATCH_TOKENS = 4096
+
 
 @dataclass(frozen=True)
 class PreparedItem:

@@ -17,44 +17,14 @@ from tqdm import tqdm
 
 from ..errors import ItemError, SemgradError
 from ..kernels import Kernels, select_kernels
-from .profiles import ModelProfile, resolve_profile
-from .batch import score_batch
-from .items import PreparedItem, ScoreResult
-from .shared_prefix import PrefixCache
+from ..model.loading import Messages, chat_prompt_ids, load_hf_model
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
-from . import tied_head
 from ..model.weights import DecoderWeights, from_hf_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-Messages = list[dict[str, Any]]
-DEFAULT_BATCH_TOKENS = 4096
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise SemgradError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    """The chat template applied to ``messages`` with the generation prompt, tokenized as vLLM does."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, Path]:
-    """(model, tokenizer, directory) of a local Hugging Face model; the embedded default model when None."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..model.default_model import default_model_dir
-
-    path = Path(model_dir) if model_dir is not None else default_model_dir()
-    if not (path / "config.json").is_file():
-        raise SemgradError(f"{path} is not a Hugging Face model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), attn_implementation="sdpa")
-    return model.to(device).eval().requires_grad_(False), tokenizer, path
+from . import tied_head
+from .batch import score_batch
+from .items import DEFAULT_BATCH_TOKENS, PreparedItem, ScoreResult
+from .profiles import ModelProfile, resolve_profile
+from .shared_prefix import PrefixCache
 
 
 class Scorer:

@@ -3,7 +3,7 @@
 Chat prompts share their template's head, a system prompt and often an instruction
 (the paper's "Please directly answer ..."). Those positions lie before t*, so the
 scoring forward needs only their keys/values at every layer, as constants:
-``shared_prefix`` computes them once (batch 1, no graph) and ``band_pass`` runs each
+``shared_prefix`` computes them once (``model/forward.py``) and ``band_pass`` runs each
 item from the end of the prefix on. ``PrefixCache`` keeps the last one while batches
 keep starting with it, as a server's requests do.
 """
@@ -13,10 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
-
-from ..model.decoder import KeyValue, context_step, rotary, window_masks
+from ..model.decoder import KeyValue
+from ..model.forward import common_prefix_length, prefix_keys_values
 from ..model.weights import DecoderWeights
 from .items import PreparedItem
 
@@ -37,26 +35,7 @@ class SharedPrefix:
 
 def shared_prefix(w: DecoderWeights, ids: Sequence[int]) -> SharedPrefix:
     """Run ``ids`` through every layer without a graph and keep each layer's keys/values."""
-    pos = torch.arange(len(ids), device=w.device)[None]
-    rope = rotary(w, pos, w.dtype)
-    masks = window_masks(w, range(w.n_layers), pos, pos, None)
-    kvs = []
-    with torch.no_grad():
-        x = F.embedding(torch.tensor([list(ids)], device=w.device), w.embed)
-        for i in range(w.n_layers):
-            x, kv = context_step(w, i, x, rope, masks)
-            kvs.append(kv)
-    return SharedPrefix(tuple(ids), tuple(kvs))
-
-
-def common_prefix_length(items: Sequence[PreparedItem]) -> int:
-    """Length of the longest prompt prefix all items share, ending at or before every item's t*."""
-    limit = min(it.t_star for it in items)
-    first = items[0].prompt_ids
-    for n in range(limit):
-        if any(it.prompt_ids[n] != first[n] for it in items[1:]):
-            return n
-    return limit
+    return SharedPrefix(tuple(ids), prefix_keys_values(w, ids))
 
 
 class PrefixCache:
@@ -75,7 +54,8 @@ class PrefixCache:
             return self.entry
         if len(items) < 2:
             return None
-        n = common_prefix_length(items)
+        # the prefix must end at or before every item's t*
+        n = common_prefix_length([it.prompt_ids for it in items], limit=min(it.t_star for it in items))
         if n < self.min_tokens:
             return None
         self.entry = shared_prefix(w, items[0].prompt_ids[:n])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..model.decoder import layer_forward, rms_norm, rotary, window_masks
 from ..errors import SemgradError
 from ..kernels import Kernels
+from ..model.decoder import layer_forward, rms_norm, rotary, window_masks
 from ..model.weights import DecoderWeights
 from .items import PreparedItem
 
