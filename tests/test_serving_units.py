@@ -20,7 +20,7 @@ from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.serving.captures import CaptureStore
 from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
 from semgrad_serve.serving.scoring_service import ScoringService
-from semgrad_serve.serving.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from semgrad_serve.serving.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, TEST_FAULT_MARKER, WORKER_EXTENSION, ScoringSettings
 from semgrad_serve.serving.weights import from_vllm_model
 from semgrad_serve.model.weights import from_hf_model
 
@@ -116,9 +116,9 @@ def service_and_client(score: FakeScore, store: CaptureStore | None = None, max_
     return service, ScoringClient(service.address, service.authkey, capture=True)
 
 
-def score_concurrently(client: ScoringClient, jobs: list[tuple[str | None, list[int]]], faults: set[int] = frozenset()) -> list[list[dict]]:
+def score_concurrently(client: ScoringClient, jobs: list[tuple[str | None, list[int]]]) -> list[list[dict]]:
     async def go() -> list[list[dict]]:
-        calls = [client.score(key, [([p], [1]) for p in prompts], i in faults) for i, (key, prompts) in enumerate(jobs)]
+        calls = [client.score(key, [([p], [1]) for p in prompts]) for key, prompts in jobs]
         return await asyncio.gather(*calls)
 
     return asyncio.run(go())
@@ -134,9 +134,12 @@ def test_service_batches_what_arrives_while_it_scores_and_keeps_each_answer_its_
 
 
 def test_a_failing_request_does_not_sink_its_batch() -> None:
-    score = FakeScore(delay=0.1)
-    _, client = service_and_client(score)
-    results = score_concurrently(client, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])], faults={4})
+    """Two failing requests (one by the test seam the server tests use) in a batch of five: the others are scored."""
+    from semgrad_serve.serving.worker import with_test_faults
+
+    marked = SimpleNamespace(decode=lambda ids: TEST_FAULT_MARKER if 4 in ids else "a prompt")
+    _, client = service_and_client(with_test_faults(FakeScore(delay=0.1), marked))
+    results = score_concurrently(client, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])])
     assert [r[0].get("semgrad") for r in results] == [0, 1, None, 3, None]
     assert "scoring failed: boom" in results[2][0]["error"] and "injected" in results[4][0]["error"]
 

@@ -27,8 +27,10 @@ CAPTURE_KV_TRANSFER_CONFIG = json.dumps(
 
 PROFILE_ENV = "SEMGRAD_SERVE_PROFILE"
 MAX_BATCH_ENV = "SEMGRAD_SERVE_MAX_BATCH"
-# Test hook: when "1", a request field ``semgrad_test_fault: true`` makes its scoring fail.
+# Test seam, read once by the worker extension (``worker.with_test_faults``): when "1", scoring fails for a
+# batch holding a prompt that contains TEST_FAULT_MARKER. Never set in production.
 TEST_FAULTS_ENV = "SEMGRAD_SERVE_TEST_FAULTS"
+TEST_FAULT_MARKER = "semgrad-test-fault"
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,6 @@ class ScoringSettings:
 
     profile: str | None = None
     max_batch: int = 16
-    test_faults: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -49,7 +50,6 @@ class ScoringSettings:
             return cls(
                 profile=env.get(PROFILE_ENV) or None,
                 max_batch=int(env.get(MAX_BATCH_ENV) or cls.max_batch),
-                test_faults=env.get(TEST_FAULTS_ENV) == "1",
             )
         except ValueError as exc:
             raise SemgradError(f"{MAX_BATCH_ENV} must be a whole number: {exc}") from None

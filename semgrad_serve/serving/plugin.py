@@ -16,9 +16,9 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from ..errors import SemgradError
-from .config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, TEST_FAULTS_ENV, WORKER_EXTENSION, ScoringSettings, log
-from .scoring_client import ScoringClient
+from .config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, log
 from .routes import router
+from .scoring_client import ScoringClient
 
 
 class SemgradPlugin:
@@ -49,9 +49,6 @@ class SemgradPlugin:
             raise SemgradError("SemGrad scoring runs in one vLLM worker: tensor-, pipeline- and data-parallel sizes must be 1")
         info = infos[0]
         state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), info["capture"])
-        state.semgrad_test_faults = settings.test_faults
         log.info("SemGrad scoring ready: %s", info)
         if not info["capture"]:
             log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)
-        if settings.test_faults:
-            log.warning("%s=1: the scoring fault test hook is on; do not use this server in production", TEST_FAULTS_ENV)

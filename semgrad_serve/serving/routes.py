@@ -34,7 +34,6 @@ from .scoring_client import ScoringClient
 router = APIRouter()
 
 OPT_OUT_FIELD = "semgrad"
-FAULT_FIELD = "semgrad_test_fault"  # honoured only when the server runs with the test hook on
 _SWITCH = {"1": True, "0": False, "true": True, "false": False, "on": True, "off": False}
 ECHO_WITHOUT_IDS = "not scored: with echo, request the token ids too (\"return_token_ids\": true)"
 NO_IDS = "not scored: vLLM returned no token ids for this choice"
@@ -86,9 +85,9 @@ class _Choices:
     """Token ids per choice, gathered from a response or from stream chunks, and the scoring of each choice."""
 
     def __init__(
-        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool, scorable: bool, fault: bool
+        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool, scorable: bool
     ) -> None:
-        self.client, self.key, self.keep_ids, self.scorable, self.fault = client, key, keep_ids, scorable, fault
+        self.client, self.key, self.keep_ids, self.scorable = client, key, keep_ids, scorable
         self.stop, self.include_stop = stop, include_stop
         self.shared_prompt: list[int] | None = None  # chat: one prompt for all choices
         self.prompts: dict[int, list[int]] = {}  # completions: the prompt of each choice
@@ -128,7 +127,7 @@ class _Choices:
             else:
                 todo.append((choice, (prompt, answer), stop_token))
         if todo:
-            results = await self.client.score(self.key, [pair for _, pair, _ in todo], self.fault)
+            results = await self.client.score(self.key, [pair for _, pair, _ in todo])
             for (choice, _, stop_token), result in zip(todo, results):
                 choice["semgrad"] = result if "error" in result else {**result, "stop_token": stop_token}
 
@@ -165,14 +164,13 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
     keep_ids = bool(request.return_token_ids)
     # vLLM drops the echoed prompt text when ids are returned, so echo is scored only if the client asked for ids.
     scorable = keep_ids or not getattr(request, "echo", False)
-    fault = raw_request.app.state.semgrad_test_faults and (request.model_extra or {}).get(FAULT_FIELD) is True
     key = client.new_key() if scorable else None
     if scorable:
         request.return_token_ids = True
     if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
         request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
     stop = StopTokens.of(raw_request.app.state)
-    choices = _Choices(client, key, stop, bool(request.include_stop_str_in_output), keep_ids, scorable, fault)
+    choices = _Choices(client, key, stop, bool(request.include_stop_str_in_output), keep_ids, scorable)
 
     streaming = False
     try:

@@ -14,8 +14,8 @@ captured prompt keys/values; the others recompute the prompt, with the same
 scores. Answers that arrive while a batch is scored form the next batch (at
 most ``max_batch`` answers, one backward per batch).
 
-Messages (pickled tuples): API server → worker ``("score", job, key, pairs,
-fault)`` and ``("drop", key)``; worker → API server ``("result", job, reports,
+Messages (pickled tuples): API server → worker ``("score", job, key, pairs)``
+and ``("drop", key)``; worker → API server ``("result", job, reports,
 batch_size)`` where ``batch_size`` is set on the first job of each batch only.
 """
 
@@ -49,7 +49,6 @@ class Job:
     job: int
     key: str | None
     pairs: list[Pair]
-    fault: bool
     received: float = field(default_factory=time.monotonic)
 
 
@@ -83,9 +82,9 @@ class ScoringService:
                 log.warning("SemGrad: the API server closed the scoring connection")
                 return
             if message[0] == "score":
-                _, job, key, pairs, fault = message
+                _, job, key, pairs = message
                 with self._arrived:
-                    self._jobs.append(Job(job, key, pairs, fault))
+                    self._jobs.append(Job(job, key, pairs))
                     self._arrived.notify()
             elif message[0] == "drop":
                 self._store.drop(message[1])
@@ -120,8 +119,6 @@ class ScoringService:
         pairs = [pair for job in jobs for pair in job.pairs]
         prefixes = [self._prefix(job, pair[0]) for job in jobs for pair in job.pairs]
         try:
-            if any(job.fault for job in jobs):
-                raise RuntimeError("injected scoring fault (test hook)")
             reports = self._score(pairs, prefixes)
         except Exception as exc:  # noqa: BLE001 - whatever failed, every answer must get a result
             if len(jobs) > 1:

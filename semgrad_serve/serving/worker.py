@@ -10,17 +10,18 @@ which is when vLLM imports worker extensions.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
 
 from ..errors import ItemError, SemgradError
+from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
-from ..scoring.items import FLAG_SCORES, ScoreResult
 from .captures import STORE
-from .config import CAPTURE_CONNECTOR_MODULE
-from .scoring_service import Pair, ScoringService, scoring_cores
+from .config import CAPTURE_CONNECTOR_MODULE, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
+from .scoring_service import Pair, ScoreFn, ScoringService, scoring_cores
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
@@ -51,6 +52,18 @@ def capture_state(kv_transfer_config: Any) -> bool:
         f"SemGrad scoring needs its own KV connector ({CAPTURE_CONNECTOR_MODULE}); "
         f"this server runs {kv_transfer_config.kv_connector!r}: drop --kv-transfer-config"
     )
+
+
+def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
+    """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
+    text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
+
+    def score_or_fail(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
+        if any(TEST_FAULT_MARKER in tokenizer.decode(prompt) for prompt, _ in pairs):
+            raise RuntimeError("injected scoring fault (test hook)")
+        return score(pairs, prefixes)
+
+    return score_or_fail
 
 
 class SemgradWorkerExtension:
@@ -86,6 +99,9 @@ class SemgradWorkerExtension:
             results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes)
             return [answer_report(scorer, r, kv is not None) for r, kv in zip(results, prefixes)]
 
+        if os.environ.get(TEST_FAULTS_ENV) == "1":
+            log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
+            score = with_test_faults(score, tokenizer)
         cores = scoring_cores(set(api_cores))
         self.semgrad_service = ScoringService(score, STORE, max_batch, cores)
         band = scorer.band
