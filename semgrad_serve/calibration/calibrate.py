@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import SemgradError
-from ..evaluation.generation import PAPER_PROMPT, paper_messages
+from ..evaluation.prompts import PAPER_PROMPT, paper_messages
 from ..jsonl import read_queries
 from ..model.loading import chat_prompt_ids, load_hf_model
 from ..scoring.items import DEFAULT_SCORE

@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from ..model.forward import right_padded, valid_mask
 from ..model.logprobs import log_softmax, token_logprobs
+from .config import DEFAULT_CLUSTER_THRESHOLD
 from .judges import Embedder, rouge_l
 
 P_TRUE_PROMPT = (
     "Question: {question}\nProposed answer: {answer}\n"
     "Is the proposed answer true or false? Reply with one word: True or False."
 )
-DEFAULT_CLUSTER_THRESHOLD = 0.8
 
 
 def _right_padded(seqs: Sequence[Sequence[int]], device: Any) -> tuple[torch.Tensor, torch.Tensor]:

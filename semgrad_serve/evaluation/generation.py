@@ -25,18 +25,8 @@ from tqdm import tqdm
 from ..errors import SemgradError
 from ..model.logprobs import log_softmax
 from ..model.stop_token import hf_eos_ids
-
-# SPEC: the prompt the paper's evaluation uses, and its decoding limit.
-PAPER_PROMPT = "Please directly answer the following question with one or few words:\n{query}"
-MAX_NEW_TOKENS = 150
-
-GENERATORS = ("vllm", "hf")
-
-
-def paper_messages(query: str) -> list[dict[str, str]]:
-    """The chat the paper's evaluation sends for one question."""
-    return [{"role": "user", "content": PAPER_PROMPT.format(query=query)}]
-
+from .config import GENERATORS
+from .prompts import MAX_NEW_TOKENS
 
 @dataclass
 class Generation:
