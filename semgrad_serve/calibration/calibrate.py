@@ -161,11 +161,11 @@ def plot_heatmap(cal: Calibration, path: str | Path, title: str = "") -> None:
 
 def run_calibration(
     model_dir: str | None, paraphrases: str, limit: int | None, n_positions: int, batch_size: int, out: str,
-    heatmap: str | None = None, dtype: str = "float32", base_profile: str | None = None,
+    heatmap: str | None = None, dtype: str = "float32", base_profile: str | None = None, device: str = "cpu",
 ) -> tuple[ModelProfile, Calibration, Path]:
     """Everything ``semgrad-serve calibrate`` does; returns the profile, the calibration and the heatmap path."""
     groups = read_paraphrases(paraphrases, limit)
-    model, tokenizer, path = load_hf_model(model_dir, dtype)
+    model, tokenizer, path = load_hf_model(model_dir, dtype, device)
     try:
         base = resolve_profile(model.config, tokenizer.chat_template, path, base_profile)
     except SemgradError:

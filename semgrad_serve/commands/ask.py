@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ..errors import ItemError, SemgradError
 from ..scoring.items import SCORE_NAMES
 from .common import add_convention_arguments, add_model_arguments, scorer_from_args
@@ -14,7 +12,7 @@ from .common import add_convention_arguments, add_model_arguments, scorer_from_a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question")
-    add_model_arguments(parser)
+    add_model_arguments(parser, kernels=True)
     add_convention_arguments(parser)
     parser.add_argument("--max-tokens", type=int, default=150, metavar="N", help="most answer tokens (default: 150)")
 
@@ -22,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise SemgradError("the question is empty")
+    import torch
+
     scorer = scorer_from_args(args)
     prompt = scorer.prompt_ids([{"role": "user", "content": args.question}])
     ids = torch.tensor([prompt], device=scorer.weights.device)

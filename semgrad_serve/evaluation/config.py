@@ -18,6 +18,7 @@ class EvalConfig:
     datasets: list[str]
     model: str | None = None
     dtype: str = "float32"
+    device: str = "cpu"  # where the scorer's model runs (vLLM places its own)
     profile: str | None = None
     compare_profiles: list[str] = field(default_factory=list)
     limit: int | None = None

@@ -184,7 +184,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     runs = [DatasetRun(name, str(path), read_dataset(path, cfg.limit)) for name, path in zip(names, cfg.datasets)]
     compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
 
-    scorer = Scorer.from_pretrained(cfg.model, cfg.dtype, cfg.profile, paragrad_tied=False)  # timed apart: score_all
+    scorer = Scorer.from_pretrained(cfg.model, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False)  # timed apart: score_all
     if cfg.paragrad_tied is None:
         cfg.paragrad_tied = scorer.profile.paragrad_tied
     if cfg.paragrad_tied:

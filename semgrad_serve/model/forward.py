@@ -18,11 +18,19 @@ from .decoder import KeyValue, context_step, layer_forward, rotary, window_masks
 from .weights import DecoderWeights
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, asynchronously (no stream sync)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def right_padded(seqs: Sequence[Sequence[int]], device: torch.device | str, width: int | None = None) -> torch.Tensor:
     """Token ids [len(seqs), width] (default: the longest), each sequence from column 0 and zeros after it;
-    one host-to-device copy."""
+    built on the host and sent in one copy."""
     width = max(len(s) for s in seqs) if width is None else width
-    return torch.tensor([[*s, *[0] * (width - len(s))] for s in seqs], dtype=torch.long, device=device)
+    return to_device(torch.tensor([[*s, *[0] * (width - len(s))] for s in seqs], dtype=torch.long), device)
 
 
 def valid_mask(lengths: Sequence[int], width: int, device: torch.device | str) -> torch.Tensor:
@@ -47,7 +55,7 @@ def prefix_keys_values(w: DecoderWeights, ids: Sequence[int]) -> tuple[KeyValue,
     masks = window_masks(w, range(w.n_layers), pos, pos, None)
     kvs = []
     with torch.no_grad():
-        x = F.embedding(torch.tensor([list(ids)], device=w.device), w.embed)
+        x = F.embedding(to_device(torch.tensor([list(ids)]), w.device), w.embed)
         for i in range(w.n_layers):
             x, kv = context_step(w, i, x, rope, masks)
             kvs.append(kv)
