@@ -1,4 +1,4 @@
-"""The package's shape: no import cycles between its modules."""
+"""The package's shape: no import cycles between its modules, and packages that depend only on those below them."""
 
 from __future__ import annotations
 
@@ -77,3 +77,29 @@ def test_the_graph_sees_imports() -> None:
 def test_no_import_cycles() -> None:
     assert cycles(import_graph()) == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check can fail
+
+
+# What each top-level part of semgrad_serve may import: the data path top to bottom, model/ and kernels/ at the bottom.
+ALLOWED = {
+    "errors": set(),
+    "jsonl": {"errors"},
+    "kernels": {"errors"},
+    "model": {"errors"},
+    "scoring": {"errors", "kernels", "model"},
+    "serving": {"errors", "model", "scoring"},
+    "evaluation": {"errors", "jsonl", "model", "scoring"},
+    "calibration": {"errors", "jsonl", "model", "scoring", "evaluation"},  # the evaluation prompt
+    "commands": {"errors", "jsonl", "kernels", "model", "scoring", "serving", "evaluation", "calibration"},
+    "cli": {"errors"},  # the commands are imported by name, one at a time
+}
+
+
+def part(module: str) -> str:
+    """The top-level part of semgrad_serve a module belongs to (``semgrad_serve.model.decoder`` → ``model``)."""
+    return module.split(".")[1] if "." in module else "__init__"
+
+
+def test_packages_depend_downward() -> None:
+    found = {(part(a), part(b)) for a, targets in import_graph().items() for b in targets if part(a) != part(b)}
+    assert {p for p, _ in found} <= set(ALLOWED)
+    assert sorted((a, b) for a, b in found if b not in ALLOWED.get(a, set())) == []
