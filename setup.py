@@ -30,7 +30,7 @@ setup(
     description="Hallucination flagging for LLM serving with SemGrad scores",
     python_requires=">=3.10",
     packages=find_packages(include=["semgrad_serve", "semgrad_serve.*"]),
-    package_data={"semgrad_serve": ["profiles/*.json"]},
+    package_data={"semgrad_serve.scoring": ["profiles/*.json"]},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0",
@@ -50,7 +50,7 @@ setup(
     entry_points={
         "console_scripts": ["semgrad-serve=semgrad_serve.cli:main"],
         # vLLM's endpoint plugin (loaded when VLLM_PLUGINS names "semgrad"): scores on every completion.
-        "vllm.endpoint_plugins": ["semgrad=semgrad_serve.vllm_ext.plugin:SemgradPlugin"],
+        "vllm.endpoint_plugins": ["semgrad=semgrad_serve.serving.plugin:SemgradPlugin"],
     },
     **native_extension(),
 )

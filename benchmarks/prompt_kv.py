@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from semgrad_serve.scorer import Scorer  # noqa: E402
-from semgrad_serve.shared_prefix import shared_prefix  # noqa: E402
-from semgrad_serve.vllm_ext.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack  # noqa: E402
+from semgrad_serve.scoring.scorer import Scorer  # noqa: E402
+from semgrad_serve.scoring.shared_prefix import shared_prefix  # noqa: E402
+from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack  # noqa: E402
 
 ANSWER = "The warehouse in district three stores twenty-one crates of item thirty-nine, according to the notes."
 BLOCK_SIZE = 128

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from semgrad_serve.band_pass import PreparedItem
+from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.kernels import select_kernels
-from semgrad_serve.scoring import score_batch
-from semgrad_serve.vllm_ext.scoring_memory import scoring_reserve_bytes
-from semgrad_serve.weights import from_hf_model
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.serving.scoring_memory import scoring_reserve_bytes
+from semgrad_serve.model.weights import from_hf_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -98,7 +98,7 @@ def main() -> None:
         "dimensions; t* 8 tokens before the prompt's end; band = deeper half of layers; prompts recomputed "
         "(no prompt keys/values given). Speed-up: against the torch reference kernels in the same run. Peak "
         "extra: the allocator's peak above the weights during a batch; predicted reserve: "
-        "`scoring_reserve_bytes` (vllm_ext/scoring_memory.py) for the batch's tokens.",
+        "`scoring_reserve_bytes` (serving/scoring_memory.py) for the batch's tokens.",
         "",
         *rows,
         "",

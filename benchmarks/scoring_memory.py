@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from semgrad_serve.scorer import DEFAULT_BATCH_TOKENS  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
+from semgrad_serve.scoring.items import DEFAULT_BATCH_TOKENS  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "sciq" / "test.jsonl"
 ANSWER_TOKENS = 24
 
@@ -59,7 +60,7 @@ def _run(method: str, scorer, items) -> None:
         results = scorer.score(items, batch_size=len(items))
         assert not any(isinstance(r, Exception) for r in results), results
         return
-    from semgrad_serve.naive import naive_scores
+    from naive import naive_scores
 
     for prompt, answer in items:
         naive_scores(scorer.model, prompt, answer, len(prompt) - 4, scorer.band, paper_style=True)
@@ -67,7 +68,7 @@ def _run(method: str, scorer, items) -> None:
 
 def worker(mode: str, method: str, length: int, batch: int, repeats: int) -> dict:
     """Runs in a fresh process: one measurement, printed as JSON."""
-    from semgrad_serve.scorer import Scorer
+    from semgrad_serve.scoring.scorer import Scorer
 
     scorer = Scorer.from_pretrained()
     scorer.model.requires_grad_(True)  # the paper's model: every parameter trainable

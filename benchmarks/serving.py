@@ -39,9 +39,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 
-from semgrad_serve.vllm_ext.config import ScoringSettings  # noqa: E402
-from semgrad_serve.vllm_ext.launch import RunningServer, free_port, running_server, serve_command  # noqa: E402
+from semgrad_serve.serving.config import ScoringSettings  # noqa: E402
+from launch_server import RunningServer, free_port, running_server, serve_command  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RAG_FACTS = 60  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question
@@ -355,7 +356,7 @@ def main() -> None:
 
     import vllm
 
-    from semgrad_serve.default_model import default_model_dir
+    from semgrad_serve.model.default_model import default_model_dir
 
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     kv_bytes = int(args.kv_cache_gib * (1 << 30))

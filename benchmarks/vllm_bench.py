@@ -29,8 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 
-from semgrad_serve.vllm_ext.launch import free_port, running_server, serve_command  # noqa: E402
+from launch_server import free_port, running_server, serve_command  # noqa: E402
 
 METRICS = (
     ("request_throughput", "req/s"),
@@ -96,7 +97,7 @@ def main() -> None:
     import torch
     import vllm
 
-    from semgrad_serve.default_model import default_model_dir
+    from semgrad_serve.model.default_model import default_model_dir
 
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     tokenizer = str(model_dir)

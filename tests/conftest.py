@@ -34,6 +34,6 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def default_scorer():
-    from semgrad_serve.scorer import Scorer
+    from semgrad_serve.scoring.scorer import Scorer
 
     return Scorer.from_pretrained()

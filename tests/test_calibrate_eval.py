@@ -12,8 +12,8 @@ import torch
 
 from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
-from semgrad_serve.naive import naive_paragrad_tied
-from semgrad_serve.profiles import ModelProfile
+from naive import naive_paragrad_tied
+from semgrad_serve.scoring.profiles import ModelProfile
 
 
 def write_lines(path, lines):
@@ -45,8 +45,8 @@ def test_calibrate_end_to_end(tmp_path, default_scorer, data_dir):
     assert 1 <= first <= last <= n_states - 2 and profile.threshold is None
     # t* is a template token, and the rule finds the scanned position in a new prompt
     assert not cal["position_tokens"][cal["positions"].index(cal["t_star_position"])].endswith("*")
-    from semgrad_serve.generation import paper_messages
-    from semgrad_serve.scorer import Scorer
+    from semgrad_serve.evaluation.prompts import paper_messages
+    from semgrad_serve.scoring.scorer import Scorer
 
     scorer = Scorer(default_scorer.weights, default_scorer.tokenizer, profile)
     prompt = scorer.prompt_ids(paper_messages("Which gas do plants absorb?"))
@@ -77,7 +77,7 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     # the gradient scores = the scorer on the same token ids
     (cached,) = cache.glob("generations_qa_*.json.gz")
     gens = json.loads(gzip.decompress(cached.read_bytes()))
-    from semgrad_serve.generation import paper_messages
+    from semgrad_serve.evaluation.prompts import paper_messages
 
     queries = [json.loads(line)["query"] for line in data.read_text().splitlines()]
     for item, answer, q in zip(items, gens["answers"], queries):
@@ -156,8 +156,9 @@ def test_eval_bad_options(tmp_path, capsys):
 def test_vllm_generator_matches_hf_greedy(default_scorer):
     """The vLLM path (one engine start): same greedy tokens as Hugging Face, K samples per prompt."""
     pytest.importorskip("vllm")
-    from semgrad_serve.default_model import default_model_dir
-    from semgrad_serve.generation import HFGenerator, VLLMGenerator, paper_messages
+    from semgrad_serve.model.default_model import default_model_dir
+    from semgrad_serve.evaluation.generation import HFGenerator, VLLMGenerator
+    from semgrad_serve.evaluation.prompts import paper_messages
 
     prompts = [default_scorer.prompt_ids(paper_messages(q)) for q in ("Who proposed the theory of evolution by natural selection?", "What is the boiling point of water in Celsius?")]
     hf = HFGenerator(default_scorer.model, default_scorer.tokenizer).greedy(prompts, max_tokens=10)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -74,6 +76,11 @@ def test_score_counts_the_stop_token_unless_turned_off(tmp_path, default_scorer)
         (["score", "--input", "/dev/null", "--output", "/tmp/x.jsonl", "--batch-size", "0"], "--batch-size"),
         (["ask", "  "], "question is empty"),
         (["ask", "Hi", "--model", "/tmp"], "not a Hugging Face model directory"),
+        (["ask", "Hi", "--device", "nonsense"], "unknown device 'nonsense'"),
+        (["ask", "Hi", "--device", "meta"], "only cpu and cuda"),
+        (["score", "--input", "/dev/null", "--output", "/tmp/x.jsonl", "--kernels", "fast"], "unknown kernels 'fast'"),
+        (["calibrate", "--paraphrases", "/nonexistent.jsonl", "--device", "nonsense"], "unknown device"),
+        (["eval", "--dataset", "/nonexistent.jsonl", "--device", "nonsense"], "unknown device"),
     ],
 )
 def test_user_mistakes_print_one_line(argv: list[str], message: str, capsys) -> None:
@@ -83,8 +90,26 @@ def test_user_mistakes_print_one_line(argv: list[str], message: str, capsys) -> 
 
 
 def test_ask_answers_and_scores(capsys) -> None:
-    assert main(["ask", "What is the capital of France?", "--max-tokens", "20"]) == 0
+    assert main(["ask", "What is the capital of France?", "--max-tokens", "20", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Paris" in out
     scores = json.loads(out[out.index("{") :])
     assert scores["semgrad"] > 0 and scores["score"] == scores["hybridgrad"]
+
+
+def test_help_imports_no_heavy_module() -> None:
+    """``--help`` of the command and of every subcommand builds the parser from light modules only (torch alone
+    takes seconds to import)."""
+    code = """
+import sys
+from semgrad_serve.cli import COMMANDS, main
+for argv in ([], *([name] for name in COMMANDS)):
+    try:
+        main([*argv, "--help"])
+    except SystemExit:
+        pass
+print("heavy:", *(m for m in ("torch", "triton", "vllm", "transformers") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: semgrad-serve serve" in out
+    assert out.splitlines()[-1] == "heavy:"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from semgrad_serve import default_model
+from semgrad_serve.model import default_model
 from semgrad_serve.errors import SemgradError
 
 

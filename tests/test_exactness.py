@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semgrad_serve.band_pass import PreparedItem
+from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.kernels import select_kernels
-from semgrad_serve.naive import naive_scores
-from semgrad_serve.scoring import score_batch
-from semgrad_serve.shared_prefix import PrefixCache
-from semgrad_serve.weights import from_hf_model
+from naive import naive_scores
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.shared_prefix import PrefixCache
+from semgrad_serve.model.weights import from_hf_model
 
 from tiny_models import FAMILIES, random_items, tiny_model
 
@@ -89,7 +89,7 @@ def test_shared_prefix_matches_naive(family: str) -> None:
 
 def test_head_in_row_chunks_gives_the_same_scores(monkeypatch) -> None:
     """Logits formed a few answer rows at a time (one answer longer than a chunk) change nothing."""
-    from semgrad_serve import scoring
+    from semgrad_serve.scoring import batch as scoring
 
     assert scoring.head_groups([0, 3, 5, 12, 13], max_rows=5) == [(0, 2), (2, 3), (3, 4)]
     assert scoring.head_groups([0, 3, 5], max_rows=100) == [(0, 2)]
@@ -144,7 +144,7 @@ def test_only_probes_get_gradients() -> None:
 
 def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> None:
     """bfloat16 (vLLM's CPU default) keeps 8 mantissa bits: on the real model scores stay within ~10%."""
-    from semgrad_serve.scorer import Scorer
+    from semgrad_serve.scoring.scorer import Scorer
 
     low = Scorer.from_pretrained(dtype="bfloat16")
     questions = [("What is the capital of France?", "Paris."), ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.")]
@@ -157,7 +157,7 @@ def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> No
 
 def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
     """[n_layers, 2, kv_heads, t*, head_dim] keys/values of the prompt before t*, as vLLM's cache holds them."""
-    from semgrad_serve.shared_prefix import shared_prefix
+    from semgrad_serve.scoring.shared_prefix import shared_prefix
 
     if t_star == 0:
         return torch.zeros(weights.n_layers, 2, weights.n_kv_heads, 0, weights.head_dim, dtype=weights.dtype)
@@ -169,7 +169,7 @@ def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
 def test_given_prefix_keys_values_match_naive(family: str) -> None:
     """Items whose keys/values before t* are given (as read from vLLM's KV cache) run only from t* on,
     through every layer, with the same scores; mixed with items that recompute them, in any order."""
-    from semgrad_serve.scorer import Scorer
+    from semgrad_serve.scoring.scorer import Scorer
 
     model = tiny_model(family)
     weights = from_hf_model(model)

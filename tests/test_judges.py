@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from semgrad_serve import baselines, judges
+from semgrad_serve.evaluation import baselines, judges
 
 
 def test_normalize():
@@ -122,7 +122,7 @@ def test_cluster_and_semantic_entropy_by_hand():
 
 
 def test_sampling_scores_on_hand_made_samples(embedder):
-    from semgrad_serve.generation import Generation
+    from semgrad_serve.evaluation.generation import Generation
 
     same = [Generation([1], "Charles Darwin", [-0.5]), Generation([1], "Darwin", [-0.7]), Generation([1], "Charles Darwin.", [-0.4])]
     mixed = [Generation([1], "Charles Darwin", [-0.5]), Generation([1], "a volcano erupting", [-0.5]), Generation([1], "blue whales", [-0.5])]

@@ -10,11 +10,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import semgrad_serve.kernels as kernels  # noqa: E402
-from semgrad_serve.band_pass import PreparedItem  # noqa: E402
+from semgrad_serve.scoring.items import PreparedItem  # noqa: E402
 from semgrad_serve.errors import SemgradError  # noqa: E402
 from semgrad_serve.kernels import ENV_VAR, kernel_choices, select_kernels  # noqa: E402
-from semgrad_serve.scoring import score_batch  # noqa: E402
-from semgrad_serve.weights import from_hf_model  # noqa: E402
+from semgrad_serve.scoring.batch import score_batch  # noqa: E402
+from semgrad_serve.model.weights import from_hf_model  # noqa: E402
 
 from tiny_models import random_items, tiny_model  # noqa: E402
 

@@ -10,8 +10,8 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.request import RequestStatus
 
-from semgrad_serve.vllm_ext.captures import KV_PARAM, CaptureStore
-from semgrad_serve.vllm_ext.kv_layout import CPU_TRANSPOSED_K, TOKEN_MAJOR, layout_for, read_prefix
+from semgrad_serve.serving.captures import KV_PARAM, CaptureStore
+from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, TOKEN_MAJOR, layout_for, read_prefix
 
 
 def paged(n: int, heads: int, d: int, block_size: int, dtype: torch.dtype, seed: int = 0):
@@ -76,7 +76,7 @@ def test_capture_store_budget_age_and_missing_t_star() -> None:
 
 
 def make_connector(role: KVConnectorRole):
-    from semgrad_serve.vllm_ext.capture_connector import SemgradCaptureConnector
+    from semgrad_serve.serving.capture_connector import SemgradCaptureConnector
 
     config = SimpleNamespace(kv_transfer_config=SimpleNamespace(is_kv_producer=True))
     return SemgradCaptureConnector(config, role, None)
@@ -91,7 +91,7 @@ def test_connector_holds_only_finished_scored_requests_for_one_step(monkeypatch)
     """Scheduler side: scored requests that ended (aborted too: stop strings end requests that way) are held
     and handed to the worker; unscored and failed ones are freed at once. Worker side: the prompt up to t* is
     copied before the step's forward, and every handed request is released in the same step."""
-    from semgrad_serve.vllm_ext import capture_connector
+    from semgrad_serve.serving import capture_connector
 
     scheduler = make_connector(KVConnectorRole.SCHEDULER)
     assert scheduler.request_finished(finished("r0", RequestStatus.FINISHED_STOPPED, None, [1, 2]), [0]) == (False, None)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from semgrad_serve import metrics
+from semgrad_serve.evaluation import metrics
 from semgrad_serve.errors import SemgradError
 
 

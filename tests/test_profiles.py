@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from semgrad_serve.errors import ItemError, SemgradError
-from semgrad_serve.profiles import ModelProfile, TStarRule, builtin_profiles, resolve_profile
-from semgrad_serve.weights import check_family
+from semgrad_serve.scoring.profiles import ModelProfile, TStarRule, builtin_profiles, resolve_profile
+from semgrad_serve.model.weights import check_family
 
 
 @pytest.mark.parametrize("n_layers,first,last", [(32, 16, 31), (30, 15, 29), (5, 3, 4), (2, 1, 1)])
@@ -103,7 +103,7 @@ def test_threshold_fitted_in_another_dtype_warns(default_scorer) -> None:
     """A float32 threshold met by bfloat16 scores (or the reverse) is said, not silently used."""
     from dataclasses import replace
 
-    from semgrad_serve.scorer import Scorer
+    from semgrad_serve.scoring.scorer import Scorer
 
     fitted_bf16 = replace(default_scorer.profile, dtype="bfloat16")
     assert default_scorer.profile.dtype == "float32" and default_scorer.profile.dtype_mismatch("float32") is None

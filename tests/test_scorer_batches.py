@@ -52,7 +52,7 @@ def test_batch_bounds_must_be_positive(default_scorer) -> None:
 
 def test_exgrad_can_be_left_out(default_scorer) -> None:
     """Without ExGrad (the server's default) every other score is the same, computed in the same batch."""
-    from semgrad_serve.scorer import Scorer
+    from semgrad_serve.scoring.scorer import Scorer
 
     full = default_scorer
     lean = Scorer(full.weights, full.tokenizer, full.profile, full.kernels, exgrad=False)

@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 
-from semgrad_serve.band_pass import PreparedItem
 from semgrad_serve.kernels import select_kernels
-from semgrad_serve.naive import naive_scores
-from semgrad_serve.scoring import score_batch
-from semgrad_serve.weights import from_hf_model
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.model.weights import from_hf_model
+from naive import naive_scores
 from tiny_models import FAMILIES, random_items, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from semgrad_serve.errors import ItemError, SemgradError
-from semgrad_serve.vllm_ext.config import TEST_FAULTS_ENV
-from semgrad_serve.vllm_ext.launch import free_port, running_server, serve_command
-from semgrad_serve.vllm_ext.worker import REPORTED
+from semgrad_serve.serving.config import TEST_FAULT_MARKER, TEST_FAULTS_ENV
+from launch_server import free_port, running_server, serve_command
+from semgrad_serve.serving.worker import REPORTED
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"  # the served name of the default model
@@ -235,7 +235,7 @@ def test_a_scoring_failure_returns_the_completion_with_the_error(client) -> None
             return await asyncio.gather(
                 *(
                     aclient.chat.completions.create(
-                        model=MODEL, messages=ask(f"Count to {i + 3}."), max_tokens=12, temperature=0, extra_body={"semgrad_test_fault": i == 1}
+                        model=MODEL, messages=ask(f"Count to {i + 3}." + (f" {TEST_FAULT_MARKER}" if i == 1 else "")), max_tokens=12, temperature=0
                     )
                     for i in range(4)
                 )
@@ -300,7 +300,7 @@ def test_scoring_holds_no_block_after_a_burst_with_disconnects_and_failures(clie
             return await asyncio.gather(
                 *(chat(model=MODEL, messages=ask(f"{LONG_CONTEXT[: 200 * i]} Question {i}?"), max_tokens=12) for i in range(6)),
                 chat(model=MODEL, messages=ask("Two answers, please."), max_tokens=12, n=2, temperature=1.0),
-                chat(model=MODEL, messages=ask("Fail this one."), max_tokens=8, extra_body={"semgrad_test_fault": True}),
+                chat(model=MODEL, messages=ask(f"Fail this one. {TEST_FAULT_MARKER}"), max_tokens=8),
                 chat(model=MODEL, messages=ask("Unscored."), max_tokens=8, extra_body={"semgrad": False}),
                 abandoned_stream(aclient),
                 timed_out(aclient),

@@ -12,17 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from semgrad_serve.band_pass import PreparedItem
+from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError, SemgradError
 from semgrad_serve.kernels import select_kernels
-from semgrad_serve.scoring import score_batch
-from semgrad_serve.vllm_ext.captures import CaptureStore
-from semgrad_serve.vllm_ext.scoring_client import SERVICE_GONE, ScoringClient
-from semgrad_serve.vllm_ext.scoring_service import ScoringService
-from semgrad_serve.vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
-from semgrad_serve.vllm_ext.weights import from_vllm_model
-from semgrad_serve.weights import from_hf_model
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.serving.captures import CaptureStore
+from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
+from semgrad_serve.serving.scoring_service import ScoringService
+from semgrad_serve.serving.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, TEST_FAULT_MARKER, WORKER_EXTENSION, ScoringSettings
+from semgrad_serve.serving.weights import from_vllm_model
+from semgrad_serve.model.weights import from_hf_model
 
 from tiny_models import FAMILIES, random_items, tiny_model
 
@@ -116,9 +116,9 @@ def service_and_client(score: FakeScore, store: CaptureStore | None = None, max_
     return service, ScoringClient(service.address, service.authkey, capture=True)
 
 
-def score_concurrently(client: ScoringClient, jobs: list[tuple[str | None, list[int]]], faults: set[int] = frozenset()) -> list[list[dict]]:
+def score_concurrently(client: ScoringClient, jobs: list[tuple[str | None, list[int]]]) -> list[list[dict]]:
     async def go() -> list[list[dict]]:
-        calls = [client.score(key, [([p], [1]) for p in prompts], i in faults) for i, (key, prompts) in enumerate(jobs)]
+        calls = [client.score(key, [([p], [1]) for p in prompts]) for key, prompts in jobs]
         return await asyncio.gather(*calls)
 
     return asyncio.run(go())
@@ -134,9 +134,12 @@ def test_service_batches_what_arrives_while_it_scores_and_keeps_each_answer_its_
 
 
 def test_a_failing_request_does_not_sink_its_batch() -> None:
-    score = FakeScore(delay=0.1)
-    _, client = service_and_client(score)
-    results = score_concurrently(client, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])], faults={4})
+    """Two failing requests (one by the test seam the server tests use) in a batch of five: the others are scored."""
+    from semgrad_serve.serving.worker import with_test_faults
+
+    marked = SimpleNamespace(decode=lambda ids: TEST_FAULT_MARKER if 4 in ids else "a prompt")
+    _, client = service_and_client(with_test_faults(FakeScore(delay=0.1), marked))
+    results = score_concurrently(client, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])])
     assert [r[0].get("semgrad") for r in results] == [0, 1, None, 3, None]
     assert "scoring failed: boom" in results[2][0]["error"] and "injected" in results[4][0]["error"]
 
@@ -144,7 +147,7 @@ def test_a_failing_request_does_not_sink_its_batch() -> None:
 def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatch) -> None:
     """An answer waits for its request's capture (it arrives one engine step after the request ends) and
     runs over it; a capture of another prompt, one without keys/values, or none at all means recompute."""
-    from semgrad_serve.vllm_ext import scoring_service
+    from semgrad_serve.serving import scoring_service
 
     monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", 0.3)
     store = CaptureStore()
@@ -194,7 +197,7 @@ def test_settings_from_environment() -> None:
 
 
 def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> None:
-    from semgrad_serve.vllm_ext.worker import REPORTED, answer_report
+    from semgrad_serve.serving.worker import REPORTED, answer_report
 
     scorer = default_scorer
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
@@ -226,7 +229,7 @@ def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
     × 4096 batch tokens, plus one 2^26-element head chunk (float32 + its float32 cast): 3.58 GiB of 80."""
     from semgrad_serve.cli import build_parser
     from semgrad_serve.commands.serve import server_command
-    from semgrad_serve.default_model import default_model_dir
+    from semgrad_serve.model.default_model import default_model_dir
 
     args = build_parser().parse_args(["serve", "--dtype", "float32"])
     command = server_command(args, default_model_dir(), on_cpu=False, gpu_bytes=80 * 2**30)
@@ -254,7 +257,7 @@ def test_serve_mistakes_print_one_line(argv: list[str], message: str, capsys) ->
 
 def test_data_parallel_is_refused_at_start_up() -> None:
     """With --data-parallel-size > 1 scoring would reach only engine 0: the plugin refuses to start."""
-    from semgrad_serve.vllm_ext.plugin import SemgradPlugin
+    from semgrad_serve.serving.plugin import SemgradPlugin
 
     class NoRpc:
         async def collective_rpc(self, *args: object, **kwargs: object) -> list:
@@ -266,8 +269,8 @@ def test_data_parallel_is_refused_at_start_up() -> None:
 
 
 def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
-    from semgrad_serve.vllm_ext.config import CAPTURE_CONNECTOR_MODULE
-    from semgrad_serve.vllm_ext.worker import capture_state
+    from semgrad_serve.serving.config import CAPTURE_CONNECTOR_MODULE
+    from semgrad_serve.serving.worker import capture_state
 
     assert capture_state(None) is False
     assert capture_state(SimpleNamespace(kv_connector=None, kv_connector_module_path=None)) is False

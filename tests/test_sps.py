@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from semgrad_serve import sps
+from semgrad_serve.calibration import sps
 from semgrad_serve.errors import SemgradError
 
 

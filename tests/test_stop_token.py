@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from semgrad_serve.errors import SemgradError
-from semgrad_serve.naive import naive_paragrad_tied, naive_scores
-from semgrad_serve.profiles import ModelProfile, TStarRule
-from semgrad_serve.scorer import Scorer
-from semgrad_serve.stop_token import eos_ids, received_tokens
-from semgrad_serve.tied_head import UNTIED
-from semgrad_serve.weights import from_hf_model
+from naive import naive_paragrad_tied, naive_scores
+from semgrad_serve.scoring.profiles import ModelProfile, TStarRule
+from semgrad_serve.scoring.scorer import Scorer
+from semgrad_serve.model.stop_token import eos_ids, received_tokens
+from semgrad_serve.scoring.tied_head import UNTIED
+from semgrad_serve.model.weights import from_hf_model
 
 from tiny_models import VOCAB, random_items, tiny_model
 

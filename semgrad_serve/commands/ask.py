@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ..errors import ItemError, SemgradError
+from ..scoring.items import SCORE_NAMES
 from .common import add_convention_arguments, add_model_arguments, scorer_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question")
-    add_model_arguments(parser)
+    add_model_arguments(parser, kernels=True)
     add_convention_arguments(parser)
     parser.add_argument("--max-tokens", type=int, default=150, metavar="N", help="most answer tokens (default: 150)")
 
@@ -21,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise SemgradError("the question is empty")
+    import torch
+
     scorer = scorer_from_args(args)
     prompt = scorer.prompt_ids([{"role": "user", "content": args.question}])
     ids = torch.tensor([prompt], device=scorer.weights.device)
@@ -34,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(result, ItemError):
         raise SemgradError(str(result))
     report = scorer.report(result)
-    print(json.dumps({k: report[k] for k in ("semgrad", "paragrad", "paragrad_tied", "hybridgrad", "exgrad", "mean_entropy", "stop_token", "score", "threshold", "flagged")}, indent=2))
+    print(json.dumps({k: report[k] for k in (*SCORE_NAMES, "stop_token", "score", "threshold", "flagged")}, indent=2))
     return 0

@@ -6,12 +6,11 @@ import argparse
 import sys
 
 from ..errors import SemgradError
-from ..scorer import DTYPES
+from .common import add_model_arguments, device_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
+    add_model_arguments(parser, profile=False)
     parser.add_argument("--paraphrases", required=True, metavar="FILE.jsonl", help='lines {"query": str, "paraphrases": [str, ...]}')
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N queries only")
     parser.add_argument("--positions", type=int, default=10, metavar="K", help="last K prompt positions to scan (≥ 8; default: 10)")
@@ -26,10 +25,12 @@ def run(args: argparse.Namespace) -> int:
         raise SemgradError("--limit must be at least 2 (SPS compares different queries)")
     if args.batch_size < 1:
         raise SemgradError("--batch-size must be at least 1")
-    from ..calibrate import run_calibration
+    device = device_from_args(args)
+    from ..calibration.calibrate import run_calibration
 
     profile, cal, png = run_calibration(
-        args.model, args.paraphrases, args.limit, args.positions, args.batch_size, args.out, args.heatmap, args.dtype, args.base_profile
+        args.model, args.paraphrases, args.limit, args.positions, args.batch_size, args.out, args.heatmap, args.dtype, args.base_profile,
+        device,
     )
     rule = profile.t_star
     col = cal.table.sps[:, cal.t_star_column]

@@ -1,19 +1,38 @@
-"""Options every model-loading subcommand shares, and the scorer they describe."""
+"""The options the subcommands share (``--model``, ``--dtype``, ``--profile``, ``--device``, ``--kernels``, the
+stop-token convention) and the scorer they describe.
+
+Building the parser imports nothing heavy (no torch, Triton or vLLM): values that need them are checked
+in ``run``, before any model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..kernels import kernel_choices
-from ..scorer import DTYPES, Scorer
+from ..model.loading import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from ..scoring.scorer import Scorer
+
+SERVE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # vLLM's --dtype values that scoring supports
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, kernels: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, profile: bool = True, kernels: bool = False, serve: bool = False) -> None:
+    """``--model``, ``--dtype``, ``--profile`` (where ``profile``), ``--kernels`` (where ``kernels``) and, offline,
+    ``--device``. ``serve``: ``--dtype`` takes vLLM's values and vLLM places the model (no ``--device``)."""
     parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
-    parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, threshold); default: built-in")
+    if serve:
+        parser.add_argument("--dtype", choices=SERVE_DTYPES,
+                            help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto on GPU)")
+    else:
+        parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype (default: float32)")
+        parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    if profile:
+        parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, score, threshold); default: built-in")
     if kernels:
-        parser.add_argument("--kernels", choices=kernel_choices(), default=None, help="kernel implementation (default: $SEMGRAD_KERNELS or auto)")
+        parser.add_argument("--kernels", metavar="NAME",
+                            help="kernel implementation: auto, torch, triton or native (default: $SEMGRAD_KERNELS, else auto)")
 
 
 def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +44,20 @@ def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
                         "and position; default: the profile's setting)")
 
 
+def device_from_args(args: argparse.Namespace) -> str:
+    """``--device`` checked (a ``SemgradError`` for a bad one), or the default: cuda when available, else cpu."""
+    from ..model.loading import resolve_device
+
+    return resolve_device(args.device)
+
+
 def scorer_from_args(args: argparse.Namespace) -> Scorer:
-    return Scorer.from_pretrained(args.model, args.dtype, args.profile, getattr(args, "kernels", None),
+    """The scorer of ``add_model_arguments``' options; the device and the kernels are checked before the model loads."""
+    from ..kernels import select_kernels
+    from ..scoring.scorer import Scorer
+
+    device = device_from_args(args)
+    kernels = getattr(args, "kernels", None)
+    select_kernels(kernels, device)  # an unknown or unavailable implementation is refused here, not after loading
+    return Scorer.from_pretrained(args.model, args.dtype, args.profile, kernels, device=device,
                                   paragrad_tied=getattr(args, "paragrad_tied", None))

@@ -6,18 +6,14 @@ import argparse
 import sys
 
 from ..errors import SemgradError
-from ..scorer import DTYPES
-from .common import add_convention_arguments
+from ..evaluation.config import DEFAULT_CLUSTER_THRESHOLD, GENERATORS
+from ..evaluation.judges import DEFAULT_THRESHOLDS, JUDGES
+from ..evaluation.prompts import MAX_NEW_TOKENS
+from .common import add_convention_arguments, add_model_arguments, device_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..baselines import DEFAULT_CLUSTER_THRESHOLD
-    from ..generation import GENERATORS, MAX_NEW_TOKENS
-    from ..judges import DEFAULT_THRESHOLDS, JUDGES
-
-    parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype (default: float32)")
-    parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, score); default: built-in")
+    add_model_arguments(parser)
     parser.add_argument("--compare-profile", action="append", default=[], metavar="FILE",
                         help="also score SemGrad and HybridGrad with this profile (e.g. a calibrated one); repeatable")
     parser.add_argument("--dataset", action="append", required=True, metavar="FILE.jsonl",
@@ -46,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import EvalConfig, run_eval
-    from ..metrics import parse_target
+    from ..evaluation.config import EvalConfig
+    from ..evaluation.evaluate import run_eval
+    from ..evaluation.metrics import parse_target
 
     if args.limit is not None and args.limit < 1:
         raise SemgradError("--limit must be at least 1")
@@ -59,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise SemgradError("--temperature must be positive")
     parse_target(args.flag_target)
     cfg = EvalConfig(
-        datasets=args.dataset, model=args.model, dtype=args.dtype, profile=args.profile, compare_profiles=args.compare_profile,
+        datasets=args.dataset, model=args.model, dtype=args.dtype, device=device_from_args(args), profile=args.profile, compare_profiles=args.compare_profile,
         limit=args.limit, samples=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, generator=args.generator,
         judge=args.judge, judge_threshold=args.judge_threshold, cluster_threshold=args.cluster_threshold, flag_target=args.flag_target,
         out=args.out, prefix=args.prefix, profile_out=args.profile_out, batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed,

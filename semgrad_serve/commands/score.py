@@ -11,12 +11,12 @@ from typing import Any
 
 from ..errors import ItemError, SemgradError
 from ..jsonl import read_jsonl
-from ..scorer import DEFAULT_BATCH_TOKENS
+from ..scoring.items import DEFAULT_BATCH_TOKENS
 from .common import add_convention_arguments, add_model_arguments, scorer_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, kernels=True)
     add_convention_arguments(parser)
     parser.add_argument("--input", required=True, metavar="IN.jsonl", help='lines {"question", "answer"} or {"messages", "answer"}')
     parser.add_argument("--output", required=True, metavar="OUT.jsonl")

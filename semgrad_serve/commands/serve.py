@@ -15,22 +15,17 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
-from ..vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from ..serving.config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from .common import add_model_arguments
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 CPU_DEFAULTS = ["--gpu-memory-utilization", "0.3", "--enforce-eager"]  # on CPU: a share of RAM; no 3-minute compile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--profile", metavar="FILE", help="model profile JSON (t*, band, threshold); default: built-in")
+    add_model_arguments(parser, serve=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto on GPU)",
-    )
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are")
 
@@ -39,8 +34,8 @@ def _check_model(model_dir: Path, profile: str | None) -> None:
     """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..profiles import resolve_profile
-    from ..weights import check_family
+    from ..scoring.profiles import resolve_profile
+    from ..model.weights import check_family
 
     if not (model_dir / "config.json").is_file():
         raise SemgradError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -67,8 +62,8 @@ def gpu_memory_option(model_dir: Path, dtype: str, total_bytes: int) -> list[str
     import torch
     from transformers import AutoConfig
 
-    from ..scorer import DEFAULT_BATCH_TOKENS
-    from ..vllm_ext.scoring_memory import scoring_reserve_bytes
+    from ..scoring.items import DEFAULT_BATCH_TOKENS
+    from ..serving.scoring_memory import scoring_reserve_bytes
 
     config = AutoConfig.from_pretrained(model_dir)
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (getattr(config, "torch_dtype", None) or torch.float32)
@@ -111,7 +106,7 @@ def server_env(settings: ScoringSettings) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..default_model import default_model_dir
+    from ..model.default_model import default_model_dir
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
     settings = ScoringSettings(profile=profile, max_batch=args.max_batch)

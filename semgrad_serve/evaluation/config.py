@@ -1,0 +1,41 @@
+"""The settings of one evaluation run (``semgrad-serve eval``) and their defaults.
+
+No torch here: the CLI builds its options from these without loading the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .prompts import MAX_NEW_TOKENS
+
+GENERATORS = ("vllm", "hf")
+DEFAULT_CLUSTER_THRESHOLD = 0.8  # cosine similarity that puts two samples in one meaning cluster (semantic entropy)
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str]
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"  # where the scorer's model runs (vLLM places its own)
+    profile: str | None = None
+    compare_profiles: list[str] = field(default_factory=list)
+    limit: int | None = None
+    samples: int = 5
+    temperature: float = 1.0
+    max_tokens: int = MAX_NEW_TOKENS
+    generator: str = "vllm"
+    judge: str = "containment"
+    judge_threshold: float | None = None
+    cluster_threshold: float = DEFAULT_CLUSTER_THRESHOLD
+    flag_target: str = "recall:0.8"
+    out: str = "eval_results"
+    prefix: str = "eval"
+    profile_out: str | None = None
+    batch_size: int = 8
+    cache_dir: str | None = None
+    seed: int = 0
+    stop_token: bool = True  # score the EOS token that ended an answer (SPEC); False: the old convention
+    paragrad_tied: bool | None = None  # also the tied-head ParaGrad; None: the profile's setting
+    progress: bool = True

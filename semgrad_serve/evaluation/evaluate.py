@@ -1,0 +1,272 @@
+"""``eval``: how well each score detects wrong answers, against the baselines, with a flag threshold from data.
+
+For each dataset: greedy answers to the paper's prompt (SPEC) through vLLM (or Hugging Face), K samples per
+question for the sampling baselines, correctness from an offline judge, then every score for every answer,
+AUROC / AUPRC / PRR per method and the seconds each method costs per answer. Writes a markdown table, a JSON
+file, one PNG of ROC curves, the per-answer records (gzipped JSONL) and the profile with the flag threshold
+chosen on the pooled answers of all datasets for a target precision or recall.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ItemError, SemgradError
+from ..scoring import tied_head
+from ..scoring.items import GRADIENT_SCORES
+from ..scoring.profiles import ModelProfile
+from . import baselines, judges, metrics
+from .config import EvalConfig
+from .generation import Generation, make_generator
+from .prompts import PAPER_PROMPT, paper_messages
+from .report import compute_metrics, markdown, method_list, method_seconds, write_items, write_roc_png
+from .runs import DatasetRun, dataset_name, ended_on_eos, read_dataset, text_tokens
+
+
+def _log(msg: str) -> None:
+    print(f"[eval {datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- generation, with an optional cache so that a long run can be resumed ------------------------------------
+
+
+def _cache_path(cfg: EvalConfig, run: DatasetRun, model_dir: Path) -> Path | None:
+    if not cfg.cache_dir:
+        return None
+    key = json.dumps(["ids end on the EOS token", str(model_dir), cfg.dtype, cfg.generator, cfg.samples, cfg.temperature, cfg.max_tokens, cfg.seed,
+                      PAPER_PROMPT, [r[0] for r in run.rows]])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.cache_dir) / f"generations_{run.name}_{digest}.json.gz"
+
+
+def _load_cached(path: Path | None, run: DatasetRun) -> bool:
+    if path is None or not path.is_file():
+        return False
+    doc = json.loads(gzip.decompress(path.read_bytes()))
+    run.answers = [Generation.from_dict(a) for a in doc["answers"]]
+    run.samples = [[Generation.from_dict(s) for s in group] for group in doc["samples"]]
+    run.seconds.update(doc["seconds"])
+    _log(f"{run.name}: reusing the generations cached in {path}")
+    return True
+
+
+def _save_cache(path: Path | None, run: DatasetRun) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"answers": [a.to_dict() for a in run.answers], "samples": [[s.to_dict() for s in g] for g in run.samples],
+           "seconds": {k: v for k, v in run.seconds.items() if k in ("greedy answer", "K samples")}}
+    path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+
+
+def generate_all(cfg: EvalConfig, scorer: Any, model_dir: Path, runs: list[DatasetRun]) -> None:
+    todo = [r for r in runs if not _load_cached(_cache_path(cfg, r, model_dir), r)]
+    if not todo:
+        return
+    start = time.perf_counter()
+    generator = make_generator(cfg.generator, model_dir, scorer.model, scorer.tokenizer, cfg.dtype, cfg.seed)
+    _log(f"{cfg.generator} generator ready in {time.perf_counter() - start:.0f} s (engine start, not counted per answer)")
+    try:
+        for run in todo:
+            _log(f"{run.name}: {run.n} greedy answers (at most {cfg.max_tokens} tokens)")
+            t = time.perf_counter()
+            run.answers = generator.greedy(run.prompts, cfg.max_tokens)
+            run.seconds["greedy answer"] = time.perf_counter() - t
+            if cfg.samples > 0:
+                _log(f"{run.name}: {cfg.samples} samples per question at temperature {cfg.temperature:g}")
+                t = time.perf_counter()
+                run.samples = generator.sample(run.prompts, cfg.samples, cfg.temperature, cfg.max_tokens, cfg.seed)
+                run.seconds["K samples"] = time.perf_counter() - t
+            _save_cache(_cache_path(cfg, run, model_dir), run)
+    finally:
+        generator.close()
+
+
+# -- scores ----------------------------------------------------------------------------------------
+
+
+def _timed(run: DatasetRun, stage: str, fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    run.seconds[stage] = run.seconds.get(stage, 0.0) + time.perf_counter() - t
+    return out
+
+
+def scored_answer(cfg: EvalConfig, scorer: Any, answer: Generation) -> list[int]:
+    """The ids of a generated answer that are scored: with the EOS token that ended it unless ``cfg.stop_token`` is off."""
+    return answer.token_ids if cfg.stop_token else scorer.without_stop_token(answer.token_ids)
+
+
+def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[str, Any]], embedder: judges.Embedder) -> None:
+    n = run.n
+    nan = [math.nan] * n
+    pairs = [(p, scored_answer(cfg, scorer, a)) for p, a in zip(run.prompts, run.answers)]
+    for i, a in enumerate(run.answers):
+        if not scorer.without_stop_token(a.token_ids):
+            run.excluded[i] = "empty answer"
+    _log(f"{run.name}: gradient pass (SemGrad, ParaGrad, HybridGrad, ExGrad)")
+    results = _timed(run, "gradient pass", scorer.score, pairs, cfg.batch_size, cfg.progress)
+    for key in GRADIENT_SCORES:
+        run.scores[key] = list(nan)
+    for i, r in enumerate(results):
+        if isinstance(r, ItemError):
+            run.excluded.setdefault(i, str(r))
+            continue
+        for key in GRADIENT_SCORES:
+            run.scores[key][i] = getattr(r, key)
+    if cfg.paragrad_tied:
+        _log(f"{run.name}: tied-head ParaGrad (a backward through every layer and position)")
+        run.scores["paragrad_tied"] = _timed(run, "tied backward", tied_paragrads, scorer, pairs, results)
+    for label, other in extra:
+        _log(f"{run.name}: gradient pass with profile {label}")
+        res = _timed(run, f"gradient pass [{label}]", other.score, pairs, cfg.batch_size, cfg.progress)
+        for key in ("semgrad", "hybridgrad"):
+            run.scores[f"{key}[{label}]"] = [math.nan if isinstance(r, ItemError) else getattr(r, key) for r in res]
+
+    kept = [i for i in range(n) if i not in run.excluded]
+    _log(f"{run.name}: forward pass (NLL, entropy)")
+    stats = _timed(run, "forward pass", baselines.answer_token_stats, scorer.model, [pairs[i] for i in kept], cfg.batch_size, cfg.progress)
+    for key in ("mean_nll", "max_nll", "mean_entropy"):
+        run.scores[key] = list(nan)
+    for i, (logp, ent) in zip(kept, stats):
+        run.scores["mean_nll"][i] = baselines.mean_nll(logp)
+        run.scores["max_nll"][i] = baselines.max_nll(logp)
+        run.scores["mean_entropy"][i] = float(np.mean(ent))
+
+    _log(f"{run.name}: P(True)")
+    t = time.perf_counter()
+    prompts = baselines.p_true_prompts(scorer, [run.rows[i][0] for i in kept], [run.answers[i].text for i in kept])
+    values = baselines.p_true_scores(scorer.model, scorer.tokenizer, prompts, 2 * cfg.batch_size, cfg.progress)
+    run.seconds["P(True) pass"] = time.perf_counter() - t
+    run.scores["p_true"] = list(nan)
+    for i, v in zip(kept, values):
+        run.scores["p_true"][i] = v
+
+    if run.samples and cfg.samples >= 2:
+        _log(f"{run.name}: sampling baselines")
+        lexical, entropies, counts, t_lex, t_se = baselines.sampling_scores(run.samples, embedder, cfg.cluster_threshold, cfg.progress)
+        run.scores["lexical_similarity"] = lexical
+        run.scores["semantic_entropy"] = entropies
+        run.clusters = counts
+        run.seconds["ROUGE-L among samples"] = t_lex
+        run.seconds["embeddings + clustering"] = t_se
+
+
+def tied_paragrads(scorer: Any, pairs: list[tuple[list[int], list[int]]], results: list[Any]) -> list[float]:
+    """``paragrad_tied`` of every scored answer (NaN where it was not scored)."""
+    return [math.nan if isinstance(r, ItemError) else tied_head.paragrad_tied(scorer.weights, scorer.prepare(*pair), r.paragrad, scorer.kernels)
+            for pair, r in zip(pairs, results)]
+
+
+# -- the whole evaluation --------------------------------------------------------------------------
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    from ..scoring.scorer import Scorer
+
+    if cfg.judge not in judges.JUDGES:
+        raise SemgradError(f"unknown judge {cfg.judge!r}; choose one of {', '.join(judges.JUDGES)}")
+    target_kind, target_value = metrics.parse_target(cfg.flag_target)
+    names = [dataset_name(d) for d in cfg.datasets]
+    if len(set(names)) != len(names):
+        raise SemgradError(f"two datasets share the name {names}; give files in differently named folders")
+    runs = [DatasetRun(name, str(path), read_dataset(path, cfg.limit)) for name, path in zip(names, cfg.datasets)]
+    compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
+
+    scorer = Scorer.from_pretrained(cfg.model, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False)  # timed apart: score_all
+    if cfg.paragrad_tied is None:
+        cfg.paragrad_tied = scorer.profile.paragrad_tied
+    if cfg.paragrad_tied:
+        tied_head.check_tied(scorer.weights)
+    from ..model.default_model import default_model_dir
+
+    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+    extra = []
+    for p in compare:
+        other = type(scorer)(scorer.weights, scorer.tokenizer, p, scorer.kernels, eos_ids=scorer.eos_ids)
+        other.model = scorer.model
+        extra.append((p.name, other))
+    for run in runs:
+        run.prompts = [scorer.prompt_ids(paper_messages(q)) for q, _ in run.rows]
+        run.eos_ids = scorer.eos_ids
+
+    generate_all(cfg, scorer, model_dir, runs)
+
+    _log("judging answers (containment, ROUGE-L, embeddings)")
+    embedder = judges.default_embedder()
+    limits = {cfg.judge: cfg.judge_threshold} if cfg.judge_threshold is not None else {}
+    for run in runs:
+        run.judgements = judges.judge_all([a.text for a in run.answers], [g for _, g in run.rows], judges.JUDGES, limits, embedder)
+        score_all(cfg, scorer, run, extra, embedder)
+
+    methods = method_list(runs, [label for label, _ in extra])
+    per_judge = {r.name: {j: compute_metrics(r, methods, j) for j in judges.JUDGES} for r in runs}
+    all_metrics = {r.name: per_judge[r.name][cfg.judge] for r in runs}
+
+    # the flag threshold, on the pooled answers, for the profile's score
+    key = scorer.profile.score
+    pooled_s = np.concatenate([np.asarray(r.scores[key])[r.kept()] for r in runs])
+    pooled_w = np.concatenate([r.wrong(cfg.judge)[r.kept()] for r in runs])
+    ok = np.isfinite(pooled_s)
+    threshold = None
+    if ok.any() and pooled_w[ok].any():
+        chosen = metrics.choose_threshold(pooled_s[ok], pooled_w[ok], target_kind, target_value)
+        threshold = {"score": key, **chosen.to_dict(), "judge": cfg.judge, "datasets": names,
+                     "generator": cfg.generator, "date": datetime.date.today().isoformat()}
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_name = model_dir.name
+    report = {
+        "model": model_name,
+        "profile": scorer.profile.name,
+        "config": {k: v for k, v in cfg.__dict__.items() if k not in ("progress",)},
+        "prompt": PAPER_PROMPT,
+        "judge": {"name": cfg.judge, "rule": judges.describe(cfg.judge, cfg.judge_threshold)},
+        "methods": [{"key": k, "label": l, "kind": f} for k, l, f in methods],
+        "datasets": {
+            r.name: {
+                "file": r.path, "questions": r.n, "scored": int(r.kept().sum()), "excluded": len(r.excluded),
+                "accuracy": {j: float(1 - r.wrong(j)[r.kept()].mean()) for j in r.judgements},
+                "mean_answer_tokens": float(np.mean(text_tokens(r))),
+                "ended_on_eos": float(np.mean(ended_on_eos(r))),
+                "seconds_total": r.seconds,
+                "seconds_per_answer": {k: method_seconds(r, k) for k, _, _ in methods},
+                "greedy_seconds_per_answer": r.seconds.get("greedy answer", math.nan) / r.n,
+                "metrics": per_judge[r.name],
+            }
+            for r in runs
+        },
+        "threshold": threshold,
+    }
+    stem = out / cfg.prefix
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    described = [(s.profile.name, s.profile.t_star.token, s.profile.t_star.offset, f"{s.band.start}..{s.band.stop - 1}") for s in [scorer] + [o for _, o in extra]]
+    report["profiles"] = [dict(zip(("name", "t_star_token", "t_star_offset", "band"), d)) for d in described]
+    Path(f"{stem}.md").write_text(markdown(cfg, runs, methods, all_metrics, per_judge, threshold, scorer.profile.name, model_name, described))
+    write_roc_png(runs, methods, cfg.judge, all_metrics, Path(f"{stem}_roc.png"),
+                  f"ROC of wrong-answer detection, {model_name}, judge: {cfg.judge}")
+    write_items(Path(f"{stem}_items.jsonl.gz"), runs)
+    if threshold is not None:
+        calibration = dict(scorer.profile.calibration or {})
+        calibration["flag_threshold"] = {k: v for k, v in threshold.items() if k != "score"}
+        profile = replace(
+            scorer.profile, threshold=threshold["threshold"], calibration=calibration,
+            dtype=str(scorer.weights.dtype).removeprefix("torch."),
+        )
+        profile_path = Path(cfg.profile_out) if cfg.profile_out else Path(f"{stem}_profile.json")
+        profile.save(profile_path)
+        report["profile_path"] = str(profile_path)
+    report["files"] = [f"{stem}.md", f"{stem}.json", f"{stem}_roc.png", f"{stem}_items.jsonl.gz"]
+    return report

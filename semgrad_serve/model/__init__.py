@@ -1,0 +1,9 @@
+"""The model: a family-neutral frozen view of a decoder's weights and the forward maths over it.
+
+``weights.py`` (the view, of a Hugging Face model; vLLM's modules: ``serving/weights.py``),
+``decoder.py`` (one layer's maths), ``forward.py`` (no-graph passes: a shared prefix's
+keys/values, right-padded batches), ``logprobs.py`` (log-softmax and entropy),
+``loading.py`` (a local Hugging Face model, dtypes and devices by name, the chat template),
+``default_model.py`` (the embedded SmolLM2-135M-Instruct), ``stop_token.py`` (a model's EOS ids
+and the tokens of an answer the user receives). Nothing here imports the layers above it.
+"""

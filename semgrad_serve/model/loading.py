@@ -1,0 +1,68 @@
+"""Loading a local Hugging Face model: compute dtypes and devices by name, the directory check, the chat template.
+
+torch and transformers are imported only when a model is loaded, so that the CLI can build its options
+from ``DTYPE_NAMES`` without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SemgradError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "bfloat16", "float64")  # compute dtypes of offline scoring
+Messages = list[dict[str, Any]]
+
+
+def parse_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise SemgradError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def resolve_device(name: str | None) -> str:
+    """A device to place a model on: ``name`` checked ("cpu", "cuda", "cuda:N"), or "cuda" when one is available
+    and "cpu" otherwise."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SemgradError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise SemgradError(f"device {name!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise SemgradError(f"device {name!r}: CUDA is not available here (use --device cpu)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SemgradError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """The chat template applied to ``messages`` with the generation prompt, tokenized as vLLM does."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, Path]:
+    """(model, tokenizer, directory) of a local Hugging Face model; the embedded default model when None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_model import default_model_dir
+
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    if not (path / "config.json").is_file():
+        raise SemgradError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), attn_implementation="sdpa")
+    return model.to(device).eval().requires_grad_(False), tokenizer, path

@@ -1,0 +1,131 @@
+"""The scoring forward: autograd only where SemGrad needs it.
+
+For a batch of (prompt, answer) sequences, right-padded:
+0. a prompt prefix all items share may come as constant keys/values
+   (``shared_prefix.py``), or each item's whole prompt before t* may (read
+   from vLLM's KV cache); the items then run from its end on;
+1. layers below the band run on every position with no graph;
+2. from the band start on, each sequence is split at t*: the prefix (positions
+   before t*) runs with no graph and hands its keys/values to the suffix as
+   constants (at the last layer only its keys/values are computed); the suffix
+   (t* onwards) runs with autograd;
+3. a zero "probe" is added to each band layer's input at t*; the gradient
+   w.r.t. a probe is the total derivative of the loss w.r.t. that band hidden
+   state at t* (positions before t* cannot see t*, so nothing is lost);
+4. only the final-normed states that predict answer tokens are returned.
+Weights are detached constants, so the graph holds only the suffix activations.
+The last answer token is never fed in: no position that matters attends to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..model.decoder import context_step, layer_forward, rms_norm, rotary, window_masks
+from ..model.forward import expand_prefix, padded_forward, right_padded, to_device
+from ..model.weights import DecoderWeights
+from .items import PreparedItem
+from .shared_prefix import SharedPrefix
+
+
+@dataclass
+class BandPass:
+    answer_hidden: torch.Tensor  # [ΣT, d] final-normed states predicting the answer tokens, in the graph
+    probes: torch.Tensor  # [n_band, B, d] zero leaves at the band inputs at t*
+    targets: torch.Tensor  # [ΣT] answer token ids
+    offsets: torch.Tensor  # [B + 1] row offsets of each item's answer in the packed rows
+
+
+def pad_prefix_kv(prefixes: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack per-item prefix keys/values [L, 2, kv_heads, t*_b, head_dim] into [L, 2, B, kv_heads, length, head_dim],
+    zero past each item's t* (those keys are masked out)."""
+    n_layers, _, kv_heads, _, head_dim = prefixes[0].shape
+    if len(prefixes) == 1 and prefixes[0].shape[3] == length:
+        return prefixes[0][:, :, None]  # one item: no copy
+    out = prefixes[0].new_zeros(n_layers, 2, len(prefixes), kv_heads, length, head_dim)
+    for b, kv in enumerate(prefixes):
+        out[:, :, b, :, : kv.shape[3]] = kv
+    return out
+
+
+def band_pass(
+    w: DecoderWeights,
+    items: Sequence[PreparedItem],
+    band: range,
+    shared: SharedPrefix | None = None,
+    prefix_kv: Sequence[torch.Tensor] | None = None,
+) -> BandPass:
+    """Run the batch forward; ``band`` is the range of hidden-state indices whose gradient at t* is wanted.
+    ``shared``: a prefix every item starts with (ending at or before each t*), whose keys/values enter
+    every layer as constants, so that the items run from its end on.
+    ``prefix_kv``: per item, the keys/values of its positions [0, t*) at every layer
+    ([n_layers, 2, kv_heads, t*, head_dim], e.g. read from vLLM's KV cache); the items then run from t* on
+    through every layer, with no graph below the band."""
+    dev, dtype, n_layers = w.device, w.dtype, w.n_layers
+    if prefix_kv is not None and shared is not None:
+        raise ValueError("a shared prefix and per-item prefix keys/values exclude each other")
+    c = len(shared.ids) if shared is not None else 0
+    seqs = [it.prompt_ids + it.answer_ids[:-1] for it in items]
+    # Index bookkeeping on the host, each tensor sent once: no device read-back, no per-item copies.
+    t_star_h = [it.t_star for it in items]
+    s_len_h = [it.length - t for it, t in zip(items, t_star_h)]
+    t_star = to_device(torch.tensor(t_star_h), dev)
+    batch, n_max = len(items), max(it.length for it in items)
+    # keys/values of the shared positions [0, c) per layer, the same for every item
+    shared_kv = expand_prefix(None if shared is None else shared.keys_values, batch, n_layers)
+    shared_pos = torch.arange(c, device=dev).expand(batch, c)
+
+    # Split each sequence at its t*: prefix [c, t*) and suffix [t*, n).
+    p_max, s_max = max(t_star_h), max(s_len_h)
+    suf_pos = t_star[:, None] + torch.arange(s_max, device=dev)
+    pre_pos = torch.arange(c, p_max, device=dev).expand(batch, p_max - c)
+    pre_valid = pre_pos < t_star[:, None]
+
+    if prefix_kv is None:
+        first = band.start  # layers below the band run on every position, without a graph
+        x = padded_forward(w, [s[c:] for s in seqs], c, None if shared is None else shared.keys_values, n_layers=first)
+        x_suf = x.gather(1, (suf_pos - c).clamp(max=n_max - c - 1)[..., None].expand(-1, -1, x.shape[-1]))
+        x_pre = x[:, : p_max - c]
+        pre_rope = rotary(w, pre_pos, dtype)
+        pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
+    else:
+        first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
+        x_suf = F.embedding(right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max), w.embed)
+        pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
+
+    suf_rope = rotary(w, suf_pos, dtype)
+    suf_masks = window_masks(
+        w,
+        range(first, n_layers),
+        suf_pos,
+        torch.cat((shared_pos, pre_pos, suf_pos), dim=1),
+        torch.cat((torch.ones_like(shared_pos, dtype=torch.bool), pre_valid, torch.ones_like(suf_pos, dtype=torch.bool)), dim=1),
+    )
+
+    probes = torch.zeros(len(band), batch, w.hidden_size, dtype=dtype, device=dev, requires_grad=True)
+    at_t_star = (torch.arange(s_max, device=dev) == 0).to(dtype)[None, :, None]  # no host-to-device copy
+    grad_on = torch.is_grad_enabled()
+    for i in range(first, n_layers):
+        past = shared_kv[i]
+        if prefix_kv is not None:
+            past = (pre_kv[i, 0], pre_kv[i, 1])
+        elif p_max > c:
+            with torch.no_grad():
+                x_pre, own = context_step(w, i, x_pre, pre_rope, pre_masks, past)
+            past = own if past is None else (torch.cat((past[0], own[0]), dim=2), torch.cat((past[1], own[1]), dim=2))
+        if i in band:
+            x_suf = x_suf + probes[i - band.start][:, None, :] * at_t_star
+        with torch.set_grad_enabled(grad_on and i >= band.start):
+            x_suf, _ = layer_forward(w, w.layers[i], x_suf, suf_rope, suf_masks, past=past)
+
+    answer_lengths = [len(it.answer_ids) for it in items]
+    rows_b = torch.repeat_interleave(torch.arange(batch), torch.tensor(answer_lengths))
+    rows_s = torch.cat([torch.arange(s - t, s) for s, t in zip(s_len_h, answer_lengths)])
+    answer_hidden = rms_norm(x_suf[to_device(rows_b, dev), to_device(rows_s, dev)], w.final_norm, w.norm_eps)
+    targets = to_device(torch.tensor([tok for it in items for tok in it.answer_ids], dtype=torch.long), dev)
+    offsets = to_device(torch.tensor([0, *answer_lengths]).cumsum(0), dev)
+    return BandPass(answer_hidden, probes, targets, offsets)

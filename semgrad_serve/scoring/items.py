@@ -1,0 +1,67 @@
+"""What the scoring layer takes and gives: a prepared item, the scores of one answer, and the scores' names.
+
+No torch here: the CLI, the profiles and the server's reports use these without loading the maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# The scores of an answer (higher = more uncertain), in the order results and reports list them.
+GRADIENT_SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad")  # from one batched gradient pass (``batch.py``)
+FLAG_SCORES = (*GRADIENT_SCORES, "mean_entropy")  # what a profile may compare with its flag threshold
+SCORE_NAMES = (*FLAG_SCORES, "paragrad_tied")  # every score; ``paragrad_tied`` is opt-in (``tied_head.py``)
+DEFAULT_SCORE = "hybridgrad"  # the SPEC's flag score
+
+# Most tokens per scoring batch, padding included (``Scorer.score``); a longer item goes alone.
+DEFAULT_BATCH_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class PreparedItem:
+    """Token ids of one prompt and answer, with the prompt position of t* and its token."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    t_star: int
+    t_star_token: str = ""
+
+    @property
+    def length(self) -> int:
+        """Tokens the scoring forward runs on (the last answer token is never fed in)."""
+        return len(self.prompt_ids) + len(self.answer_ids) - 1
+
+
+def hybrid(paragrad: float, semgrad: float, mean_entropy: float) -> float:
+    """HybridGrad = α·ParaGrad + (1−α)·SemGrad with α = exp(−mean_entropy)."""
+    alpha = math.exp(-mean_entropy)
+    return alpha * paragrad + (1 - alpha) * semgrad
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """All scores of one answer (higher = more uncertain) and what they were computed from."""
+
+    semgrad: float
+    paragrad: float
+    hybridgrad: float
+    exgrad: float | None  # None where not asked for (the server skips it unless it is the flag's score)
+    mean_entropy: float
+    token_entropies: list[float]
+    token_logprobs: list[float]
+    t_star: int
+    t_star_token: str
+    band: tuple[int, int]
+    prompt_tokens: int
+    answer_tokens: int  # the stop token included where counted
+    stop_token: bool = False  # the answer's last token is the model's end-of-turn / EOS token, and was scored
+    paragrad_tied: float | None = None  # the authors' tied-head ParaGrad (``tied_head.py``), where asked for
+
+    def scores(self) -> dict[str, float]:
+        """The scores that were computed, by name (``SCORE_NAMES`` order)."""
+        return {k: getattr(self, k) for k in SCORE_NAMES if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,220 @@
+"""The user-facing scorer: token ids or text in, scores out, one backward per batch.
+
+Wraps a ``DecoderWeights`` view (of a Hugging Face model or of vLLM's modules),
+the tokenizer and the model profile; validates each item (a bad item becomes an
+``ItemError`` in its place, the rest of the batch is still scored); groups items
+of similar length into batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ItemError, SemgradError
+from ..kernels import Kernels, select_kernels
+from ..model.loading import Messages, chat_prompt_ids, load_hf_model
+from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
+from ..model.weights import DecoderWeights, from_hf_model
+from . import tied_head
+from .batch import score_batch
+from .items import DEFAULT_BATCH_TOKENS, PreparedItem, ScoreResult
+from .profiles import ModelProfile, resolve_profile
+from .shared_prefix import PrefixCache
+
+
+class Scorer:
+    """Scores answers with SemGrad, ParaGrad, HybridGrad and ExGrad (and, opted in, the tied-head ParaGrad).
+
+    An answer is scored as given: it counts its stop token when it ends on one of the model's EOS ids
+    (the SPEC's convention: generation that ended on EOS includes it, one cut at the token limit has none)."""
+
+    def __init__(
+        self,
+        weights: DecoderWeights,
+        tokenizer: Any,
+        profile: ModelProfile,
+        kernels: Kernels | None = None,
+        exgrad: bool = True,
+        eos_ids: Iterable[int] | None = None,
+        paragrad_tied: bool = False,
+    ) -> None:
+        """``exgrad=False`` leaves ExGrad (a baseline, one more pass over the head gradient) out of the results;
+        ``eos_ids``: the model's EOS ids (default: the tokenizer's); ``paragrad_tied`` adds ``paragrad_tied`` (a backward
+        through every layer and position) and is refused for untied models."""
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.profile = profile
+        self.kernels = kernels or select_kernels(device=weights.device)
+        self.band = profile.band_range(weights.n_layers)
+        mismatch = profile.dtype_mismatch(str(weights.dtype).removeprefix("torch."))
+        if mismatch:
+            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
+        token_id = tokenizer.convert_tokens_to_ids(profile.t_star.token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise SemgradError(f"profile {profile.name!r}: t* token {profile.t_star.token!r} is not in the vocabulary")
+        self.t_star_id: int = token_id
+        self.eos_ids: list[int] = list(eos_ids) if eos_ids is not None else collect_eos_ids(tokenizer.eos_token_id)
+        if paragrad_tied:
+            tied_head.check_tied(weights)
+        self.paragrad_tied = paragrad_tied
+        self.model: Any = None  # the Hugging Face module the weights came from, when there is one
+        self.prefix_cache = PrefixCache()
+        self.exgrad = exgrad
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path | None = None,
+        dtype: str = "float32",
+        profile: str | Path | None = None,
+        kernels: str | None = None,
+        device: str = "cpu",
+        paragrad_tied: bool | None = None,
+    ) -> "Scorer":
+        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct); ``paragrad_tied``
+        defaults to the profile's setting."""
+        model, tokenizer, path = load_hf_model(model_dir, dtype, device)
+        weights = from_hf_model(model)
+        chosen = resolve_profile(model.config, tokenizer.chat_template, path, profile)
+        tied = chosen.paragrad_tied if paragrad_tied is None else paragrad_tied
+        scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device), eos_ids=hf_eos_ids(tokenizer, model), paragrad_tied=tied)
+        scorer.model = model
+        return scorer
+
+    def report(self, result: ScoreResult) -> dict[str, Any]:
+        """A result as JSON-ready dict, with the profile's configured score, threshold and flag."""
+        score, flagged = self.profile.flag(result.scores())
+        return {**result.to_dict(), "score": score, "threshold": self.profile.threshold, "flagged": flagged}
+
+    # -- text to token ids -------------------------------------------------------------------------
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """``chat_prompt_ids`` of user-given messages; malformed ones are an ``ItemError``."""
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ItemError("messages must be a non-empty list of {role, content} objects")
+        try:
+            return chat_prompt_ids(self.tokenizer, messages)
+        except Exception as exc:  # the template's own error, e.g. roles out of order
+            raise ItemError(f"the chat template rejected the messages: {exc}") from None
+
+    def answer_ids(self, answer: str, stop_token: bool = True) -> list[int]:
+        """A given answer text as a complete answer: its tokens, then (``stop_token``) the end-of-turn token."""
+        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        if not stop_token:
+            return ids
+        if not self.eos_ids:
+            raise SemgradError("the model has no end-of-turn token; score the answer without it (stop_token=False)")
+        return ids + [self.eos_ids[0]]
+
+    def without_stop_token(self, answer_ids: Sequence[int]) -> list[int]:
+        """``answer_ids`` less the stop token it ends on, if any (the old convention)."""
+        answer = list(answer_ids)
+        return answer[:-1] if answer and answer[-1] in self.eos_ids else answer
+
+    # -- scoring -----------------------------------------------------------------------------------
+
+    def t_star_or_none(self, prompt_ids: Sequence[int]) -> int | None:
+        """The prompt's t* under the profile's rule, or None where the rule finds none."""
+        try:
+            return self.profile.t_star.locate(prompt_ids, self.t_star_id)
+        except ItemError:
+            return None
+
+    def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> PreparedItem:
+        """Validate one item and locate t*; the answer is scored as given, its stop token included."""
+        answer = list(answer_ids)
+        if not answer:
+            raise ItemError("the answer is empty")
+        if not prompt_ids:
+            raise ItemError("the prompt is empty")
+        total = len(prompt_ids) + len(answer)
+        if total > self.weights.max_positions:
+            raise ItemError(f"prompt + answer is {total} tokens, over the model's context of {self.weights.max_positions}")
+        vocab = self.weights.vocab_size
+        if min(min(prompt_ids), min(answer)) < 0 or max(max(prompt_ids), max(answer)) >= vocab:
+            raise ItemError(f"token id outside the vocabulary (size {vocab})")
+        t_star = self.profile.t_star.locate(prompt_ids, self.t_star_id)
+        token = self.tokenizer.convert_ids_to_tokens(int(prompt_ids[t_star]))
+        return PreparedItem(tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token)
+
+    def score_prepared(
+        self, items: Sequence[PreparedItem], prefix_kv: Sequence[torch.Tensor] | None = None
+    ) -> list[ScoreResult | ItemError]:
+        """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others.
+        ``prefix_kv``: each item's keys/values before t* at every layer (see ``band_pass``)."""
+        try:
+            shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
+            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv)
+            return [self._complete(item, r) for item, r in zip(items, results)]
+        except (ValueError, RuntimeError) as exc:
+            if len(items) == 1:
+                return [ItemError(f"scoring failed: {exc}")]
+            kvs = [None] * len(items) if prefix_kv is None else [[kv] for kv in prefix_kv]
+            return [r for item, kv in zip(items, kvs) for r in self.score_prepared([item], kv)]
+
+    def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
+        """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
+        tied = tied_head.paragrad_tied(self.weights, item, result.paragrad, self.kernels) if self.paragrad_tied else None
+        return replace(result, stop_token=item.answer_ids[-1] in self.eos_ids, paragrad_tied=tied)
+
+    def score(
+        self,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        batch_size: int = 8,
+        progress: bool = False,
+        max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        prefix_kv: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[ScoreResult | ItemError]:
+        """Score (prompt ids, answer ids) pairs; results keep input order.
+
+        Items of similar length share a batch of at most ``batch_size`` items and, padding included,
+        ``max_batch_tokens`` tokens (a longer item goes alone): larger batches of long prompts only
+        cost memory (their activations outgrow the caches, so they are no faster per item).
+        ``prefix_kv``: per pair, its prompt's keys/values before t* at every layer
+        ([n_layers, 2, kv_heads, t*, head_dim], as vLLM's KV cache holds them), or None to recompute
+        them; an item with them runs only from t* on, so only its tokens from t* on count."""
+        if batch_size < 1 or max_batch_tokens < 1:
+            raise SemgradError("batch size and batch tokens must be at least 1")
+        kvs = list(prefix_kv) if prefix_kv is not None else [None] * len(pairs)
+        if len(kvs) != len(pairs):
+            raise SemgradError("prefix_kv needs one entry per pair")
+        results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
+        groups: dict[bool, list[tuple[int, int, PreparedItem]]] = {False: [], True: []}
+        for i, (prompt, answer) in enumerate(pairs):
+            try:
+                item = self.prepare(prompt, answer)
+            except ItemError as exc:
+                results[i] = exc
+                continue
+            kv = kvs[i]
+            if kv is not None and tuple(kv.shape) != self.prefix_kv_shape(item.t_star):
+                results[i] = ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {self.prefix_kv_shape(item.t_star)}")
+                continue
+            cached = kv is not None
+            groups[cached].append((item.length - item.t_star if cached else item.length, i, item))
+        with tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="answer", disable=not progress) as bar:
+            for cached, prepared in groups.items():
+                prepared.sort(key=lambda p: p[0])
+                while prepared:
+                    # sorted by length, so the last item of a batch sets its padded length
+                    size = 1
+                    while size < min(batch_size, len(prepared)) and (size + 1) * prepared[size][0] <= max_batch_tokens:
+                        size += 1
+                    chunk, prepared = prepared[:size], prepared[size:]
+                    chunk_kv = [kvs[i] for _, i, _ in chunk] if cached else None
+                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv)):
+                        results[i] = result
+                    bar.update(len(chunk))
+        return results  # type: ignore[return-value]
+
+    def prefix_kv_shape(self, t_star: int) -> tuple[int, ...]:
+        """The shape ``score`` expects of an item's prefix keys/values."""
+        w = self.weights
+        return (w.n_layers, 2, w.n_kv_heads, t_star, w.head_dim)

@@ -1,0 +1,62 @@
+"""Names vLLM needs to find the extension, and the scoring settings read from the environment.
+
+vLLM owns the server's command line, so the scoring options travel as
+environment variables; ``semgrad-serve serve`` sets them from its own flags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..errors import SemgradError
+
+# Under vLLM's logger, so that our messages share its format and level.
+log = logging.getLogger("vllm.semgrad")
+
+PLUGIN_NAME = "semgrad"  # the endpoint plugin's entry point name, allowlisted through VLLM_PLUGINS
+WORKER_EXTENSION = "semgrad_serve.serving.worker.SemgradWorkerExtension"
+CAPTURE_CONNECTOR_MODULE = "semgrad_serve.serving.capture_connector"
+# vLLM's --kv-transfer-config that makes finished scored requests hand their prompt keys/values to scoring
+CAPTURE_KV_TRANSFER_CONFIG = json.dumps(
+    {"kv_connector": "SemgradCaptureConnector", "kv_connector_module_path": CAPTURE_CONNECTOR_MODULE, "kv_role": "kv_both"}
+)
+
+PROFILE_ENV = "SEMGRAD_SERVE_PROFILE"
+MAX_BATCH_ENV = "SEMGRAD_SERVE_MAX_BATCH"
+# Test seam, read once by the worker extension (``worker.with_test_faults``): when "1", scoring fails for a
+# batch holding a prompt that contains TEST_FAULT_MARKER. Never set in production.
+TEST_FAULTS_ENV = "SEMGRAD_SERVE_TEST_FAULTS"
+TEST_FAULT_MARKER = "semgrad-test-fault"
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """The scoring profile and batching: at most ``max_batch`` answers per backward (see ``scoring_service.py``)."""
+
+    profile: str | None = None
+    max_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise SemgradError("the scoring batch size must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "ScoringSettings":
+        try:
+            return cls(
+                profile=env.get(PROFILE_ENV) or None,
+                max_batch=int(env.get(MAX_BATCH_ENV) or cls.max_batch),
+            )
+        except ValueError as exc:
+            raise SemgradError(f"{MAX_BATCH_ENV} must be a whole number: {exc}") from None
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in the server."""
+        env = {MAX_BATCH_ENV: str(self.max_batch)}
+        if self.profile:
+            env[PROFILE_ENV] = self.profile
+        return env

@@ -1,0 +1,54 @@
+"""The vLLM endpoint plugin (entry point group ``vllm.endpoint_plugins``, name ``semgrad``).
+
+vLLM loads it in the API server when ``VLLM_PLUGINS`` names it. It replaces the
+completion routes with the scored ones and, at start-up, builds the scorer and
+its scoring service in the worker (failing start-up with a clear message when
+the model or the parallel layout cannot be scored) and connects to it.
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.datastructures import State
+
+from ..errors import SemgradError
+from .config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, log
+from .routes import router
+from .scoring_client import ScoringClient
+
+
+class SemgradPlugin:
+    """Adds SemGrad scores to every completion choice of vLLM's OpenAI-compatible server."""
+
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
+        if engine_client is None:  # vLLM's render-only server has no engine to score with
+            return
+        settings = ScoringSettings.from_env()
+        if getattr(args, "data_parallel_size", 1) != 1:
+            raise SemgradError("SemGrad scoring runs in one vLLM engine: data-parallel size must be 1")
+        api_cores = sorted(os.sched_getaffinity(0))
+        try:
+            infos = await engine_client.collective_rpc("semgrad_setup", args=(settings.profile, settings.max_batch, api_cores))
+        except Exception as exc:
+            if "semgrad_setup" in str(exc) and "attribute" in str(exc):
+                raise SemgradError(
+                    f"the SemGrad plugin needs its worker extension: start vLLM with --worker-extension-cls {WORKER_EXTENSION}"
+                ) from None
+            raise SemgradError(f"SemGrad scoring cannot start: {exc}") from None
+        if len(infos) != 1:
+            raise SemgradError("SemGrad scoring runs in one vLLM worker: tensor-, pipeline- and data-parallel sizes must be 1")
+        info = infos[0]
+        state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), info["capture"])
+        log.info("SemGrad scoring ready: %s", info)
+        if not info["capture"]:
+            log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)

@@ -1,0 +1,102 @@
+"""The API server's end of the scoring service: send answers, await their scores, never lose a request.
+
+One Unix-socket connection to the worker's scoring service (``scoring_service.py``);
+a reader thread hands each result to the event loop that asked for it. If the
+service goes away, every waiting answer gets ``{"error": ...}`` and the
+completions still go out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from multiprocessing.connection import Client
+from typing import Any, Sequence
+
+from . import metrics
+from .config import log
+
+SERVICE_GONE = "scoring failed: the scoring service in the vLLM worker is not reachable"
+
+
+class ScoringClient:
+    """Sends (prompt ids, answer ids) pairs to the scoring service and resolves their futures."""
+
+    def __init__(self, address: str, authkey: str, capture: bool) -> None:
+        self.capture = capture  # whether the worker captures prompt keys/values (else it recomputes them)
+        self._conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(authkey))
+        self._send_lock = threading.Lock()
+        self._jobs = itertools.count()
+        self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._read, name="semgrad-results", daemon=True).start()
+
+    def new_key(self) -> str | None:
+        """A fresh capture key for a request's ``kv_transfer_params``; None where nothing is captured."""
+        return uuid.uuid4().hex if self.capture else None
+
+    async def score(self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[dict[str, Any]]:
+        """The ``"semgrad"`` object of each pair (the answers of one request, scored together); never raises."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        job = next(self._jobs)
+        with self._lock:
+            if self._closed:
+                return [{"error": SERVICE_GONE}] * len(pairs)
+            self._waiting[job] = (loop, future, len(pairs))
+        start = time.perf_counter()
+        if not self._send(("score", job, key, [(list(p), list(a)) for p, a in pairs])):
+            self._fail(job)
+        results = await future
+        metrics.record_answers(results, time.perf_counter() - start)
+        return results
+
+    def drop(self, key: str | None) -> None:
+        """The request of ``key`` is done: its captured keys/values can go."""
+        if key is not None:
+            self._send(("drop", key))
+
+    def _send(self, message: tuple) -> bool:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+            return True
+        except (OSError, ValueError) as exc:
+            log.warning("SemGrad: cannot reach the scoring service (%s)", exc)
+            return False
+
+    def _fail(self, job: int) -> None:
+        with self._lock:
+            entry = self._waiting.pop(job, None)
+        if entry is not None:
+            loop, future, n = entry
+            loop.call_soon_threadsafe(_resolve, future, [{"error": SERVICE_GONE}] * n)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                _, job, reports, batch_size = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if batch_size:
+                metrics.SCORING_BATCH_SIZE.observe(batch_size)
+            with self._lock:
+                entry = self._waiting.pop(job, None)
+            if entry is not None:
+                loop, future, _ = entry
+                loop.call_soon_threadsafe(_resolve, future, reports)
+        log.error("SemGrad: the scoring service closed its connection; answers are returned unscored")
+        with self._lock:
+            self._closed = True
+            jobs = list(self._waiting)
+        for job in jobs:
+            self._fail(job)
+
+
+def _resolve(future: asyncio.Future, value: list[dict[str, Any]]) -> None:
+    if not future.done():  # a cancelled request (client gone) leaves a cancelled future
+        future.set_result(value)

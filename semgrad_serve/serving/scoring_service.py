@@ -1,0 +1,163 @@
+"""Scoring off the engine's critical path: a thread in the vLLM worker process, fed over a local socket.
+
+``collective_rpc`` calls run between engine steps, so a scoring call made that
+way stops every stream for as long as it takes. Instead the worker extension
+starts this service once: the API server sends answers to score over a Unix
+socket (``scoring_client.py``) and a scoring thread in the worker process
+scores them on the weights vLLM holds, while the engine goes on generating.
+On CPU the thread is pinned to the cores vLLM's worker threads are not bound
+to (on a 2-core machine: the one vLLM leaves to the API server); on a GPU it
+runs on its own CUDA stream.
+
+Answers whose request left a capture (``captures.py``) run from t* on over the
+captured prompt keys/values; the others recompute the prompt, with the same
+scores. Answers that arrive while a batch is scored form the next batch (at
+most ``max_batch`` answers, one backward per batch).
+
+Messages (pickled tuples): API server → worker ``("score", job, key, pairs)``
+and ``("drop", key)``; worker → API server ``("result", job, reports,
+batch_size)`` where ``batch_size`` is set on the first job of each batch only.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from typing import Any, Callable
+
+import torch
+
+from .captures import CaptureStore
+from .config import log
+
+CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
+IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
+
+Pair = tuple[list[int], list[int]]
+# Scores pairs: (pairs, per-pair prompt keys/values or None) -> one "semgrad" object per pair.
+ScoreFn = Callable[[list[Pair], list[torch.Tensor | None]], list[dict[str, Any]]]
+
+
+@dataclass
+class Job:
+    job: int
+    key: str | None
+    pairs: list[Pair]
+    received: float = field(default_factory=time.monotonic)
+
+
+def scoring_cores(api_cores: set[int]) -> set[int]:
+    """The cores the scoring thread should run on: those the API server may use that vLLM's worker threads
+    are not bound to; all of the API server's cores where vLLM bound its threads to every one of them."""
+    free = api_cores - os.sched_getaffinity(0)
+    return free or api_cores
+
+
+class ScoringService:
+    """Receives answers over a Unix socket and scores them in a thread of the worker process."""
+
+    def __init__(self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int]) -> None:
+        self._score, self._store, self._max_batch, self._cores = score, store, max_batch, cores
+        self._listener = Listener(family="AF_UNIX", authkey=(authkey := secrets.token_bytes(16)))
+        self.address, self.authkey = self._listener.address, authkey.hex()
+        self._jobs: deque[Job] = deque()
+        self._arrived = threading.Condition()
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._receive, name="semgrad-receive", daemon=True).start()
+        threading.Thread(target=self._run, name="semgrad-score", daemon=True).start()
+
+    def _receive(self) -> None:
+        self._conn = self._listener.accept()
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                log.warning("SemGrad: the API server closed the scoring connection")
+                return
+            if message[0] == "score":
+                _, job, key, pairs = message
+                with self._arrived:
+                    self._jobs.append(Job(job, key, pairs))
+                    self._arrived.notify()
+            elif message[0] == "drop":
+                self._store.drop(message[1])
+
+    def _ready(self, job: Job) -> bool:
+        return job.key is None or self._store.get(job.key) is not None or time.monotonic() - job.received > CAPTURE_WAIT_S
+
+    def _next_batch(self) -> list[Job]:
+        """Ready jobs, oldest first, up to ``max_batch`` answers (a larger job goes alone)."""
+        with self._arrived:
+            while True:
+                self._arrived.wait_for(lambda: bool(self._jobs))
+                batch, size = [], 0
+                for job in list(self._jobs):
+                    if self._ready(job) and (not batch or size + len(job.pairs) <= self._max_batch):
+                        batch.append(job)
+                        size += len(job.pairs)
+                for job in batch:
+                    self._jobs.remove(job)
+                if batch:
+                    return batch
+                self._arrived.wait(IDLE_POLL_S)
+
+    def _prefix(self, job: Job, prompt: list[int]) -> torch.Tensor | None:
+        capture = self._store.get(job.key) if job.key is not None else None
+        if capture is None or capture.kv is None or capture.prompt_ids != tuple(prompt):
+            return None
+        return capture.kv
+
+    def _score_jobs(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        """Reports per job; if the batch fails as a whole, each job is retried alone."""
+        pairs = [pair for job in jobs for pair in job.pairs]
+        prefixes = [self._prefix(job, pair[0]) for job in jobs for pair in job.pairs]
+        try:
+            reports = self._score(pairs, prefixes)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, every answer must get a result
+            if len(jobs) > 1:
+                log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(jobs), exc)
+                return [self._score_jobs([job])[0] for job in jobs]
+            log.warning("SemGrad scoring failed: %s", exc)
+            return [[{"error": f"scoring failed: {exc}"}] * len(jobs[0].pairs)]
+        out, start = [], 0
+        for job in jobs:
+            out.append(reports[start : start + len(job.pairs)])
+            start += len(job.pairs)
+        return out
+
+    def _run(self) -> None:
+        if self._cores:
+            try:
+                os.sched_setaffinity(0, self._cores)  # this thread only
+            except OSError as exc:
+                log.warning("SemGrad: cannot pin the scoring thread to cores %s (%s)", sorted(self._cores), exc)
+        stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        while True:
+            jobs = self._next_batch()
+            try:
+                with torch.enable_grad(), torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    results = self._score_jobs(jobs)
+                if stream is not None:
+                    stream.synchronize()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive anything, or requests wait forever
+                log.exception("SemGrad: the scoring thread failed on a batch")
+                results = [[{"error": f"scoring failed: {exc}"}] * len(job.pairs) for job in jobs]
+            size = sum(len(job.pairs) for job in jobs)
+            for i, (job, reports) in enumerate(zip(jobs, results)):
+                self._send(("result", job.job, reports, size if i == 0 else 0))
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send(message)
+                except Exception as exc:  # noqa: BLE001 - a lost connection must not end the thread
+                    log.warning("SemGrad: cannot send scores to the API server (%s)", exc)
+
