@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
-from ..vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from ..vllm_ext.config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, server_url
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 CPU_DEFAULTS = ["--gpu-memory-utilization", "0.3", "--enforce-eager"]  # on CPU: a share of RAM; no 3-minute compile
@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto on GPU)",
     )
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
+    parser.add_argument(
+        "--recent", type=int, default=ScoringSettings.recent, metavar="N",
+        help="recent answers kept in memory for the page at /semgrad (default: %(default)s; 0: none)",
+    )  # fmt: skip
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are")
 
 
@@ -86,12 +90,13 @@ def run(args: argparse.Namespace) -> int:
     from ..default_model import default_model_dir
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
-    settings = ScoringSettings(profile=profile, max_batch=args.max_batch)
+    settings = ScoringSettings(profile=profile, max_batch=args.max_batch, recent=args.recent)
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     _check_model(model_dir, profile)
     command = server_command(args, model_dir, on_cpu=not torch.cuda.is_available())
-    print(f"semgrad-serve: starting vLLM on http://{args.host}:{args.port}/v1 with SemGrad scoring", file=sys.stderr, flush=True)
+    url = server_url(args.host, args.port)
+    print(f"semgrad-serve: starting vLLM on {url}/v1 with SemGrad scoring; the page: {url}{PAGE_PATH}", file=sys.stderr, flush=True)
     os.execve(sys.executable, command, server_env(settings))
