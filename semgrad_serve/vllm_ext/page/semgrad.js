@@ -7,7 +7,8 @@
   const ENTROPY_SCALE = 4; // nats: tokens at or above it get the hottest colour
   const RATIO_SCALE = 2; // the score/threshold bar runs from 0 to twice the threshold
   const POLL_MS = 5000;
-  const RECENT_LIMIT = 50;
+  const RECENT_LIMIT = 50; // fetched
+  const RECENT_SHOWN = 10; // shown until "Show all"
   const SCORE_LABELS = {
     semgrad: "SemGrad", paragrad: "ParaGrad", hybridgrad: "HybridGrad", exgrad: "ExGrad", mean_entropy: "Mean entropy",
   };
@@ -15,6 +16,7 @@
   const $ = (id) => document.getElementById(id);
   const state = {
     model: null, info: null, history: [], busy: false, controller: null, cards: 0, recentKey: "", openRecent: new Set(),
+    recentAll: false,
   };
 
   // -- small helpers -----------------------------------------------------------------------------------
@@ -457,14 +459,20 @@
   async function loadRecent() {
     const flaggedOnly = $("flagged-only").checked;
     const data = await getJSON(`/v1/semgrad/recent?limit=${RECENT_LIMIT}${flaggedOnly ? "&flagged=1" : ""}`);
-    const key = `${flaggedOnly}|${data.total}|${data.answers.map((a) => a.seq).join(",")}`;
+    const key = `${flaggedOnly}|${state.recentAll}|${data.total}|${data.answers.map((a) => a.seq).join(",")}`;
     const list = $("recent-list");
-    list.dataset.filter = flaggedOnly ? "flagged" : "all";
+    const answers = state.recentAll ? data.answers : data.answers.slice(0, RECENT_SHOWN);
     if (key !== state.recentKey) {
       state.recentKey = key;
-      list.replaceChildren(...data.answers.map(recentItem));
+      const focused = document.activeElement && document.activeElement.id === "recent-more";
+      list.replaceChildren(...answers.map(recentItem));
+      const more = $("recent-more");
+      more.hidden = answers.length >= data.answers.length;
+      more.textContent = `Show all ${data.answers.length}`;
+      if (focused && !more.hidden) more.focus();
     }
-    const shown = data.answers.length;
+    list.dataset.filter = flaggedOnly ? "flagged" : "all";
+    const shown = answers.length;
     $("recent-note").textContent = data.capacity === 0
       ? "This server keeps no recent answers (serve --recent 0)."
       : shown === 0
@@ -520,17 +528,17 @@
 
   let refreshing = null;
   function refresh() {
-    if (!refreshing) {
-      refreshing = Promise.allSettled([loadRecent(), loadCounters()]).then((results) => {
-        refreshing = null;
-        const failed = results.find((r) => r.status === "rejected");
-        if (failed) {
-          const msg = failed.reason instanceof AuthError ? failed.reason.message : `Could not refresh: ${failed.reason.message || failed.reason}`;
-          $("recent-note").textContent = msg;
-          if (failed.reason instanceof AuthError) setStatus(msg, true);
-        }
-      });
-    }
+    // one refresh at a time; a call during one gets a fresh one after it (the filter may have changed)
+    if (refreshing) return refreshing.then(() => refresh());
+    refreshing = Promise.allSettled([loadRecent(), loadCounters()]).then((results) => {
+      refreshing = null;
+      const failed = results.find((r) => r.status === "rejected");
+      if (failed) {
+        const msg = failed.reason instanceof AuthError ? failed.reason.message : `Could not refresh: ${failed.reason.message || failed.reason}`;
+        $("recent-note").textContent = msg;
+        if (failed.reason instanceof AuthError) setStatus(msg, true);
+      }
+    });
     return refreshing;
   }
 
@@ -583,7 +591,11 @@
       setStatus("New conversation.");
       $("question").focus();
     });
-    $("flagged-only").addEventListener("change", () => { state.recentKey = ""; refresh(); });
+    $("flagged-only").addEventListener("change", () => { state.recentKey = ""; state.recentAll = false; refresh(); });
+    $("recent-more").addEventListener("click", () => {
+      state.recentAll = true;
+      refresh().then(() => { const first = $("recent-list").querySelectorAll("summary")[RECENT_SHOWN]; if (first) first.focus(); });
+    });
     $("refresh").addEventListener("click", () => refresh());
     loadSetup().then(() => refresh()).then(() => { document.body.dataset.loaded = "true"; });
     setTimeout(poll, POLL_MS);
