@@ -107,8 +107,11 @@ def test_recent_answers_are_the_answers_the_api_returned(client, base_url, defau
     completion = client.completions.create(model=MODEL, prompt=default_scorer.tokenizer.apply_chat_template(
         ask("Name a color."), add_generation_prompt=True, tokenize=False), max_tokens=6, temperature=0)  # fmt: skip
 
-    newest = recent(base_url)["answers"]
-    assert [e["completion_id"] for e in newest[:3]] == [completion.id, chunks[0].id, response.id]  # newest first
+    answers = recent(base_url)["answers"]
+    assert [e["seq"] for e in answers] == sorted((e["seq"] for e in answers), reverse=True)  # newest first
+    by_id = {e["completion_id"]: e for e in answers}
+    newest = [by_id[completion.id], by_id[chunks[0].id], by_id[response.id]]
+    assert newest[0]["seq"] > newest[1]["seq"] > newest[2]["seq"]
     flagged = newest[2]
     assert flagged["question"] == FLAGGED_QUESTION and flagged["answer"] == response.choices[0].message.content
     assert flagged["semgrad"] == without_tokens(response.choices[0].model_extra["semgrad"])  # the same object, less the tokens
@@ -322,19 +325,31 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     if driver.find_element(By.ID, "recent-more").is_displayed():
         click(driver.find_element(By.ID, "recent-more"))
         wait_for(lambda: not driver.find_element(By.ID, "recent-more").is_displayed(), 30, "all flagged answers")
-    expected = [e["completion_id"] for e in recent(base_url, flagged=1, limit=50)["answers"]]
-    shown = [li.get_attribute("data-completion-id") for li in by_css("#recent-list li")]
-    assert shown == expected and flagged_entry["completion_id"] in shown and entry["completion_id"] not in shown
+
+    def flagged_shown() -> list[str] | None:  # the page's list is the API's (again after a refresh if it changed since)
+        shown = [li.get_attribute("data-completion-id") for li in by_css("#recent-list li")]
+        if shown == [e["completion_id"] for e in recent(base_url, flagged=1, limit=50)["answers"]]:
+            return shown
+        click(driver.find_element(By.ID, "refresh"))
+        return None
+
+    shown = wait_for(flagged_shown, 30, "the flagged answers the API lists")
+    assert flagged_entry["completion_id"] in shown and entry["completion_id"] not in shown
     assert all(b.text == "Flagged" for b in by_css("#recent-list .badge"))
     click(driver.find_element(By.ID, "flagged-only"))
     wait_for(lambda: driver.find_element(By.ID, "recent-list").get_attribute("data-filter") == "all", 30, "all recent answers")
 
-    # the counters are /metrics' (nothing else asks the server anything meanwhile)
-    click(driver.find_element(By.ID, "refresh"))
-    counts = metrics(base_url)
-    wait_for(lambda: driver.find_element(By.ID, "c-scored").get_attribute("data-value") == f"{counts['semgrad_answers_scored_total']:g}", 30, "the counters")
-    assert driver.find_element(By.ID, "c-flagged").get_attribute("data-value") == f"{counts['semgrad_answers_flagged_total']:g}"
-    assert driver.find_element(By.ID, "c-errors").get_attribute("data-value") == f"{counts['semgrad_scoring_errors_total']:g}"
+    # the counters are /metrics'
+    def counters_match() -> bool:
+        counts = metrics(base_url)
+        names = {"c-scored": "semgrad_answers_scored_total", "c-flagged": "semgrad_answers_flagged_total", "c-errors": "semgrad_scoring_errors_total"}
+        if all(driver.find_element(By.ID, i).get_attribute("data-value") == f"{counts[n]:g}" for i, n in names.items()):
+            return True
+        click(driver.find_element(By.ID, "refresh"))
+        time.sleep(0.5)
+        return False
+
+    wait_for(counters_match, 30, "the counters of /metrics")
     assert driver.find_element(By.ID, "c-latency").text.startswith("mean ")
 
     # screenshots: the answers, one with its token heat and scores open and a token's tooltip

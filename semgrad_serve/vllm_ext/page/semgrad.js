@@ -8,7 +8,7 @@
   const RATIO_SCALE = 2; // the score/threshold bar runs from 0 to twice the threshold
   const POLL_MS = 5000;
   const RECENT_LIMIT = 50; // fetched
-  const RECENT_SHOWN = 10; // shown until "Show all"
+  const RECENT_SHOWN = 10; // shown until "Show N more"
   const SCORE_LABELS = {
     semgrad: "SemGrad", paragrad: "ParaGrad", hybridgrad: "HybridGrad", exgrad: "ExGrad", mean_entropy: "Mean entropy",
   };
@@ -224,7 +224,7 @@
     const legend = el("p", { class: "legend" },
       el("span", { text: "entropy 0" }), el("span", { class: "legend-bar", "aria-hidden": "true" }),
       el("span", { text: `≥ ${ENTROPY_SCALE} nats` }),
-      el("span", { text: `· ${n} tokens scored · hover, tap or focus a token for its log-probability and entropy` }));
+      el("span", { text: `${n} tokens scored; hover, tap or focus one for its log-probability and entropy` }));
     return [el("h3", { text: "Token heat" }), legend, wrap];
   }
 
@@ -468,7 +468,7 @@
       list.replaceChildren(...answers.map(recentItem));
       const more = $("recent-more");
       more.hidden = answers.length >= data.answers.length;
-      more.textContent = `Show all ${data.answers.length}`;
+      more.textContent = `Show ${data.answers.length - answers.length} more`;
       if (focused && !more.hidden) more.focus();
     }
     list.dataset.filter = flaggedOnly ? "flagged" : "all";
