@@ -556,6 +556,7 @@
       state.info = info;
       $("model").textContent = `${state.model || "model"} · profile ${info.profile}`;
       document.body.dataset.ready = "true";
+      if ($("status").classList.contains("error")) setStatus(""); // e.g. the API key was missing
     } catch (err) {
       $("model").textContent = "not connected";
       setStatus(err instanceof AuthError ? err.message : `Cannot reach the scoring set-up: ${err.message || err}`, true);
