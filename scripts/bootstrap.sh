@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
 # Creates the virtual environment .venv in the repo root and installs semgrad-serve into it with
 # everything it needs: vLLM (the CPU build without an NVIDIA GPU), the native kernels, the test tools
-# and the embedded default model's package. Safe to run again: it does nothing when up to date.
+# and the embedded default model's package; and, with apt-get, Debian's chromium and chromium-driver for the
+# page's browser test (tests/test_serving_page.py; SEMGRAD_SERVE_NO_BROWSER=1 skips them).
+# Safe to run again: it does nothing when up to date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${SEMGRAD_SERVE_NO_BROWSER:-0}" != 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  echo "bootstrap: installing Debian's chromium and chromium-driver (the page's browser test)" >&2
+  if [ "$(id -u)" = 0 ]; then as_root=(); else as_root=(sudo -n); fi
+  if ! command -v apt-get >/dev/null 2>&1 \
+     || ! "${as_root[@]}" apt-get update -q >&2 \
+     || ! "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >&2 \
+     || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "bootstrap: could not install chromium and chromium-driver with apt-get (as root, or with sudo);" \
+         "install a Chromium and its chromedriver, or set SEMGRAD_SERVE_NO_BROWSER=1 to go on without the browser test" >&2
+    exit 1
+  fi
+fi
 
 stamp=.venv/.bootstrapped
 if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ] && [ "$stamp" -nt scripts/bootstrap.sh ] \

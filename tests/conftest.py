@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -37,3 +38,27 @@ def default_scorer():
     from semgrad_serve.scoring.scorer import Scorer
 
     return Scorer.from_pretrained()
+
+
+SERVER_START_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="session")
+def base_url(tmp_path_factory) -> Iterator[str]:
+    """One real ``semgrad-serve serve`` for the whole session (default model, float32, CPU settings, the scoring
+    fault hook on), shared by test_serving.py and test_serving_page.py: a start costs about a minute."""
+    from semgrad_serve.errors import SemgradError
+    from semgrad_serve.serving.config import TEST_FAULTS_ENV
+    from launch_server import free_port, running_server, serve_command
+
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path_factory.mktemp("serving") / "server.log"
+    env = {**os.environ, TEST_FAULTS_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    # A small KV cache: the tests need little of it, and the server starts faster with an explicit size.
+    args = ["--dtype", "float32", "--max-batch", "8", "--", "--kv-cache-memory-bytes", str(1 << 30)]
+    try:
+        port = free_port()
+        with running_server(serve_command(port, *args), port, log, env, timeout_s=SERVER_START_TIMEOUT_S) as server:
+            yield server.url
+    except SemgradError as exc:
+        pytest.fail(str(exc))

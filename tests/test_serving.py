@@ -1,14 +1,13 @@
-"""The vLLM server with SemGrad scoring, end to end: one real ``semgrad-serve serve`` process for the
-module (default model, float32, CPU settings), queried with the official ``openai`` client."""
+"""The vLLM server with SemGrad scoring, end to end: one real ``semgrad-serve serve`` process (default model,
+float32, CPU settings; the session's ``base_url`` in conftest.py, shared with test_serving_page.py), queried with
+the official ``openai`` client."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -19,26 +18,10 @@ from semgrad_serve.serving.config import TEST_FAULT_MARKER, TEST_FAULTS_ENV
 from launch_server import free_port, running_server, serve_command
 from semgrad_serve.serving.worker import REPORTED
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"  # the served name of the default model
-START_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 180
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 EOS = 2  # <|im_end|>, the default model's end-of-turn token
-
-
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("serving") / "server.log"
-    env = {**os.environ, TEST_FAULTS_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    # A small KV cache: the tests need little of it, and the server starts faster with an explicit size.
-    args = ["--dtype", "float32", "--max-batch", "8", "--", "--kv-cache-memory-bytes", str(1 << 30)]
-    try:
-        port = free_port()
-        with running_server(serve_command(port, *args), port, log, env, timeout_s=START_TIMEOUT_S) as server:
-            yield server.url
-    except SemgradError as exc:
-        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

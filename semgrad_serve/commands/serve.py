@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
-from ..serving.config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings
+from ..serving.config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, server_url
 from .common import add_model_arguments
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
+    parser.add_argument(
+        "--recent", type=int, default=ScoringSettings.recent, metavar="N",
+        help="recent answers kept in memory for the page at /semgrad (default: %(default)s; 0: none)",
+    )  # fmt: skip
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are")
 
 
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model.default_model import default_model_dir
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
-    settings = ScoringSettings(profile=profile, max_batch=args.max_batch)
+    settings = ScoringSettings(profile=profile, max_batch=args.max_batch, recent=args.recent)
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
@@ -117,5 +121,6 @@ def run(args: argparse.Namespace) -> int:
     _check_model(model_dir, profile)
     on_cpu = not torch.cuda.is_available()
     command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
-    print(f"semgrad-serve: starting vLLM on http://{args.host}:{args.port}/v1 with SemGrad scoring", file=sys.stderr, flush=True)
+    url = server_url(args.host, args.port)
+    print(f"semgrad-serve: starting vLLM on {url}/v1 with SemGrad scoring; the page: {url}{PAGE_PATH}", file=sys.stderr, flush=True)
     os.execve(sys.executable, command, server_env(settings))

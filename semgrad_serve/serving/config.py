@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import SemgradError
+from .recent import DEFAULT_CAPACITY as RECENT_DEFAULT
 
 # Under vLLM's logger, so that our messages share its format and level.
 log = logging.getLogger("vllm.semgrad")
@@ -25,8 +26,18 @@ CAPTURE_KV_TRANSFER_CONFIG = json.dumps(
     {"kv_connector": "SemgradCaptureConnector", "kv_connector_module_path": CAPTURE_CONNECTOR_MODULE, "kv_role": "kv_both"}
 )
 
+PAGE_PATH = "/semgrad"  # the page (``page_routes.py``)
+
+
+def server_url(host: str | None, port: int) -> str:
+    """``http://host:port`` of a server listening on ``host`` (vLLM's default, None, is every address)."""
+    host = host or "0.0.0.0"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 PROFILE_ENV = "SEMGRAD_SERVE_PROFILE"
 MAX_BATCH_ENV = "SEMGRAD_SERVE_MAX_BATCH"
+RECENT_ENV = "SEMGRAD_SERVE_RECENT"  # recent answers kept in memory for the page (0: none)
 # Test seam, read once by the worker extension (``worker.with_test_faults``): when "1", scoring fails for a
 # batch holding a prompt that contains TEST_FAULT_MARKER. Never set in production.
 TEST_FAULTS_ENV = "SEMGRAD_SERVE_TEST_FAULTS"
@@ -35,28 +46,36 @@ TEST_FAULT_MARKER = "semgrad-test-fault"
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """The scoring profile and batching: at most ``max_batch`` answers per backward (see ``scoring_service.py``)."""
+    """The scoring profile and batching: at most ``max_batch`` answers per backward (see ``scoring_service.py``);
+    ``recent``: how many recent answers the API server keeps for the page (``recent.py``)."""
 
     profile: str | None = None
     max_batch: int = 16
+    recent: int = RECENT_DEFAULT
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise SemgradError("the scoring batch size must be at least 1")
+        if self.recent < 0:
+            raise SemgradError("the number of recent answers kept must be at least 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "ScoringSettings":
-        try:
-            return cls(
-                profile=env.get(PROFILE_ENV) or None,
-                max_batch=int(env.get(MAX_BATCH_ENV) or cls.max_batch),
-            )
-        except ValueError as exc:
-            raise SemgradError(f"{MAX_BATCH_ENV} must be a whole number: {exc}") from None
+        def number(name: str, default: int) -> int:
+            try:
+                return int(env.get(name) or default)
+            except ValueError as exc:
+                raise SemgradError(f"{name} must be a whole number: {exc}") from None
+
+        return cls(
+            profile=env.get(PROFILE_ENV) or None,
+            max_batch=number(MAX_BATCH_ENV, cls.max_batch),
+            recent=number(RECENT_ENV, cls.recent),
+        )
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in the server."""
-        env = {MAX_BATCH_ENV: str(self.max_batch)}
+        env = {MAX_BATCH_ENV: str(self.max_batch), RECENT_ENV: str(self.recent)}
         if self.profile:
             env[PROFILE_ENV] = self.profile
         return env

@@ -1,7 +1,8 @@
 """The vLLM endpoint plugin (entry point group ``vllm.endpoint_plugins``, name ``semgrad``).
 
 vLLM loads it in the API server when ``VLLM_PLUGINS`` names it. It replaces the
-completion routes with the scored ones and, at start-up, builds the scorer and
+completion routes with the scored ones, adds the page at ``/semgrad``
+(``page_routes.py``) and, at start-up, builds the scorer and
 its scoring service in the worker (failing start-up with a clear message when
 the model or the parallel layout cannot be scored) and connects to it.
 """
@@ -16,7 +17,10 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from ..errors import SemgradError
-from .config import CAPTURE_KV_TRANSFER_CONFIG, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, log
+from .config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, log, server_url
+from .page_routes import page_router
+from .recent import RecentAnswers
+from .scoring_client import ScoringClient
 from .routes import router
 from .scoring_client import ScoringClient
 
@@ -29,6 +33,7 @@ class SemgradPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.include_router(page_router)
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:  # vLLM's render-only server has no engine to score with
@@ -49,6 +54,10 @@ class SemgradPlugin:
             raise SemgradError("SemGrad scoring runs in one vLLM worker: tensor-, pipeline- and data-parallel sizes must be 1")
         info = infos[0]
         state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), info["capture"])
+        state.semgrad_info = info
+        state.semgrad_recent = RecentAnswers(settings.recent)
         log.info("SemGrad scoring ready: %s", info)
+        url = server_url(getattr(args, "host", None), getattr(args, "port", 8000))
+        log.info("SemGrad page (answers, flags, token heat, recent answers): %s%s", url, PAGE_PATH)
         if not info["capture"]:
             log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)

@@ -7,13 +7,17 @@ then gets ``"semgrad": {...}`` (its final chunk when streaming), and the ids
 are hidden again unless the client asked for them. The scored answer follows the
 SPEC's stop-token convention (``stop_token.py``), and ``"stop_token"`` says whether
 it ended on the EOS token that was scored. ``"semgrad": false`` in the
-body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request.
+body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request;
+``"semgrad": {"tokens": true}`` adds the answer's per-token texts, entropies and
+log-probabilities. Every scored choice is also kept in the recent-answers ring
+(``recent.py``) that the page reads.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass, fields
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -29,7 +33,9 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 from ..errors import SemgradError
 from ..model.stop_token import eos_ids, received_tokens
 from .captures import KV_PARAM
+from .recent import TOKEN_FIELDS, RecentAnswers, chat_question, prompt_question
 from .scoring_client import ScoringClient
+from .tokens import token_texts
 
 router = APIRouter()
 
@@ -41,18 +47,41 @@ NO_IDS = "not scored: vLLM returned no token ids for this choice"
 VllmRoute = Callable[[Any, Request], Awaitable[Response | None]]
 
 
-def scoring_wanted(request: ChatCompletionRequest | CompletionRequest) -> bool:
-    """Whether the request wants scores: its ``semgrad`` field, else ``vllm_xargs["semgrad"]``, else yes."""
+@dataclass(frozen=True)
+class ScoringOptions:
+    """What a scored request asked for beyond the scores (``"semgrad": {...}`` in its body)."""
+
+    tokens: bool = False  # per-token texts, entropies and log-probabilities of the scored answer
+
+
+REQUEST_OPTIONS = tuple(f.name for f in fields(ScoringOptions))
+
+
+def scoring_options(request: ChatCompletionRequest | CompletionRequest) -> ScoringOptions | None:
+    """The request's scoring options, None when it turned scoring off: its ``semgrad`` field (true, false or an
+    object of options), else ``vllm_xargs["semgrad"]``, else scored with no options."""
     extra = request.model_extra or {}
     if OPT_OUT_FIELD in extra:
         value = extra[OPT_OUT_FIELD]
-        if not isinstance(value, bool):
-            raise SemgradError(f'"{OPT_OUT_FIELD}" must be true or false')
-        return value
+        if isinstance(value, bool):
+            return ScoringOptions() if value else None
+        if not isinstance(value, dict):
+            raise SemgradError(f'"{OPT_OUT_FIELD}" must be true or false, or an object of options such as {{"tokens": true}}')
+        unknown = sorted(set(value) - set(REQUEST_OPTIONS))
+        if unknown:
+            raise SemgradError(f'"{OPT_OUT_FIELD}": unknown option {", ".join(map(repr, unknown))}; the options are {", ".join(REQUEST_OPTIONS)}')
+        if not all(isinstance(v, bool) for v in value.values()):
+            raise SemgradError(f'"{OPT_OUT_FIELD}": each option must be true or false')
+        return ScoringOptions(**value)
     key = str((request.vllm_xargs or {}).get(OPT_OUT_FIELD, True)).lower()
     if key not in _SWITCH:
         raise SemgradError(f'vllm_xargs["{OPT_OUT_FIELD}"] must be one of 1, 0, "true", "false", "on", "off"')
-    return _SWITCH[key]
+    return ScoringOptions() if _SWITCH[key] else None
+
+
+def scoring_wanted(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Whether the request wants scores (see ``scoring_options``)."""
+    return scoring_options(request) is not None
 
 
 class StopTokens:
@@ -85,13 +114,19 @@ class _Choices:
     """Token ids per choice, gathered from a response or from stream chunks, and the scoring of each choice."""
 
     def __init__(
-        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool, scorable: bool
-    ) -> None:
+        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool, scorable: bool,
+        options: ScoringOptions = ScoringOptions(), recent: RecentAnswers | None = None,
+        question: Callable[[int], str] = lambda index: "", endpoint: str = "chat",
+    ) -> None:  # fmt: skip
         self.client, self.key, self.keep_ids, self.scorable = client, key, keep_ids, scorable
         self.stop, self.include_stop = stop, include_stop
+        self.options, self.recent, self.question, self.endpoint = options, recent, question, endpoint
         self.shared_prompt: list[int] | None = None  # chat: one prompt for all choices
         self.prompts: dict[int, list[int]] = {}  # completions: the prompt of each choice
         self.answers: dict[int, list[int]] = defaultdict(list)
+        self.texts: dict[int, str] = defaultdict(str)  # the answer text each choice's client received
+        self.response_id: str | None = None
+        self.model: str | None = None
 
     def _take(self, obj: dict[str, Any], key: str) -> list[int] | None:
         ids = obj.get(key)
@@ -102,6 +137,7 @@ class _Choices:
     def collect(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """Record the ids of a response or chunk; returns its choices that are finished."""
         self.shared_prompt = self._take(body, "prompt_token_ids") or self.shared_prompt
+        self.response_id, self.model = body.get("id") or self.response_id, body.get("model") or self.model
         finished = []
         for choice in body.get("choices") or []:
             index = choice["index"]
@@ -109,6 +145,10 @@ class _Choices:
             if prompt:
                 self.prompts[index] = prompt
             self.answers[index] += self._take(choice, "token_ids") or []
+            message = choice.get("message") or choice.get("delta")  # chat, whole or streamed
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")  # else completions
+            if isinstance(text, str):
+                self.texts[index] += text
             if choice.get("finish_reason") is not None:
                 finished.append(choice)
         return finished
@@ -128,8 +168,25 @@ class _Choices:
                 todo.append((choice, (prompt, answer), stop_token))
         if todo:
             results = await self.client.score(self.key, [pair for _, pair, _ in todo])
-            for (choice, _, stop_token), result in zip(todo, results):
-                choice["semgrad"] = result if "error" in result else {**result, "stop_token": stop_token}
+            for (choice, (_, answer), stop_token), result in zip(todo, results):
+                choice["semgrad"] = result if "error" in result else self._report(result, answer, stop_token)
+        if self.recent is not None:
+            for choice in choices:
+                index = choice["index"]
+                self.recent.add(
+                    self.question(index), self.texts.get(index, ""), choice["semgrad"], self.response_id, index, self.model,
+                    choice.get("finish_reason"), self.endpoint,
+                )  # fmt: skip
+
+    def _report(self, result: dict[str, Any], answer: list[int], stop_token: bool) -> dict[str, Any]:
+        """A scored answer's ``"semgrad"`` object: the worker's report (which always carries the per-token
+        entropies and log-probs) with ``stop_token``, and the per-token data only where the request asked for it."""
+        report = {k: v for k, v in result.items() if k not in TOKEN_FIELDS}
+        report["stop_token"] = stop_token
+        if self.options.tokens and "token_entropies" in result:
+            report["token_texts"] = token_texts(self.stop.tokenizer, answer)
+            report["token_entropies"], report["token_logprobs"] = result["token_entropies"], result["token_logprobs"]
+        return report
 
 
 async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> AsyncIterator[str]:
@@ -154,11 +211,11 @@ async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> Async
 async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request) -> Response | None:
     client: ScoringClient | None = getattr(raw_request.app.state, "semgrad_client", None)
     try:
-        wanted = scoring_wanted(request)
+        options = scoring_options(request)
     except SemgradError as exc:
         error = create_error_response(str(exc), param=OPT_OUT_FIELD)
         return JSONResponse(content=error.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
-    if client is None or not wanted:
+    if client is None or options is None:
         return await vllm_route(request, raw_request)
 
     keep_ids = bool(request.return_token_ids)
@@ -170,7 +227,15 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
     if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
         request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
     stop = StopTokens.of(raw_request.app.state)
-    choices = _Choices(client, key, stop, bool(request.include_stop_str_in_output), keep_ids, scorable)
+    if isinstance(request, ChatCompletionRequest):
+        asked = chat_question(request.messages)
+        question, endpoint = (lambda index: asked), "chat"
+    else:
+        question, endpoint = (lambda index: prompt_question(request.prompt, index, request.n or 1)), "completions"
+    recent = getattr(raw_request.app.state, "semgrad_recent", None)
+    choices = _Choices(
+        client, key, stop, bool(request.include_stop_str_in_output), keep_ids, scorable, options, recent, question, endpoint
+    )
 
     streaming = False
     try:

@@ -31,15 +31,19 @@ SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGra
 REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv")
 
 
-def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False) -> dict[str, Any]:
+def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False, tokens: bool = False) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``prompt_kv`` says
-    whether the prompt's keys/values came from vLLM's KV cache or were recomputed."""
+    whether the prompt's keys/values came from vLLM's KV cache or were recomputed. ``tokens`` adds the per-token
+    entropies and log-probs (the API server passes them on to requests that ask for them)."""
     if isinstance(result, ItemError):
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
     report = {**scorer.report(result), "prompt_kv": "cache" if from_cache else "recomputed"}
-    return {key: report[key] for key in REPORTED}
+    out = {key: report[key] for key in REPORTED}
+    if tokens:
+        out["token_entropies"], out["token_logprobs"] = list(result.token_entropies), list(result.token_logprobs)
+    return out
 
 
 def capture_state(kv_transfer_config: Any) -> bool:
@@ -97,7 +101,7 @@ class SemgradWorkerExtension:
 
         def score(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
             results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes)
-            return [answer_report(scorer, r, kv is not None) for r, kv in zip(results, prefixes)]
+            return [answer_report(scorer, r, kv is not None, tokens=True) for r, kv in zip(results, prefixes)]
 
         if os.environ.get(TEST_FAULTS_ENV) == "1":
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
@@ -108,6 +112,7 @@ class SemgradWorkerExtension:
         return {
             "family": weights.family,
             "profile": profile.name,
+            "t_star": {"token": profile.t_star.token, "offset": profile.t_star.offset},
             "band": [band.start, band.stop - 1],
             "score": profile.score,
             "threshold": profile.threshold,
