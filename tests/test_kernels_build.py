@@ -31,17 +31,23 @@ def test_cuda_source_compiles(source: Path, tmp_path: Path) -> None:
 
 # kernel, argument types (pointers as *dtype; ACC names the accumulation type), constexprs
 _TRITON_KERNELS = {
-    "token_stats": (
-        token_stats._token_stats_kernel,
-        dict(logits_ptr="*bf16", targets_ptr="*i64", logp_ptr="*ACC", entropy_ptr="*ACC", grad_ptr="*ACC",
-             V="i32", stride_row="i32"),
-        dict(BLOCK_V=4096),
+    "token_stats (chunk partials)": (
+        token_stats._token_stats_partial_kernel,
+        dict(logits_ptr="*bf16", targets_ptr="*i64", part_ptr="*ACC", zy_ptr="*ACC", V="i32", stride_row="i32",
+             CHUNK="i32", n_chunks="i32"),
+        dict(BLOCK_V=1024),
+    ),
+    "token_stats (gradient)": (
+        token_stats._token_stats_grad_kernel,
+        dict(logits_ptr="*bf16", targets_ptr="*i64", part_ptr="*ACC", zy_ptr="*ACC", logp_ptr="*ACC",
+             entropy_ptr="*ACC", grad_ptr="*ACC", V="i32", stride_row="i32", CHUNK="i32", n_chunks="i32"),
+        dict(BLOCK_V=1024, BLOCK_C=32),
     ),
     "head_grad_l1": (
         head_grad_l1._head_grad_l1_kernel,
         dict(grad_ptr="*ACC", hidden_ptr="*bf16", scale_ptr="*ACC", offsets_ptr="*i64", partial_ptr="*ACC",
-             V="i32", D="i32", tiles_d="i32", stride_grad="i32", stride_hidden="i32"),
-        dict(BLOCK_V=128, BLOCK_D=128, BLOCK_T=32),
+             N="i32", V="i32", D="i32", stride_grad="i32", stride_hidden="i32", stride_partial="i32"),
+        dict(S=2, BLOCK_V=128, BLOCK_D=128, BLOCK_T=32, PRECISION=None),  # PRECISION: per accumulation type
     ),
     "band_l1": (
         band_l1._band_l1_kernel,
@@ -61,7 +67,10 @@ def compile_triton_kernels_for_cuda() -> None:
         for acc, acc_type in (("fp32", triton.language.float32), ("fp64", triton.language.float64)):
             signature = {k: t.replace("ACC", acc) for k, t in args.items()}
             signature |= dict.fromkeys([*constexprs, "ACC"], "constexpr")
-            source = ASTSource(kernel, signature, constexprs={**constexprs, "ACC": acc_type})
+            values = {**constexprs, "ACC": acc_type}
+            if "PRECISION" in values:  # tensor cores for float32 (as the wrapper picks), a plain product for float64
+                values["PRECISION"] = "tf32x3" if acc == "fp32" else "none"
+            source = ASTSource(kernel, signature, constexprs=values)
             assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 
 
