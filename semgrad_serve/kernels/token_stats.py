@@ -33,6 +33,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+NON_FINITE_LOGITS = "logits contain NaN or +inf: the model's forward pass is numerically broken"
+
+
 def check_logits(logits: torch.Tensor, targets: torch.Tensor, check: bool = True) -> None:
     """Raise ValueError for a shape mismatch, and (``check``) for NaN/+inf logits or out-of-range
     targets (-inf logits are allowed). The value checks read the device back; scoring passes
@@ -47,9 +50,6 @@ def check_logits(logits: torch.Tensor, targets: torch.Tensor, check: bool = True
         raise ValueError(NON_FINITE_LOGITS)
     if targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[1]):
         raise ValueError("target token id outside the vocabulary")
-
-
-NON_FINITE_LOGITS = "logits contain NaN or +inf: the model's forward pass is numerically broken"
 
 
 def token_stats_reference(
