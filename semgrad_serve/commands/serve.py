@@ -70,9 +70,9 @@ def gpu_memory_option(model_dir: Path, dtype: str, total_bytes: int) -> list[str
     from ..serving.scoring_memory import scoring_reserve_bytes
 
     config = AutoConfig.from_pretrained(model_dir)
-    torch_dtype = getattr(torch, dtype) if dtype != "auto" else (getattr(config, "torch_dtype", None) or torch.float32)
-    torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-    reserve = scoring_reserve_bytes(config, torch_dtype, DEFAULT_BATCH_TOKENS)
+    # "auto": the checkpoint's dtype, which the config holds as a name or a torch.dtype
+    name = dtype if dtype != "auto" else str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    reserve = scoring_reserve_bytes(config, getattr(torch, name), DEFAULT_BATCH_TOKENS)
     share = VLLM_GPU_SHARE - reserve / total_bytes
     if share < 0.1:
         raise SemgradError(
