@@ -11,7 +11,7 @@ import pytest
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.serving.recent import MAX_TEXT, RecentAnswers, chat_question, prompt_question
-from semgrad_serve.serving.tokens import token_texts
+from semgrad_serve.model.tokens import token_texts
 
 # -- the recent-answers ring ---------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from semgrad_serve.errors import ItemError
-from semgrad_serve.serving.tokens import token_texts
+from semgrad_serve.model.tokens import token_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -5,5 +5,6 @@
 keys/values, right-padded batches), ``logprobs.py`` (log-softmax and entropy),
 ``loading.py`` (a local Hugging Face model, dtypes and devices by name, the chat template),
 ``default_model.py`` (the embedded SmolLM2-135M-Instruct), ``stop_token.py`` (a model's EOS ids
-and the tokens of an answer the user receives). Nothing here imports the layers above it.
+and the tokens of an answer the user receives), ``tokens.py`` (each token's text in a decoded answer).
+Nothing here imports the layers above it.
 """

@@ -35,7 +35,7 @@ from ..model.stop_token import eos_ids, received_tokens
 from .captures import KV_PARAM
 from .recent import TOKEN_FIELDS, RecentAnswers, chat_question, prompt_question
 from .scoring_client import ScoringClient
-from .tokens import token_texts
+from ..model.tokens import token_texts
 
 router = APIRouter()
 
