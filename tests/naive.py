@@ -44,8 +44,10 @@ def naive_scores(
     t_star: int,
     band: range,
     paper_style: bool = False,
+    tokens: range | None = None,
 ) -> dict[str, float]:
-    """SemGrad, ParaGrad, HybridGrad, ExGrad and mean entropy of one answer by full autograd.
+    """SemGrad, ParaGrad, HybridGrad, ExGrad and mean entropy of one answer by full autograd; ``tokens``: of
+    the loss restricted to those answer tokens (a claim), the whole forward unchanged.
 
     ``paper_style`` repeats the paper's procedure step for step (logits at every position, gradients
     w.r.t. every hidden state, ExGrad from a second forward and backward): the same numbers, at the
@@ -55,11 +57,16 @@ def naive_scores(
     answer = torch.tensor(list(answer_ids), device=device)
     n = len(prompt_ids)
     hidden_states, head, logp, entropy = _forward(model, ids, n, answer, paper_style)
+    kept = slice(None) if tokens is None else slice(tokens.start, tokens.stop)
+    logp, entropy = logp[kept], entropy[kept]
     loss = -(entropy * logp).mean()
     wanted = list(hidden_states) if paper_style else [hidden_states[i] for i in band]
     *state_grads, head_grad = torch.autograd.grad(loss, wanted + [head], retain_graph=not paper_style)
     band_grads = [state_grads[i] for i in band] if paper_style else state_grads
-    ex_head, ex_logp = _forward(model, ids, n, answer, True)[1:3] if paper_style else (head, logp)
+    ex_head, ex_logp = head, logp
+    if paper_style:
+        _, ex_head, ex_logp, _ = _forward(model, ids, n, answer, True)
+        ex_logp = ex_logp[kept]
     (ex_head_grad,) = torch.autograd.grad(-ex_logp.mean(), ex_head)
     d = head.shape[1]
     semgrad = float(sum(g[0, t_star].double().abs().sum() for g in band_grads) / (len(band) * d))

@@ -1,12 +1,29 @@
-"""Per-claim scores: the sentence splitter on hand cases."""
+"""Per-claim scores: the sentence splitter on hand cases, and each claim's scores against the naive computation
+with the loss restricted to the claim's tokens."""
 
 from __future__ import annotations
 
-import re
+import os
 
-import pytest
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
-from semgrad_serve.scoring.claims import Claim, split_claims
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from naive import naive_scores  # noqa: E402
+from semgrad_serve.kernels import select_kernels  # noqa: E402
+from semgrad_serve.model.weights import from_hf_model  # noqa: E402
+from semgrad_serve.scoring import batch as scoring  # noqa: E402
+from semgrad_serve.scoring.batch import score_batch  # noqa: E402
+from semgrad_serve.scoring.claims import Claim, split_claims  # noqa: E402
+from semgrad_serve.scoring.items import PreparedItem  # noqa: E402
+from semgrad_serve.scoring.shared_prefix import PrefixCache  # noqa: E402
+from test_exactness import deeper_half, prefix_keys_values  # noqa: E402
+from tiny_models import FAMILIES, random_items, tiny_model  # noqa: E402
+
+CLAIM_SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 
 # -- the splitter ---------------------------------------------------------------------------------------
 
@@ -49,3 +66,98 @@ def test_splitter_token_ownership() -> None:
     ]  # fmt: skip
     assert split_claims(["A", " b.c", " d"]) == [Claim("A b.c d", 0, 3)]  # a sentence inside a token: merged
     assert split_claims([]) == [] and split_claims([" ", "\n"], n_tokens=3) == []
+
+
+# -- the scores ---------------------------------------------------------------------------------------
+
+
+def cut(n_tokens: int, starts: list[int]) -> tuple[Claim, ...]:
+    """Claims of an ``n_tokens`` answer that start at ``starts`` (0 first), texts unused."""
+    ends = [*starts[1:], n_tokens]
+    return tuple(Claim(f"claim {k}", s, e) for k, (s, e) in enumerate(zip(starts, ends)))
+
+
+def claimed_items(seed: int, n: int = 6) -> list[PreparedItem]:
+    """Items with longer answers; every other one split into 1 to 4 claims, the others without claims."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for b, (prompt, answer, t_star) in enumerate(random_items(n, seed=seed)):
+        answer = answer + torch.randint(0, 101, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        claims = ()
+        if b % 2 == 0:
+            k = int(torch.randint(1, 5, (1,), generator=g))
+            claims = cut(len(answer), [0, *sorted(torch.randperm(len(answer) - 1, generator=g)[: k - 1].add(1).tolist())])
+        items.append(PreparedItem(tuple(prompt), tuple(answer), t_star, claims=claims))
+    return items
+
+
+def assert_claims_match_naive(model, items: list[PreparedItem], results, band: range, rel: float) -> None:
+    for item, result in zip(items, results):
+        whole = naive_scores(model, item.prompt_ids, item.answer_ids, item.t_star, band)
+        for key in CLAIM_SCORES:
+            assert result.scores()[key] == pytest.approx(whole[key], rel=rel, abs=0), key
+        if not item.claims:
+            assert result.claims is None
+            continue
+        assert [(c.text, c.token_start, c.token_end) for c in result.claims] == [(c.text, c.token_start, c.token_end) for c in item.claims]
+        for claim, scores in zip(item.claims, result.claims):
+            naive = naive_scores(model, item.prompt_ids, item.answer_ids, item.t_star, band, tokens=range(claim.token_start, claim.token_end))
+            for key in CLAIM_SCORES:
+                assert scores.scores()[key] == pytest.approx(naive[key], rel=rel, abs=0), (claim, key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float64_claims_match_naive_in_a_mixed_batch(family: str) -> None:
+    """Several claims per item, batched with items without claims: one backward, each claim exact."""
+    model = tiny_model(family)
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    items = claimed_items(seed=2)
+    assert max(len(it.claims) for it in items) > 1
+    assert_claims_match_naive(model, items, score_batch(weights, items, band, select_kernels("torch")), band, rel=1e-9)
+
+
+def test_the_naive_restriction_to_every_token_is_the_whole_answer() -> None:
+    model = tiny_model("qwen3-untied")
+    prompt, answer, t_star = random_items(1, seed=3)[0]
+    band = deeper_half(5)
+    whole = naive_scores(model, prompt, answer, t_star, band)
+    assert naive_scores(model, prompt, answer, t_star, band, tokens=range(len(answer))) == whole
+    assert naive_scores(model, prompt, answer, t_star, band, paper_style=True, tokens=range(1, len(answer)))["semgrad"] == pytest.approx(
+        naive_scores(model, prompt, answer, t_star, band, tokens=range(1, len(answer)))["semgrad"], rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("choice", ["native", "triton"])
+def test_claims_with_every_kernel_choice(choice: str) -> None:
+    model = tiny_model("llama3-untied")
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    items = claimed_items(seed=5, n=4)
+    assert_claims_match_naive(model, items, score_batch(weights, items, band, select_kernels(choice)), band, rel=1e-9)
+
+
+def test_claims_over_cached_and_shared_prefixes_and_head_chunks(monkeypatch) -> None:
+    """Given prefix keys/values (vLLM's cache), a shared prefix and logits formed a few rows at a time: same claims."""
+    model = tiny_model("mistral-window")
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    items = claimed_items(seed=7)
+    kvs = [prefix_keys_values(weights, list(it.prompt_ids), it.t_star) for it in items]
+    torch_kernels = select_kernels("torch")
+    assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels, prefix_kv=kvs), band, rel=1e-9)
+    head = [(5 * i + 1) % 64 for i in range(6)]
+    shared_items = [PreparedItem((*head, *it.prompt_ids), it.answer_ids, len(head) + it.t_star, claims=it.claims) for it in items]
+    shared = PrefixCache(min_tokens=4).for_batch(weights, shared_items)
+    assert shared is not None
+    assert_claims_match_naive(model, shared_items, score_batch(weights, shared_items, band, torch_kernels, shared), band, rel=1e-9)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 5 * weights.vocab_size)
+    assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels), band, rel=1e-9)
+
+
+def test_float32_claims_match_naive() -> None:
+    model = tiny_model("qwen2-tied", dtype=torch.float32)
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    items = claimed_items(seed=8, n=4)
+    assert_claims_match_naive(model, items, score_batch(weights, items, band, select_kernels()), band, rel=1e-4)

@@ -5,6 +5,11 @@ with g_t = (w_t/T)(softmax(z_t) − onehot(y_t)), reduced to its ℓ1 mean by a
 kernel without forming the V×d matrix; the loss gradient w.r.t. h̃ is g W_head,
 fed into a single ``autograd.grad`` over the probes of the whole batch. The logits
 are formed for a bounded number of answer rows at a time (``HEAD_CHUNK_ELEMENTS``).
+
+Items with claims also get each claim's scores, the loss restricted to the claim's
+tokens (weights w_t/T_c): its head gradient ℓ1 from the same logits gradient, and its
+probe gradient from the same backward, batched over seeds (``is_grads_batched``):
+seed 0 is every item's whole answer, seed k every item's k-th claim.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import torch
 
 from ..kernels import Kernels
 from ..kernels.token_stats import NON_FINITE_LOGITS
+from ..model.forward import to_device
 from ..model.weights import DecoderWeights
 from .band_pass import band_pass
-from .items import PreparedItem, ScoreResult, hybrid
+from .items import ClaimScores, PreparedItem, ScoreResult, hybrid
 from .shared_prefix import SharedPrefix
 
 
@@ -39,6 +45,34 @@ def head_groups(bounds: list[int], max_rows: int) -> list[tuple[int, int]]:
     return groups
 
 
+class ClaimRows:
+    """Host bookkeeping of a batch's claims over its packed answer rows (``bounds``: each item's row offset)."""
+
+    def __init__(self, items: Sequence[PreparedItem], bounds: list[int]) -> None:
+        self.seeds = 1 + max(len(it.claims) for it in items)  # backward seeds: the whole answers, then claim k
+        # per item, the row offsets of its claims (their starts, then its end); [] without claims
+        self.offsets = [[bounds[b] + c.token_start for c in it.claims] + [bounds[b + 1]] * bool(it.claims) for b, it in enumerate(items)]
+        self.inv_len = [0.0] * bounds[-1]  # 1/T_c on each claim row, 0 on the rows of items without claims
+        self.seed_rows: list[tuple[int, int]] = []  # (seed, row) of every claim row
+        for b, it in enumerate(items):
+            for k, c in enumerate(it.claims, 1):
+                for r in range(bounds[b] + c.token_start, bounds[b] + c.token_end):
+                    self.inv_len[r] = 1.0 / (c.token_end - c.token_start)
+                    self.seed_rows.append((k, r))
+
+    def runs(self, lo: int, hi: int) -> list[list[int]]:
+        """The claim row offsets of each run of consecutive items with claims among items [lo, hi)."""
+        runs: list[list[int]] = []
+        for b in range(lo, hi):
+            if not self.offsets[b]:
+                continue
+            if runs and runs[-1][-1] == self.offsets[b][0]:
+                runs[-1] += self.offsets[b][1:]
+            else:
+                runs.append(list(self.offsets[b]))
+        return runs
+
+
 def score_batch(
     w: DecoderWeights,
     items: Sequence[PreparedItem],
@@ -49,11 +83,15 @@ def score_batch(
     prefix_kv: Sequence[torch.Tensor] | None = None,
 ) -> list[ScoreResult]:
     """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``: see
-    ``band_pass``). ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient."""
+    ``band_pass``). ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient.
+    Items with ``claims`` also get their claims' scores (one more pass over their head gradient)."""
     fwd = band_pass(w, items, band, shared, prefix_kv)
     hidden = fwd.answer_hidden.detach()
     bounds = [0, *itertools.accumulate(len(it.answer_ids) for it in items)]  # on the host: no read-back
-    logp, entropy, head_l1, grad_hidden = [], [], [], []
+    claims = ClaimRows(items, bounds) if any(it.claims for it in items) else None
+    claim_inv_len = to_device(torch.tensor(claims.inv_len, dtype=torch.float64), w.device) if claims else None
+    n_scales = 1 + exgrad
+    logp, entropy, head_l1, grad_hidden, claim_l1, claim_grad = [], [], [], [], [], []
     for lo, hi in head_groups(bounds, max(1, HEAD_CHUNK_ELEMENTS // w.vocab_size)):
         rows = slice(bounds[lo], bounds[hi])
         offsets = fwd.offsets[lo : hi + 1] - bounds[lo]
@@ -63,32 +101,67 @@ def score_batch(
         lengths = offsets.diff()
         inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths, output_size=bounds[hi] - bounds[lo])
         token_weight = ent * inv_len  # w_t / T
-        head_l1.append(kernels.head_grad_l1(nll_grad, h, torch.stack((token_weight, inv_len)[: 1 + exgrad]), offsets))
-        # Σ_v (w_t/T) g_tv W_v: the row scale applied after the product, so no scaled [rows, V] copy
-        grad_hidden.append((nll_grad.to(w.dtype) @ w.head) * token_weight[:, None].to(w.dtype))
+        head_l1.append(kernels.head_grad_l1(nll_grad, h, torch.stack((token_weight, inv_len)[:n_scales]), offsets))
+        # Σ_v g_tv W_v, each seed's row scale applied after the product, so no scaled [rows, V] copy
+        grad_h = nll_grad.to(w.dtype) @ w.head
+        grad_hidden.append(grad_h * token_weight[:, None].to(w.dtype))
+        if claims is not None:
+            c_inv = claim_inv_len[rows].to(ent.dtype)
+            c_weight = ent * c_inv  # w_t / T_c
+            for run in claims.runs(lo, hi):
+                r = slice(run[0] - bounds[lo], run[-1] - bounds[lo])
+                c_offsets = to_device(torch.tensor(run) - run[0], w.device)
+                claim_l1.append(kernels.head_grad_l1(nll_grad[r], h[r], torch.stack((c_weight[r], c_inv[r])[:n_scales]), c_offsets))
+            claim_grad.append(grad_h * c_weight[:, None].to(w.dtype))
         logp.append(lp)
         entropy.append(ent)
-        del nll_grad
-    (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=torch.cat(grad_hidden))
-    semgrad = kernels.band_l1(probe_grads)
+        del nll_grad, grad_h
+    seeds = torch.cat(grad_hidden)
+    if claims is None:
+        (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=seeds)
+        semgrad = kernels.band_l1(probe_grads)
+    else:
+        batched = seeds.new_zeros(claims.seeds, *seeds.shape)
+        batched[0] = seeds
+        seed, row = to_device(torch.tensor(claims.seed_rows).T, w.device)
+        batched[seed, row] = torch.cat(claim_grad)[row]
+        (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=batched, is_grads_batched=True)
+        n_band, batch, d = probe_grads.shape[1:]
+        # [seeds, n_band, B, d] → [n_band, seeds·B, d]: seed k of item b at k·B + b
+        semgrad = kernels.band_l1(probe_grads.transpose(0, 1).reshape(n_band, claims.seeds * batch, d))
 
     # One read-back for the whole batch; a NaN/+inf logit shows as a NaN entropy (token_stats unchecked).
-    head_l1 = torch.cat(head_l1, dim=1).double()
-    flat = torch.cat((torch.cat(entropy).double(), torch.cat(logp).double(), head_l1.flatten(), semgrad.double()))
-    values = flat.cpu().tolist()
+    parts = [torch.cat(entropy).double(), torch.cat(logp).double(), torch.cat(head_l1, dim=1).double().flatten(), semgrad.double()]
+    if claim_l1:
+        parts.append(torch.cat(claim_l1, dim=1).double().flatten())
+    values = torch.cat(parts).cpu().tolist()
     n_rows, batch = bounds[-1], len(items)
     entropies, logps = values[:n_rows], values[n_rows : 2 * n_rows]
-    paragrad = values[2 * n_rows : 2 * n_rows + batch]
-    ex = values[2 * n_rows + batch : 2 * n_rows + 2 * batch] if exgrad else [None] * batch
-    semgrad = values[-batch:]
+    values = values[2 * n_rows :]
+    paragrad, ex = values[:batch], values[batch : 2 * batch] if exgrad else [None] * batch
+    values = values[n_scales * batch :]
+    semgrads, values = values[: len(semgrad)], values[len(semgrad) :]
+    n_claims = sum(len(it.claims) for it in items)
+    claim_para, claim_ex = values[:n_claims], values[n_claims:] if exgrad else [None] * n_claims
     if not all(map(math.isfinite, entropies)):
         raise ValueError(NON_FINITE_LOGITS)
 
-    results = []
+    results, first_claim = [], 0
     for b, item in enumerate(items):
         s, e = bounds[b], bounds[b + 1]
         mean_entropy = math.fsum(entropies[s:e]) / (e - s)
-        para, sem = paragrad[b], semgrad[b]
+        para, sem = paragrad[b], semgrads[b]
+        scored_claims = None
+        if item.claims:
+            scored_claims = []
+            for k, c in enumerate(item.claims, 1):
+                c_entropy = math.fsum(entropies[s + c.token_start : s + c.token_end]) / (c.token_end - c.token_start)
+                i = first_claim + k - 1
+                c_para, c_sem = claim_para[i], semgrads[k * batch + b]
+                scored_claims.append(
+                    ClaimScores(c.text, c.token_start, c.token_end, c_sem, c_para, hybrid(c_para, c_sem, c_entropy), claim_ex[i], c_entropy)
+                )
+            first_claim += len(item.claims)
         results.append(
             ScoreResult(
                 semgrad=sem,
@@ -103,6 +176,7 @@ def score_batch(
                 band=(band.start, band.stop - 1),
                 prompt_tokens=len(item.prompt_ids),
                 answer_tokens=len(item.answer_ids),
+                claims=scored_claims,
             )
         )
     return results

@@ -9,6 +9,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .claims import Claim
+
 # The scores of an answer (higher = more uncertain), in the order results and reports list them.
 GRADIENT_SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad")  # from one batched gradient pass (``batch.py``)
 FLAG_SCORES = (*GRADIENT_SCORES, "mean_entropy")  # what a profile may compare with its flag threshold
@@ -27,6 +29,7 @@ class PreparedItem:
     answer_ids: tuple[int, ...]
     t_star: int
     t_star_token: str = ""
+    claims: tuple[Claim, ...] = ()  # consecutive token runs that cover the answer, each scored on its own; () = none
 
     @property
     def length(self) -> int:
@@ -38,6 +41,24 @@ def hybrid(paragrad: float, semgrad: float, mean_entropy: float) -> float:
     """HybridGrad = α·ParaGrad + (1−α)·SemGrad with α = exp(−mean_entropy)."""
     alpha = math.exp(-mean_entropy)
     return alpha * paragrad + (1 - alpha) * semgrad
+
+
+@dataclass(frozen=True)
+class ClaimScores:
+    """The scores of one claim: the SPEC's loss restricted to its tokens (``mean_entropy`` over them too)."""
+
+    text: str
+    token_start: int
+    token_end: int  # exclusive
+    semgrad: float
+    paragrad: float
+    hybridgrad: float
+    exgrad: float | None
+    mean_entropy: float
+
+    def scores(self) -> dict[str, float]:
+        """The scores that were computed, by name (``FLAG_SCORES`` order)."""
+        return {k: getattr(self, k) for k in FLAG_SCORES if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,7 @@ class ScoreResult:
     answer_tokens: int  # the stop token included where counted
     stop_token: bool = False  # the answer's last token is the model's end-of-turn / EOS token, and was scored
     paragrad_tied: float | None = None  # the authors' tied-head ParaGrad (``tied_head.py``), where asked for
+    claims: list[ClaimScores] | None = None  # per claim, where the item had claims
 
     def scores(self) -> dict[str, float]:
         """The scores that were computed, by name (``SCORE_NAMES`` order)."""
