@@ -68,6 +68,17 @@ def test_splitter_token_ownership() -> None:
     assert split_claims([]) == [] and split_claims([" ", "\n"], n_tokens=3) == []
 
 
+def test_claims_of_real_tokens(default_scorer) -> None:
+    """On the default model's tokens: the stop token joins the last claim; each claim's text is its tokens'."""
+    text = "The capital of France is Paris. It is known for the Eiffel Tower.\n\nDr. Smith agrees."
+    ids = default_scorer.answer_ids(text)
+    claims = default_scorer.claims(ids)
+    assert [c.text for c in claims] == ["The capital of France is Paris.", "It is known for the Eiffel Tower.", "Dr. Smith agrees."]
+    assert claims[-1].token_end == len(ids) and ids[-1] in default_scorer.eos_ids
+    for c in claims:
+        assert default_scorer.tokenizer.decode(ids[c.token_start : c.token_end], skip_special_tokens=True).strip() == c.text
+
+
 # -- the scores ---------------------------------------------------------------------------------------
 
 

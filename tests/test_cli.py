@@ -69,6 +69,28 @@ def test_score_counts_the_stop_token_unless_turned_off(tmp_path, default_scorer)
     assert rows["plain"]["paragrad_tied"] is None and rows["counted"]["paragrad_tied"] > rows["counted"]["paragrad"]
 
 
+def test_score_claims(tmp_path, default_scorer) -> None:
+    """``--claims``: each sentence's text, tokens, scores and flag, as the scorer gives them; none without it."""
+    question, answer = "Tell me about Paris.", "Paris is the capital of France. It is known for the Eiffel Tower."
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"question": question, "answer": answer}) + "\n")
+    for flags, name in (([], "plain"), (["--claims"], "claims")):
+        assert main(["score", "--input", str(src), "--output", str(tmp_path / name), *flags]) == 0
+    (plain,) = [json.loads(line) for line in (tmp_path / "plain").read_text().splitlines()]
+    (row,) = [json.loads(line) for line in (tmp_path / "claims").read_text().splitlines()]
+    assert "claims" not in plain and [c["text"] for c in row["claims"]] == ["Paris is the capital of France.", "It is known for the Eiffel Tower."]
+    pair = (default_scorer.prompt_ids([{"role": "user", "content": question}]), default_scorer.answer_ids(answer))
+    (direct,) = default_scorer.score([pair], claims=True)
+    for got, want in zip(row["claims"], default_scorer.report(direct)["claims"]):
+        assert list(got) == ["text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence", "flagged"]
+        assert {k: got[k] for k in ("text", "token_start", "token_end", "confidence")} == {k: want[k] for k in ("text", "token_start", "token_end", "confidence")}
+        for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), key
+        assert got["confidence"] is None
+        assert got["flagged"] == (got["hybridgrad"] > row["threshold"])
+    assert row["claims"][-1]["token_end"] == row["answer_tokens"] and row["semgrad"] == pytest.approx(plain["semgrad"], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

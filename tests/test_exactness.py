@@ -186,7 +186,7 @@ def test_given_prefix_keys_values_match_naive(family: str) -> None:
     scorer.weights, scorer.band, scorer.kernels, scorer.exgrad = weights, band, select_kernels("torch"), True
     scorer.paragrad_tied, scorer.eos_ids = False, set()
     scorer.prefix_cache = PrefixCache()
-    scorer.prepare = lambda p, a: PreparedItem(tuple(p), tuple(a), dict((tuple(q), t) for q, _, t in triples)[tuple(p)])
+    scorer.prepare = lambda p, a, claims=False: PreparedItem(tuple(p), tuple(a), dict((tuple(q), t) for q, _, t in triples)[tuple(p)])
     mixed = scorer.score([(p, a) for p, a, _ in triples], batch_size=2, prefix_kv=[kvs[0], None, kvs[2], None, kvs[4]])
     for a, b in zip(results, mixed):
         assert_close(b.scores(), a.scores(), rel=1e-9)

@@ -1,6 +1,7 @@
 """``semgrad-serve score``: one output line per input line, in order; a bad line gets ``{"error": ...}``.
 
-An input answer is a complete answer: its tokens and the model's end-of-turn token (``--no-stop-token``: without it)."""
+An input answer is a complete answer: its tokens and the model's end-of-turn token (``--no-stop-token``: without it).
+``--claims`` adds each sentence's scores (``"claims"``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_convention_arguments(parser)
     parser.add_argument("--input", required=True, metavar="IN.jsonl", help='lines {"question", "answer"} or {"messages", "answer"}')
     parser.add_argument("--output", required=True, metavar="OUT.jsonl")
+    parser.add_argument("--claims", action="store_true", help="also score each sentence of the answer on its own (\"claims\")")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="most answers per backward pass (default: 8)")
     parser.add_argument(
         "--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, metavar="N",
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             slots.append((k, number))
         except ItemError as exc:
             outputs[k] = {"error": f"line {number}: {exc}"}
-    for (k, number), result in zip(slots, scorer.score(pairs, args.batch_size, progress=True, max_batch_tokens=args.batch_tokens)):
+    for (k, number), result in zip(slots, scorer.score(pairs, args.batch_size, progress=True, max_batch_tokens=args.batch_tokens, claims=args.claims)):
         outputs[k] = {"error": f"line {number}: {result}"} if isinstance(result, ItemError) else scorer.report(result)
     with open(args.output, "w", encoding="utf-8") as f:
         for out in outputs:

@@ -21,10 +21,12 @@ from ..errors import ItemError, SemgradError
 from ..kernels import Kernels, select_kernels
 from ..model.loading import Messages, chat_prompt_ids, load_hf_model
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
+from ..model.tokens import token_texts
 from ..model.weights import DecoderWeights, from_hf_model
 from . import tied_head
 from .batch import score_batch
-from .items import DEFAULT_BATCH_TOKENS, PreparedItem, ScoreResult
+from .claims import Claim, split_claims
+from .items import DEFAULT_BATCH_TOKENS, ClaimScores, PreparedItem, ScoreResult
 from .profiles import ModelProfile, resolve_profile
 from .shared_prefix import PrefixCache
 
@@ -88,10 +90,28 @@ class Scorer:
         scorer.model = model
         return scorer
 
+    def verdict(self, scores: dict[str, float]) -> dict[str, Any]:
+        """The profile's verdict on an answer's or a claim's raw scores: the configured score, ``confidence`` (the
+        estimated probability that it is correct; None: the profile has no calibrator) and ``flagged``."""
+        score, flagged = self.profile.flag(scores)
+        return {"score": score, "confidence": None, "flagged": flagged}
+
     def report(self, result: ScoreResult) -> dict[str, Any]:
-        """A result as JSON-ready dict, with the profile's configured score, threshold and flag."""
-        score, flagged = self.profile.flag(result.scores())
-        return {**result.to_dict(), "score": score, "threshold": self.profile.threshold, "flagged": flagged}
+        """A result as JSON-ready dict, with the profile's configured score, threshold and flag, and its claims'
+        reports where it has claims."""
+        verdict = self.verdict(result.scores())
+        report = {**result.to_dict(), "score": verdict["score"], "threshold": self.profile.threshold, "flagged": verdict["flagged"]}
+        if result.claims is None:
+            del report["claims"]
+        else:
+            report["claims"] = [self.claim_report(c) for c in result.claims]
+        return report
+
+    def claim_report(self, claim: ClaimScores) -> dict[str, Any]:
+        """One claim's entry of ``"claims"``: its text, tokens, raw scores, and the verdict on them."""
+        verdict = self.verdict(claim.scores())
+        raw = {k: getattr(claim, k) for k in ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy")}
+        return {**raw, "confidence": verdict["confidence"], "flagged": verdict["flagged"]}
 
     # -- text to token ids -------------------------------------------------------------------------
 
@@ -120,6 +140,11 @@ class Scorer:
 
     # -- scoring -----------------------------------------------------------------------------------
 
+    def claims(self, answer_ids: Sequence[int]) -> tuple[Claim, ...]:
+        """The claims of an answer (the sentence rule of ``claims.py`` on its text); its stop token joins the last."""
+        answer = list(answer_ids)
+        return tuple(split_claims(token_texts(self.tokenizer, self.without_stop_token(answer)), len(answer)))
+
     def t_star_or_none(self, prompt_ids: Sequence[int]) -> int | None:
         """The prompt's t* under the profile's rule, or None where the rule finds none."""
         try:
@@ -127,8 +152,9 @@ class Scorer:
         except ItemError:
             return None
 
-    def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> PreparedItem:
-        """Validate one item and locate t*; the answer is scored as given, its stop token included."""
+    def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool = False) -> PreparedItem:
+        """Validate one item and locate t*; the answer is scored as given, its stop token included. ``claims``: the
+        item carries the answer's claims."""
         answer = list(answer_ids)
         if not answer:
             raise ItemError("the answer is empty")
@@ -142,7 +168,8 @@ class Scorer:
             raise ItemError(f"token id outside the vocabulary (size {vocab})")
         t_star = self.profile.t_star.locate(prompt_ids, self.t_star_id)
         token = self.tokenizer.convert_ids_to_tokens(int(prompt_ids[t_star]))
-        return PreparedItem(tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token)
+        claimed = self.claims(answer) if claims else ()
+        return PreparedItem(tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token, claims=claimed)
 
     def score_prepared(
         self, items: Sequence[PreparedItem], prefix_kv: Sequence[torch.Tensor] | None = None
@@ -171,8 +198,10 @@ class Scorer:
         progress: bool = False,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
         prefix_kv: Sequence[torch.Tensor | None] | None = None,
+        claims: bool | Sequence[bool] = False,
     ) -> list[ScoreResult | ItemError]:
-        """Score (prompt ids, answer ids) pairs; results keep input order.
+        """Score (prompt ids, answer ids) pairs; results keep input order. ``claims`` (for every pair, or per pair):
+        the result also scores each claim of the answer (``Scorer.claims``), in the same backward.
 
         Items of similar length share a batch of at most ``batch_size`` items and, padding included,
         ``max_batch_tokens`` tokens (a longer item goes alone): larger batches of long prompts only
@@ -183,13 +212,14 @@ class Scorer:
         if batch_size < 1 or max_batch_tokens < 1:
             raise SemgradError("batch size and batch tokens must be at least 1")
         kvs = list(prefix_kv) if prefix_kv is not None else [None] * len(pairs)
-        if len(kvs) != len(pairs):
-            raise SemgradError("prefix_kv needs one entry per pair")
+        wanted = [claims] * len(pairs) if isinstance(claims, bool) else list(claims)
+        if len(kvs) != len(pairs) or len(wanted) != len(pairs):
+            raise SemgradError("prefix_kv and claims need one entry per pair")
         results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
         groups: dict[bool, list[tuple[int, int, PreparedItem]]] = {False: [], True: []}
         for i, (prompt, answer) in enumerate(pairs):
             try:
-                item = self.prepare(prompt, answer)
+                item = self.prepare(prompt, answer, wanted[i])
             except ItemError as exc:
                 results[i] = exc
                 continue
