@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from semgrad_serve.errors import ItemError, SemgradError
+from semgrad_serve.scoring.items import NOTHING_TO_SCORE
 from semgrad_serve.scoring.profiles import ModelProfile, TStarRule, builtin_profiles, resolve_profile
 from semgrad_serve.model.weights import check_family
 
@@ -47,9 +48,22 @@ def test_default_model_t_star_is_fourth_from_end(default_scorer) -> None:
     assert default_scorer.tokenizer.convert_ids_to_tokens(prompt[-4:]) == ["<|im_start|>", "ass", "istant", "Ċ"]
 
 
-def test_missing_t_star_token_is_an_item_error(default_scorer) -> None:
-    (result,) = default_scorer.score([(default_scorer.answer_ids("no template here"), [42])])
-    assert isinstance(result, ItemError) and "t* token" in str(result)
+def test_a_prompt_without_the_t_star_token_falls_back_to_its_last_token(default_scorer) -> None:
+    """A prompt not built with the chat template (a raw completions prompt): t* = its last token, the paper's
+    ablation, and the result says so."""
+    raw = default_scorer.answer_ids("no template here", stop_token=False)
+    chat = default_scorer.prompt_ids([{"role": "user", "content": "no template here"}])
+    fallback, template = default_scorer.score([(raw, [42]), (chat, [42])])
+    assert (fallback.t_star, fallback.t_star_rule, fallback.t_star_token) == (len(raw) - 1, "last_prompt_token", "Ġhere")
+    assert (template.t_star, template.t_star_rule) == (len(chat) - 4, "template")
+    assert default_scorer.t_star_or_none(raw) == len(raw) - 1 and default_scorer.t_star_or_none([]) is None
+
+
+def test_an_answer_that_shows_nothing_is_not_scored(default_scorer) -> None:
+    prompt = default_scorer.prompt_ids([{"role": "user", "content": "Say nothing."}])
+    for answer in ([], default_scorer.answer_ids(""), default_scorer.answer_ids(" \n ")):
+        (result,) = default_scorer.score([(prompt, answer)])
+        assert isinstance(result, ItemError) and str(result) == NOTHING_TO_SCORE
 
 
 def test_profile_json_round_trip(tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""The text of each token of a scored answer, for the opt-in per-token data (``"semgrad": {"tokens": true}``).
+"""The text of each token of a scored answer (the opt-in per-token data, ``"semgrad": {"tokens": true}``, and the
+claims), and whether an answer shows the user anything.
 
 Decoding token by token would break characters that span several byte-level
 tokens, so each token's text is what it adds to the decoded answer (the way vLLM
@@ -35,3 +36,9 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
         texts.append(through[len(os.path.commonprefix([before, through])) :])
         pending = i + 1
     return texts
+
+
+def has_visible_text(tokenizer: Any, ids: Sequence[int]) -> bool:
+    """Whether ``ids`` show the user anything: their text without special tokens (the stop token among them) is
+    more than whitespace."""
+    return bool(tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip())

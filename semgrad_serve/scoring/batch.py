@@ -173,6 +173,7 @@ def score_batch(
                 token_logprobs=logps[s:e],
                 t_star=item.t_star,
                 t_star_token=item.t_star_token,
+                t_star_rule=item.t_star_rule,
                 band=(band.start, band.stop - 1),
                 prompt_tokens=len(item.prompt_ids),
                 answer_tokens=len(item.answer_ids),

@@ -17,6 +17,13 @@ FLAG_SCORES = (*GRADIENT_SCORES, "mean_entropy")  # what a profile may compare w
 SCORE_NAMES = (*FLAG_SCORES, "paragrad_tied")  # every score; ``paragrad_tied`` is opt-in (``tied_head.py``)
 DEFAULT_SCORE = "hybridgrad"  # the SPEC's flag score
 
+# How t* was found: the profile's template token, or (a prompt built without the chat template) the last prompt
+# token, the paper's ablation
+T_STAR_RULES = ("template", "last_prompt_token")
+
+# The error of an answer that shows the user nothing (no tokens, or only whitespace and special tokens)
+NOTHING_TO_SCORE = "nothing to score: the answer is empty"
+
 # Most tokens per scoring batch, padding included (``Scorer.score``); a longer item goes alone.
 DEFAULT_BATCH_TOKENS = 4096
 
@@ -29,6 +36,7 @@ class PreparedItem:
     answer_ids: tuple[int, ...]
     t_star: int
     t_star_token: str = ""
+    t_star_rule: str = T_STAR_RULES[0]
     claims: tuple[Claim, ...] = ()  # consecutive token runs that cover the answer, each scored on its own; () = none
 
     @property
@@ -74,6 +82,7 @@ class ScoreResult:
     token_logprobs: list[float]
     t_star: int
     t_star_token: str
+    t_star_rule: str
     band: tuple[int, int]
     prompt_tokens: int
     answer_tokens: int  # the stop token included where counted

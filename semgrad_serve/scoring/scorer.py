@@ -21,12 +21,12 @@ from ..errors import ItemError, SemgradError
 from ..kernels import Kernels, select_kernels
 from ..model.loading import Messages, chat_prompt_ids, load_hf_model
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
-from ..model.tokens import token_texts
+from ..model.tokens import has_visible_text, token_texts
 from ..model.weights import DecoderWeights, from_hf_model
 from . import tied_head
 from .batch import score_batch
 from .claims import Claim, split_claims
-from .items import DEFAULT_BATCH_TOKENS, ClaimScores, PreparedItem, ScoreResult
+from .items import DEFAULT_BATCH_TOKENS, NOTHING_TO_SCORE, T_STAR_RULES, ClaimScores, PreparedItem, ScoreResult
 from .profiles import ModelProfile, resolve_profile
 from .shared_prefix import PrefixCache
 
@@ -145,19 +145,27 @@ class Scorer:
         answer = list(answer_ids)
         return tuple(split_claims(token_texts(self.tokenizer, self.without_stop_token(answer)), len(answer)))
 
+    def locate_t_star(self, prompt_ids: Sequence[int]) -> tuple[int, str]:
+        """t* and the rule that found it (``T_STAR_RULES``): the profile's template token, or, in a prompt without
+        it (a raw completions prompt), the last prompt token, the paper's ablation."""
+        if self.t_star_id in prompt_ids:
+            return self.profile.t_star.locate(prompt_ids, self.t_star_id), T_STAR_RULES[0]
+        return len(prompt_ids) - 1, T_STAR_RULES[1]
+
     def t_star_or_none(self, prompt_ids: Sequence[int]) -> int | None:
-        """The prompt's t* under the profile's rule, or None where the rule finds none."""
+        """The prompt's t* (``locate_t_star``), or None where there is none (an empty prompt, a rule outside it)."""
         try:
-            return self.profile.t_star.locate(prompt_ids, self.t_star_id)
+            return self.locate_t_star(prompt_ids)[0] if prompt_ids else None
         except ItemError:
             return None
 
     def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool = False) -> PreparedItem:
-        """Validate one item and locate t*; the answer is scored as given, its stop token included. ``claims``: the
+        """Validate one item and locate t*; the answer is scored as given, its stop token included. An answer that
+        shows nothing (no tokens, or only whitespace and special tokens) is ``NOTHING_TO_SCORE``; ``claims``: the
         item carries the answer's claims."""
         answer = list(answer_ids)
-        if not answer:
-            raise ItemError("the answer is empty")
+        if not answer or not has_visible_text(self.tokenizer, answer):
+            raise ItemError(NOTHING_TO_SCORE)
         if not prompt_ids:
             raise ItemError("the prompt is empty")
         total = len(prompt_ids) + len(answer)
@@ -166,10 +174,11 @@ class Scorer:
         vocab = self.weights.vocab_size
         if min(min(prompt_ids), min(answer)) < 0 or max(max(prompt_ids), max(answer)) >= vocab:
             raise ItemError(f"token id outside the vocabulary (size {vocab})")
-        t_star = self.profile.t_star.locate(prompt_ids, self.t_star_id)
+        t_star, rule = self.locate_t_star(prompt_ids)
         token = self.tokenizer.convert_ids_to_tokens(int(prompt_ids[t_star]))
-        claimed = self.claims(answer) if claims else ()
-        return PreparedItem(tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token, claims=claimed)
+        return PreparedItem(
+            tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token, rule, self.claims(answer) if claims else ()
+        )
 
     def score_prepared(
         self, items: Sequence[PreparedItem], prefix_kv: Sequence[torch.Tensor] | None = None
