@@ -125,7 +125,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.dropped: list = []
 
-    async def score(self, key, pairs) -> list[dict]:
+    async def score(self, key, pairs, claims=False) -> list[dict]:
         return [
             {"semgrad": 1e-5, "score": 1e-5, "threshold": 2e-5, "flagged": False, "prompt_kv": "cache",
              "token_entropies": [0.5] * len(a), "token_logprobs": [-0.25] * len(a)}

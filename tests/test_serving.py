@@ -22,6 +22,7 @@ MODEL = "smollm2-135m-instruct"  # the served name of the default model
 REQUEST_TIMEOUT_S = 180
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 EOS = 2  # <|im_end|>, the default model's end-of-turn token
+CLAIM_FIELDS = ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence", "flagged")
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +179,40 @@ def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client
     assert stopped.finish_reason == "stop" and stopped.message.content.endswith("France ")
     received = default_scorer.answer_ids(stopped.message.content.rstrip(), stop_token=False)
     assert_equals_offline(semgrad_of(stopped), default_scorer, prompt_ids, received)
+
+
+def assert_claims_equal_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int]) -> None:
+    """Served claims equal the offline scorer's claims of the same answer (float32, 1e-4)."""
+    (offline,) = scorer.score([(prompt_ids, answer_ids)], claims=True)
+    expected = scorer.report(offline)["claims"]
+    assert len(semgrad["claims"]) == len(expected) >= 2
+    for got, want in zip(semgrad["claims"], expected):
+        assert list(got) == list(CLAIM_FIELDS) and got["confidence"] is None
+        assert (got["text"], got["token_start"], got["token_end"], got["flagged"]) == (want["text"], want["token_start"], want["token_end"], want["flagged"])
+        for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    assert semgrad["claims"][-1]["token_end"] == len(answer_ids)
+
+
+def test_claims_when_asked_equal_the_offline_claims(client, default_scorer) -> None:
+    """``"semgrad": {"claims": true}``: each sentence's scores, equal to ``score --claims``'s; not there unless asked."""
+    messages = ask("Tell me about Paris in three sentences.")
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, temperature=0,
+                                              extra_body={"return_token_ids": True, "semgrad": {"claims": True}})  # fmt: skip
+    (choice,) = response.choices
+    semgrad, answer_ids = semgrad_of(choice), choice.model_extra["token_ids"]
+    assert tuple(semgrad) == REPORTED + ("claims", "stop_token")
+    assert_claims_equal_offline(semgrad, default_scorer, response.model_extra["prompt_token_ids"], answer_ids)
+    assert " ".join(c["text"] for c in semgrad["claims"]) == choice.message.content.strip()
+    stream = client.completions.create(model=MODEL, prompt="The water cycle is", max_tokens=60, temperature=0, stream=True,
+                                       extra_body={"return_token_ids": True, "semgrad": {"claims": True, "tokens": True}})  # fmt: skip
+    chunks = [c for chunk in stream for c in chunk.choices]
+    prompt_ids = next(c.model_extra["prompt_token_ids"] for c in chunks if c.model_extra.get("prompt_token_ids"))
+    answer_ids = [t for c in chunks for t in c.model_extra.get("token_ids") or []]
+    assert_claims_equal_offline(semgrad_of(chunks[-1]), default_scorer, prompt_ids, answer_ids)
+    assert "claims" not in semgrad_of(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8).choices[0])
+    with pytest.raises(openai.BadRequestError, match="unknown option 'claim'"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"semgrad": {"claim": True}})
 
 
 def test_scoring_can_be_turned_off(client) -> None:

@@ -101,10 +101,12 @@ class FakeScore:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[int] = []
+        self.claims: dict[int, bool] = {}  # first prompt id -> whether its claims were asked for
         self.delay = delay
 
-    def __call__(self, pairs: list, prefixes: list) -> list[dict]:
+    def __call__(self, pairs: list, prefixes: list, claims: list) -> list[dict]:
         self.batches.append(len(pairs))
+        self.claims.update((p[0], c) for (p, _), c in zip(pairs, claims))
         time.sleep(self.delay)
         if any(p[0] < 0 for p, _ in pairs):
             raise RuntimeError("boom")
@@ -131,6 +133,17 @@ def test_service_batches_what_arrives_while_it_scores_and_keeps_each_answer_its_
     results = score_concurrently(client, jobs)
     assert [[r["semgrad"] for r in rs] for rs in results] == [[i] for i in range(12)] + [[20, 21, 22]]
     assert sum(score.batches) == 15 and max(score.batches) <= 8 and len(score.batches) >= 2
+
+
+def test_claims_are_asked_for_per_request() -> None:
+    score = FakeScore(delay=0.1)
+    _, client = service_and_client(score)
+
+    async def go() -> list[list[dict]]:
+        return await asyncio.gather(client.score(None, [([1], [1]), ([2], [1])], claims=True), client.score(None, [([3], [1])]))
+
+    asyncio.run(go())
+    assert score.claims == {1: True, 2: True, 3: False}
 
 
 def test_a_failing_request_does_not_sink_its_batch() -> None:

@@ -9,8 +9,8 @@ SPEC's stop-token convention (``stop_token.py``), and ``"stop_token"`` says whet
 it ended on the EOS token that was scored. ``"semgrad": false`` in the
 body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request;
 ``"semgrad": {"tokens": true}`` adds the answer's per-token texts, entropies and
-log-probabilities. Every scored choice is also kept in the recent-answers ring
-(``recent.py``) that the page reads.
+log-probabilities, ``{"claims": true}`` its sentences' scores. Every scored choice
+is also kept in the recent-answers ring (``recent.py``) that the page reads.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class ScoringOptions:
     """What a scored request asked for beyond the scores (``"semgrad": {...}`` in its body)."""
 
     tokens: bool = False  # per-token texts, entropies and log-probabilities of the scored answer
+    claims: bool = False  # each sentence's scores (``scoring/claims.py``)
 
 
 REQUEST_OPTIONS = tuple(f.name for f in fields(ScoringOptions))
@@ -167,7 +168,7 @@ class _Choices:
             else:
                 todo.append((choice, (prompt, answer), stop_token))
         if todo:
-            results = await self.client.score(self.key, [pair for _, pair, _ in todo])
+            results = await self.client.score(self.key, [pair for _, pair, _ in todo], claims=self.options.claims)
             for (choice, (_, answer), stop_token), result in zip(todo, results):
                 choice["semgrad"] = result if "error" in result else self._report(result, answer, stop_token)
         if self.recent is not None:

@@ -39,8 +39,11 @@ class ScoringClient:
         """A fresh capture key for a request's ``kv_transfer_params``; None where nothing is captured."""
         return uuid.uuid4().hex if self.capture else None
 
-    async def score(self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[dict[str, Any]]:
-        """The ``"semgrad"`` object of each pair (the answers of one request, scored together); never raises."""
+    async def score(
+        self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], claims: bool = False
+    ) -> list[dict[str, Any]]:
+        """The ``"semgrad"`` object of each pair (the answers of one request, scored together; ``claims``: with their
+        claims' scores); never raises."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         job = next(self._jobs)
@@ -49,7 +52,7 @@ class ScoringClient:
                 return [{"error": SERVICE_GONE}] * len(pairs)
             self._waiting[job] = (loop, future, len(pairs))
         start = time.perf_counter()
-        if not self._send(("score", job, key, [(list(p), list(a)) for p, a in pairs])):
+        if not self._send(("score", job, key, [(list(p), list(a)) for p, a in pairs], claims)):
             self._fail(job)
         results = await future
         metrics.record_answers(results, time.perf_counter() - start)

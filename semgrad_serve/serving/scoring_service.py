@@ -14,7 +14,7 @@ captured prompt keys/values; the others recompute the prompt, with the same
 scores. Answers that arrive while a batch is scored form the next batch (at
 most ``max_batch`` answers, one backward per batch).
 
-Messages (pickled tuples): API server → worker ``("score", job, key, pairs)``
+Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``
 and ``("drop", key)``; worker → API server ``("result", job, reports,
 batch_size)`` where ``batch_size`` is set on the first job of each batch only.
 """
@@ -40,8 +40,9 @@ CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engi
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
 
 Pair = tuple[list[int], list[int]]
-# Scores pairs: (pairs, per-pair prompt keys/values or None) -> one "semgrad" object per pair.
-ScoreFn = Callable[[list[Pair], list[torch.Tensor | None]], list[dict[str, Any]]]
+# Scores pairs: (pairs, per-pair prompt keys/values or None, per-pair whether to score claims) -> one "semgrad"
+# object per pair.
+ScoreFn = Callable[[list[Pair], list[torch.Tensor | None], list[bool]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Job:
     job: int
     key: str | None
     pairs: list[Pair]
+    claims: bool = False  # score each answer's claims too
     received: float = field(default_factory=time.monotonic)
 
 
@@ -82,9 +84,9 @@ class ScoringService:
                 log.warning("SemGrad: the API server closed the scoring connection")
                 return
             if message[0] == "score":
-                _, job, key, pairs = message
+                _, job, key, pairs, claims = message
                 with self._arrived:
-                    self._jobs.append(Job(job, key, pairs))
+                    self._jobs.append(Job(job, key, pairs, claims))
                     self._arrived.notify()
             elif message[0] == "drop":
                 self._store.drop(message[1])
@@ -118,8 +120,9 @@ class ScoringService:
         """Reports per job; if the batch fails as a whole, each job is retried alone."""
         pairs = [pair for job in jobs for pair in job.pairs]
         prefixes = [self._prefix(job, pair[0]) for job in jobs for pair in job.pairs]
+        claims = [job.claims for job in jobs for _ in job.pairs]
         try:
-            reports = self._score(pairs, prefixes)
+            reports = self._score(pairs, prefixes, claims)
         except Exception as exc:  # noqa: BLE001 - whatever failed, every answer must get a result
             if len(jobs) > 1:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(jobs), exc)

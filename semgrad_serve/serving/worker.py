@@ -34,13 +34,16 @@ REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv")
 def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False, tokens: bool = False) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``prompt_kv`` says
     whether the prompt's keys/values came from vLLM's KV cache or were recomputed. ``tokens`` adds the per-token
-    entropies and log-probs (the API server passes them on to requests that ask for them)."""
+    entropies and log-probs (the API server passes them on to requests that ask for them); ``claims`` are there
+    where they were scored."""
     if isinstance(result, ItemError):
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
     report = {**scorer.report(result), "prompt_kv": "cache" if from_cache else "recomputed"}
     out = {key: report[key] for key in REPORTED}
+    if "claims" in report:
+        out["claims"] = report["claims"]
     if tokens:
         out["token_entropies"], out["token_logprobs"] = list(result.token_entropies), list(result.token_logprobs)
     return out
@@ -62,10 +65,10 @@ def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
     text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
 
-    def score_or_fail(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
+    def score_or_fail(pairs: list[Pair], prefixes: list[torch.Tensor | None], claims: list[bool]) -> list[dict[str, Any]]:
         if any(TEST_FAULT_MARKER in tokenizer.decode(prompt) for prompt, _ in pairs):
             raise RuntimeError("injected scoring fault (test hook)")
-        return score(pairs, prefixes)
+        return score(pairs, prefixes, claims)
 
     return score_or_fail
 
@@ -99,8 +102,8 @@ class SemgradWorkerExtension:
         scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
         STORE.prefix_length = scorer.t_star_or_none
 
-        def score(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
-            results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes)
+        def score(pairs: list[Pair], prefixes: list[torch.Tensor | None], claims: list[bool]) -> list[dict[str, Any]]:
+            results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes, claims=claims)
             return [answer_report(scorer, r, kv is not None, tokens=True) for r, kv in zip(results, prefixes)]
 
         if os.environ.get(TEST_FAULTS_ENV) == "1":
