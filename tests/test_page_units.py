@@ -141,7 +141,7 @@ def choices_for(default_scorer, options, recent) -> object:
 
     stop = StopTokens.__new__(StopTokens)
     stop.tokenizer, stop.eos_ids = default_scorer.tokenizer, {2}
-    return _Choices(FakeClient(), "k", stop, False, False, True, options, recent, lambda i: "What is the capital of France?")
+    return _Choices(FakeClient(), "k", stop, False, False, options, recent, lambda i: "What is the capital of France?")
 
 
 def test_a_streamed_choice_gets_tokens_only_when_asked_and_is_kept_in_the_ring(default_scorer) -> None:

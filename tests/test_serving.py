@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from semgrad_serve.errors import ItemError, SemgradError
+from semgrad_serve.scoring.items import NOTHING_TO_SCORE
 from semgrad_serve.serving.config import TEST_FAULT_MARKER, TEST_FAULTS_ENV
 from launch_server import free_port, running_server, serve_command
 from semgrad_serve.serving.worker import REPORTED
@@ -107,7 +108,7 @@ def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
     assert_scored(semgrad_of(response.choices[0]))
 
 
-def test_completions_are_scored_or_say_why_not(client, default_scorer) -> None:
+def test_completions_are_scored(client, default_scorer) -> None:
     messages = ask("What is 2 + 2?")
     prompt = default_scorer.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     response = client.completions.create(
@@ -118,10 +119,45 @@ def test_completions_are_scored_or_say_why_not(client, default_scorer) -> None:
     assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 16)
     assert_equals_offline(semgrad_of(choice), default_scorer, choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
 
-    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
-    assert plain.choices[0].text and "t* token" in semgrad_of(plain.choices[0])["error"]
-    echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True)
-    assert echo.choices[0].text.startswith(prompt) and "return_token_ids" in semgrad_of(echo.choices[0])["error"]
+    assert semgrad_of(choice)["t_star_rule"] == "template"
+
+
+def test_a_raw_completions_prompt_falls_back_to_its_last_token(client, default_scorer) -> None:
+    """A prompt without the chat template's t* token (vLLM's benchmark client sends such prompts): t* is its last
+    token, the response says so, and the scores equal the offline scorer's with the same rule."""
+    response = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
+    )
+    (choice,) = response.choices
+    semgrad, prompt_ids = semgrad_of(choice), choice.model_extra["prompt_token_ids"]
+    assert choice.text and semgrad["t_star_rule"] == "last_prompt_token"
+    assert_equals_offline(semgrad, default_scorer, prompt_ids, choice.model_extra["token_ids"])
+    assert default_scorer.prepare(prompt_ids, choice.model_extra["token_ids"]).t_star == len(prompt_ids) - 1
+
+
+def test_echo_is_scored_with_the_text_vllm_echoes(client, default_scorer) -> None:
+    """Completions with echo: scored as without it, the prompt text still echoed (vLLM leaves it out when it returns
+    ids); chat with echo (a continued assistant message): the generated tokens scored after the prompt that holds it."""
+    prompt = "Once upon a time"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0]
+    for stream in (False, True):
+        echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True, stream=stream)
+        choices = [c for chunk in echoed for c in chunk.choices] if stream else echoed.choices
+        assert "".join(c.text for c in choices) == prompt + plain.text
+        assert semgrad_of(choices[-1]) == semgrad_of(plain)
+
+    messages = [ask("What is the capital of France?")[0], {"role": "assistant", "content": "The capital"}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True, "echo": True}
+    without_ids = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, extra_body=extra).choices[0]
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, extra_body={**extra, "return_token_ids": True}
+    )
+    (choice,) = response.choices
+    assert choice.message.content.startswith("The capital") and without_ids.message.content == choice.message.content
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    assert default_scorer.tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\nThe capital")
+    assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"])
+    assert semgrad_of(without_ids) == semgrad_of(choice)
 
 
 def test_streaming_n2_scores_each_choice_in_its_final_chunk(client, default_scorer) -> None:
@@ -179,6 +215,28 @@ def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client
     assert stopped.finish_reason == "stop" and stopped.message.content.endswith("France ")
     received = default_scorer.answer_ids(stopped.message.content.rstrip(), stop_token=False)
     assert_equals_offline(semgrad_of(stopped), default_scorer, prompt_ids, received)
+
+
+def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default_scorer) -> None:
+    messages = ask("What is the capital of France?")
+    for include in (False, True):
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True,
+                                                stop=["France"], extra_body={"include_stop_str_in_output": include})  # fmt: skip
+        chunks = [c for chunk in stream for c in chunk.choices]
+        text, semgrad = "".join(c.delta.content or "" for c in chunks), semgrad_of(chunks[-1])
+        assert text.endswith("France" if include else "of ") and not semgrad["stop_token"]
+        received = default_scorer.answer_ids(text if include else text.rstrip(), stop_token=False)
+        assert_equals_offline(semgrad, default_scorer, default_scorer.prompt_ids(messages), received)
+
+
+def test_an_answer_that_shows_nothing_is_not_scored(client, default_scorer) -> None:
+    """A stop string at the start of the answer: nothing reaches the user, so nothing is scored, and the offline
+    scorer says the same of an empty answer."""
+    (choice,) = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=16,
+                                               temperature=0, stop=["The"]).choices  # fmt: skip
+    assert choice.message.content == "" and semgrad_of(choice) == {"error": NOTHING_TO_SCORE}
+    prompt = default_scorer.prompt_ids(ask("What is the capital of France?"))
+    assert str(default_scorer.score([(prompt, default_scorer.answer_ids(""))])[0]) == NOTHING_TO_SCORE
 
 
 def assert_claims_equal_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int]) -> None:

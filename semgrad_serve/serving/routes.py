@@ -4,9 +4,11 @@ Each request runs through vLLM's route unchanged (same validation, errors,
 headers and streaming) except that ``return_token_ids`` is switched on, so the
 response carries the exact prompt and answer ids the engine used. Each choice
 then gets ``"semgrad": {...}`` (its final chunk when streaming), and the ids
-are hidden again unless the client asked for them. The scored answer follows the
-SPEC's stop-token convention (``stop_token.py``), and ``"stop_token"`` says whether
-it ended on the EOS token that was scored. ``"semgrad": false`` in the
+are hidden again unless the client asked for them (with ``echo``, completions
+then get back the prompt text vLLM leaves out when it returns ids). The scored
+answer follows the SPEC's stop-token convention (``stop_token.py``), and
+``"stop_token"`` says whether it ended on the EOS token that was scored; an
+answer that shows nothing gets ``NOTHING_TO_SCORE``. ``"semgrad": false`` in the
 body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request;
 ``"semgrad": {"tokens": true}`` adds the answer's per-token texts, entropies and
 log-probabilities, ``{"claims": true}`` its sentences' scores. Every scored choice
@@ -32,17 +34,17 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ..errors import SemgradError
 from ..model.stop_token import eos_ids, received_tokens
+from ..model.tokens import has_visible_text, token_texts
+from ..scoring.items import NOTHING_TO_SCORE
 from .captures import KV_PARAM
 from .recent import TOKEN_FIELDS, RecentAnswers, chat_question, prompt_question
 from .scoring_client import ScoringClient
-from ..model.tokens import token_texts
 
 router = APIRouter()
 
 OPT_OUT_FIELD = "semgrad"
 _SWITCH = {"1": True, "0": False, "true": True, "false": False, "on": True, "off": False}
-ECHO_WITHOUT_IDS = "not scored: with echo, request the token ids too (\"return_token_ids\": true)"
-NO_IDS = "not scored: vLLM returned no token ids for this choice"
+NO_IDS = "not scored: vLLM returned no prompt token ids for this choice"
 
 VllmRoute = Callable[[Any, Request], Awaitable[Response | None]]
 
@@ -100,6 +102,10 @@ class StopTokens:
             state.semgrad_stop_tokens = cls(state.engine_client)
         return state.semgrad_stop_tokens
 
+    def ends_on_eos(self, ids: list[int]) -> bool:
+        """Whether ``ids`` end on one of the model's EOS tokens."""
+        return bool(ids) and ids[-1] in self.eos_ids
+
     def scored(self, ids: list[int], stop_reason: int | str | None, include_stop: bool) -> tuple[list[int], bool]:
         """(answer ids to score, whether they end on the EOS token). vLLM's ids end on the EOS token that
         ended generation (checked for vLLM 0.32: chat and completions, streamed or not, n > 1), and on the
@@ -108,18 +114,41 @@ class StopTokens:
             return received_tokens(self.tokenizer, ids, stop_reason, include_stop), False
         if isinstance(stop_reason, int) and stop_reason not in self.eos_ids and not include_stop:
             ids = ids[:-1]
-        return ids, bool(ids) and ids[-1] in self.eos_ids
+        return ids, self.ends_on_eos(ids)
+
+    def report(self, result: dict[str, Any], answer: list[int], stop_token: bool, options: ScoringOptions) -> dict[str, Any]:
+        """A scored answer's ``"semgrad"`` object: the worker's report (which always carries the per-token
+        entropies and log-probs) with ``stop_token``, and the per-token data only where the request asked for it."""
+        if "error" in result:
+            return result
+        report = {k: v for k, v in result.items() if k not in TOKEN_FIELDS}
+        report["stop_token"] = stop_token
+        if options.tokens and "token_entropies" in result:
+            report["token_texts"] = token_texts(self.tokenizer, answer)
+            report["token_entropies"], report["token_logprobs"] = result["token_entropies"], result["token_logprobs"]
+        return report
+
+
+def echoed_text(prompt: Any, index: int, n: int, tokenizer: Any, prompt_ids: list[int]) -> str:
+    """The prompt text vLLM's completions echo in choice ``index`` (``n`` choices per prompt): the prompt string as
+    given, else its ids decoded, as vLLM decodes them."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompt = prompt[min(index // n, len(prompt) - 1)]
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
 
 
 class _Choices:
     """Token ids per choice, gathered from a response or from stream chunks, and the scoring of each choice."""
 
     def __init__(
-        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool, scorable: bool,
+        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool,
         options: ScoringOptions = ScoringOptions(), recent: RecentAnswers | None = None,
         question: Callable[[int], str] = lambda index: "", endpoint: str = "chat",
+        echo: Callable[[int, list[int]], str] | None = None,
     ) -> None:  # fmt: skip
-        self.client, self.key, self.keep_ids, self.scorable = client, key, keep_ids, scorable
+        """``echo``: for a completions request with ``echo``, the prompt text to echo in a choice (from its index and
+        prompt ids): vLLM leaves it out when it returns ids."""
+        self.client, self.key, self.keep_ids, self.echo = client, key, keep_ids, echo
         self.stop, self.include_stop = stop, include_stop
         self.options, self.recent, self.question, self.endpoint = options, recent, question, endpoint
         self.shared_prompt: list[int] | None = None  # chat: one prompt for all choices
@@ -145,6 +174,8 @@ class _Choices:
             prompt = self._take(choice, "prompt_token_ids")
             if prompt:
                 self.prompts[index] = prompt
+                if self.echo is not None and not self.keep_ids:  # a choice's first chunk, whose echo vLLM left out
+                    choice["text"] = self.echo(index, prompt) + (choice.get("text") or "")
             self.answers[index] += self._take(choice, "token_ids") or []
             message = choice.get("message") or choice.get("delta")  # chat, whole or streamed
             text = message.get("content") if isinstance(message, dict) else choice.get("text")  # else completions
@@ -161,16 +192,16 @@ class _Choices:
             index = choice["index"]
             prompt = self.prompts.get(index, self.shared_prompt)
             answer, stop_token = self.stop.scored(self.answers.get(index, []), choice.get("stop_reason"), self.include_stop)
-            if not self.scorable:
-                choice["semgrad"] = {"error": ECHO_WITHOUT_IDS}
-            elif not prompt or not answer:
+            if not prompt:
                 choice["semgrad"] = {"error": NO_IDS}
+            elif not has_visible_text(self.stop.tokenizer, answer):
+                choice["semgrad"] = {"error": NOTHING_TO_SCORE}
             else:
                 todo.append((choice, (prompt, answer), stop_token))
         if todo:
             results = await self.client.score(self.key, [pair for _, pair, _ in todo], claims=self.options.claims)
             for (choice, (_, answer), stop_token), result in zip(todo, results):
-                choice["semgrad"] = result if "error" in result else self._report(result, answer, stop_token)
+                choice["semgrad"] = self.stop.report(result, answer, stop_token, self.options)
         if self.recent is not None:
             for choice in choices:
                 index = choice["index"]
@@ -178,16 +209,6 @@ class _Choices:
                     self.question(index), self.texts.get(index, ""), choice["semgrad"], self.response_id, index, self.model,
                     choice.get("finish_reason"), self.endpoint,
                 )  # fmt: skip
-
-    def _report(self, result: dict[str, Any], answer: list[int], stop_token: bool) -> dict[str, Any]:
-        """A scored answer's ``"semgrad"`` object: the worker's report (which always carries the per-token
-        entropies and log-probs) with ``stop_token``, and the per-token data only where the request asked for it."""
-        report = {k: v for k, v in result.items() if k not in TOKEN_FIELDS}
-        report["stop_token"] = stop_token
-        if self.options.tokens and "token_entropies" in result:
-            report["token_texts"] = token_texts(self.stop.tokenizer, answer)
-            report["token_entropies"], report["token_logprobs"] = result["token_entropies"], result["token_logprobs"]
-        return report
 
 
 async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> AsyncIterator[str]:
@@ -209,34 +230,45 @@ async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> Async
         choices.client.drop(choices.key)  # the stream ended, finished or not: its capture can go
 
 
+def with_body(response: JSONResponse, body: dict[str, Any]) -> JSONResponse:
+    """``response`` holding ``body`` instead."""
+    response.body = response.render(body)
+    response.headers["content-length"] = str(len(response.body))
+    return response
+
+
+def bad_options(exc: SemgradError) -> JSONResponse:
+    """The 400 response to a request whose ``"semgrad"`` options are wrong, with their one-line message."""
+    error = create_error_response(str(exc), param=OPT_OUT_FIELD)
+    return JSONResponse(content=error.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
+
+
 async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request) -> Response | None:
     client: ScoringClient | None = getattr(raw_request.app.state, "semgrad_client", None)
     try:
         options = scoring_options(request)
     except SemgradError as exc:
-        error = create_error_response(str(exc), param=OPT_OUT_FIELD)
-        return JSONResponse(content=error.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
+        return bad_options(exc)
     if client is None or options is None:
         return await vllm_route(request, raw_request)
 
     keep_ids = bool(request.return_token_ids)
-    # vLLM drops the echoed prompt text when ids are returned, so echo is scored only if the client asked for ids.
-    scorable = keep_ids or not getattr(request, "echo", False)
-    key = client.new_key() if scorable else None
-    if scorable:
-        request.return_token_ids = True
+    request.return_token_ids = True
+    key = client.new_key()
     if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
         request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
     stop = StopTokens.of(raw_request.app.state)
-    if isinstance(request, ChatCompletionRequest):
+    echo = None
+    if isinstance(request, ChatCompletionRequest):  # chat's echo prepends the last message's text, ids or not
         asked = chat_question(request.messages)
         question, endpoint = (lambda index: asked), "chat"
     else:
-        question, endpoint = (lambda index: prompt_question(request.prompt, index, request.n or 1)), "completions"
+        n = request.n or 1
+        question, endpoint = (lambda index: prompt_question(request.prompt, index, n)), "completions"
+        if request.echo:
+            echo = lambda index, ids: echoed_text(request.prompt, index, n, stop.tokenizer, ids)  # noqa: E731
     recent = getattr(raw_request.app.state, "semgrad_recent", None)
-    choices = _Choices(
-        client, key, stop, bool(request.include_stop_str_in_output), keep_ids, scorable, options, recent, question, endpoint
-    )
+    choices = _Choices(client, key, stop, bool(request.include_stop_str_in_output), keep_ids, options, recent, question, endpoint, echo)
 
     streaming = False
     try:
@@ -247,8 +279,7 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
         elif isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
             body = json.loads(response.body)
             await choices.score(choices.collect(body))
-            response.body = response.render(body)
-            response.headers["content-length"] = str(len(response.body))
+            return with_body(response, body)
         return response
     finally:
         if not streaming:

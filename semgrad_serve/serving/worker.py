@@ -28,7 +28,7 @@ keep_dense_cpu_weights()
 
 # The fields of a scored answer in the API response, in this order.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv")
+REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv", "t_star_rule")
 
 
 def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False, tokens: bool = False) -> dict[str, Any]:
