@@ -273,6 +273,37 @@ def test_claims_when_asked_equal_the_offline_claims(client, default_scorer) -> N
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"semgrad": {"claim": True}})
 
 
+def test_responses_are_scored(client, default_scorer) -> None:
+    """``/v1/responses``, whole or streamed: the response carries ``semgrad`` (claims when asked), equal to the
+    offline scores of the same prompt and answer; a stop string cuts what the user does not receive."""
+    question = "Tell me about Paris in three sentences."
+    prompt_ids = default_scorer.prompt_ids(ask(question))
+    whole = client.responses.create(model=MODEL, input=question, max_output_tokens=80, temperature=0,
+                                    extra_body={"enable_response_messages": True, "semgrad": {"claims": True}})  # fmt: skip
+    semgrad = whole.model_extra["semgrad"]
+    answer_ids = whole.model_extra["output_messages"][0]["tokens"]
+    assert whole.model_extra["input_messages"][0]["tokens"] == prompt_ids
+    assert_scored({k: v for k, v in semgrad.items() if k != "claims"})
+    assert_equals_offline(semgrad, default_scorer, prompt_ids, answer_ids)
+    assert_claims_equal_offline(semgrad, default_scorer, prompt_ids, answer_ids)
+
+    events = list(client.responses.create(model=MODEL, input=ask(question), max_output_tokens=80, temperature=0, stream=True))
+    (completed,) = [e for e in events if e.type == "response.completed"]
+    streamed = completed.response.model_extra["semgrad"]
+    assert completed.response.model_extra["output_messages"] is None  # hidden again: the client did not ask
+    assert_equals_offline(streamed, default_scorer, prompt_ids, answer_ids)
+
+    stopped = client.responses.create(model=MODEL, input=question, max_output_tokens=80, temperature=0, extra_body={"stop": ["city"]})
+    text = stopped.output_text
+    assert text and "city" not in text and not stopped.model_extra["semgrad"]["stop_token"]
+    received = default_scorer.answer_ids(text.rstrip(), stop_token=False)
+    assert_equals_offline(stopped.model_extra["semgrad"], default_scorer, prompt_ids, received)
+    nothing = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=16, temperature=0,
+                                      extra_body={"stop": ["The"]})  # fmt: skip
+    assert nothing.model_extra["semgrad"] == {"error": NOTHING_TO_SCORE}
+    assert "semgrad" not in client.responses.create(model=MODEL, input=question, max_output_tokens=4, extra_body={"semgrad": False}).model_extra
+
+
 def test_scoring_can_be_turned_off(client) -> None:
     for extra in ({"semgrad": False}, {"vllm_xargs": {"semgrad": "off"}}):
         response = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body=extra)

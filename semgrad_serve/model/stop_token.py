@@ -26,11 +26,16 @@ def hf_eos_ids(tokenizer: Any, model: Any) -> list[int]:
 
 
 def received_tokens(tokenizer: Any, ids: Sequence[int], stop: str, include_stop: bool) -> list[int]:
-    """The tokens of an answer stopped by the stop string ``stop`` that the user receives: the longest prefix of
-    ``ids`` whose text is a prefix of the answer's text up to the stop string (and through it with ``include_stop``)."""
+    """The tokens of an answer stopped by the stop string ``stop`` that the user receives: those of its text up to
+    the stop string (and through it with ``include_stop``)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cut = text.find(stop)
-    received = text if cut < 0 else text[: cut + len(stop) if include_stop else cut]
+    return tokens_of_text(tokenizer, ids, text if cut < 0 else text[: cut + len(stop) if include_stop else cut])
+
+
+def tokens_of_text(tokenizer: Any, ids: Sequence[int], received: str) -> list[int]:
+    """The longest prefix of ``ids`` whose text (special tokens skipped, so an EOS token after it is kept) is a
+    prefix of ``received``, the answer text the user got."""
     k = len(ids)
     while k and not received.startswith(tokenizer.decode(ids[:k], skip_special_tokens=True)):
         k -= 1

@@ -1,8 +1,8 @@
 """SemGrad inside vLLM's OpenAI-compatible server.
 
 ``plugin.py`` is an endpoint plugin (entry point group ``vllm.endpoint_plugins``)
-whose routes (``routes.py``) tag scored requests and attach the scores to each
-choice; ``capture_connector.py`` is a KV connector that copies a finished scored
+whose routes (``routes.py``; ``responses_route.py`` for the Responses API) tag
+scored requests and attach the scores to each choice; ``capture_connector.py`` is a KV connector that copies a finished scored
 request's prompt keys/values out of vLLM's cache (``kv_layout.py``, ``captures.py``);
 ``worker.py`` is a worker extension (``--worker-extension-cls``) that starts the
 scoring service (``scoring_service.py``), a thread of the worker process that scores

@@ -1,7 +1,7 @@
 """The vLLM endpoint plugin (entry point group ``vllm.endpoint_plugins``, name ``semgrad``).
 
 vLLM loads it in the API server when ``VLLM_PLUGINS`` names it. It replaces the
-completion routes with the scored ones, adds the page at ``/semgrad``
+completion and responses routes with the scored ones, adds the page at ``/semgrad``
 (``page_routes.py``) and, at start-up, builds the scorer and
 its scoring service in the worker (failing start-up with a clear message when
 the model or the parallel layout cannot be scored) and connects to it.
@@ -20,7 +20,7 @@ from ..errors import SemgradError
 from .config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, log, server_url
 from .page_routes import page_router
 from .recent import RecentAnswers
-from .scoring_client import ScoringClient
+from .responses_route import router as responses_router
 from .routes import router
 from .scoring_client import ScoringClient
 
@@ -33,6 +33,7 @@ class SemgradPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.include_router(responses_router)
         app.include_router(page_router)
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:

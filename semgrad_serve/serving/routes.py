@@ -29,6 +29,7 @@ from vllm.entrypoints.openai.chat_completion import api_router as vllm_chat
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion import api_router as vllm_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
@@ -60,7 +61,7 @@ class ScoringOptions:
 REQUEST_OPTIONS = tuple(f.name for f in fields(ScoringOptions))
 
 
-def scoring_options(request: ChatCompletionRequest | CompletionRequest) -> ScoringOptions | None:
+def scoring_options(request: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> ScoringOptions | None:
     """The request's scoring options, None when it turned scoring off: its ``semgrad`` field (true, false or an
     object of options), else ``vllm_xargs["semgrad"]``, else scored with no options."""
     extra = request.model_extra or {}
@@ -82,7 +83,7 @@ def scoring_options(request: ChatCompletionRequest | CompletionRequest) -> Scori
     return ScoringOptions() if _SWITCH[key] else None
 
 
-def scoring_wanted(request: ChatCompletionRequest | CompletionRequest) -> bool:
+def scoring_wanted(request: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> bool:
     """Whether the request wants scores (see ``scoring_options``)."""
     return scoring_options(request) is not None
 
