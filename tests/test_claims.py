@@ -166,6 +166,15 @@ def test_claims_over_cached_and_shared_prefixes_and_head_chunks(monkeypatch) -> 
     assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels), band, rel=1e-9)
 
 
+def test_claims_that_do_not_cover_the_answer_are_refused() -> None:
+    weights = from_hf_model(tiny_model("qwen3-untied"))
+    prompt, answer, t_star = random_items(1, seed=3)[0]
+    answer = answer + [5, 6, 7]
+    for bad in (cut(len(answer) - 1, [0, 2]), cut(len(answer), [1, 2]), (Claim("a", 0, 2), Claim("b", 2, 2), Claim("c", 2, len(answer)))):
+        with pytest.raises(ValueError, match="claims must be consecutive"):
+            score_batch(weights, [PreparedItem(tuple(prompt), tuple(answer), t_star, claims=bad)], deeper_half(5), select_kernels("torch"))
+
+
 def test_float32_claims_match_naive() -> None:
     model = tiny_model("qwen2-tied", dtype=torch.float32)
     weights = from_hf_model(model)

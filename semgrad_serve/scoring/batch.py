@@ -49,6 +49,10 @@ class ClaimRows:
     """Host bookkeeping of a batch's claims over its packed answer rows (``bounds``: each item's row offset)."""
 
     def __init__(self, items: Sequence[PreparedItem], bounds: list[int]) -> None:
+        for it in items:
+            starts, ends = [c.token_start for c in it.claims], [c.token_end for c in it.claims]
+            if it.claims and ([*starts, len(it.answer_ids)] != [0, *ends] or any(e <= s for s, e in zip(starts, ends))):
+                raise ValueError("claims must be consecutive, non-empty token runs that cover the answer")
         self.seeds = 1 + max(len(it.claims) for it in items)  # backward seeds: the whole answers, then claim k
         # per item, the row offsets of its claims (their starts, then its end); [] without claims
         self.offsets = [[bounds[b] + c.token_start for c in it.claims] + [bounds[b + 1]] * bool(it.claims) for b, it in enumerate(items)]

@@ -20,6 +20,7 @@ so the claims' token ranges partition exactly the tokens the whole-answer scores
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,7 +77,7 @@ def split_claims(token_texts: Sequence[str], n_tokens: int | None = None) -> lis
     offset = 0
     for piece in token_texts:
         visible = offset + len(piece) - len(piece.lstrip())
-        owners.append(None if not piece.strip() else sum(b <= visible for b in breaks))
+        owners.append(None if not piece.strip() else bisect_right(breaks, visible))
         offset += len(piece)
     following = None  # a token with no text goes with the next token
     for i in range(len(owners) - 1, -1, -1):
