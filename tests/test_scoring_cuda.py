@@ -15,6 +15,7 @@ from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.model.weights import from_hf_model
 from naive import naive_scores
+from test_claims import assert_claims_match_naive, claimed_items
 from tiny_models import FAMILIES, random_items, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,6 +42,15 @@ def test_float64_on_cuda_matches_naive(family: str, choice: str) -> None:
             assert ours.scores()[key] == pytest.approx(naive[key], rel=1e-9, abs=0), key
 
 
+@pytest.mark.parametrize("choice", ["torch", "triton", "native"])
+def test_claims_on_cuda_match_naive(choice: str) -> None:
+    model = tiny_model("qwen2-window-untied").cuda()
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    items = claimed_items(seed=2)
+    assert_claims_match_naive(model, items, score_batch(weights, items, band, select_kernels(choice, "cuda")), band, rel=1e-9)
+
+
 @pytest.mark.parametrize("choice", ["auto", "triton", "native"])
 def test_float32_on_cuda_matches_cpu(choice: str) -> None:
     """float32 within the SPEC's 1e-4 of the CPU reference kernels (TF32 products in the head's ℓ1 included)."""
@@ -54,13 +64,14 @@ def test_float32_on_cuda_matches_cpu(choice: str) -> None:
             assert ours.scores()[key] == pytest.approx(value, rel=1e-4, abs=0), key
 
 
+@pytest.mark.parametrize("claims", [False, True])
 @pytest.mark.parametrize("choice", ["auto", "triton", "native"])  # the materializing reference is not the hot path
-def test_one_device_read_back_per_batch(choice: str) -> None:
+def test_one_device_read_back_per_batch(choice: str, claims: bool) -> None:
     """After a warm-up (Triton compiles and autotunes there), a batch synchronizes with the device once:
-    the read-back of its scores. torch's sync debug mode reports every synchronizing call."""
+    the read-back of its scores, claims or not. torch's sync debug mode reports every synchronizing call."""
     weights = from_hf_model(tiny_model("llama3-untied", torch.float32).cuda())
     band = deeper_half(weights.n_layers)
-    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(4, seed=5)]
+    items = claimed_items(seed=5, n=4) if claims else [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(4, seed=5)]
     kernels = select_kernels(choice, "cuda")
     score_batch(weights, items, band, kernels)
     torch.cuda.set_sync_debug_mode("warn")
