@@ -137,7 +137,7 @@ def test_info_describes_the_profile(base_url, default_scorer) -> None:
     assert info["t_star"] == {"token": profile.t_star.token, "offset": profile.t_star.offset}
     assert info["band"] == [default_scorer.band.start, default_scorer.band.stop - 1]
     assert info["threshold"] == profile.threshold and info["score"] == profile.score
-    assert info["request_options"] == ["tokens"] and info["recent_capacity"] == 200
+    assert info["request_options"] == ["tokens", "claims"] and info["recent_capacity"] == 200
     page = httpx.get(f"{base_url}/semgrad", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
