@@ -60,12 +60,12 @@ def test_splitter_hand_cases(text: str, claims: list[str]) -> None:
 
 def test_splitter_token_ownership() -> None:
     """Whitespace joins the claim before it, a token with no text (a cut character) the next one, a stop token
-    past the texts the last claim; nothing visible, no claim."""
+    past the texts the last claim; nothing visible, one claim with no text."""
     assert split_claims(["  ", "Hi", ".", "\n\n", " Yo", "", "é", "."], n_tokens=9) == [
         Claim("Hi.", 0, 4), Claim("Yoé.", 4, 9),
     ]  # fmt: skip
     assert split_claims(["A", " b.c", " d"]) == [Claim("A b.c d", 0, 3)]  # a sentence inside a token: merged
-    assert split_claims([]) == [] and split_claims([" ", "\n"], n_tokens=3) == []
+    assert split_claims([]) == [] and split_claims([" ", "\n"], n_tokens=3) == [Claim("", 0, 3)]
 
 
 def test_claims_of_real_tokens(default_scorer) -> None:

@@ -200,3 +200,20 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
         assert "http://" not in text and "https://" not in text
     assert "<script>" not in html and "style=" not in html  # the CSP allows no inline script or style
     assert "default-src 'none'" in CSP and "connect-src 'self'" in CSP
+
+
+def test_an_answer_that_shows_nothing_is_not_sent_to_score(default_scorer) -> None:
+    """The stop token alone, or whitespace and it: "nothing to score", without asking the scoring service."""
+    from semgrad_serve.scoring.items import NOTHING_TO_SCORE
+    from semgrad_serve.serving.routes import ScoringOptions
+
+    prompt = default_scorer.prompt_ids([{"role": "user", "content": "Say nothing."}])
+    choices = choices_for(default_scorer, ScoringOptions(), None)
+    choices.client.score = None  # any call would fail
+    body = {"prompt_token_ids": prompt, "choices": [
+        {"index": i, "message": {"content": text}, "token_ids": default_scorer.answer_ids(text), "finish_reason": "stop", "stop_reason": None}
+        for i, text in enumerate(("", " \n "))
+    ]}  # fmt: skip
+    finished = choices.collect(body)
+    asyncio.run(choices.score(finished))
+    assert [c["semgrad"] for c in finished] == [{"error": NOTHING_TO_SCORE}] * 2

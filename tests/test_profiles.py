@@ -59,11 +59,13 @@ def test_a_prompt_without_the_t_star_token_falls_back_to_its_last_token(default_
     assert default_scorer.t_star_or_none(raw) == len(raw) - 1 and default_scorer.t_star_or_none([]) is None
 
 
-def test_an_answer_that_shows_nothing_is_not_scored(default_scorer) -> None:
+def test_no_tokens_is_nothing_to_score_and_the_stop_token_alone_one_claim(default_scorer) -> None:
+    """Token ids are scored as given: an empty answer is not, the stop token alone is (an answer of one token, as
+    the SPEC has it; the server says "nothing to score" for answers that show nothing)."""
     prompt = default_scorer.prompt_ids([{"role": "user", "content": "Say nothing."}])
-    for answer in ([], default_scorer.answer_ids(""), default_scorer.answer_ids(" \n ")):
-        (result,) = default_scorer.score([(prompt, answer)])
-        assert isinstance(result, ItemError) and str(result) == NOTHING_TO_SCORE
+    empty, eos_alone = default_scorer.score([(prompt, []), (prompt, default_scorer.answer_ids(""))], claims=True)
+    assert isinstance(empty, ItemError) and str(empty) == NOTHING_TO_SCORE
+    assert eos_alone.stop_token and [(c.text, c.token_start, c.token_end) for c in eos_alone.claims] == [("", 0, 1)]
 
 
 def test_profile_json_round_trip(tmp_path) -> None:

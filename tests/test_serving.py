@@ -231,12 +231,12 @@ def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default
 
 def test_an_answer_that_shows_nothing_is_not_scored(client, default_scorer) -> None:
     """A stop string at the start of the answer: nothing reaches the user, so nothing is scored, and the offline
-    scorer says the same of an empty answer."""
+    scorer says the same of the empty answer that is left."""
     (choice,) = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=16,
                                                temperature=0, stop=["The"]).choices  # fmt: skip
     assert choice.message.content == "" and semgrad_of(choice) == {"error": NOTHING_TO_SCORE}
     prompt = default_scorer.prompt_ids(ask("What is the capital of France?"))
-    assert str(default_scorer.score([(prompt, default_scorer.answer_ids(""))])[0]) == NOTHING_TO_SCORE
+    assert str(default_scorer.score([(prompt, [])])[0]) == NOTHING_TO_SCORE
 
 
 def assert_claims_equal_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int]) -> None:

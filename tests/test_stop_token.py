@@ -22,9 +22,12 @@ SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 
 
 class TinyTokenizer:
-    """The little of a tokenizer the scorer needs for token-id input: t*'s token and the EOS id."""
+    """The little of a tokenizer the scorer needs for token-id input: t*'s token, the EOS id, and text."""
 
     eos_token_id, unk_token_id = EOS, None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(f"<{i}>" for i in ids if not (skip_special_tokens and i == EOS))
 
     def convert_tokens_to_ids(self, token: str) -> int:
         return T_STAR_ID

@@ -68,10 +68,11 @@ def sentence_breaks(text: str) -> list[int]:
 def split_claims(token_texts: Sequence[str], n_tokens: int | None = None) -> list[Claim]:
     """The claims of an answer whose tokens have the texts ``token_texts`` (joined: the decoded answer).
     ``n_tokens`` (≥ their number) counts the answer's tokens, a stop token after them included: the tokens past
-    the texts join the last claim. An answer with no visible character has no claims."""
+    the texts join the last claim. An answer with no visible character is one claim with no text."""
     text = "".join(token_texts)
+    total = len(token_texts) if n_tokens is None else n_tokens
     if not text.strip():
-        return []
+        return [Claim("", 0, total)] if total else []
     breaks = sentence_breaks(text)
     owners: list[int | None] = []  # per token, the claim of its first visible character (the breaks before it)
     offset = 0
@@ -88,7 +89,6 @@ def split_claims(token_texts: Sequence[str], n_tokens: int | None = None) -> lis
     for owner in owners:  # a whitespace-only token joins the claim before it
         current = owner if owner is not None else current
         claim_of.append(current)
-    total = len(token_texts) if n_tokens is None else n_tokens
     claims, start = [], 0
     for i in range(1, len(claim_of) + 1):
         if i == len(claim_of) or claim_of[i] != claim_of[start]:

@@ -21,7 +21,8 @@ DEFAULT_SCORE = "hybridgrad"  # the SPEC's flag score
 # token, the paper's ablation
 T_STAR_RULES = ("template", "last_prompt_token")
 
-# The error of an answer that shows the user nothing (no tokens, or only whitespace and special tokens)
+# The error of an answer with no tokens; the server also gives it for one that shows the user nothing (only
+# whitespace and special tokens, ``has_visible_text``)
 NOTHING_TO_SCORE = "nothing to score: the answer is empty"
 
 # Most tokens per scoring batch, padding included (``Scorer.score``); a longer item goes alone.

@@ -21,7 +21,7 @@ from ..errors import ItemError, SemgradError
 from ..kernels import Kernels, select_kernels
 from ..model.loading import Messages, chat_prompt_ids, load_hf_model
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
-from ..model.tokens import has_visible_text, token_texts
+from ..model.tokens import token_texts
 from ..model.weights import DecoderWeights, from_hf_model
 from . import tied_head
 from .batch import score_batch
@@ -160,11 +160,11 @@ class Scorer:
             return None
 
     def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool = False) -> PreparedItem:
-        """Validate one item and locate t*; the answer is scored as given, its stop token included. An answer that
-        shows nothing (no tokens, or only whitespace and special tokens) is ``NOTHING_TO_SCORE``; ``claims``: the
-        item carries the answer's claims."""
+        """Validate one item and locate t*; the answer is scored as given, its stop token included (the stop token
+        alone is an answer of one token, as in the SPEC; the server does not score answers that show nothing);
+        ``claims``: the item carries the answer's claims."""
         answer = list(answer_ids)
-        if not answer or not has_visible_text(self.tokenizer, answer):
+        if not answer:
             raise ItemError(NOTHING_TO_SCORE)
         if not prompt_ids:
             raise ItemError("the prompt is empty")
