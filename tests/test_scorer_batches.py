@@ -15,9 +15,9 @@ def test_batches_bounded_by_items_and_tokens(default_scorer, monkeypatch) -> Non
     batches: list[list[int]] = []
     original = scorer.score_prepared
 
-    def record(items, prefix_kv=None):
+    def record(items, prefix_kv=None, band_inputs=None):
         batches.append([it.length for it in items])
-        return original(items, prefix_kv)
+        return original(items, prefix_kv, band_inputs)
 
     monkeypatch.setattr(scorer, "score_prepared", record)
     budget = 2 * max(len(p) + len(a) - 1 for p, a in pairs) - 1  # never two of the longest

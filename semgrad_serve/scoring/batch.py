@@ -47,10 +47,12 @@ def score_batch(
     shared: SharedPrefix | None = None,
     exgrad: bool = True,
     prefix_kv: Sequence[torch.Tensor] | None = None,
+    band_inputs: Sequence[torch.Tensor] | None = None,
 ) -> list[ScoreResult]:
-    """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``: see
-    ``band_pass``). ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient."""
-    fwd = band_pass(w, items, band, shared, prefix_kv)
+    """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``,
+    ``band_inputs``: see ``band_pass``). ``exgrad=False`` skips the ExGrad baseline, a second pass over the
+    V×d head gradient."""
+    fwd = band_pass(w, items, band, shared, prefix_kv, band_inputs)
     hidden = fwd.answer_hidden.detach()
     bounds = [0, *itertools.accumulate(len(it.answer_ids) for it in items)]  # on the host: no read-back
     logp, entropy, head_l1, grad_hidden = [], [], [], []

@@ -145,19 +145,24 @@ class Scorer:
         return PreparedItem(tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token)
 
     def score_prepared(
-        self, items: Sequence[PreparedItem], prefix_kv: Sequence[torch.Tensor] | None = None
+        self,
+        items: Sequence[PreparedItem],
+        prefix_kv: Sequence[torch.Tensor] | None = None,
+        band_inputs: Sequence[torch.Tensor] | None = None,
     ) -> list[ScoreResult | ItemError]:
         """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others.
-        ``prefix_kv``: each item's keys/values before t* at every layer (see ``band_pass``)."""
+        ``prefix_kv``, ``band_inputs``: see ``band_pass``."""
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
-            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv)
+            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs)
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 return [ItemError(f"scoring failed: {exc}")]
-            kvs = [None] * len(items) if prefix_kv is None else [[kv] for kv in prefix_kv]
-            return [r for item, kv in zip(items, kvs) for r in self.score_prepared([item], kv)]
+            alone = [None] * len(items)
+            kvs = alone if prefix_kv is None else [[kv] for kv in prefix_kv]
+            xs = alone if band_inputs is None else [[x] for x in band_inputs]
+            return [r for item, kv, x in zip(items, kvs, xs) for r in self.score_prepared([item], kv, x)]
 
     def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
         """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
@@ -171,6 +176,7 @@ class Scorer:
         progress: bool = False,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
         prefix_kv: Sequence[torch.Tensor | None] | None = None,
+        band_inputs: Sequence[torch.Tensor | None] | None = None,
     ) -> list[ScoreResult | ItemError]:
         """Score (prompt ids, answer ids) pairs; results keep input order.
 
@@ -179,28 +185,29 @@ class Scorer:
         cost memory (their activations outgrow the caches, so they are no faster per item).
         ``prefix_kv``: per pair, its prompt's keys/values before t* at every layer
         ([n_layers, 2, kv_heads, t*, head_dim], as vLLM's KV cache holds them), or None to recompute
-        them; an item with them runs only from t* on, so only its tokens from t* on count."""
+        them; an item with them runs only from t* on, so only its tokens from t* on count.
+        ``band_inputs``: per pair, the residual stream entering the band's first layer at positions t*
+        onwards ([≥ length − t*, d], as vLLM computed it), or None; a pair with them has ``prefix_kv`` of
+        the layers from the band's first on only, and only the band runs."""
         if batch_size < 1 or max_batch_tokens < 1:
             raise SemgradError("batch size and batch tokens must be at least 1")
         kvs = list(prefix_kv) if prefix_kv is not None else [None] * len(pairs)
-        if len(kvs) != len(pairs):
-            raise SemgradError("prefix_kv needs one entry per pair")
+        xs = list(band_inputs) if band_inputs is not None else [None] * len(pairs)
+        if len(kvs) != len(pairs) or len(xs) != len(pairs):
+            raise SemgradError("prefix_kv and band_inputs need one entry per pair")
         results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
-        groups: dict[bool, list[tuple[int, int, PreparedItem]]] = {False: [], True: []}
+        # 0: recompute the prompt; 1: prompt keys/values given; 2: and the band's inputs
+        groups: dict[int, list[tuple[int, int, PreparedItem]]] = {0: [], 1: [], 2: []}
         for i, (prompt, answer) in enumerate(pairs):
             try:
                 item = self.prepare(prompt, answer)
+                kind = self._check_given(item, kvs[i], xs[i])
             except ItemError as exc:
                 results[i] = exc
                 continue
-            kv = kvs[i]
-            if kv is not None and tuple(kv.shape) != self.prefix_kv_shape(item.t_star):
-                results[i] = ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {self.prefix_kv_shape(item.t_star)}")
-                continue
-            cached = kv is not None
-            groups[cached].append((item.length - item.t_star if cached else item.length, i, item))
+            groups[kind].append((item.length - item.t_star if kind else item.length, i, item))
         with tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="answer", disable=not progress) as bar:
-            for cached, prepared in groups.items():
+            for kind, prepared in groups.items():
                 prepared.sort(key=lambda p: p[0])
                 while prepared:
                     # sorted by length, so the last item of a batch sets its padded length
@@ -208,13 +215,31 @@ class Scorer:
                     while size < min(batch_size, len(prepared)) and (size + 1) * prepared[size][0] <= max_batch_tokens:
                         size += 1
                     chunk, prepared = prepared[:size], prepared[size:]
-                    chunk_kv = [kvs[i] for _, i, _ in chunk] if cached else None
-                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv)):
+                    chunk_kv = [kvs[i] for _, i, _ in chunk] if kind else None
+                    chunk_x = [xs[i] for _, i, _ in chunk] if kind == 2 else None
+                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv, chunk_x)):
                         results[i] = result
                     bar.update(len(chunk))
         return results  # type: ignore[return-value]
 
-    def prefix_kv_shape(self, t_star: int) -> tuple[int, ...]:
-        """The shape ``score`` expects of an item's prefix keys/values."""
+    def _check_given(self, item: PreparedItem, kv: torch.Tensor | None, x: torch.Tensor | None) -> int:
+        """Which of ``score``'s groups an item with these given states goes to; mismatched shapes are an ``ItemError``."""
+        if kv is None:
+            if x is not None:
+                raise ItemError("band inputs need the prefix keys/values of the band's layers")
+            return 0
+        first = 0 if x is None else self.band.start
+        expected = self.prefix_kv_shape(item.t_star, first)
+        if tuple(kv.shape) != expected:
+            raise ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {expected}")
+        if x is None:
+            return 1
+        rows = item.length - item.t_star
+        if x.dim() != 2 or x.shape[0] < rows or x.shape[1] != self.weights.hidden_size:
+            raise ItemError(f"band inputs of shape {tuple(x.shape)}, expected at least ({rows}, {self.weights.hidden_size})")
+        return 2
+
+    def prefix_kv_shape(self, t_star: int, first_layer: int = 0) -> tuple[int, ...]:
+        """The shape ``score`` expects of an item's prefix keys/values (layers from ``first_layer`` on)."""
         w = self.weights
-        return (w.n_layers, 2, w.n_kv_heads, t_star, w.head_dim)
+        return (w.n_layers - first_layer, 2, w.n_kv_heads, t_star, w.head_dim)
