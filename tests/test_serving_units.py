@@ -103,7 +103,7 @@ class FakeScore:
         self.batches: list[int] = []
         self.delay = delay
 
-    def __call__(self, pairs: list, prefixes: list) -> list[dict]:
+    def __call__(self, pairs: list, prefixes: list, band_inputs: list) -> list[dict]:
         self.batches.append(len(pairs))
         time.sleep(self.delay)
         if any(p[0] < 0 for p, _ in pairs):
@@ -153,13 +153,13 @@ def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatc
     store = CaptureStore()
     store.prefix_length = lambda ids: 1
     _, client = service_and_client(FakeScore(), store)
-    store.add("other-prompt", (9,), lambda n: torch.zeros(1))
+    store.add("other-prompt", (9,), lambda n, first: torch.zeros(1))
     store.add("no-kv", (4,), None)
 
     async def go() -> list[list[dict]]:
         late = asyncio.create_task(client.score("late", [([5], [1]), ([5], [2])]))
         await asyncio.sleep(0.1)
-        store.add("late", (5,), lambda n: torch.zeros(1))  # the capture lands after the answer arrived
+        store.add("late", (5,), lambda n, first: torch.zeros(1))  # the capture lands after the answer arrived
         start = time.perf_counter()
         missing = await client.score("never", [([6], [1])])
         assert time.perf_counter() - start >= 0.3

@@ -10,8 +10,8 @@ to (on a 2-core machine: the one vLLM leaves to the API server); on a GPU it
 runs on its own CUDA stream.
 
 Answers whose request left a capture (``captures.py``) run from t* on over the
-captured prompt keys/values; the others recompute the prompt, with the same
-scores. Answers that arrive while a batch is scored form the next batch (at
+captured prompt keys/values (only through the band, where its inputs were
+recorded); the others recompute the prompt, with the same scores. Answers that arrive while a batch is scored form the next batch (at
 most ``max_batch`` answers, one backward per batch).
 
 Messages (pickled tuples): API server → worker ``("score", job, key, pairs)``
@@ -40,8 +40,9 @@ CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engi
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
 
 Pair = tuple[list[int], list[int]]
-# Scores pairs: (pairs, per-pair prompt keys/values or None) -> one "semgrad" object per pair.
-ScoreFn = Callable[[list[Pair], list[torch.Tensor | None]], list[dict[str, Any]]]
+# Scores pairs: (pairs, per-pair prompt keys/values or None, per-pair band inputs or None) -> one "semgrad" object
+# per pair (see ``Scorer.score``).
+ScoreFn = Callable[[list[Pair], list[torch.Tensor | None], list[torch.Tensor | None]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -108,18 +109,19 @@ class ScoringService:
                     return batch
                 self._arrived.wait(IDLE_POLL_S)
 
-    def _prefix(self, job: Job, prompt: list[int]) -> torch.Tensor | None:
+    def _prefix(self, job: Job, pair: Pair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The prompt keys/values and band inputs the job's capture gives an answer, (None, None) where none."""
         capture = self._store.get(job.key) if job.key is not None else None
-        if capture is None or capture.kv is None or capture.prompt_ids != tuple(prompt):
-            return None
-        return capture.kv
+        if capture is None or capture.prompt_ids != tuple(pair[0]):
+            return None, None
+        return capture.given(pair[1])
 
     def _score_jobs(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
         """Reports per job; if the batch fails as a whole, each job is retried alone."""
         pairs = [pair for job in jobs for pair in job.pairs]
-        prefixes = [self._prefix(job, pair[0]) for job in jobs for pair in job.pairs]
+        given = [self._prefix(job, pair) for job in jobs for pair in job.pairs]
         try:
-            reports = self._score(pairs, prefixes)
+            reports = self._score(pairs, [kv for kv, _ in given], [x for _, x in given])
         except Exception as exc:  # noqa: BLE001 - whatever failed, every answer must get a result
             if len(jobs) > 1:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(jobs), exc)

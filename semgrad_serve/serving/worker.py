@@ -19,6 +19,7 @@ from ..errors import ItemError, SemgradError
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
+from .band_inputs import RECORDER
 from .captures import STORE
 from .config import CAPTURE_CONNECTOR_MODULE, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
 from .scoring_service import Pair, ScoreFn, ScoringService, scoring_cores
@@ -28,18 +29,25 @@ keep_dense_cpu_weights()
 
 # The fields of a scored answer in the API response, in this order.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv")
+REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv", "band_inputs")
 
 
-def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False, tokens: bool = False) -> dict[str, Any]:
+def answer_report(
+    scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False, tokens: bool = False, recorded: bool = False
+) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``prompt_kv`` says
-    whether the prompt's keys/values came from vLLM's KV cache or were recomputed. ``tokens`` adds the per-token
+    whether the prompt's keys/values came from vLLM's KV cache or were recomputed, ``band_inputs`` whether the
+    band's inputs were recorded while vLLM generated or recomputed. ``tokens`` adds the per-token
     entropies and log-probs (the API server passes them on to requests that ask for them)."""
     if isinstance(result, ItemError):
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = {**scorer.report(result), "prompt_kv": "cache" if from_cache else "recomputed"}
+    report = {
+        **scorer.report(result),
+        "prompt_kv": "cache" if from_cache else "recomputed",
+        "band_inputs": "recorded" if recorded else "recomputed",
+    }
     out = {key: report[key] for key in REPORTED}
     if tokens:
         out["token_entropies"], out["token_logprobs"] = list(result.token_entropies), list(result.token_logprobs)
@@ -58,14 +66,24 @@ def capture_state(kv_transfer_config: Any) -> bool:
     )
 
 
+def records_band_inputs(vllm_config: Any) -> bool:
+    """Whether the band's inputs can be recorded while generating: the model runs eagerly (a captured CUDA
+    graph or compiled graph would not call the hook) and without speculative decoding (rejected draft tokens
+    would be recorded)."""
+    from vllm.config import CompilationMode
+
+    eager = vllm_config.model_config.enforce_eager or vllm_config.compilation_config.mode == CompilationMode.NONE
+    return bool(eager) and vllm_config.speculative_config is None
+
+
 def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
     text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
 
-    def score_or_fail(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
+    def score_or_fail(pairs: list[Pair], prefixes: list[torch.Tensor | None], inputs: list[torch.Tensor | None]) -> list[dict[str, Any]]:
         if any(TEST_FAULT_MARKER in tokenizer.decode(prompt) for prompt, _ in pairs):
             raise RuntimeError("injected scoring fault (test hook)")
-        return score(pairs, prefixes)
+        return score(pairs, prefixes, inputs)
 
     return score_or_fail
 
@@ -98,17 +116,24 @@ class SemgradWorkerExtension:
         # responses carry no ExGrad: compute it only where it is the flag's score
         scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
         STORE.prefix_length = scorer.t_star_or_none
+        band = scorer.band
+        record = capture and records_band_inputs(vllm_config)
+        if record:
+            layer = self.model_runner.model.model.layers[band.start]  # type: ignore[attr-defined]
+            RECORDER.install(self.model_runner, layer, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
-        def score(pairs: list[Pair], prefixes: list[torch.Tensor | None]) -> list[dict[str, Any]]:
-            results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes)
-            return [answer_report(scorer, r, kv is not None, tokens=True) for r, kv in zip(results, prefixes)]
+        def score(pairs: list[Pair], prefixes: list[torch.Tensor | None], inputs: list[torch.Tensor | None]) -> list[dict[str, Any]]:
+            results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes, band_inputs=inputs)
+            return [
+                answer_report(scorer, r, kv is not None, tokens=True, recorded=x is not None)
+                for r, kv, x in zip(results, prefixes, inputs)
+            ]
 
         if os.environ.get(TEST_FAULTS_ENV) == "1":
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
             score = with_test_faults(score, tokenizer)
         cores = scoring_cores(set(api_cores))
         self.semgrad_service = ScoringService(score, STORE, max_batch, cores)
-        band = scorer.band
         return {
             "family": weights.family,
             "profile": profile.name,
@@ -120,6 +145,7 @@ class SemgradWorkerExtension:
             "kernels": scorer.kernels.name,
             "scoring_cores": sorted(cores),
             "capture": capture,
+            "band_inputs": record,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
         }
