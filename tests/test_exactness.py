@@ -194,19 +194,21 @@ def test_given_prefix_keys_values_match_naive(family: str) -> None:
     assert "prefix keys/values of shape" in str(wrong)
 
 
-def band_input_states(model, prompt: list[int], answer: list[int], t_star: int, band: range) -> torch.Tensor:
-    """The residual stream entering layer ``band.start`` at positions t* onwards of prompt + answer[:-1], from the
-    Hugging Face model's own hidden states (what vLLM's layer computes while generating)."""
+def generation_states(model, prompt: list[int], answer: list[int], t_star: int, band: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream entering layer ``band.start`` at positions t* onwards of prompt + answer[:-1] and the
+    logits predicting the answer's tokens, from the Hugging Face model's own forward (what vLLM computes while
+    generating)."""
     ids = torch.tensor([prompt + answer[:-1]])
     with torch.no_grad():
-        states = model(ids, output_hidden_states=True).hidden_states
-    return states[band.start][0, t_star:]
+        out = model(ids, output_hidden_states=True)
+    return out.hidden_states[band.start][0, t_star:], out.logits[0, len(prompt) - 1 :]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_given_band_inputs_match_naive(family: str) -> None:
-    """Items given their band's inputs (the residual stream vLLM computed) and the band layers' prefix keys/values
-    run only the band, with the same scores; a longer recording is cut to the item; mixed with other kinds."""
+def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
+    """Items given their band's inputs (the residual stream vLLM computed), the band layers' prefix keys/values and,
+    for some, the answer's logits run only the band and form only the missing logits, with the same scores; a
+    longer recording is cut to the item; mixed with other kinds."""
     from semgrad_serve.scoring.scorer import Scorer
 
     model = tiny_model(family)
@@ -215,9 +217,14 @@ def test_given_band_inputs_match_naive(family: str) -> None:
     triples = random_items(4, seed=23)
     items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
     kvs = [prefix_keys_values(weights, p, t)[band.start :] for p, _, t in triples]
-    xs = [band_input_states(model, p, a, t, band) for p, a, t in triples]
+    states = [generation_states(model, p, a, t, band) for p, a, t in triples]
+    xs, zs = [x for x, _ in states], [z for _, z in states]
     xs[1] = torch.cat((xs[1], torch.randn(3, xs[1].shape[1], dtype=xs[1].dtype)))  # recorded past the answer
-    results = score_batch(weights, items, band, select_kernels("torch"), prefix_kv=kvs, band_inputs=xs)
+    zs[2] = torch.cat((zs[2], torch.randn(2, zs[2].shape[1], dtype=zs[2].dtype)))
+    zs[0] = None  # formed by scoring
+    kept = [z.clone() for z in zs[1:]]
+    results = score_batch(weights, items, band, select_kernels("torch"), prefix_kv=kvs, band_inputs=xs, logits=zs)
+    assert all(torch.equal(a, b) for a, b in zip(kept, zs[1:]))  # the given logits are not overwritten
     for (prompt, answer, t_star), result in zip(triples, results):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
     scorer = Scorer.__new__(Scorer)
@@ -227,7 +234,11 @@ def test_given_band_inputs_match_naive(family: str) -> None:
     scorer.prepare = lambda p, a: PreparedItem(tuple(p), tuple(a), dict((tuple(q), t) for q, _, t in triples)[tuple(p)])
     full_kv = prefix_keys_values(weights, triples[2][0], triples[2][2])
     mixed = scorer.score(
-        [(p, a) for p, a, _ in triples], batch_size=2, prefix_kv=[kvs[0], kvs[1], full_kv, None], band_inputs=[xs[0], xs[1], None, None]
+        [(p, a) for p, a, _ in triples],
+        batch_size=2,
+        prefix_kv=[kvs[0], kvs[1], full_kv, None],
+        band_inputs=[xs[0], xs[1], None, None],
+        logits=[None, zs[1], zs[2], zs[3]],
     )
     for a, b in zip(results, mixed):
         assert_close(b.scores(), a.scores(), rel=1e-9)
@@ -235,3 +246,4 @@ def test_given_band_inputs_match_naive(family: str) -> None:
     assert "prefix keys/values of shape" in str(scorer.score(pair, prefix_kv=[full_kv], band_inputs=[xs[0]])[0])
     assert "band inputs of shape" in str(scorer.score(pair, prefix_kv=[kvs[0]], band_inputs=[xs[0][:1]])[0])
     assert "band inputs need" in str(scorer.score(pair, band_inputs=[xs[0]])[0])
+    assert "logits of shape" in str(scorer.score(pair, logits=[zs[1][:1]])[0])

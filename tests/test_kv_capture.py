@@ -137,70 +137,102 @@ class FakeLayer(torch.nn.Module):
         return None
 
 
+class FakeLogits(torch.nn.Module):
+    """Stands in for vLLM's logits processor: one row per request, from its last scheduled position."""
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+
+VOCAB = 5
+
+
 class FakeRunner:
-    """The parts of vLLM's model runner the band-input hook reads: the step's rows per request."""
+    """The parts of vLLM's model runner the recorder reads, and one engine step over fake modules."""
 
     def __init__(self, prompts: dict[str, list[int]]) -> None:
         self.requests = {rid: SimpleNamespace(prompt_token_ids=p) for rid, p in prompts.items()}
         self.input_batch = SimpleNamespace(req_id_to_index={}, num_reqs=0, num_computed_tokens_cpu=[])
         self.query_start_loc = SimpleNamespace(np=[0])
+        self.layer, self.logits = FakeLayer(), FakeLogits()
 
-    def step(self, layer: torch.nn.Module, scheduled: list[tuple[str, int, int]], d: int) -> torch.Tensor:
-        """Run ``layer`` on one step of (request, computed before, new tokens) rows; the stream entering it
-        is position + 1000 * request number, split into hidden + residual as vLLM's layers return them."""
+    def step(self, scheduled: list[tuple[str, int, int]], d: int) -> None:
+        """One step of (request, computed before, new tokens) rows. The stream entering the layer is
+        position + 1000 * request number (split into hidden + residual as vLLM's layers pass it on), and the
+        logits row of a request is its last position + 1000 * request number + the vocabulary index / 10."""
         batch = self.input_batch
         batch.req_id_to_index = {rid: i for i, (rid, _, _) in enumerate(scheduled)}
         batch.num_reqs, batch.num_computed_tokens_cpu = len(scheduled), [c for _, c, _ in scheduled]
         self.query_start_loc.np = [0, *torch.tensor([n for _, _, n in scheduled]).cumsum(0).tolist()]
-        stream = torch.cat([1000.0 * int(rid[1:]) + torch.arange(c, c + n, dtype=torch.float64) for rid, c, n in scheduled])
+        stream = torch.cat([stream_value(rid, torch.arange(c, c + n)) for rid, c, n in scheduled])
         stream = stream[:, None].expand(-1, d).contiguous()
         residual = torch.randn_like(stream)
+        last = torch.stack([stream_value(rid, torch.tensor(c + n - 1)) for rid, c, n in scheduled])
         with torch.inference_mode():
-            layer(torch.zeros(len(stream)), stream - residual, residual)
-        return stream
+            self.layer(torch.zeros(len(stream)), stream - residual, residual)
+            self.logits(last[:, None] + torch.arange(VOCAB) / 10)
 
 
-def test_band_input_recorder_keeps_watched_rows_from_t_star() -> None:
-    """The hook keeps, for watched requests only, hidden + residual at positions ≥ t* over chunked prefill and
-    decode steps; a preempted request's recomputed rows overwrite; a position never run leaves no band inputs."""
-    from semgrad_serve.serving.band_inputs import BandInputRecorder
+def stream_value(rid: str, positions: torch.Tensor) -> torch.Tensor:
+    return 1000.0 * int(rid[1:]) + positions.to(torch.float64)
 
-    recorder, d = BandInputRecorder(), 4
+
+def test_step_recorder_keeps_watched_band_inputs_and_logits() -> None:
+    """The hooks keep, for watched requests only, hidden + residual at positions ≥ t* and the logits rows from
+    the prompt's last position on, over chunked prefill and decode steps; a preempted request's recomputed rows
+    overwrite; a position never run leaves no band inputs, a missing logits row no logits; a full logits budget
+    records no more logits."""
+    from semgrad_serve.serving.step_recorder import StepRecorder
+
+    recorder, d = StepRecorder(), 4
     runner = FakeRunner({"r1": [5] * 12, "r2": [6] * 12, "r3": [7] * 12, "r4": [1] * 12})
-    layer = FakeLayer()
     recorder.watch("r1")  # not installed yet: nothing watched
     assert len(recorder) == 0
-    recorder.install(runner, layer, 7, lambda ids: None if ids[0] == 1 else 9)
+    recorder.install(runner, runner.layer, runner.logits, 7, lambda ids: None if ids[0] == 1 else 9)
     for rid in ("r1", "r3", "r4"):
         recorder.watch(rid)
-    runner.step(layer, [("r1", 0, 8), ("r2", 0, 12), ("r3", 0, 12), ("r4", 0, 12)], d)  # r1 chunked prefill
-    runner.step(layer, [("r2", 12, 1), ("r1", 8, 4), ("r3", 12, 1)], d)
-    runner.step(layer, [("r1", 12, 1), ("r3", 13, 1)], d)
-    runner.step(layer, [("r3", 14, 1)], d)
-    got = recorder.take("r1", 9, 13)
-    expected = (1000.0 + torch.arange(9, 13, dtype=torch.float64))[:, None].expand(-1, d)
-    assert got is not None and torch.allclose(got, expected, rtol=0, atol=1e-12) and not got.is_inference()
+    runner.step([("r1", 0, 8), ("r2", 0, 12), ("r3", 0, 12), ("r4", 0, 12)], d)  # r1: chunked prefill
+    runner.step([("r2", 12, 1), ("r1", 8, 4), ("r3", 12, 1)], d)
+    runner.step([("r1", 12, 1), ("r3", 13, 1)], d)
+    runner.step([("r3", 14, 1)], d)
+    got = recorder.take("r1", 9, 13)  # 12 prompt tokens, 2 output tokens: 13 positions computed
+    assert got is not None and not got.band_inputs.is_inference()
+    assert torch.equal(got.band_inputs, stream_value("r1", torch.arange(9, 13))[:, None].expand(-1, d))
+    assert torch.equal(got.logits, stream_value("r1", torch.arange(11, 13))[:, None] + torch.arange(VOCAB) / 10)
     assert recorder.take("r1", 9, 13) is None  # taken once
     assert recorder.take("r3", 9, 16) is None  # position 15 never ran
     assert recorder.take("r2", 9, 13) is None and recorder.take("r4", 9, 13) is None  # unwatched; no t*
     recorder.watch("r3")
-    runner.step(layer, [("r3", 0, 12)], d)  # resumed after preemption: recomputed from the start
-    runner.step(layer, [("r3", 12, 3)], d)
-    assert torch.allclose(recorder.take("r3", 9, 15), (3000.0 + torch.arange(9, 15, dtype=torch.float64))[:, None].expand(-1, d))
-    assert recorder.take("r3", 8, 15) is None  # recorded from another t*
+    runner.step([("r3", 0, 8)], d)  # resumed after a preemption: recomputed from the start, in chunks
+    runner.step([("r3", 8, 6)], d)  # (its logits row of position 11 was not computed again)
+    got = recorder.take("r3", 9, 14)
+    assert torch.equal(got.band_inputs, stream_value("r3", torch.arange(9, 14))[:, None].expand(-1, d)) and got.logits is None
+    recorder.watch("r3")
+    runner.step([("r3", 0, 12)], d)
+    assert recorder.take("r3", 8, 12) is None  # recorded from another t*
     recorder.watch("r2")
     recorder.forget("r2")
-    assert len(recorder) == 0
+    assert len(recorder) == 0 and recorder.logits_bytes == 0
+
+    small = StepRecorder(logits_budget_bytes=2 * VOCAB * 8)  # two float64 rows
+    runner = FakeRunner({"r1": [5] * 12})
+    small.install(runner, runner.layer, runner.logits, 7, lambda ids: 9)
+    small.watch("r1")
+    for step in ([("r1", 0, 12)], [("r1", 12, 1)], [("r1", 13, 1)]):
+        runner.step(step, d)
+    got = small.take("r1", 9, 14)
+    assert got.band_inputs.shape == (5, d) and got.logits is None  # the third row was over the budget
+    assert small.logits_bytes == 0
 
 
 def test_connector_captures_band_layers_only_where_band_inputs_were_recorded(monkeypatch) -> None:
-    """A scored request is watched when given blocks; at its end the band's inputs go into the capture with the
-    band layers' keys/values only; each choice of a request (n > 1) gives its own answer its own band inputs; a
-    request whose recording is incomplete gets every layer's keys/values; one that ended without a capture is
-    forgotten."""
-    from semgrad_serve.serving import band_inputs, capture_connector
+    """A scored request is watched when given blocks; at its end what was recorded goes into the capture with
+    the band layers' keys/values only; each choice of a request (n > 1) gives its own answer its own band
+    inputs and logits; a request whose recording is incomplete gets every layer's keys/values; one that ended
+    without a capture is forgotten."""
+    from semgrad_serve.serving import capture_connector, step_recorder
 
-    recorder = band_inputs.BandInputRecorder()
+    recorder = step_recorder.StepRecorder()
     monkeypatch.setattr(capture_connector, "RECORDER", recorder)
     store = CaptureStore()
     store.prefix_length = lambda ids: 3
@@ -219,11 +251,10 @@ def test_connector_captures_band_layers_only_where_band_inputs_were_recorded(mon
     worker.register_kv_caches(caches)
     worker._layout, worker._layout_known = TOKEN_MAJOR, True
     runner = FakeRunner({rid: [5] * 4 for rid in keys})
-    layer = FakeLayer()
-    recorder.install(runner, layer, first, lambda ids: 3)
+    recorder.install(runner, runner.layer, runner.logits, first, lambda ids: 3)
     worker.bind_connector_metadata(meta)
-    runner.step(layer, [("r1", 0, 4), ("r4", 0, 4), ("r2", 0, 2), ("r3", 0, 4)], 8)  # r2's positions 2, 3 never run
-    runner.step(layer, [("r1", 4, 1), ("r4", 4, 1), ("r3", 4, 1)], 8)
+    runner.step([("r1", 0, 4), ("r4", 0, 4), ("r2", 0, 2), ("r3", 0, 4)], 8)  # r2's positions 2, 3 never run
+    runner.step([("r1", 4, 1), ("r4", 4, 1), ("r3", 4, 1)], 8)
     outputs = {"r1": (7, 8), "r4": (9, 8), "r2": (7, 8)}
     for rid in ("r1", "r4", "r2"):
         request = finished(rid, RequestStatus.FINISHED_STOPPED, keys[rid], [5] * 4, computed=5, output=outputs[rid])
@@ -233,10 +264,13 @@ def test_connector_captures_band_layers_only_where_band_inputs_were_recorded(mon
     a, b = store.get("k1"), store.get("k2")
     assert a.first_layer == first and a.kv.shape == (n_layers - first, 2, heads, 3, d)
     assert torch.equal(a.kv[0, 0], caches[f"model.layers.{first}.self_attn.attn"][0, :, :3, :d])
-    for rid, number in (("r1", 1000.0), ("r4", 4000.0)):
-        kv, x = a.given([*outputs[rid]])
-        assert torch.equal(kv, a.kv) and torch.allclose(x, number + torch.arange(3, 5, dtype=torch.float64)[:, None].expand(-1, 8))
-    assert a.given([7, 8, 9, 2]) == (None, None)  # longer than any recording; band-only keys/values: recompute
+    for rid in ("r1", "r4"):
+        given = a.given([outputs[rid][0], 2])  # an answer that ends on another token than the output's second
+        assert torch.equal(given.prefix_kv, a.kv)
+        assert torch.equal(given.band_inputs, stream_value(rid, torch.arange(3, 5))[:, None].expand(-1, 8))
+        assert torch.equal(given.logits, stream_value(rid, torch.arange(3, 5))[:, None] + torch.arange(VOCAB) / 10)
+    assert torch.equal(a.given([2]).logits, a.given([7, 2]).logits[:1])  # a one-token answer: the first row
+    assert a.given([7, 8, 9, 2]).prefix_kv is None  # longer than any recording; band-only keys/values: recompute
     assert b.first_layer == 0 and b.recorded == [] and b.kv.shape == (n_layers, 2, heads, 3, d)
-    assert torch.equal(b.given([7, 8])[0], b.kv) and b.given([7, 8])[1] is None
+    assert torch.equal(b.given([7, 8]).prefix_kv, b.kv) and b.given([7, 8]).band_inputs is None
     assert len(recorder) == 0  # r1, r4, r2 taken; r3 forgotten

@@ -103,12 +103,12 @@ class FakeScore:
         self.batches: list[int] = []
         self.delay = delay
 
-    def __call__(self, pairs: list, prefixes: list, band_inputs: list) -> list[dict]:
+    def __call__(self, pairs: list, given: list) -> list[dict]:
         self.batches.append(len(pairs))
         time.sleep(self.delay)
         if any(p[0] < 0 for p, _ in pairs):
             raise RuntimeError("boom")
-        return [{"semgrad": float(p[0] + (1000 if kv is not None else 0))} for (p, _), kv in zip(pairs, prefixes)]
+        return [{"semgrad": float(p[0] + (1000 if g.prefix_kv is not None else 0))} for (p, _), g in zip(pairs, given)]
 
 
 def service_and_client(score: FakeScore, store: CaptureStore | None = None, max_batch: int = 8):

@@ -149,12 +149,13 @@ class Scorer:
         items: Sequence[PreparedItem],
         prefix_kv: Sequence[torch.Tensor] | None = None,
         band_inputs: Sequence[torch.Tensor] | None = None,
+        logits: Sequence[torch.Tensor | None] | None = None,
     ) -> list[ScoreResult | ItemError]:
         """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others.
-        ``prefix_kv``, ``band_inputs``: see ``band_pass``."""
+        ``prefix_kv``, ``band_inputs``, ``logits``: see ``score_batch``."""
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
-            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs)
+            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits)
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
@@ -162,7 +163,8 @@ class Scorer:
             alone = [None] * len(items)
             kvs = alone if prefix_kv is None else [[kv] for kv in prefix_kv]
             xs = alone if band_inputs is None else [[x] for x in band_inputs]
-            return [r for item, kv, x in zip(items, kvs, xs) for r in self.score_prepared([item], kv, x)]
+            zs = alone if logits is None else [[z] for z in logits]
+            return [r for item, kv, x, z in zip(items, kvs, xs, zs) for r in self.score_prepared([item], kv, x, z)]
 
     def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
         """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
@@ -177,6 +179,7 @@ class Scorer:
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
         prefix_kv: Sequence[torch.Tensor | None] | None = None,
         band_inputs: Sequence[torch.Tensor | None] | None = None,
+        logits: Sequence[torch.Tensor | None] | None = None,
     ) -> list[ScoreResult | ItemError]:
         """Score (prompt ids, answer ids) pairs; results keep input order.
 
@@ -188,20 +191,23 @@ class Scorer:
         them; an item with them runs only from t* on, so only its tokens from t* on count.
         ``band_inputs``: per pair, the residual stream entering the band's first layer at positions t*
         onwards ([≥ length − t*, d], as vLLM computed it), or None; a pair with them has ``prefix_kv`` of
-        the layers from the band's first on only, and only the band runs."""
+        the layers from the band's first on only, and only the band runs.
+        ``logits``: per pair, the logits [≥ answer length, V] that predict its answer tokens (as vLLM computed them
+        while generating), or None; the head's product is then not formed again."""
         if batch_size < 1 or max_batch_tokens < 1:
             raise SemgradError("batch size and batch tokens must be at least 1")
         kvs = list(prefix_kv) if prefix_kv is not None else [None] * len(pairs)
         xs = list(band_inputs) if band_inputs is not None else [None] * len(pairs)
-        if len(kvs) != len(pairs) or len(xs) != len(pairs):
-            raise SemgradError("prefix_kv and band_inputs need one entry per pair")
+        zs = list(logits) if logits is not None else [None] * len(pairs)
+        if not len(kvs) == len(xs) == len(zs) == len(pairs):
+            raise SemgradError("prefix_kv, band_inputs and logits need one entry per pair")
         results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
         # 0: recompute the prompt; 1: prompt keys/values given; 2: and the band's inputs
         groups: dict[int, list[tuple[int, int, PreparedItem]]] = {0: [], 1: [], 2: []}
         for i, (prompt, answer) in enumerate(pairs):
             try:
                 item = self.prepare(prompt, answer)
-                kind = self._check_given(item, kvs[i], xs[i])
+                kind = self._check_given(item, kvs[i], xs[i], zs[i])
             except ItemError as exc:
                 results[i] = exc
                 continue
@@ -217,13 +223,18 @@ class Scorer:
                     chunk, prepared = prepared[:size], prepared[size:]
                     chunk_kv = [kvs[i] for _, i, _ in chunk] if kind else None
                     chunk_x = [xs[i] for _, i, _ in chunk] if kind == 2 else None
-                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv, chunk_x)):
+                    chunk_z = [zs[i] for _, i, _ in chunk]
+                    chunk_z = chunk_z if any(z is not None for z in chunk_z) else None
+                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv, chunk_x, chunk_z)):
                         results[i] = result
                     bar.update(len(chunk))
         return results  # type: ignore[return-value]
 
-    def _check_given(self, item: PreparedItem, kv: torch.Tensor | None, x: torch.Tensor | None) -> int:
+    def _check_given(self, item: PreparedItem, kv: torch.Tensor | None, x: torch.Tensor | None, z: torch.Tensor | None) -> int:
         """Which of ``score``'s groups an item with these given states goes to; mismatched shapes are an ``ItemError``."""
+        answer, vocab = len(item.answer_ids), self.weights.vocab_size
+        if z is not None and (z.dim() != 2 or z.shape[0] < answer or z.shape[1] != vocab):
+            raise ItemError(f"logits of shape {tuple(z.shape)}, expected at least ({answer}, {vocab})")
         if kv is None:
             if x is not None:
                 raise ItemError("band inputs need the prefix keys/values of the band's layers")

@@ -6,7 +6,7 @@ Enabled by ``semgrad-serve serve`` (``--kv-transfer-config`` with this module as
 score the answer) are touched:
 
 - scheduler side: when such a request is given blocks (first scheduled, or resumed), the worker is told to
-  record its band inputs (``band_inputs.py``); when it finishes normally, ``request_finished``
+  record its band inputs and logits (``step_recorder.py``); when it finishes normally, ``request_finished``
   keeps its blocks (returns True) and passes its block table to the worker in
   the next step's metadata (aborted ones too: a stop string ends a request by aborting it); unscored and
   failed requests are freed as usual;
@@ -27,7 +27,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.request import RequestStatus
 
-from .band_inputs import RECORDER
+from .step_recorder import RECORDER, Recorded
 from .captures import KV_PARAM, STORE
 from .config import log
 from .kv_layout import copy_blocks, layout_for, unpack
@@ -151,10 +151,10 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
             self._release.add(order.request_id)
 
     @staticmethod
-    def _band_inputs(order: CaptureOrder, t_star: int) -> tuple[int, torch.Tensor] | None:
-        """The band's first layer and its inputs at positions [t*, computed), where all were recorded."""
-        inputs = RECORDER.take(order.request_id, t_star, order.computed)
-        return None if inputs is None or RECORDER.first_layer is None else (RECORDER.first_layer, inputs)
+    def _band_inputs(order: CaptureOrder, t_star: int) -> tuple[int, Recorded] | None:
+        """The band's first layer and what was recorded from t* on, where every band input was."""
+        recorded = RECORDER.take(order.request_id, t_star, order.computed)
+        return None if recorded is None or RECORDER.first_layer is None else (RECORDER.first_layer, recorded)
 
     def _copy(self, order: CaptureOrder, n: int, first_layer: int) -> list[torch.Tensor]:
         if n > order.computed:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .step_recorder import Recorded
+
 KV_PARAM = "semgrad_capture"  # the key's name in a request's kv_transfer_params
 DEFAULT_BUDGET_BYTES = 2 << 30  # most bytes of keys/values held at once; beyond it answers score by recompute
 TTL_S = 300.0  # a capture nobody claimed or dropped is discarded after this long
@@ -31,8 +33,9 @@ TTL_S = 300.0  # a capture nobody claimed or dropped is discarded after this lon
 class Capture:
     """A prompt's keys/values before t*, as copied from the cache (``raw``) and turned by ``unpack``
     into [n_layers − first_layer, 2, kv_heads, t*, head_dim] when first asked for (on the scoring thread);
-    and, per choice whose band inputs were recorded, its output token ids and the residual stream
-    [n, d] entering layer ``band_layer`` at positions t* onwards."""
+    and, per choice whose band inputs were recorded, its output token ids and what was recorded
+    (``step_recorder.Recorded``: the residual stream entering layer ``band_layer`` at positions t* onwards,
+    the logits predicting the output)."""
 
     prompt_ids: tuple[int, ...]
     raw: Any = None  # a tensor or a list of tensors, as the connector copied it; None: score by recompute
@@ -41,7 +44,7 @@ class Capture:
     t_star: int = 0  # the positions ``raw`` holds
     first_layer: int = 0  # the first layer ``raw`` holds: the band's when its inputs were recorded, else 0
     band_layer: int = 0
-    recorded: list[tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=list)
+    recorded: list[tuple[tuple[int, ...], Recorded]] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     _kv: torch.Tensor | None = None
 
@@ -51,28 +54,41 @@ class Capture:
             self._kv = self.raw if self.unpack is None else self.unpack(self.raw)
         return self._kv
 
-    def given(self, answer_ids: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """What scoring ``answer_ids`` after this prompt may take as given: the prompt keys/values, and the band
-        inputs of a choice whose output starts with the answer (then the keys/values of the band's layers only).
-        (None, None) where the answer must be scored by recompute."""
+    def given(self, answer_ids: Sequence[int]) -> Given:
+        """What scoring ``answer_ids`` after this prompt may take as given: the prompt keys/values, and what was
+        recorded for a choice whose output starts with the answer (then the keys/values of the band's layers
+        only). Nothing where the answer must be scored by recompute."""
         kv = self.kv
         if kv is None:
-            return None, None
+            return Given()
         rows = len(self.prompt_ids) + len(answer_ids) - 1 - self.t_star
-        for output_ids, inputs in self.recorded:
-            if tuple(answer_ids[:-1]) == output_ids[: len(answer_ids) - 1] and inputs.shape[0] >= rows:
-                return kv[self.band_layer - self.first_layer :], inputs
-        return (kv, None) if self.first_layer == 0 else (None, None)
+        for output_ids, recorded in self.recorded:
+            # band inputs and logits up to the answer's last token depend only on the tokens before it
+            if tuple(answer_ids[:-1]) == output_ids[: len(answer_ids) - 1] and recorded.band_inputs.shape[0] >= rows:
+                logits = recorded.logits
+                logits = logits[: len(answer_ids)] if logits is not None and logits.shape[0] >= len(answer_ids) else None
+                return Given(kv[self.band_layer - self.first_layer :], recorded.band_inputs, logits)
+        return Given(kv) if self.first_layer == 0 else Given()
 
     @property
     def nbytes(self) -> int:
         parts = [] if self.raw is None else [self.raw] if isinstance(self.raw, torch.Tensor) else list(self.raw)
-        parts += [inputs for _, inputs in self.recorded]
+        parts += [t for _, rec in self.recorded for t in (rec.band_inputs, rec.logits) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
 
-# Given t*, the band's first layer and the band inputs from t* on that one choice's run recorded, or None.
-BandInputs = Callable[[int], "tuple[int, torch.Tensor] | None"]
+@dataclass(frozen=True)
+class Given:
+    """What scoring an answer takes as computed (see ``Scorer.score``): its prompt's keys/values before t*, the
+    band's inputs from t* on and the logits predicting the answer's tokens; None: computed by scoring."""
+
+    prefix_kv: torch.Tensor | None = None
+    band_inputs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+# Given t*, the band's first layer and what one choice's run recorded from t* on, or None.
+BandInputs = Callable[[int], "tuple[int, Recorded] | None"]
 
 
 class CaptureStore:
@@ -112,8 +128,9 @@ class CaptureStore:
                 n = self.prefix_length(prompt_ids)
                 recorded = band_inputs(n) if n is not None else None
                 if recorded is not None and recorded[0] == capture.band_layer:
+                    before = capture.nbytes
                     capture.recorded.append((output_ids, recorded[1]))
-                    self._bytes += recorded[1].numel() * recorded[1].element_size()
+                    self._bytes += capture.nbytes - before
 
     def _capture(
         self,

@@ -33,16 +33,15 @@ from typing import Any, Callable
 
 import torch
 
-from .captures import CaptureStore
+from .captures import CaptureStore, Given
 from .config import log
 
 CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
 
 Pair = tuple[list[int], list[int]]
-# Scores pairs: (pairs, per-pair prompt keys/values or None, per-pair band inputs or None) -> one "semgrad" object
-# per pair (see ``Scorer.score``).
-ScoreFn = Callable[[list[Pair], list[torch.Tensor | None], list[torch.Tensor | None]], list[dict[str, Any]]]
+# Scores pairs, given per pair what vLLM computed for it -> one "semgrad" object per pair.
+ScoreFn = Callable[[list[Pair], list[Given]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -109,19 +108,19 @@ class ScoringService:
                     return batch
                 self._arrived.wait(IDLE_POLL_S)
 
-    def _prefix(self, job: Job, pair: Pair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The prompt keys/values and band inputs the job's capture gives an answer, (None, None) where none."""
+    def _given(self, job: Job, pair: Pair) -> Given:
+        """What the job's capture gives an answer (nothing without one)."""
         capture = self._store.get(job.key) if job.key is not None else None
         if capture is None or capture.prompt_ids != tuple(pair[0]):
-            return None, None
+            return Given()
         return capture.given(pair[1])
 
     def _score_jobs(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
         """Reports per job; if the batch fails as a whole, each job is retried alone."""
         pairs = [pair for job in jobs for pair in job.pairs]
-        given = [self._prefix(job, pair) for job in jobs for pair in job.pairs]
+        given = [self._given(job, pair) for job in jobs for pair in job.pairs]
         try:
-            reports = self._score(pairs, [kv for kv, _ in given], [x for _, x in given])
+            reports = self._score(pairs, given)
         except Exception as exc:  # noqa: BLE001 - whatever failed, every answer must get a result
             if len(jobs) > 1:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(jobs), exc)

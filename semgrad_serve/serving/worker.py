@@ -13,41 +13,40 @@ import math
 import os
 from typing import Any
 
-import torch
-
 from ..errors import ItemError, SemgradError
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
-from .band_inputs import RECORDER
-from .captures import STORE
+from .captures import STORE, Given
 from .config import CAPTURE_CONNECTOR_MODULE, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
 from .scoring_service import Pair, ScoreFn, ScoringService, scoring_cores
+from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
 
 # The fields of a scored answer in the API response, in this order.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv", "band_inputs")
+REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "reused")
 
 
-def answer_report(
-    scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False, tokens: bool = False, recorded: bool = False
-) -> dict[str, Any]:
-    """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``prompt_kv`` says
-    whether the prompt's keys/values came from vLLM's KV cache or were recomputed, ``band_inputs`` whether the
-    band's inputs were recorded while vLLM generated or recomputed. ``tokens`` adds the per-token
-    entropies and log-probs (the API server passes them on to requests that ask for them)."""
+def reused(given: Given) -> list[str]:
+    """What of vLLM's own computation scoring reused for an answer, in data-path order."""
+    parts = ("prompt_kv", given.prefix_kv), ("band_inputs", given.band_inputs), ("logits", given.logits)
+    return [name for name, value in parts if value is not None]
+
+
+def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given = Given(), tokens: bool = False) -> dict[str, Any]:
+    """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
+    scoring took from vLLM instead of computing it (``prompt_kv``: the prompt's keys/values from its KV cache;
+    ``band_inputs``: the residual stream entering the band; ``logits``: the answer's logits), each the same
+    numbers up to float rounding. ``tokens`` adds the per-token entropies and log-probs (the API server passes
+    them on to requests that ask for them)."""
     if isinstance(result, ItemError):
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = {
-        **scorer.report(result),
-        "prompt_kv": "cache" if from_cache else "recomputed",
-        "band_inputs": "recorded" if recorded else "recomputed",
-    }
+    report = {**scorer.report(result), "reused": reused(given)}
     out = {key: report[key] for key in REPORTED}
     if tokens:
         out["token_entropies"], out["token_logprobs"] = list(result.token_entropies), list(result.token_logprobs)
@@ -80,10 +79,10 @@ def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
     text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
 
-    def score_or_fail(pairs: list[Pair], prefixes: list[torch.Tensor | None], inputs: list[torch.Tensor | None]) -> list[dict[str, Any]]:
+    def score_or_fail(pairs: list[Pair], given: list[Given]) -> list[dict[str, Any]]:
         if any(TEST_FAULT_MARKER in tokenizer.decode(prompt) for prompt, _ in pairs):
             raise RuntimeError("injected scoring fault (test hook)")
-        return score(pairs, prefixes, inputs)
+        return score(pairs, given)
 
     return score_or_fail
 
@@ -119,15 +118,18 @@ class SemgradWorkerExtension:
         band = scorer.band
         record = capture and records_band_inputs(vllm_config)
         if record:
-            layer = self.model_runner.model.model.layers[band.start]  # type: ignore[attr-defined]
-            RECORDER.install(self.model_runner, layer, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
+            model = self.model_runner.model  # type: ignore[attr-defined]
+            RECORDER.install(self.model_runner, model.model.layers[band.start], model.logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
-        def score(pairs: list[Pair], prefixes: list[torch.Tensor | None], inputs: list[torch.Tensor | None]) -> list[dict[str, Any]]:
-            results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes, band_inputs=inputs)
-            return [
-                answer_report(scorer, r, kv is not None, tokens=True, recorded=x is not None)
-                for r, kv, x in zip(results, prefixes, inputs)
-            ]
+        def score(pairs: list[Pair], given: list[Given]) -> list[dict[str, Any]]:
+            results = scorer.score(
+                pairs,
+                batch_size=max(len(pairs), 1),
+                prefix_kv=[g.prefix_kv for g in given],
+                band_inputs=[g.band_inputs for g in given],
+                logits=[g.logits for g in given],
+            )
+            return [answer_report(scorer, r, g, tokens=True) for r, g in zip(results, given)]
 
         if os.environ.get(TEST_FAULTS_ENV) == "1":
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
@@ -145,7 +147,7 @@ class SemgradWorkerExtension:
             "kernels": scorer.kernels.name,
             "scoring_cores": sorted(cores),
             "capture": capture,
-            "band_inputs": record,
+            "records": record,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
         }
