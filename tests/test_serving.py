@@ -38,10 +38,15 @@ def assert_scored(semgrad: dict[str, Any] | None) -> None:
     assert all(semgrad[k] > 0 for k in SCORE_KEYS) and semgrad["score"] == semgrad["hybridgrad"]
 
 
-def assert_equals_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int]) -> None:
-    """The served scores (over the prompt keys/values and band inputs vLLM computed) equal the offline scorer's
-    recompute."""
-    assert semgrad["reused"] == ["prompt_kv", "band_inputs", "logits"], semgrad
+ALL_REUSED = ["prompt_kv", "band_inputs", "logits"]
+
+
+def assert_equals_offline(
+    semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int], reused: list[str] = ALL_REUSED
+) -> None:
+    """The served scores (over what vLLM computed: the prompt keys/values, band inputs, logits) equal the offline
+    scorer's recompute."""
+    assert semgrad["reused"] == reused, semgrad
     (offline,) = scorer.score([(prompt_ids, answer_ids)])
     assert not isinstance(offline, ItemError), offline
     expected = scorer.report(offline)
@@ -154,6 +159,30 @@ def test_n2_scores_every_choice(client, default_scorer) -> None:
     for choice in response.choices:
         assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 24)
         assert_equals_offline(semgrad_of(choice), default_scorer, response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+
+
+def test_a_prefix_cache_hit_past_t_star_scores_through_every_layer(client, default_scorer) -> None:
+    """The same prompt twice, its t* in the last full block (vLLM's block size: 128): the second time vLLM takes
+    that block from its prefix cache and never runs the positions from t* to the block's end, so the band's inputs
+    are incomplete; that answer runs through every layer over the cached keys/values, with the same scores."""
+    for words in range(90, 400):
+        messages = ask("hello " * words + "Summarize that.")
+        prompt = default_scorer.prompt_ids(messages)
+        t_star = default_scorer.prepare(prompt, [EOS]).t_star
+        if t_star // 128 < (len(prompt) - 1) // 128:  # a block boundary between t* and the last prompt position
+            break
+    else:
+        pytest.fail("no prompt length puts a block boundary after t*")
+    first, second = (
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
+        )
+        for _ in range(2)
+    )
+    for response, reused in ((first, ALL_REUSED), (second, ["prompt_kv"])):
+        (choice,) = response.choices
+        assert response.model_extra["prompt_token_ids"] == prompt
+        assert_equals_offline(semgrad_of(choice), default_scorer, prompt, choice.model_extra["token_ids"], reused)
 
 
 def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client, default_scorer) -> None:
