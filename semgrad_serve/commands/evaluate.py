@@ -7,7 +7,7 @@ import sys
 
 from ..errors import SemgradError
 from ..evaluation.config import DEFAULT_CLUSTER_THRESHOLD, GENERATORS
-from ..evaluation.judges import DEFAULT_THRESHOLDS, JUDGES
+from ..evaluation.judges import DEFAULT_JUDGE, DEFAULT_THRESHOLDS, JUDGES
 from ..evaluation.prompts import MAX_NEW_TOKENS
 from .common import add_convention_arguments, add_model_arguments, device_from_args
 
@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     parser.add_argument("--max-tokens", type=int, default=MAX_NEW_TOKENS, metavar="N", help=f"most new tokens per answer (default: {MAX_NEW_TOKENS}, as the paper)")
     parser.add_argument("--generator", choices=GENERATORS, default="vllm", help="vllm (default) or hf (Hugging Face generate: no engine start, for small runs)")
-    parser.add_argument("--judge", choices=JUDGES, default="containment",
-                        help="correctness judge for the main table and the threshold (default: containment, the one that agreed best "
-                        "with hand labels on SciQ and TruthfulQA); all three are computed and reported "
+    parser.add_argument("--judge", choices=JUDGES, default=DEFAULT_JUDGE,
+                        help=f"correctness judge for the main table, the threshold and the calibrator (default: {DEFAULT_JUDGE}, the one that "
+                        "agreed best with hand labels on SciQ and TruthfulQA); all are computed and reported "
                         f"(thresholds: ROUGE-L {DEFAULT_THRESHOLDS['rouge']}, embedding cosine {DEFAULT_THRESHOLDS['embedding']})")
     parser.add_argument("--judge-threshold", type=float, metavar="X", help="threshold of the chosen judge (rouge, embedding)")
     parser.add_argument("--cluster-threshold", type=float, default=DEFAULT_CLUSTER_THRESHOLD, metavar="X",

@@ -26,7 +26,7 @@ class EvalConfig:
     temperature: float = 1.0
     max_tokens: int = MAX_NEW_TOKENS
     generator: str = "vllm"
-    judge: str = "containment"
+    judge: str = "reference"
     judge_threshold: float | None = None
     cluster_threshold: float = DEFAULT_CLUSTER_THRESHOLD
     flag_target: str = "recall:0.8"

@@ -203,11 +203,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     generate_all(cfg, scorer, model_dir, runs)
 
-    _log("judging answers (containment, ROUGE-L, embeddings)")
+    _log("judging answers (reference, containment, ROUGE-L, embeddings)")
     embedder = judges.default_embedder()
     limits = {cfg.judge: cfg.judge_threshold} if cfg.judge_threshold is not None else {}
     for run in runs:
-        run.judgements = judges.judge_all([a.text for a in run.answers], [g for _, g in run.rows], judges.JUDGES, limits, embedder)
+        run.judgements = judges.judge_all([a.text for a in run.answers], [g for _, g in run.rows], [q for q, _ in run.rows], judges.JUDGES, limits, embedder)
         score_all(cfg, scorer, run, extra, embedder)
 
     methods = method_list(runs, [label for label, _ in extra])

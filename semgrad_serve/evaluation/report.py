@@ -196,7 +196,7 @@ def write_items(path: Path, runs: list[DatasetRun]) -> None:
         for r in runs:
             for i in range(r.n):
                 doc = {
-                    "dataset": r.name, "index": i, "answer": r.answers[i].text[:300], "answer_tokens": text_tokens(r)[i],
+                    "dataset": r.name, "index": i, "answer": r.answers[i].text, "answer_tokens": text_tokens(r)[i],
                     "ended_on_eos": ended_on_eos(r)[i],
                     "correct": {j: r.judgements[j][i].correct for j in r.judgements},
                     "similarity": {j: round(r.judgements[j][i].similarity, 4) for j in r.judgements},
