@@ -20,7 +20,7 @@ from semgrad_serve.evaluation.confidence_fit import (
     Answers, fit_confidence, fit_isotonic, fit_logistic, isotonic_decreasing, stratified_folds,
 )
 from semgrad_serve.evaluation.confidence_report import analyse
-from semgrad_serve.scoring.confidence import ConfidenceModel, IsotonicCalibrator, features
+from semgrad_serve.scoring.confidence import IsotonicCalibrator, features
 from semgrad_serve.scoring.profiles import ModelProfile, TStarRule
 
 
