@@ -12,6 +12,7 @@ import torch
 
 from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
+from semgrad_serve.evaluation import judges
 from naive import naive_paragrad_tied
 from semgrad_serve.scoring.profiles import ModelProfile
 
@@ -70,7 +71,7 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     assert (out / "eval_roc.png").read_bytes()[:4] == b"\x89PNG"
     items = [json.loads(line) for line in gzip.open(out / "eval_items.jsonl.gz", "rt")]
     old = [json.loads(line) for line in gzip.open(out / "old_items.jsonl.gz", "rt")]
-    assert len(items) == 4 and all(set(i["correct"]) == {"containment", "rouge", "embedding"} for i in items)
+    assert len(items) == 4 and all(set(i["correct"]) == set(judges.JUDGES) for i in items)
     assert "Stop token: counted" in md and "Stop token: not counted" in (out / "old.md").read_text()
 
     # independent checks: the forward-pass NLL = the generator's own (incremental) log-probs of the same tokens;

@@ -49,6 +49,12 @@ def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsy
             assert row[key] == pytest.approx(getattr(direct, key), rel=FLOAT32_BATCH_REL)
         assert row["t_star_token"] == "<|im_start|>" and row["score"] == row["hybridgrad"]
         assert row["prompt_tokens"] == direct.prompt_tokens and row["answer_tokens"] == direct.answer_tokens
+        # the confidence is the profile's calibrator applied to this answer's own configured score, length and entropy
+        model = scorer.profile.confidence
+        expected = model.confidence(row["hybridgrad"], row["answer_tokens"] - row["stop_token"], row["mean_entropy"])
+        assert row["confidence"] == expected and 0 < expected < 1
+        assert row["min_confidence"] == model.operating_point.min_confidence
+        assert row["flagged"] == (row["confidence"] < row["min_confidence"])
     assert "scored 2 of 9 lines" in capsys.readouterr().err
 
 
@@ -89,12 +95,15 @@ def test_user_mistakes_print_one_line(argv: list[str], message: str, capsys) -> 
     assert message in err and "Traceback" not in err
 
 
-def test_ask_answers_and_scores(capsys) -> None:
+def test_ask_answers_and_scores(capsys, default_scorer) -> None:
     assert main(["ask", "What is the capital of France?", "--max-tokens", "20", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Paris" in out
     scores = json.loads(out[out.index("{") :])
     assert scores["semgrad"] > 0 and scores["score"] == scores["hybridgrad"]
+    model = default_scorer.profile.confidence
+    assert scores["confidence"] == model.confidence(scores["hybridgrad"], scores["answer_tokens"] - scores["stop_token"], scores["mean_entropy"])
+    assert 0 < scores["confidence"] < 1 and scores["flagged"] == (scores["confidence"] < scores["min_confidence"])
 
 
 def test_help_imports_no_heavy_module() -> None:

@@ -36,6 +36,7 @@ def semgrad_of(choice: Any) -> dict[str, Any] | None:
 def assert_scored(semgrad: dict[str, Any] | None) -> None:
     assert semgrad is not None and tuple(semgrad) == REPORTED + ("stop_token",), semgrad
     assert all(semgrad[k] > 0 for k in SCORE_KEYS) and semgrad["score"] == semgrad["hybridgrad"]
+    assert 0 < semgrad["confidence"] < 1 and semgrad["flagged"] == (semgrad["confidence"] < semgrad["min_confidence"])
 
 
 ALL_REUSED = ["prompt_kv", "band_inputs", "logits"]
@@ -53,6 +54,10 @@ def assert_equals_offline(
     for key in SCORE_KEYS:
         assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
     assert semgrad["flagged"] == expected["flagged"] and semgrad["threshold"] == expected["threshold"]
+    # the calibrated confidence of the built-in profile, from the served answer's own scores and length
+    assert semgrad["confidence"] == pytest.approx(expected["confidence"], rel=1e-4) and 0 < semgrad["confidence"] < 1
+    assert semgrad["min_confidence"] == expected["min_confidence"] is not None
+    assert semgrad["flagged"] == (semgrad["confidence"] < semgrad["min_confidence"])
     assert semgrad["stop_token"] == offline.stop_token == (answer_ids[-1] == EOS)
 
 

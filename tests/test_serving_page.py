@@ -248,7 +248,7 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
         assert card.get_attribute("data-flag") == str(sg["flagged"]).lower()
         meter = card.find_element(By.CSS_SELECTOR, ".meter")
         number = card.find_element(By.CSS_SELECTOR, ".meter-number").text
-        if "confidence" in sg:
+        if sg.get("confidence") is not None:
             assert float(meter.get_attribute("aria-valuenow")) == sg["confidence"] and number == f"{sg['confidence'] * 100:.0f}%"
         else:  # the score relative to the threshold, labelled as not a probability
             ratio = sg["score"] / sg["threshold"]

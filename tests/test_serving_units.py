@@ -204,6 +204,11 @@ def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> 
     (result,) = scorer.score([(prompt, scorer.answer_ids("Paris."))])
     report = answer_report(scorer, result)
     assert tuple(report) == REPORTED and report["score"] == report["hybridgrad"] > 0
+    # the served confidence: the profile's calibrator on this answer's own score, length (no stop token) and entropy
+    model = scorer.profile.confidence
+    assert report["confidence"] == model.confidence(result.hybridgrad, result.answer_tokens - 1, result.mean_entropy)
+    assert report["min_confidence"] == model.operating_point.min_confidence
+    assert report["flagged"] is (report["confidence"] < report["min_confidence"])
     broken = type(result)(**{**result.to_dict(), "semgrad": math.nan})
     assert answer_report(scorer, broken) == {"error": "scoring produced a non-finite value (NaN or inf)"}
     assert answer_report(scorer, ItemError("the answer is empty")) == {"error": "the answer is empty"}

@@ -35,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(result, ItemError):
         raise SemgradError(str(result))
     report = scorer.report(result)
-    print(json.dumps({k: report[k] for k in (*SCORE_NAMES, "stop_token", "score", "threshold", "flagged")}, indent=2))
+    print(json.dumps({k: report[k] for k in (*SCORE_NAMES, "answer_tokens", "stop_token", "score", "threshold", "confidence", "min_confidence", "flagged")}, indent=2))
     return 0

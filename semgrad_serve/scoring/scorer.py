@@ -89,9 +89,9 @@ class Scorer:
         return scorer
 
     def report(self, result: ScoreResult) -> dict[str, Any]:
-        """A result as JSON-ready dict, with the profile's configured score, threshold and flag."""
-        score, flagged = self.profile.flag(result.scores())
-        return {**result.to_dict(), "score": score, "threshold": self.profile.threshold, "flagged": flagged}
+        """A result as JSON-ready dict, with the profile's configured score, threshold, confidence and flag
+        (``ModelProfile.assess``)."""
+        return {**result.to_dict(), **self.profile.assess(result.scores(), result.answer_tokens - result.stop_token)}
 
     # -- text to token ids -------------------------------------------------------------------------
 

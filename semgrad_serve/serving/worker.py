@@ -27,7 +27,7 @@ keep_dense_cpu_weights()
 
 # The fields of a scored answer in the API response, in this order.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "reused")
+REPORTED = (*SERVED_SCORES, "score", "threshold", "confidence", "min_confidence", "flagged", "reused")
 
 
 def reused(given: Given) -> list[str]:
@@ -143,6 +143,7 @@ class SemgradWorkerExtension:
             "band": [band.start, band.stop - 1],
             "score": profile.score,
             "threshold": profile.threshold,
+            "min_confidence": None if profile.confidence is None else profile.confidence.operating_point.min_confidence,
             "dtype": str(weights.dtype).removeprefix("torch."),
             "kernels": scorer.kernels.name,
             "scoring_cores": sorted(cores),

@@ -84,7 +84,8 @@
     if (isNum(sg.confidence)) {
       return {
         kind: "confidence", flagged, value: sg.confidence, max: 1, fill: Math.min(Math.max(sg.confidence, 0), 1),
-        mark: null, over: flagged === true, number: `${(sg.confidence * 100).toFixed(0)}%`,
+        mark: isNum(sg.min_confidence) ? Math.min(Math.max(sg.min_confidence, 0), 1) : null, over: flagged === true,
+        number: `${(sg.confidence * 100).toFixed(0)}%`,
         caption: "confidence: estimated probability that the answer is correct",
       };
     }
