@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from semgrad_serve.scoring.scorer import Scorer  # noqa: E402
-from semgrad_serve.scoring.shared_prefix import shared_prefix  # noqa: E402
-from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack  # noqa: E402
+from semgrad_serve.scoring.scorer import Scorer
+from semgrad_serve.scoring.shared_prefix import shared_prefix
+from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack
 
 ANSWER = "The warehouse in district three stores twenty-one crates of item thirty-nine, according to the notes."
 BLOCK_SIZE = 128
@@ -87,11 +88,11 @@ def main() -> None:
         cached, recomputed = scorer.score([(prompt, answer)], prefix_kv=[kv])[0], scorer.score([(prompt, answer)])[0]
         gap = max(abs(getattr(cached, k) - getattr(recomputed, k)) / abs(getattr(recomputed, k)) for k in ("semgrad", "paragrad", "hybridgrad"))
         with torch.enable_grad():
-            t_cache = timed(lambda: scorer.score([(prompt, answer)], prefix_kv=[kv]), args.repeats)
-            t_recompute = timed(lambda: scorer.score([(prompt, answer)]), args.repeats)
-        t_read = timed(lambda: copy_blocks(caches, blocks, t_star), args.repeats)
+            t_cache = timed(partial(scorer.score, [(prompt, answer)], prefix_kv=[kv]), args.repeats)
+            t_recompute = timed(partial(scorer.score, [(prompt, answer)]), args.repeats)
+        t_read = timed(partial(copy_blocks, caches, blocks, t_star), args.repeats)
         raw = copy_blocks(caches, blocks, t_star)
-        t_unpack = timed(lambda: unpack(raw, CPU_TRANSPOSED_K, t_star), args.repeats)
+        t_unpack = timed(partial(unpack, raw, CPU_TRANSPOSED_K, t_star), args.repeats)
         t_cache += t_unpack
         times[name] = t_cache + t_read
         rows.append(

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
-from naive import naive_paragrad_tied
 from semgrad_serve.scoring.profiles import ModelProfile
+
+from conftest import FLOAT32_BATCH_REL
+from naive import naive_paragrad_tied
 
 
 def write_lines(path, lines):
@@ -156,9 +157,9 @@ def test_eval_bad_options(tmp_path, capsys):
 def test_vllm_generator_matches_hf_greedy(default_scorer):
     """The vLLM path (one engine start): same greedy tokens as Hugging Face, K samples per prompt."""
     pytest.importorskip("vllm")
-    from semgrad_serve.model.default_model import default_model_dir
     from semgrad_serve.evaluation.generation import HFGenerator, VLLMGenerator
     from semgrad_serve.evaluation.prompts import paper_messages
+    from semgrad_serve.model.default_model import default_model_dir
 
     prompts = [default_scorer.prompt_ids(paper_messages(q)) for q in ("Who proposed the theory of evolution by natural selection?", "What is the boiling point of water in Celsius?")]
     hf = HFGenerator(default_scorer.model, default_scorer.tokenizer).greedy(prompts, max_tokens=10)

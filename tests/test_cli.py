@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError
+
+from conftest import FLOAT32_BATCH_REL
 
 
 def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsys) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.kernels import select_kernels
-from naive import naive_scores
-from semgrad_serve.scoring.batch import score_batch
-from semgrad_serve.scoring.shared_prefix import PrefixCache
 from semgrad_serve.model.weights import from_hf_model
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.scoring.shared_prefix import PrefixCache
 
+from naive import naive_scores
 from tiny_models import FAMILIES, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")

@@ -10,16 +10,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
-import math  # noqa: E402
+import math
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.library import opcheck  # noqa: E402
+import pytest
+import torch
+from torch.library import opcheck
 
-from semgrad_serve.kernels import Kernels, select_kernels  # noqa: E402
-from semgrad_serve.kernels.band_l1 import band_l1_reference  # noqa: E402
-from semgrad_serve.kernels.head_grad_l1 import head_grad_l1_reference  # noqa: E402
-from semgrad_serve.kernels.token_stats import token_stats_reference  # noqa: E402
+from semgrad_serve.kernels import Kernels, select_kernels
+from semgrad_serve.kernels.band_l1 import band_l1_reference
+from semgrad_serve.kernels.head_grad_l1 import head_grad_l1_reference
+from semgrad_serve.kernels.token_stats import token_stats_reference
 
 V_BIG = 151936
 

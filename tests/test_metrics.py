@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from semgrad_serve.evaluation import metrics
 from semgrad_serve.errors import SemgradError
+from semgrad_serve.evaluation import metrics
 
 
 def random_case(seed: int, n: int, levels: int):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.errors import ItemError, SemgradError
+
+from conftest import FLOAT32_BATCH_REL
 
 
 def test_batches_bounded_by_items_and_tokens(default_scorer, monkeypatch) -> None:

@@ -13,9 +13,8 @@ import httpx
 import openai
 import pytest
 
-from semgrad_serve.errors import ItemError, SemgradError
-from semgrad_serve.serving.config import TEST_FAULT_MARKER, TEST_FAULTS_ENV
-from launch_server import free_port, running_server, serve_command
+from semgrad_serve.errors import ItemError
+from semgrad_serve.serving.config import TEST_FAULT_MARKER
 from semgrad_serve.serving.worker import REPORTED
 
 MODEL = "smollm2-135m-instruct"  # the served name of the default model

@@ -209,7 +209,9 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     from selenium.webdriver.common.keys import Keys
 
     driver = browser
-    by_css = lambda css, root=None: (root or driver).find_elements(By.CSS_SELECTOR, css)  # noqa: E731
+
+    def by_css(css: str, root=None) -> list:
+        return (root or driver).find_elements(By.CSS_SELECTOR, css)
 
     def click(element) -> None:  # in the middle of the viewport, clear of the sticky question form
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)

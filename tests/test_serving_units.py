@@ -12,17 +12,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError, SemgradError
 from semgrad_serve.kernels import select_kernels
+from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.serving.captures import CaptureStore
+from semgrad_serve.serving.config import (
+    CAPTURE_KV_TRANSFER_CONFIG,
+    MAX_BATCH_ENV,
+    PLUGIN_NAME,
+    TEST_FAULT_MARKER,
+    WORKER_EXTENSION,
+    ScoringSettings,
+)
 from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
 from semgrad_serve.serving.scoring_service import ScoringService
-from semgrad_serve.serving.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, TEST_FAULT_MARKER, WORKER_EXTENSION, ScoringSettings
 from semgrad_serve.serving.weights import from_vllm_model
-from semgrad_serve.model.weights import from_hf_model
 
 from tiny_models import FAMILIES, random_items, tiny_model
 

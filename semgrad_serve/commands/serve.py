@@ -15,7 +15,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
-from ..serving.config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, server_url
+from ..serving.config import (
+    CAPTURE_KV_TRANSFER_CONFIG,
+    PAGE_PATH,
+    PLUGIN_NAME,
+    WORKER_EXTENSION,
+    ScoringSettings,
+    server_url,
+)
 from .common import add_model_arguments
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
@@ -38,8 +45,8 @@ def _check_model(model_dir: Path, profile: str | None) -> None:
     """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..scoring.profiles import resolve_profile
     from ..model.weights import check_family
+    from ..scoring.profiles import resolve_profile
 
     if not (model_dir / "config.json").is_file():
         raise SemgradError(f"{model_dir} is not a Hugging Face model directory (no config.json)")

@@ -234,7 +234,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "config": {k: v for k, v in cfg.__dict__.items() if k not in ("progress",)},
         "prompt": PAPER_PROMPT,
         "judge": {"name": cfg.judge, "rule": judges.describe(cfg.judge, cfg.judge_threshold)},
-        "methods": [{"key": k, "label": l, "kind": f} for k, l, f in methods],
+        "methods": [{"key": key, "label": label, "kind": kind} for key, label, kind in methods],
         "datasets": {
             r.name: {
                 "file": r.path, "questions": r.n, "scored": int(r.kept().sum()), "excluded": len(r.excluded),

@@ -9,7 +9,6 @@ of similar length into batches.
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence

@@ -92,7 +92,7 @@ class CaptureStore:
             return Capture(prompt_ids, None, reason="no t* in the prompt")
         try:
             raw = read(n)
-        except Exception as exc:  # noqa: BLE001 - runs between engine steps: never fail the step; scoring recomputes
+        except Exception as exc:  # runs between engine steps: never fail the step; scoring recomputes
             return Capture(prompt_ids, None, reason=f"copying the keys/values failed: {exc}")
         capture = Capture(prompt_ids, raw, None if unpack is None else (lambda raw: unpack(raw, n)))
         if self._bytes + capture.nbytes > self.budget_bytes:
