@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise SemgradError("the question is empty")
+    if args.max_tokens < 1:
+        raise SemgradError("--max-tokens must be at least 1")
     import torch
 
     scorer = scorer_from_args(args)

@@ -8,8 +8,10 @@ in ``run``, before any model loads.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import SemgradError
 from ..model.loading import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -42,6 +44,15 @@ def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paragrad-tied", action="store_true", default=None,
                         help="also score the authors' tied-head ParaGrad (tied models only; a backward through every layer "
                         "and position; default: the profile's setting)")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """A file the command writes when its work is done: its folder must exist before the work starts."""
+    target = Path(path)
+    if target.is_dir():
+        raise SemgradError(f"{option} {path} is a directory")
+    if not target.parent.is_dir():
+        raise SemgradError(f"{option} {path}: the folder {target.parent} does not exist")
 
 
 def device_from_args(args: argparse.Namespace) -> str:

@@ -42,17 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_model(model_dir: Path, profile: str | None) -> None:
-    """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts."""
+    """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts: a given profile
+    file first, then the model directory's files, its family and (without a given profile) a profile that fits."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from ..model.loading import check_model_dir
     from ..model.weights import check_family
-    from ..scoring.profiles import resolve_profile
+    from ..scoring.profiles import ModelProfile, resolve_profile
 
-    if not (model_dir / "config.json").is_file():
-        raise SemgradError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    explicit = ModelProfile.load(profile) if profile is not None else None
+    check_model_dir(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     check_family(config)
-    resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, profile)
+    if explicit is None:
+        resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, None)
 
 
 def vllm_options(args: argparse.Namespace) -> list[str]:

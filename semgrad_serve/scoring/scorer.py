@@ -78,10 +78,12 @@ class Scorer:
         paragrad_tied: bool | None = None,
     ) -> "Scorer":
         """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct); ``paragrad_tied``
-        defaults to the profile's setting."""
+        defaults to the profile's setting. A given profile file and the model directory are checked before the model
+        loads."""
+        explicit = ModelProfile.load(profile) if profile is not None else None
         model, tokenizer, path = load_hf_model(model_dir, dtype, device)
         weights = from_hf_model(model)
-        chosen = resolve_profile(model.config, tokenizer.chat_template, path, profile)
+        chosen = explicit or resolve_profile(model.config, tokenizer.chat_template, path, None)
         tied = chosen.paragrad_tied if paragrad_tied is None else paragrad_tied
         scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device), eos_ids=hf_eos_ids(tokenizer, model), paragrad_tied=tied)
         scorer.model = model
