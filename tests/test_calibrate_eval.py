@@ -145,13 +145,19 @@ def test_eval_bad_dataset_files(tmp_path, capsys, lines, message):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_eval_bad_options(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--samples", "1"], "--samples must be 0 (no sampling baselines) or at least 2"),
+        (["--flag-target", "f1:0.5"], "flag target 'f1:0.5': write precision:VALUE or recall:VALUE with 0 < VALUE ≤ 1"),
+    ],
+)
+def test_eval_bad_options(tmp_path, capsys, options, message):
+    """A valid dataset, so that the option is what is refused (calibrate's --positions: test_cli.py)."""
     data = write_lines(tmp_path / "qa.jsonl", ['{"query": "a", "truthful answer": ["b"]}'])
-    assert main(["eval", "--dataset", str(data), "--samples", "1"]) == 2
-    assert main(["eval", "--dataset", str(data), "--flag-target", "f1:0.5"]) == 2
-    assert main(["calibrate", "--paraphrases", str(data), "--positions", "4"]) == 2
-    err = capsys.readouterr().err
-    assert "--samples" in err and "flag target" in err
+    assert main(["eval", "--dataset", str(data), "--out", str(tmp_path / "out"), *options]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"semgrad-serve eval: error: {message}"
 
 
 def test_vllm_generator_matches_hf_greedy(default_scorer):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.weights import from_hf_model
+from semgrad_serve.scoring.band_pass import band_pass
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
@@ -133,13 +136,45 @@ def test_default_model_float32_matches_naive(default_scorer) -> None:
         assert result.t_star == len(prompt) - 4 and result.t_star_token == "<|im_start|>"
 
 
-def test_only_probes_get_gradients() -> None:
-    """The graph reaches no weight: weights are detached constants."""
-    weights = from_hf_model(tiny_model("qwen3-untied"))
-    tensors = [weights.embed, weights.head, weights.final_norm]
-    for layer in weights.layers:
-        tensors += [*layer.qkv, layer.o_proj, *layer.gate_up, layer.down, layer.input_norm, layer.post_norm]
-    assert not any(t.requires_grad for t in tensors)
+def graph_leaves(root: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a backward from ``root`` accumulates gradients into (the graph's AccumulateGrad nodes)."""
+    leaves, seen, todo = [], set(), [root.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        todo += [child for child, _ in node.next_functions]
+    return leaves
+
+
+def weight_tensors(value: object) -> list[torch.Tensor]:
+    """Every tensor of a weights view, its layers' included."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple):
+        return [t for v in value for t in weight_tensors(v)]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in weight_tensors(getattr(value, f.name))]
+    return []
+
+
+@pytest.mark.parametrize("family", ["qwen3-untied", "llama-tied"])
+def test_only_probes_get_gradients(family: str) -> None:
+    """A backward from the answer states fills the probes' gradients and reaches no weight: the graph's only
+    leaf is the probes, and after the backward no weight has a gradient."""
+    weights = from_hf_model(tiny_model(family))
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(3, seed=5)]
+    fwd = band_pass(weights, items, deeper_half(weights.n_layers))
+    assert [leaf is fwd.probes for leaf in graph_leaves(fwd.answer_hidden)] == [True]
+    fwd.answer_hidden.square().sum().backward()
+    assert fwd.probes.grad.shape == (weights.n_layers // 2, len(items), weights.hidden_size)
+    assert (fwd.probes.grad.abs().sum(-1) > 0).all()  # every band layer of every item
+    tensors = weight_tensors(weights)
+    assert any(t is weights.layers[-1].down for t in tensors)  # the layers' tensors are among them
+    assert all(t.grad is None and not t.requires_grad for t in tensors)
 
 
 def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> None:

@@ -45,10 +45,9 @@ def test_bad_items_keep_their_place(default_scorer) -> None:
 
 
 def test_batch_bounds_must_be_positive(default_scorer) -> None:
-    with pytest.raises(SemgradError):
-        default_scorer.score([], batch_size=0)
-    with pytest.raises(SemgradError):
-        default_scorer.score([], max_batch_tokens=0)
+    for bounds in ({"batch_size": 0}, {"max_batch_tokens": 0}):
+        with pytest.raises(SemgradError, match="batch size and batch tokens must be at least 1"):
+            default_scorer.score([], **bounds)
 
 
 def test_exgrad_can_be_left_out(default_scorer) -> None:

@@ -273,7 +273,7 @@ def test_scoring_holds_no_block_after_a_burst_with_disconnects_and_failures(clie
         await stream.close()
 
     async def timed_out(aclient: openai.AsyncOpenAI) -> None:
-        with pytest.raises(openai.APITimeoutError):
+        with pytest.raises(openai.APITimeoutError, match="timed out"):
             await aclient.with_options(timeout=0.5).chat.completions.create(model=MODEL, messages=ask(LONG_CONTEXT), max_tokens=200)
 
     async def run() -> list:

@@ -47,9 +47,9 @@ def test_accumulator_matches_brute_force():
 
 
 def test_accumulator_needs_pairs_and_two_queries():
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="at least one query with a paraphrase"):
         sps.sps_of_groups([torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)])
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="at least two different queries"):
         sps.sps_of_groups([torch.randn(3, 2, 3, 4)])
 
 
@@ -84,7 +84,7 @@ def test_best_position_respects_eligibility():
     eligible = [True] * 8
     eligible[5] = False
     assert sps.best_position(table, 12, eligible) != 5
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="no eligible prompt position"):
         sps.best_position(table, 12, [False] * 8)
 
 
@@ -109,7 +109,7 @@ def test_t_star_rule_by_construction():
     # a question token (differs between prompts) is located relative to the template token after it
     rule = sps.t_star_rule(prompts, -7, tok)
     assert rule.token == "<s>" and rule.offset == -3
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="no token of the prompt tail marks position -1 in every prompt"):
         sps.t_star_rule([[5, 6], [6, 5]], -1, tok)
 
 
@@ -146,5 +146,5 @@ def test_prompt_tail_states_match_hugging_face(family):
 def test_prompt_tail_states_rejects_short_prompts():
     from tiny_models import tiny_model
 
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="prompt 0 has fewer than 8 tokens"):
         sps.prompt_tail_states(tiny_model("llama-tied"), [[1, 2, 3]], 8)
