@@ -19,6 +19,12 @@ from semgrad_serve.scoring.items import PreparedItem
 from tiny_models import random_items, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def no_kernels_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests name the kernels they mean: a ``SEMGRAD_KERNELS`` set where they run must not choose for them."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
 def test_every_choice_gives_the_same_scores(dtype: torch.dtype, rel: float) -> None:
     weights = from_hf_model(tiny_model("llama3-untied", dtype))
