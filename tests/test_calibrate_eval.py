@@ -27,6 +27,7 @@ def first_lines(path, n):
         return [next(f).rstrip("\n") for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_calibrate_end_to_end(tmp_path, default_scorer, data_dir):
     source = first_lines(data_dir / "sciq" / "paraphrase.jsonl", 3)
     rows = [json.loads(line) for line in source]
@@ -54,6 +55,7 @@ def test_calibrate_end_to_end(tmp_path, default_scorer, data_dir):
     assert scorer.prepare(prompt, scorer.answer_ids("Carbon dioxide")).t_star == len(prompt) + cal["t_star_position"]
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     data = write_lines(tmp_path / "qa.jsonl", first_lines(data_dir / "sciq" / "test.jsonl", 3) + first_lines(data_dir / "truthfulqa" / "test.jsonl", 1))
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -160,6 +162,7 @@ def test_eval_bad_options(tmp_path, capsys, options, message):
     assert line == f"semgrad-serve eval: error: {message}"
 
 
+@pytest.mark.slow
 def test_vllm_generator_matches_hf_greedy(default_scorer):
     """The vLLM path (one engine start): same greedy tokens as Hugging Face, K samples per prompt."""
     pytest.importorskip("vllm")

@@ -16,6 +16,7 @@ from semgrad_serve.errors import ItemError
 from conftest import FLOAT32_BATCH_REL
 
 
+@pytest.mark.slow
 def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsys) -> None:
     good = [
         {"question": "What is the capital of France?", "answer": "Paris."},
@@ -55,6 +56,7 @@ def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsy
     assert "scored 2 of 9 lines" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_score_counts_the_stop_token_unless_turned_off(tmp_path, default_scorer) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris."}) + "\n")
@@ -94,6 +96,7 @@ def test_user_mistakes_print_one_line(argv: list[str], message: str, tmp_path, c
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ask_answers_and_scores(capsys) -> None:
     assert main(["ask", "What is the capital of France?", "--max-tokens", "20", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -120,6 +120,7 @@ def test_batch_invariance(dtype: torch.dtype, rel: float) -> None:
         assert batched.token_logprobs == pytest.approx(alone.token_logprobs, rel=rel)
 
 
+@pytest.mark.slow
 def test_default_model_float32_matches_naive(default_scorer) -> None:
     scorer = default_scorer
     questions = [
@@ -177,6 +178,7 @@ def test_only_probes_get_gradients(family: str) -> None:
     assert all(t.grad is None and not t.requires_grad for t in tensors)
 
 
+@pytest.mark.slow
 def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> None:
     """bfloat16 (vLLM's CPU default) keeps 8 mantissa bits: on the real model scores stay within ~10%."""
     from semgrad_serve.scoring.scorer import Scorer

@@ -18,6 +18,8 @@ import pytest
 
 from semgrad_serve.kernels import band_l1, head_grad_l1, token_stats
 
+pytestmark = pytest.mark.slow  # runs the compilers
+
 CUDA_SOURCES = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
 
 

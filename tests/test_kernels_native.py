@@ -73,6 +73,7 @@ def test_token_stats_full_vocab(native: Kernels, dtype: torch.dtype) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [576, 4096])
 def test_head_grad_l1_full_vocab(native: Kernels, d: int) -> None:
     """T=1 and T=32 at V=152k against the chunked reference (the exact facts, T=1 as a product of ℓ1 norms and

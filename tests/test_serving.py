@@ -22,6 +22,8 @@ REQUEST_TIMEOUT_S = 180
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 EOS = 2  # <|im_end|>, the default model's end-of-turn token
 
+pytestmark = pytest.mark.slow  # starts the vLLM server
+
 
 @pytest.fixture(scope="module")
 def client(base_url: str) -> openai.OpenAI:

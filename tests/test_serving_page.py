@@ -31,6 +31,8 @@ PAGE_QUESTION = "Who wrote the novel Moby-Dick? Answer in one sentence."
 # Cut after one token, this answer is flagged (5x the threshold here): the flagged filter has something to show.
 FLAGGED_QUESTION, FLAGGED_MAX_TOKENS = "What is the capital of France? One word.", 1
 
+pytestmark = pytest.mark.slow  # starts the vLLM server, drives a browser
+
 
 def ask(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
