@@ -63,12 +63,19 @@ def device_from_args(args: argparse.Namespace) -> str:
 
 
 def scorer_from_args(args: argparse.Namespace) -> Scorer:
-    """The scorer of ``add_model_arguments``' options; the device and the kernels are checked before the model loads."""
+    """The scorer of ``add_model_arguments``' options. Checked before the model loads: the profile file and the
+    model directory's files first (without importing torch), then the device and the kernels."""
+    from ..model.loading import check_model_dir
+    from ..scoring.profiles import ModelProfile
+
+    profile = ModelProfile.load(args.profile) if args.profile is not None else None
+    if args.model is not None:
+        check_model_dir(Path(args.model))
     from ..kernels import select_kernels
     from ..scoring.scorer import Scorer
 
     device = device_from_args(args)
     kernels = getattr(args, "kernels", None)
     select_kernels(kernels, device)  # an unknown or unavailable implementation is refused here, not after loading
-    return Scorer.from_pretrained(args.model, args.dtype, args.profile, kernels, device=device,
+    return Scorer.from_pretrained(args.model, args.dtype, profile, kernels, device=device,
                                   paragrad_tied=getattr(args, "paragrad_tied", None))

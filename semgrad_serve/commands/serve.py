@@ -43,15 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_model(model_dir: Path, profile: str | None) -> None:
     """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts: a given profile
-    file first, then the model directory's files, its family and (without a given profile) a profile that fits."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    file first, then the model directory's files (neither needs transformers or torch), its family and (without a
+    given profile) a profile that fits."""
     from ..model.loading import check_model_dir
-    from ..model.weights import check_family
     from ..scoring.profiles import ModelProfile, resolve_profile
 
     explicit = ModelProfile.load(profile) if profile is not None else None
     check_model_dir(model_dir)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..model.weights import check_family
+
     config = AutoConfig.from_pretrained(model_dir)
     check_family(config)
     if explicit is None:
@@ -118,8 +120,6 @@ def server_env(settings: ScoringSettings) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..model.default_model import default_model_dir
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     _check_model(model_dir, profile)
+    import torch
+
     on_cpu = not torch.cuda.is_available()
     command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
     url = server_url(args.host, args.port)
