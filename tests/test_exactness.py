@@ -15,7 +15,7 @@ from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
 
 from naive import naive_scores
-from tiny_models import FAMILIES, random_items, tiny_model
+from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 
@@ -29,7 +29,7 @@ def assert_close(ours: dict[str, float], naive: dict[str, float], rel: float) ->
         assert ours[key] == pytest.approx(naive[key], rel=rel, abs=0), key
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_float64_matches_naive_in_mixed_batch(family: str) -> None:
     model = tiny_model(family)
     weights = from_hf_model(model)
@@ -64,7 +64,7 @@ def test_custom_band_and_t_star_at_prompt_start() -> None:
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_shared_prefix_matches_naive(family: str) -> None:
     """Items that share a prompt prefix run from its end, its keys/values computed once, with the same scores;
     the prefix (9 tokens) is longer than the sliding windows (5, 6) of the windowed families."""
@@ -202,7 +202,7 @@ def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
     return torch.stack([torch.stack((k[0], v[0])) for k, v in kvs])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_given_prefix_keys_values_match_naive(family: str) -> None:
     """Items whose keys/values before t* are given (as read from vLLM's KV cache) run only from t* on,
     through every layer, with the same scores; mixed with items that recompute them, in any order."""

@@ -33,7 +33,7 @@ from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
 from semgrad_serve.serving.scoring_service import ScoringService
 from semgrad_serve.serving.weights import from_vllm_model
 
-from tiny_models import FAMILIES, random_items, tiny_model
+from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 # -- vLLM's module layout ----------------------------------------------------------------------------
 
@@ -75,7 +75,7 @@ def vllm_layout(model: torch.nn.Module) -> SimpleNamespace:
     return SimpleNamespace(model=SimpleNamespace(embed_tokens=embed, layers=layers, norm=model.model.norm), lm_head=head)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_vllm_layout_scores_equal_hugging_face_layout(family: str) -> None:
     model = tiny_model(family)
     band = range(3, 5)
