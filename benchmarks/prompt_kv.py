@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from semgrad_serve.scoring.scorer import Scorer  # noqa: E402
-from semgrad_serve.scoring.shared_prefix import shared_prefix  # noqa: E402
-from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack  # noqa: E402
+from semgrad_serve.scoring.scorer import Scorer
+from semgrad_serve.scoring.shared_prefix import shared_prefix
+from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack
 
 ANSWER = "The warehouse in district three stores twenty-one crates of item thirty-nine, according to the notes."
 BLOCK_SIZE = 128
@@ -98,14 +99,14 @@ def main() -> None:
             result = scorer.score(one, **given)[0]
             gaps[path] = max(abs(getattr(result, k) - getattr(recomputed, k)) / abs(getattr(recomputed, k)) for k in ("semgrad", "paragrad", "hybridgrad"))
         with torch.enable_grad():
-            t_recompute = timed(lambda: scorer.score(one), args.repeats)
-            t_cache = timed(lambda: scorer.score(one, prefix_kv=[kv]), args.repeats)
-            t_band = timed(lambda: scorer.score(one, **reuse), args.repeats)
-        t_read = timed(lambda: copy_blocks(caches, blocks, t_star), args.repeats)
-        t_read_band = timed(lambda: copy_blocks(caches[first:], blocks, t_star), args.repeats)
+            t_recompute = timed(partial(scorer.score, one), args.repeats)
+            t_cache = timed(partial(scorer.score, one, prefix_kv=[kv]), args.repeats)
+            t_band = timed(partial(scorer.score, one, **reuse), args.repeats)
+        t_read = timed(partial(copy_blocks, caches, blocks, t_star), args.repeats)
+        t_read_band = timed(partial(copy_blocks, caches[first:], blocks, t_star), args.repeats)
         raw, raw_band = copy_blocks(caches, blocks, t_star), copy_blocks(caches[first:], blocks, t_star)
-        t_unpack = timed(lambda: unpack(raw, CPU_TRANSPOSED_K, t_star), args.repeats)
-        t_unpack_band = timed(lambda: unpack(raw_band, CPU_TRANSPOSED_K, t_star), args.repeats)
+        t_unpack = timed(partial(unpack, raw, CPU_TRANSPOSED_K, t_star), args.repeats)
+        t_unpack_band = timed(partial(unpack, raw_band, CPU_TRANSPOSED_K, t_star), args.repeats)
         t_cache += t_unpack + t_read
         t_band += t_unpack_band + t_read_band
         times[name] = (t_cache, t_band)

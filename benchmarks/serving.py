@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 
-from semgrad_serve.serving.config import ScoringSettings  # noqa: E402
-from launch_server import RunningServer, free_port, running_server, serve_command  # noqa: E402
+from semgrad_serve.serving.config import ScoringSettings
+
+from launch_server import RunningServer, free_port, running_server, serve_command
 
 DATA = ROOT.parent / "shared" / "data"
 RAG_FACTS = 60  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question

@@ -15,9 +15,20 @@ import pytest
 from semgrad_serve.cli import main
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.evaluation import metrics
-from semgrad_serve.evaluation.calibration_metrics import brier, expected_calibration_error, flag_quality, in_stratum, reliability_bins
+from semgrad_serve.evaluation.calibration_metrics import (
+    brier,
+    expected_calibration_error,
+    flag_quality,
+    in_stratum,
+    reliability_bins,
+)
 from semgrad_serve.evaluation.confidence_fit import (
-    Answers, fit_confidence, fit_isotonic, fit_logistic, isotonic_decreasing, stratified_folds,
+    Answers,
+    fit_confidence,
+    fit_isotonic,
+    fit_logistic,
+    isotonic_decreasing,
+    stratified_folds,
 )
 from semgrad_serve.evaluation.confidence_report import analyse
 from semgrad_serve.scoring.confidence import IsotonicCalibrator, features

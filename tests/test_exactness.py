@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.kernels import select_kernels
-from naive import naive_scores
-from semgrad_serve.scoring.batch import score_batch
-from semgrad_serve.scoring.shared_prefix import PrefixCache
 from semgrad_serve.model.weights import from_hf_model
+from semgrad_serve.scoring.band_pass import band_pass
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.scoring.shared_prefix import PrefixCache
 
-from tiny_models import FAMILIES, random_items, tiny_model
+from naive import naive_scores
+from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 
@@ -26,7 +29,7 @@ def assert_close(ours: dict[str, float], naive: dict[str, float], rel: float) ->
         assert ours[key] == pytest.approx(naive[key], rel=rel, abs=0), key
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_float64_matches_naive_in_mixed_batch(family: str) -> None:
     model = tiny_model(family)
     weights = from_hf_model(model)
@@ -61,7 +64,7 @@ def test_custom_band_and_t_star_at_prompt_start() -> None:
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_shared_prefix_matches_naive(family: str) -> None:
     """Items that share a prompt prefix run from its end, its keys/values computed once, with the same scores;
     the prefix (9 tokens) is longer than the sliding windows (5, 6) of the windowed families."""
@@ -117,6 +120,7 @@ def test_batch_invariance(dtype: torch.dtype, rel: float) -> None:
         assert batched.token_logprobs == pytest.approx(alone.token_logprobs, rel=rel)
 
 
+@pytest.mark.slow
 def test_default_model_float32_matches_naive(default_scorer) -> None:
     scorer = default_scorer
     questions = [
@@ -133,15 +137,48 @@ def test_default_model_float32_matches_naive(default_scorer) -> None:
         assert result.t_star == len(prompt) - 4 and result.t_star_token == "<|im_start|>"
 
 
-def test_only_probes_get_gradients() -> None:
-    """The graph reaches no weight: weights are detached constants."""
-    weights = from_hf_model(tiny_model("qwen3-untied"))
-    tensors = [weights.embed, weights.head, weights.final_norm]
-    for layer in weights.layers:
-        tensors += [*layer.qkv, layer.o_proj, *layer.gate_up, layer.down, layer.input_norm, layer.post_norm]
-    assert not any(t.requires_grad for t in tensors)
+def graph_leaves(root: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a backward from ``root`` accumulates gradients into (the graph's AccumulateGrad nodes)."""
+    leaves, seen, todo = [], set(), [root.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        todo += [child for child, _ in node.next_functions]
+    return leaves
 
 
+def weight_tensors(value: object) -> list[torch.Tensor]:
+    """Every tensor of a weights view, its layers' included."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple):
+        return [t for v in value for t in weight_tensors(v)]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in weight_tensors(getattr(value, f.name))]
+    return []
+
+
+@pytest.mark.parametrize("family", ["qwen3-untied", "llama-tied"])
+def test_only_probes_get_gradients(family: str) -> None:
+    """A backward from the answer states fills the probes' gradients and reaches no weight: the graph's only
+    leaf is the probes, and after the backward no weight has a gradient."""
+    weights = from_hf_model(tiny_model(family))
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(3, seed=5)]
+    fwd = band_pass(weights, items, deeper_half(weights.n_layers))
+    assert [leaf is fwd.probes for leaf in graph_leaves(fwd.answer_hidden)] == [True]
+    fwd.answer_hidden.square().sum().backward()
+    assert fwd.probes.grad.shape == (weights.n_layers // 2, len(items), weights.hidden_size)
+    assert (fwd.probes.grad.abs().sum(-1) > 0).all()  # every band layer of every item
+    tensors = weight_tensors(weights)
+    assert any(t is weights.layers[-1].down for t in tensors)  # the layers' tensors are among them
+    assert all(t.grad is None and not t.requires_grad for t in tensors)
+
+
+@pytest.mark.slow
 def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> None:
     """bfloat16 (vLLM's CPU default) keeps 8 mantissa bits: on the real model scores stay within ~10%."""
     from semgrad_serve.scoring.scorer import Scorer
@@ -165,7 +202,7 @@ def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
     return torch.stack([torch.stack((k[0], v[0])) for k, v in kvs])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_given_prefix_keys_values_match_naive(family: str) -> None:
     """Items whose keys/values before t* are given (as read from vLLM's KV cache) run only from t* on,
     through every layer, with the same scores; mixed with items that recompute them, in any order."""
@@ -204,7 +241,7 @@ def generation_states(model, prompt: list[int], answer: list[int], t_star: int, 
     return out.hidden_states[band.start][0, t_star:], out.logits[0, len(prompt) - 1 :]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
     """Items given their band's inputs (the residual stream vLLM computed), the band layers' prefix keys/values and,
     for some, the answer's logits run only the band and form only the missing logits, with the same scores; a

@@ -48,7 +48,7 @@ def test_recent_answers_keep_no_token_arrays_and_cut_long_texts() -> None:
 def test_recent_answers_off_keeps_nothing() -> None:
     ring = RecentAnswers(capacity=0)
     assert ring.add("q", "a", scored(1, True)) is None and ring.list() == [] and len(ring) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be at least 0"):
         RecentAnswers(capacity=-1)
 
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from semgrad_serve.errors import ItemError, SemgradError
-from semgrad_serve.scoring.profiles import ModelProfile, TStarRule, builtin_profiles, resolve_profile
 from semgrad_serve.model.weights import check_family
+from semgrad_serve.scoring.profiles import ModelProfile, TStarRule, builtin_profiles, resolve_profile
 
 
 @pytest.mark.parametrize("n_layers,first,last", [(32, 16, 31), (30, 15, 29), (5, 3, 4), (2, 1, 1)])

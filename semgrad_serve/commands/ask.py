@@ -20,9 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise SemgradError("the question is empty")
+    if args.max_tokens < 1:
+        raise SemgradError("--max-tokens must be at least 1")
+    scorer = scorer_from_args(args)
     import torch
 
-    scorer = scorer_from_args(args)
     prompt = scorer.prompt_ids([{"role": "user", "content": args.question}])
     ids = torch.tensor([prompt], device=scorer.weights.device)
     with torch.no_grad():

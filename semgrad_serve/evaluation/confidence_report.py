@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .calibration_metrics import LENGTH_STRATA, brier, expected_calibration_error, flag_quality, in_stratum, reliability_bins, stratum_label
+from .calibration_metrics import (
+    LENGTH_STRATA,
+    brier,
+    expected_calibration_error,
+    flag_quality,
+    in_stratum,
+    reliability_bins,
+    stratum_label,
+)
 from .confidence_fit import Answers, FittedConfidence
 from .runs import DatasetRun
 

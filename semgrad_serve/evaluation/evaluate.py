@@ -31,10 +31,9 @@ from ..scoring.items import GRADIENT_SCORES
 from ..scoring.profiles import ModelProfile
 from . import baselines, judges, metrics
 from .cached_items import read_items, report_beside, write_items
-from .config import EvalConfig
 from .confidence_fit import FOLDS, MIN_PER_CLASS, FittedConfidence, enough_to_fit, fit_confidence
-from .confidence_report import analyse, answer_table, write_reliability_png
-from .confidence_report import markdown as confidence_markdown
+from .confidence_report import analyse, answer_table, markdown as confidence_markdown, write_reliability_png
+from .config import EvalConfig
 from .generation import Generation, make_generator
 from .prompts import PAPER_PROMPT, paper_messages
 from .report import compute_metrics, markdown, method_list, method_seconds, write_roc_png
@@ -309,7 +308,7 @@ def write_results(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup) -> dict
         "config": {k: v for k, v in cfg.__dict__.items() if k not in ("progress",)},
         "prompt": PAPER_PROMPT,
         "judge": {"name": cfg.judge, "rule": judges.describe(cfg.judge, cfg.judge_threshold)},
-        "methods": [{"key": k, "label": l, "kind": f} for k, l, f in methods],
+        "methods": [{"key": key, "label": label, "kind": kind} for key, label, kind in methods],
         "datasets": {
             r.name: {
                 "file": r.path, "questions": r.n, "scored": int(r.kept().sum()), "excluded": len(r.excluded),

@@ -97,7 +97,7 @@ def write_roc_png(runs: list[DatasetRun], methods: list[tuple[str, str, str]], j
     handles: dict[str, Any] = {}
     for ax, run in zip(axes[0], runs):
         wrong = run.wrong(judge)
-        for c, (key, label, family) in enumerate(methods):
+        for c, (key, _, family) in enumerate(methods):
             s = np.asarray(run.scores.get(key, []), dtype=np.float64)
             if len(s) != run.n:
                 continue

@@ -22,7 +22,6 @@ from .band_pass import band_pass
 from .items import PreparedItem, ScoreResult, hybrid
 from .shared_prefix import SharedPrefix
 
-
 # Answer rows whose logits [rows, V] are formed at once: bounds the head's memory (256 MiB of float32),
 # whatever the batch's answer lengths; an answer longer than that still goes in one piece.
 HEAD_CHUNK_ELEMENTS = 1 << 26

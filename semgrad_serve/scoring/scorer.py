@@ -9,7 +9,6 @@ of similar length into batches.
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -73,16 +72,18 @@ class Scorer:
         cls,
         model_dir: str | Path | None = None,
         dtype: str = "float32",
-        profile: str | Path | None = None,
+        profile: ModelProfile | str | Path | None = None,
         kernels: str | None = None,
         device: str = "cpu",
         paragrad_tied: bool | None = None,
     ) -> "Scorer":
-        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct); ``paragrad_tied``
-        defaults to the profile's setting."""
+        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct) with ``profile`` (a
+        profile or its file; default: the model's own or a built-in one); ``paragrad_tied`` defaults to the profile's
+        setting. A profile file and the model directory are checked before the model loads."""
+        explicit = profile if profile is None or isinstance(profile, ModelProfile) else ModelProfile.load(profile)
         model, tokenizer, path = load_hf_model(model_dir, dtype, device)
         weights = from_hf_model(model)
-        chosen = resolve_profile(model.config, tokenizer.chat_template, path, profile)
+        chosen = explicit or resolve_profile(model.config, tokenizer.chat_template, path, None)
         tied = chosen.paragrad_tied if paragrad_tied is None else paragrad_tied
         scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device), eos_ids=hf_eos_ids(tokenizer, model), paragrad_tied=tied)
         scorer.model = model

@@ -27,10 +27,10 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.request import RequestStatus
 
-from .step_recorder import RECORDER, Recorded
 from .captures import KV_PARAM, STORE
 from .config import log
 from .kv_layout import copy_blocks, layout_for, unpack
+from .step_recorder import RECORDER, Recorded
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput

@@ -149,7 +149,7 @@ class CaptureStore:
         first_layer = recorded[0] if recorded is not None else 0
         try:
             raw = read(n, first_layer)
-        except Exception as exc:  # noqa: BLE001 - runs between engine steps: never fail the step; scoring recomputes
+        except Exception as exc:  # runs between engine steps: never fail the step; scoring recomputes
             return Capture(prompt_ids, None, reason=f"copying the keys/values failed: {exc}")
         capture = Capture(
             prompt_ids,

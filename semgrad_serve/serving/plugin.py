@@ -17,10 +17,17 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from ..errors import SemgradError
-from .config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, log, server_url
+from .config import (
+    CAPTURE_KV_TRANSFER_CONFIG,
+    PAGE_PATH,
+    PLUGIN_NAME,
+    WORKER_EXTENSION,
+    ScoringSettings,
+    log,
+    server_url,
+)
 from .page_routes import page_router
 from .recent import RecentAnswers
-from .scoring_client import ScoringClient
 from .routes import router
 from .scoring_client import ScoringClient
 

@@ -121,7 +121,7 @@ class ScoringService:
         given = [self._given(job, pair) for job in jobs for pair in job.pairs]
         try:
             reports = self._score(pairs, given)
-        except Exception as exc:  # noqa: BLE001 - whatever failed, every answer must get a result
+        except Exception as exc:  # whatever failed, every answer must get a result
             if len(jobs) > 1:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(jobs), exc)
                 return [self._score_jobs([job])[0] for job in jobs]
@@ -147,7 +147,7 @@ class ScoringService:
                     results = self._score_jobs(jobs)
                 if stream is not None:
                     stream.synchronize()
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive anything, or requests wait forever
+            except Exception as exc:  # the thread must outlive anything, or requests wait forever
                 log.exception("SemGrad: the scoring thread failed on a batch")
                 results = [[{"error": f"scoring failed: {exc}"}] * len(job.pairs) for job in jobs]
             size = sum(len(job.pairs) for job in jobs)
@@ -159,6 +159,6 @@ class ScoringService:
             if self._conn is not None:
                 try:
                     self._conn.send(message)
-                except Exception as exc:  # noqa: BLE001 - a lost connection must not end the thread
+                except Exception as exc:  # a lost connection must not end the thread
                     log.warning("SemGrad: cannot send scores to the API server (%s)", exc)
 

@@ -170,7 +170,7 @@ class StepRecorder:
         rows = hidden.index_select(0, index)
         if residual is not None:
             rows = rows + residual.index_select(0, index)
-        for (recording, _, n, first), part in zip(wanted, rows.split([n for _, _, n, _ in wanted])):
+        for (recording, _, _, first), part in zip(wanted, rows.split([n for _, _, n, _ in wanted])):
             recording.inputs.append((first, part))
 
     def _record_logits(self, module: torch.nn.Module, args: tuple, logits: torch.Tensor | None) -> None:

@@ -36,7 +36,7 @@ def reused(given: Given) -> list[str]:
     return [name for name, value in parts if value is not None]
 
 
-def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given = Given(), tokens: bool = False) -> dict[str, Any]:
+def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
     scoring took from vLLM instead of computing it (``prompt_kv``: the prompt's keys/values from its KV cache;
     ``band_inputs``: the residual stream entering the band; ``logits``: the answer's logits), each the same
@@ -46,7 +46,7 @@ def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given 
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = {**scorer.report(result), "reused": reused(given)}
+    report = {**scorer.report(result), "reused": reused(given or Given())}
     out = {key: report[key] for key in REPORTED}
     if tokens:
         out["token_entropies"], out["token_logprobs"] = list(result.token_entropies), list(result.token_logprobs)
