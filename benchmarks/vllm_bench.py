@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 
-from launch_server import free_port, running_server, serve_command  # noqa: E402
+from launch_server import free_port, running_server, serve_command
 
 METRICS = (
     ("request_throughput", "req/s"),

@@ -9,9 +9,12 @@ from typing import Any
 from .errors import SemgradError
 
 
-def read_jsonl(path: str | Path, keep_blank: bool = False) -> list[tuple[int, dict[str, Any] | str]]:
+def read_jsonl(
+    path: str | Path, keep_blank: bool = False, require_object: bool = False
+) -> list[tuple[int, dict[str, Any] | str]]:
     """(line number, object) per line, or (line number, error message) for a line that is not a JSON object.
-    Blank lines are skipped, or reported as errors with ``keep_blank`` (when output lines must match input lines)."""
+    Blank lines are skipped, or reported as errors with ``keep_blank`` (when output lines must match input lines).
+    ``require_object``: a file with no JSON object on any line (empty, or only bad lines) is a ``SemgradError``."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -19,6 +22,7 @@ def read_jsonl(path: str | Path, keep_blank: bool = False) -> list[tuple[int, di
     except UnicodeDecodeError:
         raise SemgradError(f"{path} is not UTF-8 text") from None
     out: list[tuple[int, dict[str, Any] | str]] = []
+    first_bad: str | None = None  # the first non-blank line that is not a JSON object
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             if keep_blank:
@@ -26,10 +30,15 @@ def read_jsonl(path: str | Path, keep_blank: bool = False) -> list[tuple[int, di
             continue
         try:
             obj = json.loads(line)
+            if not isinstance(obj, dict):
+                obj = f"line {number} is not a JSON object"
         except json.JSONDecodeError as exc:
-            out.append((number, f"line {number} is not JSON: {exc.msg}"))
-            continue
-        out.append((number, obj if isinstance(obj, dict) else f"line {number} is not a JSON object"))
+            obj = f"line {number} is not JSON: {exc.msg}"
+        if isinstance(obj, str):
+            first_bad = first_bad or obj
+        out.append((number, obj))
+    if require_object and not any(isinstance(obj, dict) for _, obj in out):
+        raise SemgradError(f"{path} is empty" if first_bad is None else f"{path} has no JSON object line ({first_bad})")
     return out
 
 

@@ -49,6 +49,7 @@ def base_url(tmp_path_factory) -> Iterator[str]:
     fault hook on), shared by test_serving.py and test_serving_page.py: a start costs about a minute."""
     from semgrad_serve.errors import SemgradError
     from semgrad_serve.serving.config import TEST_FAULTS_ENV
+
     from launch_server import free_port, running_server, serve_command
 
     root = Path(__file__).resolve().parents[1]

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
-from naive import naive_paragrad_tied
+from semgrad_serve.evaluation import judges
 from semgrad_serve.scoring.profiles import ModelProfile
+
+from conftest import FLOAT32_BATCH_REL
+from naive import naive_paragrad_tied
 
 
 def write_lines(path, lines):
@@ -26,6 +28,7 @@ def first_lines(path, n):
         return [next(f).rstrip("\n") for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_calibrate_end_to_end(tmp_path, default_scorer, data_dir):
     source = first_lines(data_dir / "sciq" / "paraphrase.jsonl", 3)
     rows = [json.loads(line) for line in source]
@@ -53,6 +56,7 @@ def test_calibrate_end_to_end(tmp_path, default_scorer, data_dir):
     assert scorer.prepare(prompt, scorer.answer_ids("Carbon dioxide")).t_star == len(prompt) + cal["t_star_position"]
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     data = write_lines(tmp_path / "qa.jsonl", first_lines(data_dir / "sciq" / "test.jsonl", 3) + first_lines(data_dir / "truthfulqa" / "test.jsonl", 1))
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -70,7 +74,7 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     assert (out / "eval_roc.png").read_bytes()[:4] == b"\x89PNG"
     items = [json.loads(line) for line in gzip.open(out / "eval_items.jsonl.gz", "rt")]
     old = [json.loads(line) for line in gzip.open(out / "old_items.jsonl.gz", "rt")]
-    assert len(items) == 4 and all(set(i["correct"]) == {"containment", "rouge", "embedding"} for i in items)
+    assert len(items) == 4 and all(set(i["correct"]) == set(judges.JUDGES) for i in items)
     assert "Stop token: counted" in md and "Stop token: not counted" in (out / "old.md").read_text()
 
     # independent checks: the forward-pass NLL = the generator's own (incremental) log-probs of the same tokens;
@@ -144,21 +148,28 @@ def test_eval_bad_dataset_files(tmp_path, capsys, lines, message):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_eval_bad_options(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--samples", "1"], "--samples must be 0 (no sampling baselines) or at least 2"),
+        (["--flag-target", "f1:0.5"], "flag target 'f1:0.5': write precision:VALUE or recall:VALUE with 0 < VALUE ≤ 1"),
+    ],
+)
+def test_eval_bad_options(tmp_path, capsys, options, message):
+    """A valid dataset, so that the option is what is refused (calibrate's --positions: test_cli.py)."""
     data = write_lines(tmp_path / "qa.jsonl", ['{"query": "a", "truthful answer": ["b"]}'])
-    assert main(["eval", "--dataset", str(data), "--samples", "1"]) == 2
-    assert main(["eval", "--dataset", str(data), "--flag-target", "f1:0.5"]) == 2
-    assert main(["calibrate", "--paraphrases", str(data), "--positions", "4"]) == 2
-    err = capsys.readouterr().err
-    assert "--samples" in err and "flag target" in err
+    assert main(["eval", "--dataset", str(data), "--out", str(tmp_path / "out"), *options]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"semgrad-serve eval: error: {message}"
 
 
+@pytest.mark.slow
 def test_vllm_generator_matches_hf_greedy(default_scorer):
     """The vLLM path (one engine start): same greedy tokens as Hugging Face, K samples per prompt."""
     pytest.importorskip("vllm")
-    from semgrad_serve.model.default_model import default_model_dir
     from semgrad_serve.evaluation.generation import HFGenerator, VLLMGenerator
     from semgrad_serve.evaluation.prompts import paper_messages
+    from semgrad_serve.model.default_model import default_model_dir
 
     prompts = [default_scorer.prompt_ids(paper_messages(q)) for q in ("Who proposed the theory of evolution by natural selection?", "What is the boiling point of water in Celsius?")]
     hf = HFGenerator(default_scorer.model, default_scorer.tokenizer).greedy(prompts, max_tokens=10)

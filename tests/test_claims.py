@@ -7,21 +7,22 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
-import re  # noqa: E402
+import re
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from naive import naive_scores  # noqa: E402
-from semgrad_serve.kernels import select_kernels  # noqa: E402
-from semgrad_serve.model.weights import from_hf_model  # noqa: E402
-from semgrad_serve.scoring import batch as scoring  # noqa: E402
-from semgrad_serve.scoring.batch import score_batch  # noqa: E402
-from semgrad_serve.scoring.claims import Claim, split_claims  # noqa: E402
-from semgrad_serve.scoring.items import PreparedItem  # noqa: E402
-from semgrad_serve.scoring.shared_prefix import PrefixCache  # noqa: E402
-from test_exactness import deeper_half, prefix_keys_values  # noqa: E402
-from tiny_models import FAMILIES, random_items, tiny_model  # noqa: E402
+from semgrad_serve.kernels import select_kernels
+from semgrad_serve.model.weights import from_hf_model
+from semgrad_serve.scoring import batch as scoring
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.claims import Claim, split_claims
+from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.scoring.shared_prefix import PrefixCache
+
+from naive import naive_scores
+from test_exactness import deeper_half, prefix_keys_values
+from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 CLAIM_SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 
@@ -117,7 +118,7 @@ def assert_claims_match_naive(model, items: list[PreparedItem], results, band: r
                 assert scores.scores()[key] == pytest.approx(naive[key], rel=rel, abs=0), (claim, key)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_float64_claims_match_naive_in_a_mixed_batch(family: str) -> None:
     """Several claims per item, batched with items without claims: one backward, each claim exact."""
     model = tiny_model(family)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import FLOAT32_BATCH_REL
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError
 
+from conftest import FLOAT32_BATCH_REL
 
+
+@pytest.mark.slow
 def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsys) -> None:
     good = [
         {"question": "What is the capital of France?", "answer": "Paris."},
@@ -49,9 +53,16 @@ def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsy
             assert row[key] == pytest.approx(getattr(direct, key), rel=FLOAT32_BATCH_REL)
         assert row["t_star_token"] == "<|im_start|>" and row["score"] == row["hybridgrad"]
         assert row["prompt_tokens"] == direct.prompt_tokens and row["answer_tokens"] == direct.answer_tokens
+        # the confidence is the profile's calibrator applied to this answer's own configured score, length and entropy
+        model = scorer.profile.confidence
+        expected = model.confidence(row["hybridgrad"], row["answer_tokens"] - row["stop_token"], row["mean_entropy"])
+        assert row["confidence"] == expected and 0 < expected < 1
+        assert row["min_confidence"] == model.operating_point.min_confidence
+        assert row["flagged"] == (row["confidence"] < row["min_confidence"])
     assert "scored 2 of 9 lines" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_score_counts_the_stop_token_unless_turned_off(tmp_path, default_scorer) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris."}) + "\n")
@@ -69,6 +80,7 @@ def test_score_counts_the_stop_token_unless_turned_off(tmp_path, default_scorer)
     assert rows["plain"]["paragrad_tied"] is None and rows["counted"]["paragrad_tied"] > rows["counted"]["paragrad"]
 
 
+@pytest.mark.slow
 def test_score_claims(tmp_path, default_scorer) -> None:
     """``--claims``: each sentence's text, tokens, scores and flag, as the scorer gives them; none without it."""
     question, answer = "Tell me about Paris.", "Paris is the capital of France. It is known for the Eiffel Tower."
@@ -83,11 +95,14 @@ def test_score_claims(tmp_path, default_scorer) -> None:
     (direct,) = default_scorer.score([pair], claims=True)
     for got, want in zip(row["claims"], default_scorer.report(direct)["claims"]):
         assert list(got) == ["text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence", "flagged"]
-        assert {k: got[k] for k in ("text", "token_start", "token_end", "confidence")} == {k: want[k] for k in ("text", "token_start", "token_end", "confidence")}
-        for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy"):
-            assert got[key] == pytest.approx(want[key], rel=1e-6), key
-        assert got["confidence"] is None
-        assert got["flagged"] == (got["hybridgrad"] > row["threshold"])
+        assert {k: got[k] for k in ("text", "token_start", "token_end")} == {k: want[k] for k in ("text", "token_start", "token_end")}
+        for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence"):  # float32; the shared scorer may reuse a cached prefix
+            assert got[key] == pytest.approx(want[key], rel=FLOAT32_BATCH_REL), key
+        # the profile's calibrator on the claim's own score, length (the stop token, in the last claim, not counted) and entropy
+        length = got["token_end"] - got["token_start"] - (got["token_end"] == row["answer_tokens"] and row["stop_token"])
+        model = default_scorer.profile.confidence
+        assert got["confidence"] == model.confidence(got["hybridgrad"], length, got["mean_entropy"]) and 0 < got["confidence"] < 1
+        assert got["flagged"] == (got["confidence"] < row["min_confidence"])
     assert row["claims"][-1]["token_end"] == row["answer_tokens"] and row["semgrad"] == pytest.approx(plain["semgrad"], rel=1e-6)
 
 
@@ -95,28 +110,34 @@ def test_score_claims(tmp_path, default_scorer) -> None:
     "argv,message",
     [
         (["score", "--input", "/nonexistent.jsonl", "--output", "/tmp/x.jsonl"], "cannot read /nonexistent.jsonl"),
-        (["score", "--input", "/dev/null", "--output", "/tmp/x.jsonl", "--batch-size", "0"], "--batch-size"),
+        (["score", "--input", "ANSWERS", "--output", "/tmp/x.jsonl", "--batch-size", "0"], "--batch-size"),
         (["ask", "  "], "question is empty"),
         (["ask", "Hi", "--model", "/tmp"], "not a Hugging Face model directory"),
         (["ask", "Hi", "--device", "nonsense"], "unknown device 'nonsense'"),
         (["ask", "Hi", "--device", "meta"], "only cpu and cuda"),
-        (["score", "--input", "/dev/null", "--output", "/tmp/x.jsonl", "--kernels", "fast"], "unknown kernels 'fast'"),
+        (["score", "--input", "ANSWERS", "--output", "/tmp/x.jsonl", "--kernels", "fast"], "unknown kernels 'fast'"),
         (["calibrate", "--paraphrases", "/nonexistent.jsonl", "--device", "nonsense"], "unknown device"),
         (["eval", "--dataset", "/nonexistent.jsonl", "--device", "nonsense"], "unknown device"),
     ],
 )
-def test_user_mistakes_print_one_line(argv: list[str], message: str, capsys) -> None:
-    assert main(argv) == 2
+def test_user_mistakes_print_one_line(argv: list[str], message: str, tmp_path, capsys) -> None:
+    answers = tmp_path / "answers.jsonl"  # ANSWERS: a valid input, so that the option is what is refused
+    answers.write_text(json.dumps({"question": "Who wrote Hamlet?", "answer": "Shakespeare"}) + "\n")
+    assert main([str(answers) if a == "ANSWERS" else a for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-def test_ask_answers_and_scores(capsys) -> None:
+@pytest.mark.slow
+def test_ask_answers_and_scores(capsys, default_scorer) -> None:
     assert main(["ask", "What is the capital of France?", "--max-tokens", "20", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Paris" in out
     scores = json.loads(out[out.index("{") :])
     assert scores["semgrad"] > 0 and scores["score"] == scores["hybridgrad"]
+    model = default_scorer.profile.confidence
+    assert scores["confidence"] == model.confidence(scores["hybridgrad"], scores["answer_tokens"] - scores["stop_token"], scores["mean_entropy"])
+    assert 0 < scores["confidence"] < 1 and scores["flagged"] == (scores["confidence"] < scores["min_confidence"])
 
 
 def test_help_imports_no_heavy_module() -> None:
@@ -135,3 +156,99 @@ print("heavy:", *(m for m in ("torch", "triton", "vllm", "transformers") if m in
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "usage: semgrad-serve serve" in out
     assert out.splitlines()[-1] == "heavy:"
+
+
+def run_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """The installed ``semgrad-serve`` in a new process, with the default model's cache in a folder that does not
+    exist yet: a run that got as far as looking for the model creates it (``default_model_dir``)."""
+    command = Path(sys.executable).with_name("semgrad-serve")
+    env = {**os.environ, "SEMGRAD_SERVE_CACHE": str(tmp_path / "model-cache")}
+    return subprocess.run([str(command), *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, command: str, *fragments: str) -> None:
+    """Exit status 2 and one line on stderr, ``semgrad-serve COMMAND: error: ...``, holding every fragment."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"semgrad-serve {command}: error: ")
+    for fragment in fragments:
+        assert fragment in line
+
+
+@pytest.fixture
+def answers(tmp_path) -> Path:
+    """A valid ``score`` input of one line."""
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"question": "Who wrote Hamlet?", "answer": "Shakespeare"}) + "\n")
+    return path
+
+
+def test_ask_refuses_no_answer_tokens_before_loading(tmp_path) -> None:
+    proc = run_cli(tmp_path, "ask", "Who wrote Hamlet?", "--max-tokens", "0")
+    assert_one_line_error(proc, "ask", "--max-tokens must be at least 1")
+    assert not (tmp_path / "model-cache").exists()
+
+
+@pytest.mark.parametrize(
+    "command,files,message",
+    [
+        (["ask", "Hi"], ["config.json", "model.safetensors"], "has no tokenizer (none of tokenizer.json"),
+        (["serve"], ["config.json", "tokenizer.json"], "has no weights (no *.safetensors or pytorch_model*.bin file)"),
+    ],
+)
+def test_incomplete_model_directory(tmp_path, command, files, message) -> None:
+    """The files are empty: only their presence is checked, before anything is read from them (offline commands
+    and serve share the check)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in files:
+        (model / name).touch()
+    proc = run_cli(tmp_path, *command, "--model", str(model))
+    assert_one_line_error(proc, command[0], str(model), message)
+
+
+@pytest.mark.parametrize(
+    "output,message",
+    [("missing/scores.jsonl", "the folder missing does not exist"), (".", "--output . is a directory")],
+)
+def test_score_output_checked_before_scoring(tmp_path, answers, output, message) -> None:
+    proc = run_cli(tmp_path, "score", "--input", str(answers), "--output", output)
+    assert_one_line_error(proc, "score", message)
+    assert not (tmp_path / "model-cache").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["score", "--input", "answers.jsonl", "--output", "scores.jsonl", "--profile", "missing.json"],
+        ["ask", "Who wrote Hamlet?", "--profile", "missing.json"],
+        ["calibrate", "--paraphrases", "answers.jsonl", "--base-profile", "missing.json"],
+    ],
+)
+def test_missing_profile_before_loading(tmp_path, answers, argv) -> None:
+    proc = run_cli(tmp_path, *argv)
+    assert_one_line_error(proc, argv[0], "cannot read profile missing.json: No such file or directory")
+    assert not (tmp_path / "model-cache").exists() and not (tmp_path / "scores.jsonl").exists()
+
+
+def test_calibrate_positions_before_loading(tmp_path, data_dir) -> None:
+    proc = run_cli(tmp_path, "calibrate", "--paraphrases", str(data_dir / "sciq" / "paraphrase.jsonl"), "--positions", "4")
+    assert_one_line_error(proc, "calibrate", "scan at least 8 prompt positions (got 4)")
+    assert not (tmp_path / "model-cache").exists() and not (tmp_path / "profile.json").exists()
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "in.jsonl is empty"),
+        ("\n  \n", "in.jsonl is empty"),
+        ("not json\n\n[1, 2]\n", "in.jsonl has no JSON object line (line 1 is not JSON: Expecting value)"),
+        ('"a string"\n', "in.jsonl has no JSON object line (line 1 is not a JSON object)"),
+    ],
+)
+def test_score_input_without_answers(tmp_path, text, message) -> None:
+    (tmp_path / "in.jsonl").write_text(text)
+    proc = run_cli(tmp_path, "score", "--input", "in.jsonl", "--output", "out.jsonl")
+    assert_one_line_error(proc, "score", message)
+    assert not (tmp_path / "model-cache").exists() and not (tmp_path / "out.jsonl").exists()

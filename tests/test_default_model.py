@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from semgrad_serve.model import default_model
 from semgrad_serve.errors import SemgradError
+from semgrad_serve.model import default_model
 
 
 @pytest.fixture

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.kernels import select_kernels
-from naive import naive_scores
-from semgrad_serve.scoring.batch import score_batch
-from semgrad_serve.scoring.shared_prefix import PrefixCache
 from semgrad_serve.model.weights import from_hf_model
+from semgrad_serve.scoring.band_pass import band_pass
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.scoring.shared_prefix import PrefixCache
 
-from tiny_models import FAMILIES, random_items, tiny_model
+from naive import naive_scores
+from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 
@@ -26,7 +29,7 @@ def assert_close(ours: dict[str, float], naive: dict[str, float], rel: float) ->
         assert ours[key] == pytest.approx(naive[key], rel=rel, abs=0), key
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_float64_matches_naive_in_mixed_batch(family: str) -> None:
     model = tiny_model(family)
     weights = from_hf_model(model)
@@ -61,7 +64,7 @@ def test_custom_band_and_t_star_at_prompt_start() -> None:
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_shared_prefix_matches_naive(family: str) -> None:
     """Items that share a prompt prefix run from its end, its keys/values computed once, with the same scores;
     the prefix (9 tokens) is longer than the sliding windows (5, 6) of the windowed families."""
@@ -117,6 +120,7 @@ def test_batch_invariance(dtype: torch.dtype, rel: float) -> None:
         assert batched.token_logprobs == pytest.approx(alone.token_logprobs, rel=rel)
 
 
+@pytest.mark.slow
 def test_default_model_float32_matches_naive(default_scorer) -> None:
     scorer = default_scorer
     questions = [
@@ -133,15 +137,48 @@ def test_default_model_float32_matches_naive(default_scorer) -> None:
         assert result.t_star == len(prompt) - 4 and result.t_star_token == "<|im_start|>"
 
 
-def test_only_probes_get_gradients() -> None:
-    """The graph reaches no weight: weights are detached constants."""
-    weights = from_hf_model(tiny_model("qwen3-untied"))
-    tensors = [weights.embed, weights.head, weights.final_norm]
-    for layer in weights.layers:
-        tensors += [*layer.qkv, layer.o_proj, *layer.gate_up, layer.down, layer.input_norm, layer.post_norm]
-    assert not any(t.requires_grad for t in tensors)
+def graph_leaves(root: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a backward from ``root`` accumulates gradients into (the graph's AccumulateGrad nodes)."""
+    leaves, seen, todo = [], set(), [root.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        todo += [child for child, _ in node.next_functions]
+    return leaves
 
 
+def weight_tensors(value: object) -> list[torch.Tensor]:
+    """Every tensor of a weights view, its layers' included."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple):
+        return [t for v in value for t in weight_tensors(v)]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in weight_tensors(getattr(value, f.name))]
+    return []
+
+
+@pytest.mark.parametrize("family", ["qwen3-untied", "llama-tied"])
+def test_only_probes_get_gradients(family: str) -> None:
+    """A backward from the answer states fills the probes' gradients and reaches no weight: the graph's only
+    leaf is the probes, and after the backward no weight has a gradient."""
+    weights = from_hf_model(tiny_model(family))
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(3, seed=5)]
+    fwd = band_pass(weights, items, deeper_half(weights.n_layers))
+    assert [leaf is fwd.probes for leaf in graph_leaves(fwd.answer_hidden)] == [True]
+    fwd.answer_hidden.square().sum().backward()
+    assert fwd.probes.grad.shape == (weights.n_layers // 2, len(items), weights.hidden_size)
+    assert (fwd.probes.grad.abs().sum(-1) > 0).all()  # every band layer of every item
+    tensors = weight_tensors(weights)
+    assert any(t is weights.layers[-1].down for t in tensors)  # the layers' tensors are among them
+    assert all(t.grad is None and not t.requires_grad for t in tensors)
+
+
+@pytest.mark.slow
 def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> None:
     """bfloat16 (vLLM's CPU default) keeps 8 mantissa bits: on the real model scores stay within ~10%."""
     from semgrad_serve.scoring.scorer import Scorer
@@ -165,7 +202,7 @@ def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
     return torch.stack([torch.stack((k[0], v[0])) for k, v in kvs])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_given_prefix_keys_values_match_naive(family: str) -> None:
     """Items whose keys/values before t* are given (as read from vLLM's KV cache) run only from t* on,
     through every layer, with the same scores; mixed with items that recompute them, in any order."""
@@ -192,3 +229,58 @@ def test_given_prefix_keys_values_match_naive(family: str) -> None:
         assert_close(b.scores(), a.scores(), rel=1e-9)
     wrong = scorer.score([(triples[1][0], triples[1][1])], prefix_kv=[kvs[2]])[0]
     assert "prefix keys/values of shape" in str(wrong)
+
+
+def generation_states(model, prompt: list[int], answer: list[int], t_star: int, band: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream entering layer ``band.start`` at positions t* onwards of prompt + answer[:-1] and the
+    logits predicting the answer's tokens, from the Hugging Face model's own forward (what vLLM computes while
+    generating)."""
+    ids = torch.tensor([prompt + answer[:-1]])
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    return out.hidden_states[band.start][0, t_star:], out.logits[0, len(prompt) - 1 :]
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
+    """Items given their band's inputs (the residual stream vLLM computed), the band layers' prefix keys/values and,
+    for some, the answer's logits run only the band and form only the missing logits, with the same scores; a
+    longer recording is cut to the item; mixed with other kinds."""
+    from semgrad_serve.scoring.scorer import Scorer
+
+    model = tiny_model(family)
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    triples = random_items(4, seed=23)
+    items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
+    kvs = [prefix_keys_values(weights, p, t)[band.start :] for p, _, t in triples]
+    states = [generation_states(model, p, a, t, band) for p, a, t in triples]
+    xs, zs = [x for x, _ in states], [z for _, z in states]
+    xs[1] = torch.cat((xs[1], torch.randn(3, xs[1].shape[1], dtype=xs[1].dtype)))  # recorded past the answer
+    zs[2] = torch.cat((zs[2], torch.randn(2, zs[2].shape[1], dtype=zs[2].dtype)))
+    zs[0] = None  # formed by scoring
+    kept = [z.clone() for z in zs[1:]]
+    results = score_batch(weights, items, band, select_kernels("torch"), prefix_kv=kvs, band_inputs=xs, logits=zs)
+    assert all(torch.equal(a, b) for a, b in zip(kept, zs[1:]))  # the given logits are not overwritten
+    for (prompt, answer, t_star), result in zip(triples, results):
+        assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
+    scorer = Scorer.__new__(Scorer)
+    scorer.weights, scorer.band, scorer.kernels, scorer.exgrad = weights, band, select_kernels("torch"), True
+    scorer.paragrad_tied, scorer.eos_ids = False, set()
+    scorer.prefix_cache = PrefixCache()
+    scorer.prepare = lambda p, a, claims=False: PreparedItem(tuple(p), tuple(a), dict((tuple(q), t) for q, _, t in triples)[tuple(p)])
+    full_kv = prefix_keys_values(weights, triples[2][0], triples[2][2])
+    mixed = scorer.score(
+        [(p, a) for p, a, _ in triples],
+        batch_size=2,
+        prefix_kv=[kvs[0], kvs[1], full_kv, None],
+        band_inputs=[xs[0], xs[1], None, None],
+        logits=[None, zs[1], zs[2], zs[3]],
+    )
+    for a, b in zip(results, mixed):
+        assert_close(b.scores(), a.scores(), rel=1e-9)
+    pair = [(triples[0][0], triples[0][1])]
+    assert "prefix keys/values of shape" in str(scorer.score(pair, prefix_kv=[full_kv], band_inputs=[xs[0]])[0])
+    assert "band inputs of shape" in str(scorer.score(pair, prefix_kv=[kvs[0]], band_inputs=[xs[0][:1]])[0])
+    assert "band inputs need" in str(scorer.score(pair, band_inputs=[xs[0]])[0])
+    assert "logits of shape" in str(scorer.score(pair, logits=[zs[1][:1]])[0])

@@ -9,14 +9,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from semgrad_serve.kernels import band_l1, head_grad_l1, token_stats  # noqa: E402
+from semgrad_serve.kernels import band_l1, head_grad_l1, token_stats
+
+pytestmark = pytest.mark.slow  # runs the compilers
 
 CUDA_SOURCES = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
 

@@ -14,6 +14,7 @@ from semgrad_serve.kernels import select_kernels
 from semgrad_serve.kernels.band_l1 import band_l1_reference
 from semgrad_serve.kernels.head_grad_l1 import head_grad_l1_reference
 from semgrad_serve.kernels.token_stats import token_stats_reference
+
 from test_kernels_ops import head_inputs, random_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

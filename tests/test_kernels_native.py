@@ -10,16 +10,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
-import math  # noqa: E402
+import math
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.library import opcheck  # noqa: E402
+import pytest
+import torch
+from torch.library import opcheck
 
-from semgrad_serve.kernels import Kernels, select_kernels  # noqa: E402
-from semgrad_serve.kernels.band_l1 import band_l1_reference  # noqa: E402
-from semgrad_serve.kernels.head_grad_l1 import head_grad_l1_reference  # noqa: E402
-from semgrad_serve.kernels.token_stats import token_stats_reference  # noqa: E402
+from semgrad_serve.kernels import Kernels, select_kernels
+from semgrad_serve.kernels.band_l1 import band_l1_reference
+from semgrad_serve.kernels.head_grad_l1 import head_grad_l1_reference
+from semgrad_serve.kernels.token_stats import token_stats_reference
 
 V_BIG = 151936
 
@@ -73,25 +73,16 @@ def test_token_stats_full_vocab(native: Kernels, dtype: torch.dtype) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [576, 4096])
 def test_head_grad_l1_full_vocab(native: Kernels, d: int) -> None:
-    """T=1 and T=32 at V=152k against the chunked reference, and the exact facts at full size."""
+    """T=1 and T=32 at V=152k against the chunked reference (the exact facts, T=1 as a product of ℓ1 norms and
+    the Frobenius bounds, are checked for every implementation in test_kernels_ops.py)."""
     logits, targets, hidden, offsets = scorer_inputs([1, 32], V_BIG, d, torch.bfloat16)
-    logp, entropy, nll_grad = native.token_stats(logits, targets)
+    _, entropy, nll_grad = native.token_stats(logits, targets)
     row_scale = entropy / offsets.diff().repeat_interleave(offsets.diff()).float()
     got = native.head_grad_l1(nll_grad, hidden, row_scale, offsets)
     torch.testing.assert_close(got, chunked_reference(nll_grad, hidden, row_scale, offsets), rtol=1e-5, atol=0)
-
-    h, g = hidden.double(), row_scale.double()[:, None] * nll_grad.double()
-    # T=1: ‖g hᵀ‖₁ = ‖g‖₁‖h‖₁ with ‖g‖₁ = 2 (w/T)(1 − p(y))
-    g_l1 = 2 * row_scale[0].double() * (1 - logp[0].double().exp())
-    assert g[0].abs().sum().item() == pytest.approx(g_l1.item(), rel=1e-5)
-    assert got[0].item() == pytest.approx((g_l1 * h[0].abs().sum()).item() / (V_BIG * d), rel=1e-5)
-    # ‖G‖_F ≤ ‖G‖₁ ≤ √(Vd) ‖G‖_F, ‖G‖_F from the Gram form
-    g1, h1 = g[1:], h[1:]
-    frob = ((g1 @ g1.T) * (h1 @ h1.T)).sum().sqrt().item()
-    l1 = got[1].item() * V_BIG * d
-    assert frob <= l1 <= math.sqrt(V_BIG * d) * frob
 
 
 def test_band_l1_wide(native: Kernels) -> None:

@@ -11,17 +11,17 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
-import functools  # noqa: E402
-import math  # noqa: E402
-from typing import Callable  # noqa: E402
+import functools
+import math
+from typing import Callable
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from semgrad_serve.kernels import select_kernels  # noqa: E402
-from semgrad_serve.kernels.band_l1 import band_l1_reference  # noqa: E402
-from semgrad_serve.kernels.head_grad_l1 import head_grad_l1_reference  # noqa: E402
-from semgrad_serve.kernels.token_stats import token_stats_reference  # noqa: E402
+from semgrad_serve.kernels import select_kernels
+from semgrad_serve.kernels.band_l1 import band_l1_reference
+from semgrad_serve.kernels.head_grad_l1 import head_grad_l1_reference
+from semgrad_serve.kernels.token_stats import token_stats_reference
 
 IMPLS = ("triton", "native")
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)

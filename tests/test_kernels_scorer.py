@@ -6,17 +6,23 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import semgrad_serve.kernels as kernels  # noqa: E402
-from semgrad_serve.scoring.items import PreparedItem  # noqa: E402
-from semgrad_serve.errors import SemgradError  # noqa: E402
-from semgrad_serve.kernels import ENV_VAR, kernel_choices, select_kernels  # noqa: E402
-from semgrad_serve.scoring.batch import score_batch  # noqa: E402
-from semgrad_serve.model.weights import from_hf_model  # noqa: E402
+import semgrad_serve.kernels as kernels
+from semgrad_serve.errors import SemgradError
+from semgrad_serve.kernels import ENV_VAR, kernel_choices, select_kernels
+from semgrad_serve.model.weights import from_hf_model
+from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.items import PreparedItem
 
-from tiny_models import random_items, tiny_model  # noqa: E402
+from tiny_models import random_items, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def no_kernels_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests name the kernels they mean: a ``SEMGRAD_KERNELS`` set where they run must not choose for them."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.float64, 1e-9)])

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from semgrad_serve.evaluation import metrics
 from semgrad_serve.errors import SemgradError
+from semgrad_serve.evaluation import metrics
 
 
 def random_case(seed: int, n: int, levels: int):
@@ -91,7 +91,7 @@ def test_extremes():
     assert metrics.auroc(flat, wrong) == 0.5 and metrics.prr(flat, wrong) == pytest.approx(0, abs=1e-12)
     assert metrics.auprc(flat, wrong) == pytest.approx(wrong.mean())
     assert math.isnan(metrics.auroc([1.0, 2.0], [1, 1])) and math.isnan(metrics.prr([1.0, 2.0], [0, 0]))
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="scores must be finite"):
         metrics.auroc([1.0, float("nan")], [0, 1])
 
 
@@ -127,6 +127,11 @@ def test_unreachable_precision_is_reported():
 def test_parse_target():
     assert metrics.parse_target("precision:0.9") == ("precision", 0.9)
     assert metrics.parse_target("Recall=0.5") == ("recall", 0.5)
-    for bad in ("f1:0.5", "recall:2", "recall", "recall:x"):
-        with pytest.raises(SemgradError):
+    for bad, message in (
+        ("f1:0.5", "with 0 < VALUE ≤ 1"),
+        ("recall:2", "with 0 < VALUE ≤ 1"),
+        ("recall", "write precision:VALUE or recall:VALUE$"),
+        ("recall:x", "'x' is not a number"),
+    ):
+        with pytest.raises(SemgradError, match=f"flag target '{bad}': .*{message}"):
             metrics.parse_target(bad)

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from semgrad_serve.errors import SemgradError
-from semgrad_serve.serving.recent import MAX_TEXT, RecentAnswers, chat_question, prompt_question
 from semgrad_serve.model.tokens import token_texts
+from semgrad_serve.serving.recent import MAX_TEXT, RecentAnswers, chat_question, prompt_question
 
 # -- the recent-answers ring ---------------------------------------------------------------------------
 
@@ -48,7 +48,7 @@ def test_recent_answers_keep_no_token_arrays_and_cut_long_texts() -> None:
 def test_recent_answers_off_keeps_nothing() -> None:
     ring = RecentAnswers(capacity=0)
     assert ring.add("q", "a", scored(1, True)) is None and ring.list() == [] and len(ring) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be at least 0"):
         RecentAnswers(capacity=-1)
 
 
@@ -127,7 +127,7 @@ class FakeClient:
 
     async def score(self, key, pairs, claims=False) -> list[dict]:
         return [
-            {"semgrad": 1e-5, "score": 1e-5, "threshold": 2e-5, "flagged": False, "prompt_kv": "cache",
+            {"semgrad": 1e-5, "score": 1e-5, "threshold": 2e-5, "flagged": False, "reused": ["prompt_kv"],
              "token_entropies": [0.5] * len(a), "token_logprobs": [-0.25] * len(a)}
             for _, a in pairs
         ]  # fmt: skip
@@ -176,7 +176,7 @@ def test_a_streamed_choice_gets_tokens_only_when_asked_and_is_kept_in_the_ring(d
         return final["choices"][0]["semgrad"], recent
 
     plain, recent = asyncio.run(run(ScoringOptions()))
-    assert list(plain) == ["semgrad", "score", "threshold", "flagged", "prompt_kv", "stop_token"] and plain["stop_token"] is True
+    assert list(plain) == ["semgrad", "score", "threshold", "flagged", "reused", "stop_token"] and plain["stop_token"] is True
     with_tokens, _ = asyncio.run(run(ScoringOptions(tokens=True)))
     assert with_tokens["token_texts"] == ["Paris", ".", "<|im_end|>"]
     assert with_tokens["token_entropies"] == [0.5] * 3 and with_tokens["token_logprobs"] == [-0.25] * 3

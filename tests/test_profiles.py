@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from semgrad_serve.errors import ItemError, SemgradError
+from semgrad_serve.model.weights import check_family
 from semgrad_serve.scoring.items import NOTHING_TO_SCORE
 from semgrad_serve.scoring.profiles import ModelProfile, TStarRule, builtin_profiles, resolve_profile
-from semgrad_serve.model.weights import check_family
 
 
 @pytest.mark.parametrize("n_layers,first,last", [(32, 16, 31), (30, 15, 29), (5, 3, 4), (2, 1, 1)])
@@ -125,4 +125,5 @@ def test_threshold_fitted_in_another_dtype_warns(default_scorer) -> None:
     assert default_scorer.profile.dtype == "float32" and default_scorer.profile.dtype_mismatch("float32") is None
     with pytest.warns(RuntimeWarning, match="fitted on bfloat16 scores and these are float32"):
         Scorer(default_scorer.weights, default_scorer.tokenizer, fitted_bf16, kernels=default_scorer.kernels)
-    assert replace(fitted_bf16, threshold=None).dtype_mismatch("float32") is None  # nothing to misuse
+    assert replace(fitted_bf16, threshold=None).dtype_mismatch("float32") is not None  # its confidence model is fitted too
+    assert replace(fitted_bf16, threshold=None, confidence=None).dtype_mismatch("float32") is None  # nothing to misuse

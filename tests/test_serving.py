@@ -13,10 +13,9 @@ import httpx
 import openai
 import pytest
 
-from semgrad_serve.errors import ItemError, SemgradError
+from semgrad_serve.errors import ItemError
 from semgrad_serve.scoring.items import NOTHING_TO_SCORE
-from semgrad_serve.serving.config import TEST_FAULT_MARKER, TEST_FAULTS_ENV
-from launch_server import free_port, running_server, serve_command
+from semgrad_serve.serving.config import TEST_FAULT_MARKER
 from semgrad_serve.serving.worker import REPORTED
 
 MODEL = "smollm2-135m-instruct"  # the served name of the default model
@@ -24,6 +23,8 @@ REQUEST_TIMEOUT_S = 180
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 EOS = 2  # <|im_end|>, the default model's end-of-turn token
 CLAIM_FIELDS = ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence", "flagged")
+
+pytestmark = pytest.mark.slow  # starts the vLLM server
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +39,28 @@ def semgrad_of(choice: Any) -> dict[str, Any] | None:
 def assert_scored(semgrad: dict[str, Any] | None) -> None:
     assert semgrad is not None and tuple(semgrad) == REPORTED + ("stop_token",), semgrad
     assert all(semgrad[k] > 0 for k in SCORE_KEYS) and semgrad["score"] == semgrad["hybridgrad"]
+    assert 0 < semgrad["confidence"] < 1 and semgrad["flagged"] == (semgrad["confidence"] < semgrad["min_confidence"])
 
 
-def assert_equals_offline(semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int]) -> None:
-    """The served scores (over the prompt keys/values vLLM computed) equal the offline scorer's recompute."""
-    assert semgrad["prompt_kv"] == "cache"
+ALL_REUSED = ["prompt_kv", "band_inputs", "logits"]
+
+
+def assert_equals_offline(
+    semgrad: dict[str, Any], scorer, prompt_ids: list[int], answer_ids: list[int], reused: list[str] = ALL_REUSED
+) -> None:
+    """The served scores (over what vLLM computed: the prompt keys/values, band inputs, logits) equal the offline
+    scorer's recompute."""
+    assert semgrad["reused"] == reused, semgrad
     (offline,) = scorer.score([(prompt_ids, answer_ids)])
     assert not isinstance(offline, ItemError), offline
     expected = scorer.report(offline)
     for key in SCORE_KEYS:
         assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
     assert semgrad["flagged"] == expected["flagged"] and semgrad["threshold"] == expected["threshold"]
+    # the calibrated confidence of the built-in profile, from the served answer's own scores and length
+    assert semgrad["confidence"] == pytest.approx(expected["confidence"], rel=1e-4) and 0 < semgrad["confidence"] < 1
+    assert semgrad["min_confidence"] == expected["min_confidence"] is not None
+    assert semgrad["flagged"] == (semgrad["confidence"] < semgrad["min_confidence"])
     assert semgrad["stop_token"] == offline.stop_token == (answer_ids[-1] == EOS)
 
 
@@ -158,6 +170,11 @@ def test_echo_is_scored_with_the_text_vllm_echoes(client, default_scorer) -> Non
     assert default_scorer.tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\nThe capital")
     assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"])
     assert semgrad_of(without_ids) == semgrad_of(choice)
+    # echo asks vLLM for the prompt's logprobs, computed after the answer's logits: only the latter are reused
+    asked = client.chat.completions.create(model=MODEL, messages=messages[:1], max_tokens=16, temperature=0,
+                                           extra_body={"return_token_ids": True, "prompt_logprobs": 0})  # fmt: skip
+    choice = asked.choices[0]
+    assert_equals_offline(semgrad_of(choice), default_scorer, asked.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
 
 
 def test_streaming_n2_scores_each_choice_in_its_final_chunk(client, default_scorer) -> None:
@@ -190,6 +207,30 @@ def test_n2_scores_every_choice(client, default_scorer) -> None:
     for choice in response.choices:
         assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 24)
         assert_equals_offline(semgrad_of(choice), default_scorer, response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+
+
+def test_a_prefix_cache_hit_past_t_star_scores_through_every_layer(client, default_scorer) -> None:
+    """The same prompt twice, its t* in the last full block (vLLM's block size: 128): the second time vLLM takes
+    that block from its prefix cache and never runs the positions from t* to the block's end, so the band's inputs
+    are incomplete; that answer runs through every layer over the cached keys/values, with the same scores."""
+    for words in range(90, 400):
+        messages = ask("hello " * words + "Summarize that.")
+        prompt = default_scorer.prompt_ids(messages)
+        t_star = default_scorer.prepare(prompt, [EOS]).t_star
+        if t_star // 128 < (len(prompt) - 1) // 128:  # a block boundary between t* and the last prompt position
+            break
+    else:
+        pytest.fail("no prompt length puts a block boundary after t*")
+    first, second = (
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
+        )
+        for _ in range(2)
+    )
+    for response, reused in ((first, ALL_REUSED), (second, ["prompt_kv"])):
+        (choice,) = response.choices
+        assert response.model_extra["prompt_token_ids"] == prompt
+        assert_equals_offline(semgrad_of(choice), default_scorer, prompt, choice.model_extra["token_ids"], reused)
 
 
 def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client, default_scorer) -> None:
@@ -245,9 +286,9 @@ def assert_claims_equal_offline(semgrad: dict[str, Any], scorer, prompt_ids: lis
     expected = scorer.report(offline)["claims"]
     assert len(semgrad["claims"]) == len(expected) >= 2
     for got, want in zip(semgrad["claims"], expected):
-        assert list(got) == list(CLAIM_FIELDS) and got["confidence"] is None
+        assert list(got) == list(CLAIM_FIELDS) and 0 < got["confidence"] < 1
         assert (got["text"], got["token_start"], got["token_end"], got["flagged"]) == (want["text"], want["token_start"], want["token_end"], want["flagged"])
-        for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy"):
+        for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), key
     assert semgrad["claims"][-1]["token_end"] == len(answer_ids)
 
@@ -398,7 +439,7 @@ def test_scoring_holds_no_block_after_a_burst_with_disconnects_and_failures(clie
         await stream.close()
 
     async def timed_out(aclient: openai.AsyncOpenAI) -> None:
-        with pytest.raises(openai.APITimeoutError):
+        with pytest.raises(openai.APITimeoutError, match="timed out"):
             await aclient.with_options(timeout=0.5).chat.completions.create(model=MODEL, messages=ask(LONG_CONTEXT), max_tokens=200)
 
     async def run() -> list:

@@ -31,6 +31,8 @@ PAGE_QUESTION = "Who wrote the novel Moby-Dick? Answer in one sentence."
 # Cut after one token, this answer is flagged (5x the threshold here): the flagged filter has something to show.
 FLAGGED_QUESTION, FLAGGED_MAX_TOKENS = "What is the capital of France? One word.", 1
 
+pytestmark = pytest.mark.slow  # starts the vLLM server, drives a browser
+
 
 def ask(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
@@ -209,7 +211,9 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     from selenium.webdriver.common.keys import Keys
 
     driver = browser
-    by_css = lambda css, root=None: (root or driver).find_elements(By.CSS_SELECTOR, css)  # noqa: E731
+
+    def by_css(css: str, root=None) -> list:
+        return (root or driver).find_elements(By.CSS_SELECTOR, css)
 
     def click(element) -> None:  # in the middle of the viewport, clear of the sticky question form
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
@@ -248,7 +252,7 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
         assert card.get_attribute("data-flag") == str(sg["flagged"]).lower()
         meter = card.find_element(By.CSS_SELECTOR, ".meter")
         number = card.find_element(By.CSS_SELECTOR, ".meter-number").text
-        if "confidence" in sg:
+        if sg.get("confidence") is not None:
             assert float(meter.get_attribute("aria-valuenow")) == sg["confidence"] and number == f"{sg['confidence'] * 100:.0f}%"
         else:  # the score relative to the threshold, labelled as not a probability
             ratio = sg["score"] / sg["threshold"]

@@ -5,26 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
+import os
+import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError, SemgradError
 from semgrad_serve.kernels import select_kernels
+from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.serving.captures import CaptureStore
+from semgrad_serve.serving.config import (
+    CAPTURE_KV_TRANSFER_CONFIG,
+    MAX_BATCH_ENV,
+    PLUGIN_NAME,
+    TEST_FAULT_MARKER,
+    WORKER_EXTENSION,
+    ScoringSettings,
+)
 from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
 from semgrad_serve.serving.scoring_service import ScoringService
-from semgrad_serve.serving.config import CAPTURE_KV_TRANSFER_CONFIG, MAX_BATCH_ENV, PLUGIN_NAME, TEST_FAULT_MARKER, WORKER_EXTENSION, ScoringSettings
 from semgrad_serve.serving.weights import from_vllm_model
-from semgrad_serve.model.weights import from_hf_model
 
-from tiny_models import FAMILIES, random_items, tiny_model
+from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 # -- vLLM's module layout ----------------------------------------------------------------------------
 
@@ -66,7 +75,7 @@ def vllm_layout(model: torch.nn.Module) -> SimpleNamespace:
     return SimpleNamespace(model=SimpleNamespace(embed_tokens=embed, layers=layers, norm=model.model.norm), lm_head=head)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_vllm_layout_scores_equal_hugging_face_layout(family: str) -> None:
     model = tiny_model(family)
     band = range(3, 5)
@@ -95,49 +104,103 @@ def test_vllm_layout_errors_name_the_problem() -> None:
 # -- the scoring service and its client ---------------------------------------------------------------
 
 
+# Bound on waiting for an event of the service: a broken service fails the test instead of hanging it.
+WAIT_S = 60
+
+
 class FakeScore:
     """Scores each pair as its prompt's first id (plus 1000 when its prefix keys/values were given); fails a
-    whole batch holding a negative id; records batch sizes; takes ``delay`` seconds per batch."""
+    whole batch holding a negative id. With ``hold``, the first batch waits for ``release`` (``holding`` is set
+    meanwhile)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
-        self.batches: list[int] = []
+    def __init__(self, hold: bool = True) -> None:
+        self.release, self.holding = threading.Event(), threading.Event()
+        self.hold = hold
         self.claims: dict[int, bool] = {}  # first prompt id -> whether its claims were asked for
-        self.delay = delay
 
-    def __call__(self, pairs: list, prefixes: list, claims: list) -> list[dict]:
-        self.batches.append(len(pairs))
+    def __call__(self, pairs: list, given: list, claims: list) -> list[dict]:
         self.claims.update((p[0], c) for (p, _), c in zip(pairs, claims))
-        time.sleep(self.delay)
+        if self.hold and not self.holding.is_set():
+            self.holding.set()
+            assert self.release.wait(WAIT_S)
         if any(p[0] < 0 for p, _ in pairs):
             raise RuntimeError("boom")
-        return [{"semgrad": float(p[0] + (1000 if kv is not None else 0))} for (p, _), kv in zip(pairs, prefixes)]
+        return [{"semgrad": float(p[0] + (1000 if g.prefix_kv is not None else 0))} for (p, _), g in zip(pairs, given)]
 
 
-def service_and_client(score: FakeScore, store: CaptureStore | None = None, max_batch: int = 8):
-    service = ScoringService(score, store if store is not None else CaptureStore(), max_batch, cores=set())
-    return service, ScoringClient(service.address, service.authkey, capture=True)
+class SignalledStore(CaptureStore):
+    """A capture store that signals each drop: the service handles its messages in order, so when a drop sent
+    after some answers has been handled, those answers are queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = threading.Event()
+
+    def drop(self, key: str) -> None:
+        super().drop(key)
+        self.dropped.set()
+
+
+def service_and_client(score, store: CaptureStore | None = None, max_batch: int = 8):
+    """The service over ``score``, a client, and the first prompt id of each pair of every batch scored, in order."""
+    batches: list[list[int]] = []
+
+    def recorded(pairs: list, given: list, claims: list) -> list[dict]:
+        batches.append([p[0] for p, _ in pairs])
+        return score(pairs, given, claims)
+
+    service = ScoringService(recorded, store if store is not None else CaptureStore(), max_batch, cores=set())
+    return service, ScoringClient(service.address, service.authkey, capture=True), batches
+
+
+async def until(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, WAIT_S)
+
+
+async def send_all(client: ScoringClient, store: SignalledStore, jobs: list[tuple[str | None, list[int]]]) -> list:
+    """Tasks scoring ``jobs`` (key, first prompt ids), returned once the service has queued all of them."""
+    tasks = [asyncio.create_task(client.score(key, [([p], [1]) for p in prompts])) for key, prompts in jobs]
+    await asyncio.sleep(0)  # each task sends its answers before it first waits
+    store.dropped.clear()
+    client.drop("queued")
+    await until(store.dropped)
+    return tasks
+
+
+def score_behind_a_held_batch(client: ScoringClient, fake: FakeScore, store: SignalledStore, jobs: list) -> list:
+    """Results of ``jobs``, all of which reach the service while its first batch (prompt 100) is held."""
+
+    async def go() -> list:
+        first = asyncio.create_task(client.score(None, [([100], [1])]))
+        await until(fake.holding)
+        tasks = await send_all(client, store, jobs)
+        fake.release.set()
+        assert await first == [{"semgrad": 100.0}]
+        return await asyncio.gather(*tasks)
+
+    return asyncio.run(go())
 
 
 def score_concurrently(client: ScoringClient, jobs: list[tuple[str | None, list[int]]]) -> list[list[dict]]:
     async def go() -> list[list[dict]]:
-        calls = [client.score(key, [([p], [1]) for p in prompts]) for key, prompts in jobs]
-        return await asyncio.gather(*calls)
+        return await asyncio.gather(*(client.score(key, [([p], [1]) for p in prompts]) for key, prompts in jobs))
 
     return asyncio.run(go())
 
 
 def test_service_batches_what_arrives_while_it_scores_and_keeps_each_answer_its_result() -> None:
-    score = FakeScore(delay=0.2)
-    _, client = service_and_client(score, max_batch=8)
+    fake, store = FakeScore(), SignalledStore()
+    _, client, batches = service_and_client(fake, store, max_batch=8)
     jobs = [(None, [i]) for i in range(12)] + [(None, [20, 21, 22])]
-    results = score_concurrently(client, jobs)
+    results = score_behind_a_held_batch(client, fake, store, jobs)
     assert [[r["semgrad"] for r in rs] for rs in results] == [[i] for i in range(12)] + [[20, 21, 22]]
-    assert sum(score.batches) == 15 and max(score.batches) <= 8 and len(score.batches) >= 2
+    # oldest first, at most 8 answers: a request that does not fit waits for the next batch, later ones fill this one
+    assert batches == [[100], list(range(8)), [8, 9, 10, 11, 20, 21, 22]]
 
 
 def test_claims_are_asked_for_per_request() -> None:
-    score = FakeScore(delay=0.1)
-    _, client = service_and_client(score)
+    score = FakeScore(hold=False)
+    _, client, _ = service_and_client(score)
 
     async def go() -> list[list[dict]]:
         return await asyncio.gather(client.score(None, [([1], [1]), ([2], [1])], claims=True), client.score(None, [([3], [1])]))
@@ -147,52 +210,57 @@ def test_claims_are_asked_for_per_request() -> None:
 
 
 def test_a_failing_request_does_not_sink_its_batch() -> None:
-    """Two failing requests (one by the test seam the server tests use) in a batch of five: the others are scored."""
+    """Two failing requests (one by the test seam the server tests use) in a batch of five: the batch is
+    retried one request at a time and the others are scored."""
     from semgrad_serve.serving.worker import with_test_faults
 
     marked = SimpleNamespace(decode=lambda ids: TEST_FAULT_MARKER if 4 in ids else "a prompt")
-    _, client = service_and_client(with_test_faults(FakeScore(delay=0.1), marked))
-    results = score_concurrently(client, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])])
+    fake, store = FakeScore(), SignalledStore()
+    _, client, batches = service_and_client(with_test_faults(fake, marked), store)
+    results = score_behind_a_held_batch(client, fake, store, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])])
+    assert batches == [[100], [0, 1, -1, 3, 4], [0], [1], [-1], [3], [4]]
     assert [r[0].get("semgrad") for r in results] == [0, 1, None, 3, None]
     assert "scoring failed: boom" in results[2][0]["error"] and "injected" in results[4][0]["error"]
 
 
 def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatch) -> None:
     """An answer waits for its request's capture (it arrives one engine step after the request ends) and
-    runs over it; a capture of another prompt, one without keys/values, or none at all means recompute."""
+    runs over it; one whose capture never comes is recomputed once the wait is over; a capture of another
+    prompt or one without keys/values means recompute; a dropped capture is gone."""
     from semgrad_serve.serving import scoring_service
 
-    monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", 0.3)
-    store = CaptureStore()
+    monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", math.inf)
+    store = SignalledStore()
     store.prefix_length = lambda ids: 1
-    _, client = service_and_client(FakeScore(), store)
-    store.add("other-prompt", (9,), lambda n: torch.zeros(1))
+    _, client, batches = service_and_client(FakeScore(hold=False), store)
+    store.add("other-prompt", (9,), lambda n, first: torch.zeros(1))
     store.add("no-kv", (4,), None)
 
     async def go() -> list[list[dict]]:
-        late = asyncio.create_task(client.score("late", [([5], [1]), ([5], [2])]))
-        await asyncio.sleep(0.1)
-        store.add("late", (5,), lambda n: torch.zeros(1))  # the capture lands after the answer arrived
-        start = time.perf_counter()
-        missing = await client.score("never", [([6], [1])])
-        assert time.perf_counter() - start >= 0.3
-        return [await late, missing, await client.score("other-prompt", [([7], [1])]), await client.score("no-kv", [([4], [1])])]
+        late, never = await send_all(client, store, [("late", [5, 5]), ("never", [6])])
+        assert batches == [] and not late.done()  # queued, waiting for their captures
+        store.add("late", (5,), lambda n, first: torch.zeros(1))  # the capture lands after the answers arrived
+        await late
+        assert batches == [[5, 5]] and not never.done()
+        monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", 0.0)  # the wait for a capture is over
+        return [late.result(), await never, await client.score("other-prompt", [([7], [1])]), await client.score("no-kv", [([4], [1])])]
 
-    late, missing, other, no_kv = asyncio.run(go())
-    assert [r["semgrad"] for r in late] == [1005, 1005] and missing[0]["semgrad"] == 6
+    late, never, other, no_kv = asyncio.run(go())
+    assert [r["semgrad"] for r in late] == [1005, 1005] and never[0]["semgrad"] == 6
     assert other[0]["semgrad"] == 7 and no_kv[0]["semgrad"] == 4
+    store.dropped.clear()
     client.drop("late")
-    deadline = time.monotonic() + 5
-    while store.get("late") is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert store.dropped.wait(WAIT_S)
     assert store.get("late") is None and store.get("other-prompt") is not None
 
 
 def test_answers_get_an_error_when_the_service_is_gone() -> None:
-    service, client = service_and_client(FakeScore())
+    """Answers sent after the service's end of the connection closed, whether or not the client has seen it
+    close yet, get the error and are never left waiting."""
+    service, client, _ = service_and_client(FakeScore(hold=False))
     assert score_concurrently(client, [(None, [2])]) == [[{"semgrad": 2.0}]]
-    service._conn.close()  # the worker side of the connection goes away
-    time.sleep(0.2)
+    with socket.socket(fileno=os.dup(service._conn.fileno())) as worker_end:
+        worker_end.shutdown(socket.SHUT_RDWR)  # the worker's end of the connection goes away
     assert score_concurrently(client, [(None, [3]), (None, [4, 5])]) == [[{"error": SERVICE_GONE}], [{"error": SERVICE_GONE}] * 2]
 
 
@@ -217,6 +285,11 @@ def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> 
     (result,) = scorer.score([(prompt, scorer.answer_ids("Paris."))])
     report = answer_report(scorer, result)
     assert tuple(report) == REPORTED and report["score"] == report["hybridgrad"] > 0
+    # the served confidence: the profile's calibrator on this answer's own score, length (no stop token) and entropy
+    model = scorer.profile.confidence
+    assert report["confidence"] == model.confidence(result.hybridgrad, result.answer_tokens - 1, result.mean_entropy)
+    assert report["min_confidence"] == model.operating_point.min_confidence
+    assert report["flagged"] is (report["confidence"] < report["min_confidence"])
     broken = type(result)(**{**result.to_dict(), "semgrad": math.nan})
     assert answer_report(scorer, broken) == {"error": "scoring produced a non-finite value (NaN or inf)"}
     assert answer_report(scorer, ItemError("the answer is empty")) == {"error": "the answer is empty"}

@@ -13,20 +13,24 @@ from semgrad_serve.calibration import sps
 from semgrad_serve.errors import SemgradError
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def brute_force(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """S_within and S_across from every pair of states, one (layer, position) at a time."""
     layers, positions = groups[0].shape[1:3]
     within = np.zeros((layers, positions))
     across = np.zeros((layers, positions))
     items = [(g, m) for g, members in enumerate(groups) for m in range(len(members))]
-    for l, p in itertools.product(range(layers), range(positions)):
-        cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    for layer, p in itertools.product(range(layers), range(positions)):
         means = []
         for members in groups:
             if len(members) >= 2:
-                means.append(np.mean([cos(members[i, l, p], members[j, l, p]) for i, j in itertools.combinations(range(len(members)), 2)]))
-        within[l, p] = np.mean(means)
-        across[l, p] = np.mean([cos(groups[g1][m1, l, p], groups[g2][m2, l, p])
+                pairs = itertools.combinations(range(len(members)), 2)
+                means.append(np.mean([cosine(members[i, layer, p], members[j, layer, p]) for i, j in pairs]))
+        within[layer, p] = np.mean(means)
+        across[layer, p] = np.mean([cosine(groups[g1][m1, layer, p], groups[g2][m2, layer, p])
                                 for (g1, m1), (g2, m2) in itertools.combinations(items, 2) if g1 != g2])
     return within, across
 
@@ -43,9 +47,9 @@ def test_accumulator_matches_brute_force():
 
 
 def test_accumulator_needs_pairs_and_two_queries():
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="at least one query with a paraphrase"):
         sps.sps_of_groups([torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)])
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="at least two different queries"):
         sps.sps_of_groups([torch.randn(3, 2, 3, 4)])
 
 
@@ -68,8 +72,8 @@ def synthetic_groups(best_layer: int, best_pos: int, n_layers: int = 12, n_pos: 
 @pytest.mark.parametrize("best_layer,best_pos", [(9, 5), (7, 7), (11, 0)])
 def test_synthetic_best_layer_and_position(best_layer, best_pos):
     table = sps.sps_of_groups(synthetic_groups(best_layer, best_pos))
-    l, p = np.unravel_index(np.argmax(table.sps), table.sps.shape)
-    assert (l, p) == (best_layer, best_pos)
+    layer, p = np.unravel_index(np.argmax(table.sps), table.sps.shape)
+    assert (layer, p) == (best_layer, best_pos)
     assert sps.best_position(table, n_layers=12) == best_pos  # upper half of 12 layers: 6..11
     first, last = sps.choose_band(table.sps[:, best_pos], n_layers=12)
     assert first <= best_layer <= last or best_layer == 12
@@ -80,7 +84,7 @@ def test_best_position_respects_eligibility():
     eligible = [True] * 8
     eligible[5] = False
     assert sps.best_position(table, 12, eligible) != 5
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="no eligible prompt position"):
         sps.best_position(table, 12, [False] * 8)
 
 
@@ -105,7 +109,7 @@ def test_t_star_rule_by_construction():
     # a question token (differs between prompts) is located relative to the template token after it
     rule = sps.t_star_rule(prompts, -7, tok)
     assert rule.token == "<s>" and rule.offset == -3
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="no token of the prompt tail marks position -1 in every prompt"):
         sps.t_star_rule([[5, 6], [6, 5]], -1, tok)
 
 
@@ -142,5 +146,5 @@ def test_prompt_tail_states_match_hugging_face(family):
 def test_prompt_tail_states_rejects_short_prompts():
     from tiny_models import tiny_model
 
-    with pytest.raises(SemgradError):
+    with pytest.raises(SemgradError, match="prompt 0 has fewer than 8 tokens"):
         sps.prompt_tail_states(tiny_model("llama-tied"), [[1, 2, 3]], 8)

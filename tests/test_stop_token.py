@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from semgrad_serve.errors import SemgradError
-from naive import naive_paragrad_tied, naive_scores
+from semgrad_serve.model.stop_token import eos_ids, received_tokens
+from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.profiles import ModelProfile, TStarRule
 from semgrad_serve.scoring.scorer import Scorer
-from semgrad_serve.model.stop_token import eos_ids, received_tokens
 from semgrad_serve.scoring.tied_head import UNTIED
-from semgrad_serve.model.weights import from_hf_model
 
-from tiny_models import VOCAB, random_items, tiny_model
+from naive import naive_paragrad_tied, naive_scores
+from tiny_models import random_items, tiny_model
 
 T_STAR_ID, EOS = 7, 3
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
@@ -114,7 +112,10 @@ def test_eos_ids_and_the_tokens_a_stop_string_leaves(default_scorer) -> None:
     assert eos_ids(2, [2, 5], None, (7,)) == [2, 5, 7] and eos_ids(None) == []
     tok = default_scorer.tokenizer
     ids = tok("The capital of France is Paris.", add_special_tokens=False).input_ids + [2]
-    words = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+
+    def words(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False).input_ids
+
     assert received_tokens(tok, ids, "is", include_stop=False) == words("The capital of France")
     assert received_tokens(tok, ids, "is", include_stop=True) == words("The capital of France is")
     assert received_tokens(tok, ids, "Par", include_stop=False) == words("The capital of France is")

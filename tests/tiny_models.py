@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import (
     LlamaConfig,
@@ -53,6 +54,9 @@ FAMILIES = {
     "qwen3-untied": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=False)),
     "qwen3-tied": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=True)),
 }
+# Between them every feature above: the fast subset (-m "not slow") runs the per-family tests on these only.
+FAST_FAMILIES = ("llama3-untied", "qwen2-window-untied", "qwen3-tied")
+FAMILY_PARAMS = [pytest.param(name, marks=() if name in FAST_FAMILIES else pytest.mark.slow) for name in FAMILIES]
 
 
 def _float64_rms_norm(module: torch.nn.Module):

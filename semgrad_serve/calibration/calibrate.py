@@ -24,6 +24,12 @@ from .sps import SPSTable, best_position, choose_band, position_labels, scan, t_
 MIN_POSITIONS = 8
 
 
+def check_positions(n_positions: int) -> None:
+    """The number of last prompt positions to scan: at least ``MIN_POSITIONS``."""
+    if n_positions < MIN_POSITIONS:
+        raise SemgradError(f"scan at least {MIN_POSITIONS} prompt positions (got {n_positions})")
+
+
 def read_paraphrases(path: str | Path, limit: int | None = None) -> list[tuple[str, list[str]]]:
     """(query, paraphrases) per line; a line without a non-empty ``query`` string or with an empty or non-string
     ``paraphrases`` list is an error naming the line."""
@@ -78,8 +84,7 @@ def calibrate(
     model: Any, tokenizer: Any, groups: Sequence[tuple[str, list[str]]], n_positions: int = 10,
     batch_size: int = 16, progress: bool = True,
 ) -> Calibration:
-    if n_positions < MIN_POSITIONS:
-        raise SemgradError(f"scan at least {MIN_POSITIONS} prompt positions (got {n_positions})")
+    check_positions(n_positions)
     prompt_groups = [[chat_prompt_ids(tokenizer, paper_messages(q)) for q in [query, *paras]] for query, paras in groups]
     shortest = min(len(p) for g in prompt_groups for p in g)
     if shortest < n_positions:
@@ -164,12 +169,15 @@ def run_calibration(
     heatmap: str | None = None, dtype: str = "float32", base_profile: str | None = None, device: str = "cpu",
 ) -> tuple[ModelProfile, Calibration, Path]:
     """Everything ``semgrad-serve calibrate`` does; returns the profile, the calibration and the heatmap path."""
+    check_positions(n_positions)
+    base = ModelProfile.load(base_profile) if base_profile else None
     groups = read_paraphrases(paraphrases, limit)
     model, tokenizer, path = load_hf_model(model_dir, dtype, device)
-    try:
-        base = resolve_profile(model.config, tokenizer.chat_template, path, base_profile)
-    except SemgradError:
-        base = None  # a new model family: the profile is built from scratch
+    if base is None:
+        try:
+            base = resolve_profile(model.config, tokenizer.chat_template, path, None)
+        except SemgradError:
+            pass  # a new model family: the profile is built from scratch
     cal = calibrate(model, tokenizer, groups, n_positions, batch_size)
     profile = build_profile(base, model.config, cal, str(paraphrases))
     out_path = Path(out)

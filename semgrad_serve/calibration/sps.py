@@ -189,7 +189,7 @@ def prompt_tail_states(model: Any, prompts: Sequence[Sequence[int]], n_positions
         cols = (lengths[:, None] - n_positions + torch.arange(n_positions, device=w.device)).clamp(min=0)
         states: list[torch.Tensor] = []
 
-        def keep_tail(h: torch.Tensor, cols: torch.Tensor = cols) -> None:
+        def keep_tail(h: torch.Tensor, cols: torch.Tensor = cols, states: list[torch.Tensor] = states) -> None:
             states.append(h.gather(1, cols[..., None].expand(-1, -1, h.shape[-1])).cpu())
 
         padded_forward(w, tails, n_prefix, prefix, each_state=keep_tail)

@@ -20,9 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise SemgradError("the question is empty")
+    if args.max_tokens < 1:
+        raise SemgradError("--max-tokens must be at least 1")
+    scorer = scorer_from_args(args)
     import torch
 
-    scorer = scorer_from_args(args)
     prompt = scorer.prompt_ids([{"role": "user", "content": args.question}])
     ids = torch.tensor([prompt], device=scorer.weights.device)
     with torch.no_grad():
@@ -35,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(result, ItemError):
         raise SemgradError(str(result))
     report = scorer.report(result)
-    print(json.dumps({k: report[k] for k in (*SCORE_NAMES, "stop_token", "score", "threshold", "flagged")}, indent=2))
+    print(json.dumps({k: report[k] for k in (*SCORE_NAMES, "answer_tokens", "stop_token", "score", "threshold", "confidence", "min_confidence", "flagged")}, indent=2))
     return 0

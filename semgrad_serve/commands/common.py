@@ -8,8 +8,10 @@ in ``run``, before any model loads.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import SemgradError
 from ..model.loading import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -44,6 +46,15 @@ def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
                         "and position; default: the profile's setting)")
 
 
+def check_output_file(path: str, option: str) -> None:
+    """A file the command writes when its work is done: its folder must exist before the work starts."""
+    target = Path(path)
+    if target.is_dir():
+        raise SemgradError(f"{option} {path} is a directory")
+    if not target.parent.is_dir():
+        raise SemgradError(f"{option} {path}: the folder {target.parent} does not exist")
+
+
 def device_from_args(args: argparse.Namespace) -> str:
     """``--device`` checked (a ``SemgradError`` for a bad one), or the default: cuda when available, else cpu."""
     from ..model.loading import resolve_device
@@ -52,12 +63,19 @@ def device_from_args(args: argparse.Namespace) -> str:
 
 
 def scorer_from_args(args: argparse.Namespace) -> Scorer:
-    """The scorer of ``add_model_arguments``' options; the device and the kernels are checked before the model loads."""
+    """The scorer of ``add_model_arguments``' options. Checked before the model loads: the profile file and the
+    model directory's files first (without importing torch), then the device and the kernels."""
+    from ..model.loading import check_model_dir
+    from ..scoring.profiles import ModelProfile
+
+    profile = ModelProfile.load(args.profile) if args.profile is not None else None
+    if args.model is not None:
+        check_model_dir(Path(args.model))
     from ..kernels import select_kernels
     from ..scoring.scorer import Scorer
 
     device = device_from_args(args)
     kernels = getattr(args, "kernels", None)
     select_kernels(kernels, device)  # an unknown or unavailable implementation is refused here, not after loading
-    return Scorer.from_pretrained(args.model, args.dtype, args.profile, kernels, device=device,
+    return Scorer.from_pretrained(args.model, args.dtype, profile, kernels, device=device,
                                   paragrad_tied=getattr(args, "paragrad_tied", None))

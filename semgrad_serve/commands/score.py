@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ItemError, SemgradError
 from ..jsonl import read_jsonl
 from ..scoring.items import DEFAULT_BATCH_TOKENS
-from .common import add_convention_arguments, add_model_arguments, scorer_from_args
+from .common import add_convention_arguments, add_model_arguments, check_output_file, scorer_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,8 @@ def messages_of(obj: dict[str, Any]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.batch_tokens < 1:
         raise SemgradError("--batch-size and --batch-tokens must be at least 1")
-    rows = read_jsonl(args.input, keep_blank=True)
+    check_output_file(args.output, "--output")
+    rows = read_jsonl(args.input, keep_blank=True, require_object=True)
     scorer = scorer_from_args(args)
     outputs: list[dict[str, Any] | None] = [None] * len(rows)
     pairs, slots = [], []

@@ -15,7 +15,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
-from ..serving.config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, server_url
+from ..serving.config import (
+    CAPTURE_KV_TRANSFER_CONFIG,
+    PAGE_PATH,
+    PLUGIN_NAME,
+    WORKER_EXTENSION,
+    ScoringSettings,
+    server_url,
+)
 from .common import add_model_arguments
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
@@ -35,17 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_model(model_dir: Path, profile: str | None) -> None:
-    """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts."""
+    """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts: a given profile
+    file first, then the model directory's files (neither needs transformers or torch), its family and (without a
+    given profile) a profile that fits."""
+    from ..model.loading import check_model_dir
+    from ..scoring.profiles import ModelProfile, resolve_profile
+
+    explicit = ModelProfile.load(profile) if profile is not None else None
+    check_model_dir(model_dir)
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..scoring.profiles import resolve_profile
     from ..model.weights import check_family
 
-    if not (model_dir / "config.json").is_file():
-        raise SemgradError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(model_dir)
     check_family(config)
-    resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, profile)
+    if explicit is None:
+        resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, None)
 
 
 def vllm_options(args: argparse.Namespace) -> list[str]:
@@ -108,8 +120,6 @@ def server_env(settings: ScoringSettings) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..model.default_model import default_model_dir
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
@@ -119,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     _check_model(model_dir, profile)
+    import torch
+
     on_cpu = not torch.cuda.is_available()
     command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
     url = server_url(args.host, args.port)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from ..model.forward import right_padded, valid_mask
 from ..model.logprobs import log_softmax, token_logprobs
 from .config import DEFAULT_CLUSTER_THRESHOLD
-from .judges import Embedder, rouge_l
+from .judges import Embedder
+from .text import rouge_l
 
 P_TRUE_PROMPT = (
     "Question: {question}\nProposed answer: {answer}\n"

@@ -26,10 +26,10 @@ class EvalConfig:
     temperature: float = 1.0
     max_tokens: int = MAX_NEW_TOKENS
     generator: str = "vllm"
-    judge: str = "containment"
+    judge: str = "reference"
     judge_threshold: float | None = None
     cluster_threshold: float = DEFAULT_CLUSTER_THRESHOLD
-    flag_target: str = "recall:0.8"
+    flag_target: str = "precision:0.95"
     out: str = "eval_results"
     prefix: str = "eval"
     profile_out: str | None = None
@@ -38,4 +38,5 @@ class EvalConfig:
     seed: int = 0
     stop_token: bool = True  # score the EOS token that ended an answer (SPEC); False: the old convention
     paragrad_tied: bool | None = None  # also the tied-head ParaGrad; None: the profile's setting
+    from_items: str | None = None  # re-judge, re-measure and re-fit the items of an earlier run instead of generating
     progress: bool = True

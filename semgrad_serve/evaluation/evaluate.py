@@ -4,7 +4,10 @@ For each dataset: greedy answers to the paper's prompt (SPEC) through vLLM (or H
 question for the sampling baselines, correctness from an offline judge, then every score for every answer,
 AUROC / AUPRC / PRR per method and the seconds each method costs per answer. Writes a markdown table, a JSON
 file, one PNG of ROC curves, the per-answer records (gzipped JSONL) and the profile with the flag threshold
-chosen on the pooled answers of all datasets for a target precision or recall.
+chosen on the pooled answers of all datasets for a target precision or recall, and with the calibrated confidence
+fitted on them (``confidence_fit.py``; its held-out figures and reliability diagram: ``confidence_report.py``).
+``from_items`` starts from the per-answer records of an earlier run instead: re-judged, re-measured and re-fitted,
+nothing generated or scored.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +30,14 @@ from ..scoring import tied_head
 from ..scoring.items import GRADIENT_SCORES
 from ..scoring.profiles import ModelProfile
 from . import baselines, judges, metrics
+from .cached_items import read_items, report_beside, write_items
+from .confidence_fit import FOLDS, MIN_PER_CLASS, FittedConfidence, enough_to_fit, fit_confidence
+from .confidence_report import analyse, answer_table, markdown as confidence_markdown, write_reliability_png
 from .config import EvalConfig
 from .generation import Generation, make_generator
 from .prompts import PAPER_PROMPT, paper_messages
-from .report import compute_metrics, markdown, method_list, method_seconds, write_items, write_roc_png
-from .runs import DatasetRun, dataset_name, ended_on_eos, read_dataset, text_tokens
+from .report import compute_metrics, markdown, method_list, method_seconds, write_roc_png
+from .runs import DatasetRun, dataset_name, read_dataset
 
 
 def _log(msg: str) -> None:
@@ -54,7 +60,7 @@ def _load_cached(path: Path | None, run: DatasetRun) -> bool:
     if path is None or not path.is_file():
         return False
     doc = json.loads(gzip.decompress(path.read_bytes()))
-    run.answers = [Generation.from_dict(a) for a in doc["answers"]]
+    run.take_answers([Generation.from_dict(a) for a in doc["answers"]])
     run.samples = [[Generation.from_dict(s) for s in group] for group in doc["samples"]]
     run.seconds.update(doc["seconds"])
     _log(f"{run.name}: reusing the generations cached in {path}")
@@ -81,7 +87,7 @@ def generate_all(cfg: EvalConfig, scorer: Any, model_dir: Path, runs: list[Datas
         for run in todo:
             _log(f"{run.name}: {run.n} greedy answers (at most {cfg.max_tokens} tokens)")
             t = time.perf_counter()
-            run.answers = generator.greedy(run.prompts, cfg.max_tokens)
+            run.take_answers(generator.greedy(run.prompts, cfg.max_tokens))
             run.seconds["greedy answer"] = time.perf_counter() - t
             if cfg.samples > 0:
                 _log(f"{run.name}: {cfg.samples} samples per question at temperature {cfg.temperature:g}")
@@ -172,25 +178,46 @@ def tied_paragrads(scorer: Any, pairs: list[tuple[list[int], list[int]]], result
 # -- the whole evaluation --------------------------------------------------------------------------
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    from ..scoring.scorer import Scorer
+@dataclass(frozen=True)
+class Setup:
+    """What the results need from the model side: the profile the scores were computed with (and that the
+    threshold and confidence go into), the model's name, each profile's t* and band, the scores' dtype."""
 
+    profile: ModelProfile
+    model_name: str
+    described: list[tuple[str, str, int, str]]
+    dtype: str
+    compared: list[str]  # names of the --compare-profile profiles
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Generate and score (or read the cached items of an earlier run), judge, measure, fit, write."""
     if cfg.judge not in judges.JUDGES:
         raise SemgradError(f"unknown judge {cfg.judge!r}; choose one of {', '.join(judges.JUDGES)}")
-    target_kind, target_value = metrics.parse_target(cfg.flag_target)
+    metrics.parse_target(cfg.flag_target)
     names = [dataset_name(d) for d in cfg.datasets]
     if len(set(names)) != len(names):
         raise SemgradError(f"two datasets share the name {names}; give files in differently named folders")
     runs = [DatasetRun(name, str(path), read_dataset(path, cfg.limit)) for name, path in zip(names, cfg.datasets)]
-    compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
+    setup = from_items(cfg, runs) if cfg.from_items else generate_and_score(cfg, runs)
+    _log(f"judging answers ({', '.join(judges.JUDGES)})")
+    embedder = judges.default_embedder()
+    limits = {cfg.judge: cfg.judge_threshold} if cfg.judge_threshold is not None else {}
+    for run in runs:
+        run.judgements = judges.judge_all([a.text for a in run.answers], [g for _, g in run.rows], [q for q, _ in run.rows], judges.JUDGES, limits, embedder)
+    return write_results(cfg, runs, setup)
 
+
+def generate_and_score(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
+    from ..model.default_model import default_model_dir
+    from ..scoring.scorer import Scorer
+
+    compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
     scorer = Scorer.from_pretrained(cfg.model, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False)  # timed apart: score_all
     if cfg.paragrad_tied is None:
         cfg.paragrad_tied = scorer.profile.paragrad_tied
     if cfg.paragrad_tied:
         tied_head.check_tied(scorer.weights)
-    from ..model.default_model import default_model_dir
-
     model_dir = Path(cfg.model) if cfg.model else default_model_dir()
     extra = []
     for p in compare:
@@ -202,45 +229,92 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         run.eos_ids = scorer.eos_ids
 
     generate_all(cfg, scorer, model_dir, runs)
-
-    _log("judging answers (containment, ROUGE-L, embeddings)")
     embedder = judges.default_embedder()
-    limits = {cfg.judge: cfg.judge_threshold} if cfg.judge_threshold is not None else {}
     for run in runs:
-        run.judgements = judges.judge_all([a.text for a in run.answers], [g for _, g in run.rows], judges.JUDGES, limits, embedder)
         score_all(cfg, scorer, run, extra, embedder)
+    described = [(s.profile.name, s.profile.t_star.token, s.profile.t_star.offset, f"{s.band.start}..{s.band.stop - 1}") for s in [scorer] + [o for _, o in extra]]
+    return Setup(scorer.profile, model_dir.name, described, str(scorer.weights.dtype).removeprefix("torch."), [label for label, _ in extra])
 
-    methods = method_list(runs, [label for label, _ in extra])
-    per_judge = {r.name: {j: compute_metrics(r, methods, j) for j in judges.JUDGES} for r in runs}
-    all_metrics = {r.name: per_judge[r.name][cfg.judge] for r in runs}
 
-    # the flag threshold, on the pooled answers, for the profile's score
-    key = scorer.profile.score
+# settings of the run that wrote the items, taken from its JSON report
+RUN_SETTINGS = ("generator", "samples", "temperature", "max_tokens", "seed", "stop_token", "dtype")
+
+
+def from_items(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
+    """The answers and scores of an earlier run (``cached_items.py``), nothing generated or scored; the profile
+    resolved for the model as ``score`` would (``--profile`` or the built-in one)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..model.default_model import default_model_dir
+    from ..scoring.profiles import resolve_profile
+
+    if cfg.compare_profiles:
+        raise SemgradError("--compare-profile needs scoring; it cannot be used with --from-items")
+    read_items(cfg.from_items, runs)
+    report = report_beside(Path(cfg.from_items))
+    if report.is_file():
+        earlier = json.loads(report.read_text())["config"]
+        for key in RUN_SETTINGS:
+            setattr(cfg, key, earlier.get(key, getattr(cfg, key)))
+    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+    config = AutoConfig.from_pretrained(model_dir)
+    profile = resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, cfg.profile)
+    band = profile.band_range(config.num_hidden_layers)
+    _log(f"read {sum(r.n for r in runs)} answers and their scores from {cfg.from_items}")
+    compared = sorted({k.split("[", 1)[1][:-1] for r in runs for k in r.scores if k.startswith("semgrad[")})
+    described = [(profile.name, profile.t_star.token, profile.t_star.offset, f"{band.start}..{band.stop - 1}")]
+    return Setup(profile, model_dir.name, described, cfg.dtype, compared)
+
+
+def flag_threshold(cfg: EvalConfig, runs: list[DatasetRun], key: str) -> dict[str, Any] | None:
+    """The raw-score flag threshold for the target, on the pooled answers (used by profiles without a confidence)."""
+    target_kind, target_value = metrics.parse_target(cfg.flag_target)
     pooled_s = np.concatenate([np.asarray(r.scores[key])[r.kept()] for r in runs])
     pooled_w = np.concatenate([r.wrong(cfg.judge)[r.kept()] for r in runs])
     ok = np.isfinite(pooled_s)
-    threshold = None
-    if ok.any() and pooled_w[ok].any():
-        chosen = metrics.choose_threshold(pooled_s[ok], pooled_w[ok], target_kind, target_value)
-        threshold = {"score": key, **chosen.to_dict(), "judge": cfg.judge, "datasets": names,
-                     "generator": cfg.generator, "date": datetime.date.today().isoformat()}
+    if not ok.any() or not pooled_w[ok].any():
+        return None
+    chosen = metrics.choose_threshold(pooled_s[ok], pooled_w[ok], target_kind, target_value)
+    return {"score": key, **chosen.to_dict(), "judge": cfg.judge, "datasets": [r.name for r in runs],
+            "generator": cfg.generator, "date": datetime.date.today().isoformat()}
+
+
+def fit_and_analyse(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup, methods) -> tuple[FittedConfidence | None, dict[str, Any] | None]:
+    """The confidence model on every judged answer and its held-out analysis; (None, None) with too few answers."""
+    answers, raw = answer_table(runs, cfg.judge, setup.profile.score, methods)
+    if not enough_to_fit(answers):
+        _log(f"no confidence fitted: it needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers")
+        return None, None
+    target_kind, target_value = metrics.parse_target(cfg.flag_target)
+    how = {"judge": cfg.judge, "datasets": [r.name for r in runs], "answers": len(answers), "generator": cfg.generator,
+           "items": cfg.from_items or "this run", "date": datetime.date.today().isoformat()}
+    _log(f"fitting the confidence on {len(answers)} answers (nested {FOLDS}-fold cross-validation)")
+    fitted = fit_confidence(answers, setup.profile.score, target_kind, target_value, how)
+    return fitted, analyse(answers, raw, fitted)
+
+
+def write_results(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup) -> dict[str, Any]:
+    methods = method_list(runs, setup.compared)
+    per_judge = {r.name: {j: compute_metrics(r, methods, j) for j in judges.JUDGES} for r in runs}
+    all_metrics = {r.name: per_judge[r.name][cfg.judge] for r in runs}
+    threshold = flag_threshold(cfg, runs, setup.profile.score)
+    fitted, analysis = fit_and_analyse(cfg, runs, setup, methods)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_name = model_dir.name
     report = {
-        "model": model_name,
-        "profile": scorer.profile.name,
+        "model": setup.model_name,
+        "profile": setup.profile.name,
         "config": {k: v for k, v in cfg.__dict__.items() if k not in ("progress",)},
         "prompt": PAPER_PROMPT,
         "judge": {"name": cfg.judge, "rule": judges.describe(cfg.judge, cfg.judge_threshold)},
-        "methods": [{"key": k, "label": l, "kind": f} for k, l, f in methods],
+        "methods": [{"key": key, "label": label, "kind": kind} for key, label, kind in methods],
         "datasets": {
             r.name: {
                 "file": r.path, "questions": r.n, "scored": int(r.kept().sum()), "excluded": len(r.excluded),
                 "accuracy": {j: float(1 - r.wrong(j)[r.kept()].mean()) for j in r.judgements},
-                "mean_answer_tokens": float(np.mean(text_tokens(r))),
-                "ended_on_eos": float(np.mean(ended_on_eos(r))),
+                "mean_answer_tokens": float(np.mean(r.answer_tokens)),
+                "ended_on_eos": float(np.mean(r.ended_on_eos)),
                 "seconds_total": r.seconds,
                 "seconds_per_answer": {k: method_seconds(r, k) for k, _, _ in methods},
                 "greedy_seconds_per_answer": r.seconds.get("greedy answer", math.nan) / r.n,
@@ -249,24 +323,29 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             for r in runs
         },
         "threshold": threshold,
+        "confidence": analysis,
     }
     stem = out / cfg.prefix
+    files = [f"{stem}.md", f"{stem}.json", f"{stem}_roc.png", f"{stem}_items.jsonl.gz"]
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    described = [(s.profile.name, s.profile.t_star.token, s.profile.t_star.offset, f"{s.band.start}..{s.band.stop - 1}") for s in [scorer] + [o for _, o in extra]]
-    report["profiles"] = [dict(zip(("name", "t_star_token", "t_star_offset", "band"), d)) for d in described]
-    Path(f"{stem}.md").write_text(markdown(cfg, runs, methods, all_metrics, per_judge, threshold, scorer.profile.name, model_name, described))
+    report["profiles"] = [dict(zip(("name", "t_star_token", "t_star_offset", "band"), d)) for d in setup.described]
+    text = markdown(cfg, runs, methods, all_metrics, per_judge, threshold, setup.profile.name, setup.model_name, setup.described)
+    if analysis is not None:
+        text += "\n" + confidence_markdown(analysis, methods, setup.profile.score, cfg.judge)
+        write_reliability_png(analysis, Path(f"{stem}_reliability.png"),
+                              f"Reliability of the held-out confidence, {setup.model_name}, judge: {cfg.judge}")
+        files.insert(3, f"{stem}_reliability.png")
+    Path(f"{stem}.md").write_text(text)
     write_roc_png(runs, methods, cfg.judge, all_metrics, Path(f"{stem}_roc.png"),
-                  f"ROC of wrong-answer detection, {model_name}, judge: {cfg.judge}")
+                  f"ROC of wrong-answer detection, {setup.model_name}, judge: {cfg.judge}")
     write_items(Path(f"{stem}_items.jsonl.gz"), runs)
     if threshold is not None:
-        calibration = dict(scorer.profile.calibration or {})
+        calibration = dict(setup.profile.calibration or {})
         calibration["flag_threshold"] = {k: v for k, v in threshold.items() if k != "score"}
-        profile = replace(
-            scorer.profile, threshold=threshold["threshold"], calibration=calibration,
-            dtype=str(scorer.weights.dtype).removeprefix("torch."),
-        )
+        profile = replace(setup.profile, threshold=threshold["threshold"], calibration=calibration, dtype=setup.dtype,
+                          confidence=None if fitted is None else fitted.model)
         profile_path = Path(cfg.profile_out) if cfg.profile_out else Path(f"{stem}_profile.json")
         profile.save(profile_path)
         report["profile_path"] = str(profile_path)
-    report["files"] = [f"{stem}.md", f"{stem}.json", f"{stem}_roc.png", f"{stem}_items.jsonl.gz"]
+    report["files"] = files
     return report

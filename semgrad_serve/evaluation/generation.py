@@ -28,6 +28,7 @@ from ..model.stop_token import hf_eos_ids
 from .config import GENERATORS
 from .prompts import MAX_NEW_TOKENS
 
+
 @dataclass
 class Generation:
     """One generated answer: token ids (with the EOS token that ended it), text, per-token log-probabilities."""

@@ -1,6 +1,8 @@
 """Offline correctness judges for generated answers, and the packaged sentence-embedding model.
 
-Three judges, each ``answer`` vs the list of gold answers (correct if it matches any):
+Four judges, each ``answer`` vs the list of gold answers (correct if it matches any):
+- ``reference`` (the default): the answer states a gold answer, inflections, paraphrase word order and
+  negation considered (``reference_judge.py``); the one that agrees best with hand labels on both datasets;
 - ``containment``: after normalisation (lower case, punctuation and the articles a/an/the removed, whitespace
   collapsed), a gold answer occurs in the answer as a whole-word phrase (gold in answer only: the answer
   "cell" does not match the gold "cell wall");
@@ -13,8 +15,6 @@ The paper judges with BEM ≥ 0.7, a learned answer-equivalence model not availa
 
 from __future__ import annotations
 
-import re
-import string
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,48 +23,12 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import SemgradError
+from . import reference_judge
+from .text import contains, lcs_length, normalize, rouge_l  # noqa: F401 (the judges' word-level rules)
 
-JUDGES = ("containment", "rouge", "embedding")
-DEFAULT_THRESHOLDS = {"containment": 1.0, "rouge": 0.3, "embedding": 0.7}
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation + "‘’“”—–"})
-
-
-def normalize(text: str) -> str:
-    """Lower case, punctuation → space, articles dropped, whitespace collapsed (SQuAD-style)."""
-    text = text.lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def contains(answer: str, gold: str) -> bool:
-    """Whether the normalised gold occurs in the normalised answer as whole words."""
-    g, a = normalize(gold), normalize(answer)
-    return bool(g) and f" {g} " in f" {a} "
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of two token lists (O(len(a)·len(b)) dynamic programme)."""
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over normalised words (0 when either side is empty)."""
-    c, r = normalize(candidate).split(), normalize(reference).split()
-    lcs = lcs_length(c, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
+JUDGES = ("reference", "containment", "rouge", "embedding")
+DEFAULT_JUDGE = "reference"
+DEFAULT_THRESHOLDS = {"reference": 1.0, "containment": 1.0, "rouge": 0.3, "embedding": 0.7}
 
 # -- the packaged sentence-embedding model ---------------------------------------------------------
 
@@ -133,6 +97,11 @@ class Judgement:
     similarity: float  # the judge's best match value over the gold answers (1/0 for containment)
 
 
+def judge_reference(answer: str, golds: Sequence[str], question: str) -> Judgement:
+    hit = any(reference_judge.states(answer, g, question) for g in golds)
+    return Judgement(hit, float(hit))
+
+
 def judge_containment(answer: str, golds: Sequence[str]) -> Judgement:
     hit = any(contains(answer, g) for g in golds)
     return Judgement(hit, float(hit))
@@ -153,14 +122,16 @@ def judge_embedding(
 
 
 def judge_all(
-    answers: Sequence[str], golds: Sequence[Sequence[str]], judges: Sequence[str] = JUDGES,
+    answers: Sequence[str], golds: Sequence[Sequence[str]], questions: Sequence[str], judges: Sequence[str] = JUDGES,
     thresholds: dict[str, float] | None = None, embedder: Embedder | None = None,
 ) -> dict[str, list[Judgement]]:
-    """Every requested judge on every (answer, golds) pair; the embedding judge encodes in batches."""
+    """Every requested judge on every (answer, golds, question); the embedding judge encodes in batches."""
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     out: dict[str, list[Judgement]] = {}
     for name in judges:
-        if name == "containment":
+        if name == "reference":
+            out[name] = [judge_reference(a, g, q) for a, g, q in zip(answers, golds, questions)]
+        elif name == "containment":
             out[name] = [judge_containment(a, g) for a, g in zip(answers, golds)]
         elif name == "rouge":
             out[name] = [judge_rouge(a, g, limits["rouge"]) for a, g in zip(answers, golds)]
@@ -177,6 +148,8 @@ def describe(name: str, threshold: float | None = None) -> str:
     """One line saying how a judge decides, for the results."""
     t = DEFAULT_THRESHOLDS[name] if threshold is None else threshold
     return {
+        "reference": "it states a gold answer: the gold's words as a phrase (inflections allowed), or most of the gold's "
+        "content words beyond the question, in order, with the same negation",
         "containment": "a normalised gold answer occurs in the normalised answer (whole words)",
         "rouge": f"ROUGE-L F1 with a gold answer ≥ {t:g}",
         "embedding": f"cosine similarity of all-MiniLM-L6-v2 embeddings with a gold answer ≥ {t:g}",

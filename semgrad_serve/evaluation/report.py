@@ -1,13 +1,11 @@
 """The evaluation's results: detection metrics per method, seconds per answer, and the files written.
 
-A markdown table, one PNG of ROC curves and the per-answer records (gzipped JSONL); ``evaluate.run_eval``
-adds the JSON report and the profile with the flag threshold.
+A markdown table and one PNG of ROC curves; ``evaluate.run_eval`` adds the JSON report, the per-answer records
+(``cached_items.py``), the confidence section (``confidence_report.py``) and the profile.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +16,7 @@ from ..scoring.items import GRADIENT_SCORES
 from . import judges, metrics
 from .config import EvalConfig
 from .prompts import PAPER_PROMPT
-from .runs import DatasetRun, ended_on_eos, text_tokens
+from .runs import DatasetRun
 
 # (key, label, family); the order of the tables
 METHODS = [
@@ -99,7 +97,7 @@ def write_roc_png(runs: list[DatasetRun], methods: list[tuple[str, str, str]], j
     handles: dict[str, Any] = {}
     for ax, run in zip(axes[0], runs):
         wrong = run.wrong(judge)
-        for c, (key, label, family) in enumerate(methods):
+        for c, (key, _, family) in enumerate(methods):
             s = np.asarray(run.scores.get(key, []), dtype=np.float64)
             if len(s) != run.n:
                 continue
@@ -140,6 +138,8 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
         f"Greedy answers ({cfg.generator}, at most {cfg.max_tokens} new tokens) to the paper's prompt "
         f"\"{PAPER_PROMPT.splitlines()[0]}\\n{{query}}\"; profile `{profile_name}`; "
         f"{cfg.samples} samples per question at temperature {cfg.temperature:g} for the sampling baselines.",
+        *([f"Answers and scores read from `{cfg.from_items}` (`--from-items`: nothing generated or scored in this run; "
+            "re-judged, re-measured and re-fitted)."] if cfg.from_items else []),
         "Stop token: " + ("counted (SPEC): an answer that ended on the model's EOS token is scored with it."
                           if cfg.stop_token else "not counted (the old convention): answers are scored without their EOS token."),
         "Profiles: " + "; ".join(f"`{name}`: t* = last {tok!r} {off:+d}, band = hidden states {band}" for name, tok, off, band in profiles) + ".",
@@ -169,7 +169,7 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
             f"- {r.name}: {r.n} questions, {int(kept.sum())} scored ({len(r.excluded)} excluded: empty answers); "
             f"accuracy " + ", ".join(f"{j} {100 * a:.1f}%" for j, a in acc.items())
             + (f"; greedy answer {gen / r.n:.3f} s/answer" if gen else "")
-            + f"; mean answer length {np.mean(text_tokens(r)):.1f} tokens, {np.mean(ended_on_eos(r)) * 100:.1f}% ended on the EOS token"
+            + f"; mean answer length {np.mean(r.answer_tokens):.1f} tokens, {np.mean(r.ended_on_eos) * 100:.1f}% ended on the EOS token"
             + (f"; {np.mean(r.clusters):.2f} clusters of {cfg.samples} samples on average" if r.clusters else "")
         )
     lines += ["", "AUROC (%) of every method under each judge:", ""]
@@ -190,18 +190,3 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
         ]
     return "\n".join(lines) + "\n"
 
-
-def write_items(path: Path, runs: list[DatasetRun]) -> None:
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for r in runs:
-            for i in range(r.n):
-                doc = {
-                    "dataset": r.name, "index": i, "answer": r.answers[i].text[:300], "answer_tokens": text_tokens(r)[i],
-                    "ended_on_eos": ended_on_eos(r)[i],
-                    "correct": {j: r.judgements[j][i].correct for j in r.judgements},
-                    "similarity": {j: round(r.judgements[j][i].similarity, 4) for j in r.judgements},
-                    "scores": {k: (None if not math.isfinite(v[i]) else v[i]) for k, v in r.scores.items()},
-                }
-                if i in r.excluded:
-                    doc["excluded"] = r.excluded[i]
-                f.write(json.dumps(doc) + "\n")

@@ -46,6 +46,8 @@ class DatasetRun:
     excluded: dict[int, str] = field(default_factory=dict)  # answer index → why it has no scores
     clusters: list[int] = field(default_factory=list)
     eos_ids: list[int] = field(default_factory=list)  # the model's EOS ids, to tell answers that ended on one
+    answer_tokens: list[int] = field(default_factory=list)  # per answer: its tokens, the EOS token that ended it not counted
+    ended_on_eos: list[bool] = field(default_factory=list)  # per answer: whether it ended on an EOS token
 
     @property
     def n(self) -> int:
@@ -57,11 +59,9 @@ class DatasetRun:
     def wrong(self, judge: str) -> np.ndarray:
         return np.array([not j.correct for j in self.judgements[judge]], dtype=bool)
 
-
-def text_tokens(run: DatasetRun) -> list[int]:
-    """Answer lengths in tokens, the EOS token that ended an answer not counted (the same under both conventions)."""
-    return [len(a.token_ids) - e for a, e in zip(run.answers, ended_on_eos(run))]
-
-
-def ended_on_eos(run: DatasetRun) -> list[bool]:
-    return [bool(a.token_ids) and a.token_ids[-1] in run.eos_ids for a in run.answers]
+    def take_answers(self, answers: list[Generation]) -> None:
+        """Set the greedy answers and count their tokens (the EOS token that ended one, ``eos_ids``, not counted:
+        the same length under both stop-token conventions)."""
+        self.answers = answers
+        self.ended_on_eos = [bool(a.token_ids) and a.token_ids[-1] in self.eos_ids for a in answers]
+        self.answer_tokens = [len(a.token_ids) - e for a, e in zip(answers, self.ended_on_eos)]

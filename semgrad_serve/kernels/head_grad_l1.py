@@ -136,7 +136,10 @@ def head_grad_l1_triton(
         args = (grad, h, scales.contiguous(), offsets.contiguous(), partial, n, v, d, grad.stride(0), h.stride(0),
                 max_tiles)
         if tuned is not None:
-            grid = lambda meta: (triton.cdiv(v, meta["BLOCK_V"]), batch)  # noqa: E731
+
+            def grid(meta: dict) -> tuple[int, int]:
+                return triton.cdiv(v, meta["BLOCK_V"]), batch
+
             tuned[grid](*args, S=n_scales, ACC=tl_dtype(acc), PRECISION=prec)
             block_v = tuned.best_config.kwargs["BLOCK_V"]
         else:

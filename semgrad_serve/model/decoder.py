@@ -99,6 +99,22 @@ def _queries_keys_values(
     return q, k, v
 
 
+def attention_after_past(q: torch.Tensor, own: KeyValue, past: KeyValue, mask: torch.Tensor) -> torch.Tensor:
+    """Attention [B, heads, S, head_dim] of queries q over constant ``past`` keys/values followed by their
+    own, as two products under one softmax, so that autograd forms no gradient for the past keys/values
+    (over their concatenation, SDPA's backward would, for every past position). ``mask`` [B, 1, S, P + S]
+    as ``attention_mask`` builds it; query heads sharing a key/value head are stacked, not the keys repeated."""
+    batch, heads, seq, head_dim = q.shape
+    kv_heads, n_past = past[0].shape[1], past[0].shape[2]
+    group = heads // kv_heads
+    qg = q.reshape(batch, kv_heads, group * seq, head_dim) * head_dim**-0.5
+    scores = torch.cat((qg @ past[0].transpose(-1, -2), qg @ own[0].transpose(-1, -2)), dim=-1)
+    scores = scores.view(batch, kv_heads, group, seq, n_past + seq).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * seq, n_past + seq)
+    out = probs[..., :n_past] @ past[1] + probs[..., n_past:] @ own[1]
+    return out.view(batch, heads, seq, head_dim)
+
+
 def layer_forward(
     w: DecoderWeights,
     layer: LayerWeights,
@@ -115,13 +131,16 @@ def layer_forward(
     q_size = w.n_heads * w.head_dim
     q, k, v = _queries_keys_values(w, layer, x, rope, queries=True)
     own = (k, v)
-    if past is not None:
-        k = torch.cat((past[0], k), dim=2)
-        v = torch.cat((past[1], v), dim=2)
     mask = masks[layer.window]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=w.n_heads != w.n_kv_heads
-    )
+    if past is not None and torch.is_grad_enabled() and q.requires_grad:
+        out = attention_after_past(q, (k, v), past, mask)
+    else:
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=w.n_heads != w.n_kv_heads
+        )
     x = x + F.linear(out.transpose(1, 2).reshape(batch, seq, q_size), layer.o_proj)
     h = rms_norm(x, layer.post_norm, w.norm_eps)
     inter = layer.down.shape[1]

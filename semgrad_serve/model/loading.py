@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("float32", "bfloat16", "float64")  # compute dtypes of offline scoring
 Messages = list[dict[str, Any]]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json", "vocab.json")  # any one of them
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # single files or shards
 
 
 def parse_dtype(name: str) -> "torch.dtype":
@@ -48,6 +50,16 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def check_model_dir(path: Path) -> None:
+    """A local Hugging Face model directory with a config, a tokenizer and weights, checked before anything loads."""
+    if not (path / "config.json").is_file():
+        raise SemgradError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise SemgradError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise SemgradError(f"{path} has no weights (no {' or '.join(WEIGHT_FILES)} file)")
+
+
 def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     """The chat template applied to ``messages`` with the generation prompt, tokenized as vLLM does."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -61,8 +73,7 @@ def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: 
     from .default_model import default_model_dir
 
     path = Path(model_dir) if model_dir is not None else default_model_dir()
-    if not (path / "config.json").is_file():
-        raise SemgradError(f"{path} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), attn_implementation="sdpa")
     return model.to(device).eval().requires_grad_(False), tokenizer, path

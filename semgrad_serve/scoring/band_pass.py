@@ -4,7 +4,9 @@ For a batch of (prompt, answer) sequences, right-padded:
 0. a prompt prefix all items share may come as constant keys/values
    (``shared_prefix.py``), or each item's whole prompt before t* may (read
    from vLLM's KV cache); the items then run from its end on;
-1. layers below the band run on every position with no graph;
+1. layers below the band run on every position with no graph, unless the
+   residual stream entering the band is given for positions t* onwards
+   (recorded while vLLM generated): then only the band runs;
 2. from the band start on, each sequence is split at t*: the prefix (positions
    before t*) runs with no graph and hands its keys/values to the suffix as
    constants (at the last layer only its keys/values are computed); the suffix
@@ -52,22 +54,37 @@ def pad_prefix_kv(prefixes: Sequence[torch.Tensor], length: int) -> torch.Tensor
     return out
 
 
+def pad_rows(rows: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack per-item states [n_b, d] into [B, length, d], zero past each item's rows."""
+    if len(rows) == 1 and rows[0].shape[0] == length:
+        return rows[0][None]
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for b, x in enumerate(rows):
+        out[b, : x.shape[0]] = x
+    return out
+
+
 def band_pass(
     w: DecoderWeights,
     items: Sequence[PreparedItem],
     band: range,
     shared: SharedPrefix | None = None,
     prefix_kv: Sequence[torch.Tensor] | None = None,
+    band_inputs: Sequence[torch.Tensor] | None = None,
 ) -> BandPass:
     """Run the batch forward; ``band`` is the range of hidden-state indices whose gradient at t* is wanted.
     ``shared``: a prefix every item starts with (ending at or before each t*), whose keys/values enter
     every layer as constants, so that the items run from its end on.
     ``prefix_kv``: per item, the keys/values of its positions [0, t*) at every layer
     ([n_layers, 2, kv_heads, t*, head_dim], e.g. read from vLLM's KV cache); the items then run from t* on
-    through every layer, with no graph below the band."""
+    through every layer, with no graph below the band.
+    ``band_inputs``: per item, the residual stream entering layer ``band.start`` at positions t* onwards
+    ([≥ length − t*, d]); with it, ``prefix_kv`` holds only the layers from ``band.start`` on and only the band runs."""
     dev, dtype, n_layers = w.device, w.dtype, w.n_layers
     if prefix_kv is not None and shared is not None:
         raise ValueError("a shared prefix and per-item prefix keys/values exclude each other")
+    if band_inputs is not None and prefix_kv is None:
+        raise ValueError("band inputs need the prefix keys/values of the band's layers")
     c = len(shared.ids) if shared is not None else 0
     seqs = [it.prompt_ids + it.answer_ids[:-1] for it in items]
     # Index bookkeeping on the host, each tensor sent once: no device read-back, no per-item copies.
@@ -92,9 +109,13 @@ def band_pass(
         x_pre = x[:, : p_max - c]
         pre_rope = rotary(w, pre_pos, dtype)
         pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
-    else:
+    elif band_inputs is None:
         first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
         x_suf = F.embedding(right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max), w.embed)
+        pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
+    else:
+        first = band.start  # only the band runs, on the suffix, from the given residual stream
+        x_suf = pad_rows([x[:n].to(device=dev, dtype=dtype) for x, n in zip(band_inputs, s_len_h)], s_max)
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
 
     suf_rope = rotary(w, suf_pos, dtype)
@@ -112,7 +133,7 @@ def band_pass(
     for i in range(first, n_layers):
         past = shared_kv[i]
         if prefix_kv is not None:
-            past = (pre_kv[i, 0], pre_kv[i, 1])
+            past = (pre_kv[i - first, 0], pre_kv[i - first, 1])
         elif p_max > c:
             with torch.no_grad():
                 x_pre, own = context_step(w, i, x_pre, pre_rope, pre_masks, past)

@@ -28,7 +28,6 @@ from .band_pass import band_pass
 from .items import ClaimScores, PreparedItem, ScoreResult, hybrid
 from .shared_prefix import SharedPrefix
 
-
 # Answer rows whose logits [rows, V] are formed at once: bounds the head's memory (256 MiB of float32),
 # whatever the batch's answer lengths; an answer longer than that still goes in one piece.
 HEAD_CHUNK_ELEMENTS = 1 << 26
@@ -77,6 +76,18 @@ class ClaimRows:
         return runs
 
 
+def head_logits(w: DecoderWeights, h: torch.Tensor, bounds: list[int], given: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
+    """Logits [rows, V] of the answer rows ``h`` of consecutive items (``bounds``: their row offsets): given ones
+    copied (never the given tensors themselves: token_stats overwrites its input), the others formed."""
+    if given is None or all(g is None for g in given):
+        return h @ w.head.T
+    parts = []
+    for b, g in enumerate(given):
+        lo, hi = bounds[b] - bounds[0], bounds[b + 1] - bounds[0]
+        parts.append(h[lo:hi] @ w.head.T if g is None else g[: hi - lo].to(device=h.device, dtype=h.dtype))
+    return torch.cat(parts)
+
+
 def score_batch(
     w: DecoderWeights,
     items: Sequence[PreparedItem],
@@ -85,11 +96,17 @@ def score_batch(
     shared: SharedPrefix | None = None,
     exgrad: bool = True,
     prefix_kv: Sequence[torch.Tensor] | None = None,
+    band_inputs: Sequence[torch.Tensor] | None = None,
+    logits: Sequence[torch.Tensor | None] | None = None,
 ) -> list[ScoreResult]:
-    """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``: see
-    ``band_pass``). ``exgrad=False`` skips the ExGrad baseline, a second pass over the V×d head gradient.
-    Items with ``claims`` also get their claims' scores (one more pass over their head gradient)."""
-    fwd = band_pass(w, items, band, shared, prefix_kv)
+    """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``,
+    ``band_inputs``: see ``band_pass``). ``logits``: per item, the logits [≥ answer length, V] predicting its
+    answer tokens where already computed (vLLM's), or None. ``exgrad=False`` skips the ExGrad baseline, a
+    second pass over the V×d head gradient. Items with ``claims`` also get their claims' scores (one more pass
+    over their head gradient)."""
+    fwd = band_pass(w, items, band, shared, prefix_kv, band_inputs)
+    if logits is not None and len(logits) != len(items):
+        raise ValueError("logits need one entry per item")
     hidden = fwd.answer_hidden.detach()
     bounds = [0, *itertools.accumulate(len(it.answer_ids) for it in items)]  # on the host: no read-back
     claims = ClaimRows(items, bounds) if any(it.claims for it in items) else None
@@ -101,7 +118,8 @@ def score_batch(
         offsets = fwd.offsets[lo : hi + 1] - bounds[lo]
         h = hidden[rows]
         # the logits' memory holds the gradient softmax − onehot where the dtypes allow: one [rows, V] buffer
-        lp, ent, nll_grad = kernels.token_stats(h @ w.head.T, fwd.targets[rows], check=False, overwrite=True)
+        z = head_logits(w, h, bounds[lo : hi + 1], None if logits is None else logits[lo:hi])
+        lp, ent, nll_grad = kernels.token_stats(z, fwd.targets[rows], check=False, overwrite=True)
         lengths = offsets.diff()
         inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths, output_size=bounds[hi] - bounds[lo])
         token_weight = ent * inv_len  # w_t / T

@@ -1,4 +1,4 @@
-"""Model profiles: where t* is, which layers form the band, and the flag threshold.
+"""Model profiles: where t* is, which layers form the band, the flag threshold and the confidence model.
 
 A profile is a small JSON document. t* is defined by a token of the chat
 template (its last occurrence in the prompt, plus an offset), never by a fixed
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ItemError, SemgradError
+from .confidence import ConfidenceModel
 from .items import DEFAULT_SCORE, FLAG_SCORES
 
 PROFILE_FILE_IN_MODEL_DIR = "semgrad_profile.json"
@@ -54,6 +55,7 @@ class ModelProfile:
     calibration: dict[str, Any] | None = None
     paragrad_tied: bool = False  # also score the authors' tied-head ParaGrad offline (tied models; never in serving)
     dtype: str = "float32"  # the scoring dtype the threshold was fitted in (scores shift with it)
+    confidence: ConfidenceModel | None = None  # calibrated P(correct); where present it sets the flag, not ``threshold``
 
     def band_range(self, n_layers: int) -> range:
         """Hidden-state indices of the band: the SPEC's deeper half unless the profile fixes it."""
@@ -66,23 +68,31 @@ class ModelProfile:
             raise SemgradError(f"profile {self.name!r}: band {self.band} is outside 0..{n_layers - 1}")
         return range(first, last + 1)
 
-    def flag(self, scores: dict[str, float]) -> tuple[float, bool | None]:
-        """(configured score, flagged); flagged is None when the profile has no threshold."""
+    def assess(self, scores: dict[str, float], length: int) -> dict[str, Any]:
+        """The configured ``score`` and ``threshold``, the ``confidence`` (P(correct); None without a confidence model),
+        its ``min_confidence`` and ``flagged``: ``confidence < min_confidence`` with a confidence model, else
+        ``score > threshold`` (None without a threshold). ``length``: answer tokens, the stop token not counted."""
         value = scores[self.score]
-        return value, None if self.threshold is None else bool(value > self.threshold)
+        if self.confidence is None:
+            flagged = None if self.threshold is None else bool(value > self.threshold)
+            return {"score": value, "threshold": self.threshold, "confidence": None, "min_confidence": None, "flagged": flagged}
+        p = self.confidence.confidence(value, length, scores["mean_entropy"])
+        return {"score": value, "threshold": self.threshold, "confidence": p,
+                "min_confidence": self.confidence.operating_point.min_confidence, "flagged": self.confidence.flagged(p)}
 
     def dtype_mismatch(self, dtype: str) -> str | None:
-        """A warning when scores in ``dtype`` would meet a threshold fitted in another dtype, else None."""
-        if self.threshold is None or dtype == self.dtype:
+        """A warning when scores in ``dtype`` would meet a threshold or confidence model fitted in another dtype, else None."""
+        if (self.threshold is None and self.confidence is None) or dtype == self.dtype:
             return None
         return (
-            f"profile {self.name!r}: its threshold was fitted on {self.dtype} scores and these are {dtype}; "
+            f"profile {self.name!r}: its threshold and confidence were fitted on {self.dtype} scores and these are {dtype}; "
             f"flags may shift: refit it with `semgrad-serve eval --dtype {dtype}` or score in {self.dtype}"
         )
 
     def to_json(self) -> str:
         doc = asdict(self)
         doc["t_star"] = asdict(self.t_star)
+        doc["confidence"] = None if self.confidence is None else self.confidence.to_dict()
         return json.dumps(doc, indent=2)
 
     def save(self, path: str | Path) -> None:
@@ -103,11 +113,15 @@ class ModelProfile:
                 calibration=doc.get("calibration"),
                 paragrad_tied=bool(doc.get("paragrad_tied", False)),
                 dtype=str(doc.get("dtype", "float32")),
+                confidence=None if doc.get("confidence") is None else ConfidenceModel.from_dict(doc["confidence"], source),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SemgradError(f"{source}: not a valid profile ({exc.__class__.__name__}: {exc})") from None
         if profile.score not in FLAG_SCORES:
             raise SemgradError(f"{source}: score must be one of {', '.join(FLAG_SCORES)}, not {profile.score!r}")
+        if profile.confidence is not None and profile.confidence.score != profile.score:
+            raise SemgradError(f"{source}: its confidence model was fitted on {profile.confidence.score!r}, "
+                               f"not the profile's score {profile.score!r}; refit it with `semgrad-serve eval`")
         return profile
 
     @classmethod

@@ -9,7 +9,6 @@ of similar length into batches.
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -75,43 +74,40 @@ class Scorer:
         cls,
         model_dir: str | Path | None = None,
         dtype: str = "float32",
-        profile: str | Path | None = None,
+        profile: ModelProfile | str | Path | None = None,
         kernels: str | None = None,
         device: str = "cpu",
         paragrad_tied: bool | None = None,
     ) -> "Scorer":
-        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct); ``paragrad_tied``
-        defaults to the profile's setting."""
+        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct) with ``profile`` (a
+        profile or its file; default: the model's own or a built-in one); ``paragrad_tied`` defaults to the profile's
+        setting. A profile file and the model directory are checked before the model loads."""
+        explicit = profile if profile is None or isinstance(profile, ModelProfile) else ModelProfile.load(profile)
         model, tokenizer, path = load_hf_model(model_dir, dtype, device)
         weights = from_hf_model(model)
-        chosen = resolve_profile(model.config, tokenizer.chat_template, path, profile)
+        chosen = explicit or resolve_profile(model.config, tokenizer.chat_template, path, None)
         tied = chosen.paragrad_tied if paragrad_tied is None else paragrad_tied
         scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device), eos_ids=hf_eos_ids(tokenizer, model), paragrad_tied=tied)
         scorer.model = model
         return scorer
 
-    def verdict(self, scores: dict[str, float]) -> dict[str, Any]:
-        """The profile's verdict on an answer's or a claim's raw scores: the configured score, ``confidence`` (the
-        estimated probability that it is correct; None: the profile has no calibrator) and ``flagged``."""
-        score, flagged = self.profile.flag(scores)
-        return {"score": score, "confidence": None, "flagged": flagged}
-
     def report(self, result: ScoreResult) -> dict[str, Any]:
-        """A result as JSON-ready dict, with the profile's configured score, threshold and flag, and its claims'
-        reports where it has claims."""
-        verdict = self.verdict(result.scores())
-        report = {**result.to_dict(), "score": verdict["score"], "threshold": self.profile.threshold, "flagged": verdict["flagged"]}
+        """A result as JSON-ready dict, with the profile's configured score, threshold, confidence and flag
+        (``ModelProfile.assess``), and its claims' reports where it has claims."""
+        report = {**result.to_dict(), **self.profile.assess(result.scores(), result.answer_tokens - result.stop_token)}
         if result.claims is None:
             del report["claims"]
         else:
-            report["claims"] = [self.claim_report(c) for c in result.claims]
+            report["claims"] = [self.claim_report(c, c.token_end == result.answer_tokens and result.stop_token) for c in result.claims]
         return report
 
-    def claim_report(self, claim: ClaimScores) -> dict[str, Any]:
-        """One claim's entry of ``"claims"``: its text, tokens, raw scores, and the verdict on them."""
-        verdict = self.verdict(claim.scores())
+    def claim_report(self, claim: ClaimScores, stop_token: bool) -> dict[str, Any]:
+        """One claim's entry of ``"claims"``: its text, tokens, raw scores, and the profile's confidence and flag from
+        them, as for a whole answer (``stop_token``: the claim ends on the answer's scored stop token, not counted in
+        its length)."""
+        assessed = self.profile.assess(claim.scores(), claim.token_end - claim.token_start - stop_token)
         raw = {k: getattr(claim, k) for k in ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy")}
-        return {**raw, "confidence": verdict["confidence"], "flagged": verdict["flagged"]}
+        return {**raw, "confidence": assessed["confidence"], "flagged": assessed["flagged"]}
 
     # -- text to token ids -------------------------------------------------------------------------
 
@@ -181,19 +177,26 @@ class Scorer:
         )
 
     def score_prepared(
-        self, items: Sequence[PreparedItem], prefix_kv: Sequence[torch.Tensor] | None = None
+        self,
+        items: Sequence[PreparedItem],
+        prefix_kv: Sequence[torch.Tensor] | None = None,
+        band_inputs: Sequence[torch.Tensor] | None = None,
+        logits: Sequence[torch.Tensor | None] | None = None,
     ) -> list[ScoreResult | ItemError]:
         """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others.
-        ``prefix_kv``: each item's keys/values before t* at every layer (see ``band_pass``)."""
+        ``prefix_kv``, ``band_inputs``, ``logits``: see ``score_batch``."""
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
-            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv)
+            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits)
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 return [ItemError(f"scoring failed: {exc}")]
-            kvs = [None] * len(items) if prefix_kv is None else [[kv] for kv in prefix_kv]
-            return [r for item, kv in zip(items, kvs) for r in self.score_prepared([item], kv)]
+            alone = [None] * len(items)
+            kvs = alone if prefix_kv is None else [[kv] for kv in prefix_kv]
+            xs = alone if band_inputs is None else [[x] for x in band_inputs]
+            zs = alone if logits is None else [[z] for z in logits]
+            return [r for item, kv, x, z in zip(items, kvs, xs, zs) for r in self.score_prepared([item], kv, x, z)]
 
     def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
         """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
@@ -207,6 +210,8 @@ class Scorer:
         progress: bool = False,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
         prefix_kv: Sequence[torch.Tensor | None] | None = None,
+        band_inputs: Sequence[torch.Tensor | None] | None = None,
+        logits: Sequence[torch.Tensor | None] | None = None,
         claims: bool | Sequence[bool] = False,
     ) -> list[ScoreResult | ItemError]:
         """Score (prompt ids, answer ids) pairs; results keep input order. ``claims`` (for every pair, or per pair):
@@ -217,29 +222,33 @@ class Scorer:
         cost memory (their activations outgrow the caches, so they are no faster per item).
         ``prefix_kv``: per pair, its prompt's keys/values before t* at every layer
         ([n_layers, 2, kv_heads, t*, head_dim], as vLLM's KV cache holds them), or None to recompute
-        them; an item with them runs only from t* on, so only its tokens from t* on count."""
+        them; an item with them runs only from t* on, so only its tokens from t* on count.
+        ``band_inputs``: per pair, the residual stream entering the band's first layer at positions t*
+        onwards ([≥ length − t*, d], as vLLM computed it), or None; a pair with them has ``prefix_kv`` of
+        the layers from the band's first on only, and only the band runs.
+        ``logits``: per pair, the logits [≥ answer length, V] that predict its answer tokens (as vLLM computed them
+        while generating), or None; the head's product is then not formed again."""
         if batch_size < 1 or max_batch_tokens < 1:
             raise SemgradError("batch size and batch tokens must be at least 1")
         kvs = list(prefix_kv) if prefix_kv is not None else [None] * len(pairs)
+        xs = list(band_inputs) if band_inputs is not None else [None] * len(pairs)
+        zs = list(logits) if logits is not None else [None] * len(pairs)
         wanted = [claims] * len(pairs) if isinstance(claims, bool) else list(claims)
-        if len(kvs) != len(pairs) or len(wanted) != len(pairs):
-            raise SemgradError("prefix_kv and claims need one entry per pair")
+        if not len(kvs) == len(xs) == len(zs) == len(wanted) == len(pairs):
+            raise SemgradError("prefix_kv, band_inputs, logits and claims need one entry per pair")
         results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
-        groups: dict[bool, list[tuple[int, int, PreparedItem]]] = {False: [], True: []}
+        # 0: recompute the prompt; 1: prompt keys/values given; 2: and the band's inputs
+        groups: dict[int, list[tuple[int, int, PreparedItem]]] = {0: [], 1: [], 2: []}
         for i, (prompt, answer) in enumerate(pairs):
             try:
                 item = self.prepare(prompt, answer, wanted[i])
+                kind = self._check_given(item, kvs[i], xs[i], zs[i])
             except ItemError as exc:
                 results[i] = exc
                 continue
-            kv = kvs[i]
-            if kv is not None and tuple(kv.shape) != self.prefix_kv_shape(item.t_star):
-                results[i] = ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {self.prefix_kv_shape(item.t_star)}")
-                continue
-            cached = kv is not None
-            groups[cached].append((item.length - item.t_star if cached else item.length, i, item))
+            groups[kind].append((item.length - item.t_star if kind else item.length, i, item))
         with tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="answer", disable=not progress) as bar:
-            for cached, prepared in groups.items():
+            for kind, prepared in groups.items():
                 prepared.sort(key=lambda p: p[0])
                 while prepared:
                     # sorted by length, so the last item of a batch sets its padded length
@@ -247,13 +256,36 @@ class Scorer:
                     while size < min(batch_size, len(prepared)) and (size + 1) * prepared[size][0] <= max_batch_tokens:
                         size += 1
                     chunk, prepared = prepared[:size], prepared[size:]
-                    chunk_kv = [kvs[i] for _, i, _ in chunk] if cached else None
-                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv)):
+                    chunk_kv = [kvs[i] for _, i, _ in chunk] if kind else None
+                    chunk_x = [xs[i] for _, i, _ in chunk] if kind == 2 else None
+                    chunk_z = [zs[i] for _, i, _ in chunk]
+                    chunk_z = chunk_z if any(z is not None for z in chunk_z) else None
+                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv, chunk_x, chunk_z)):
                         results[i] = result
                     bar.update(len(chunk))
         return results  # type: ignore[return-value]
 
-    def prefix_kv_shape(self, t_star: int) -> tuple[int, ...]:
-        """The shape ``score`` expects of an item's prefix keys/values."""
+    def _check_given(self, item: PreparedItem, kv: torch.Tensor | None, x: torch.Tensor | None, z: torch.Tensor | None) -> int:
+        """Which of ``score``'s groups an item with these given states goes to; mismatched shapes are an ``ItemError``."""
+        answer, vocab = len(item.answer_ids), self.weights.vocab_size
+        if z is not None and (z.dim() != 2 or z.shape[0] < answer or z.shape[1] != vocab):
+            raise ItemError(f"logits of shape {tuple(z.shape)}, expected at least ({answer}, {vocab})")
+        if kv is None:
+            if x is not None:
+                raise ItemError("band inputs need the prefix keys/values of the band's layers")
+            return 0
+        first = 0 if x is None else self.band.start
+        expected = self.prefix_kv_shape(item.t_star, first)
+        if tuple(kv.shape) != expected:
+            raise ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {expected}")
+        if x is None:
+            return 1
+        rows = item.length - item.t_star
+        if x.dim() != 2 or x.shape[0] < rows or x.shape[1] != self.weights.hidden_size:
+            raise ItemError(f"band inputs of shape {tuple(x.shape)}, expected at least ({rows}, {self.weights.hidden_size})")
+        return 2
+
+    def prefix_kv_shape(self, t_star: int, first_layer: int = 0) -> tuple[int, ...]:
+        """The shape ``score`` expects of an item's prefix keys/values (layers from ``first_layer`` on)."""
         w = self.weights
-        return (w.n_layers, 2, w.n_kv_heads, t_star, w.head_dim)
+        return (w.n_layers - first_layer, 2, w.n_kv_heads, t_star, w.head_dim)

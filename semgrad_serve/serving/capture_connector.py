@@ -5,12 +5,14 @@ Enabled by ``semgrad-serve serve`` (``--kv-transfer-config`` with this module as
 ``kv_transfer_params`` carry a capture key (the endpoint sets one when it will
 score the answer) are touched:
 
-- scheduler side: when such a request finishes normally, ``request_finished``
+- scheduler side: when such a request is given blocks (first scheduled, or resumed), the worker is told to
+  record its band inputs and logits (``step_recorder.py``); when it finishes normally, ``request_finished``
   keeps its blocks (returns True) and passes its block table to the worker in
   the next step's metadata (aborted ones too: a stop string ends a request by aborting it); unscored and
   failed requests are freed as usual;
 - worker side: before that step's forward, the blocks holding the prompt up to
-  t* are copied into the worker process's ``CaptureStore`` (unpacked later, on
+  t* (of the band's layers only, where its inputs were recorded from t* on) are
+  copied into the worker process's ``CaptureStore`` (unpacked later, on
   the scoring thread), and the request is
   reported finished in the same step, so vLLM frees its blocks one step after
   the request ended, whatever happens to scoring later.
@@ -28,6 +30,7 @@ from vllm.v1.request import RequestStatus
 from .captures import KV_PARAM, STORE
 from .config import log
 from .kv_layout import copy_blocks, layout_for, unpack
+from .step_recorder import RECORDER, Recorded
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -54,11 +57,14 @@ class CaptureOrder:
     prompt_ids: tuple[int, ...]
     block_ids: tuple[int, ...]
     computed: int  # positions whose keys/values the blocks hold
+    output_ids: tuple[int, ...] = ()
 
 
 @dataclass
 class CaptureMetadata(KVConnectorMetadata):
     orders: list[CaptureOrder] = field(default_factory=list)
+    watch: list[str] = field(default_factory=list)  # scored requests to record the band inputs of
+    forget: list[str] = field(default_factory=list)  # scored requests that ended without a capture
 
 
 class SemgradCaptureConnector(KVConnectorBase_V1):
@@ -67,6 +73,8 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         self._orders: list[CaptureOrder] = []  # scheduler side: finished requests not yet sent to the worker
+        self._watch: list[str] = []  # scheduler side: scored requests given blocks since the last step
+        self._forget: list[str] = []
         self._release: set[str] = set()  # worker side: copied requests whose blocks vLLM may free
         self._caches: list[torch.Tensor] = []  # worker side: per-layer caches, in layer order
         self._layout: str | None = None
@@ -78,18 +86,25 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         return 0, False  # loads nothing
 
     def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
-        return None
+        if capture_key(request.kv_transfer_params) is not None:
+            self._watch.append(request.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         key = capture_key(request.kv_transfer_params)
-        if key is None or request.status not in CAPTURED_ENDINGS or request.prompt_token_ids is None:
+        if key is None:
             return False, None
-        order = CaptureOrder(request.request_id, key, tuple(request.prompt_token_ids), tuple(block_ids), request.num_computed_tokens)
+        if request.status not in CAPTURED_ENDINGS or request.prompt_token_ids is None:
+            self._forget.append(request.request_id)
+            return False, None
+        order = CaptureOrder(
+            request.request_id, key, tuple(request.prompt_token_ids), tuple(block_ids), request.num_computed_tokens, tuple(request.output_token_ids)
+        )
         self._orders.append(order)
         return True, None
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta, self._orders = CaptureMetadata(self._orders), []
+        meta = CaptureMetadata(self._orders, self._watch, self._forget)
+        self._orders, self._watch, self._forget = [], [], []
         return meta
 
     # -- worker side -------------------------------------------------------------------------------
@@ -114,19 +129,37 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         return self._layout
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
-        """Copy out the prompts of this step's finished requests before the forward runs."""
+        """Copy out the prompts of this step's finished requests before the forward runs; start or stop
+        recording the band inputs of scored requests."""
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, CaptureMetadata)
+        for request_id in connector_metadata.watch:
+            RECORDER.watch(request_id)
+        for request_id in connector_metadata.forget:
+            RECORDER.forget(request_id)
         for order in connector_metadata.orders:
             layout = self._cache_layout() if self._caches else None
-            read = None if layout is None else (lambda n, o=order: self._copy(o, n))
-            STORE.add(order.key, order.prompt_ids, read, lambda raw, n, lay=layout: unpack(raw, lay, n))
+            read = None if layout is None else (lambda n, first, o=order: self._copy(o, n, first))
+            STORE.add(
+                order.key,
+                order.prompt_ids,
+                read,
+                lambda raw, n, lay=layout: unpack(raw, lay, n),
+                lambda n, o=order: self._band_inputs(o, n),
+                order.output_ids,
+            )
             self._release.add(order.request_id)
 
-    def _copy(self, order: CaptureOrder, n: int) -> list[torch.Tensor]:
+    @staticmethod
+    def _band_inputs(order: CaptureOrder, t_star: int) -> tuple[int, Recorded] | None:
+        """The band's first layer and what was recorded from t* on, where every band input was."""
+        recorded = RECORDER.take(order.request_id, t_star, order.computed)
+        return None if recorded is None or RECORDER.first_layer is None else (RECORDER.first_layer, recorded)
+
+    def _copy(self, order: CaptureOrder, n: int, first_layer: int) -> list[torch.Tensor]:
         if n > order.computed:
             raise ValueError(f"the request ended after computing {order.computed} of the {n} positions before t*")
-        return copy_blocks(self._caches, order.block_ids, n)
+        return copy_blocks(self._caches[first_layer:], order.block_ids, n)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return None

@@ -8,7 +8,9 @@ the API server put in the request's ``kv_transfer_params`` and drops it when
 the API server says the request is done; captures nobody claims expire.
 Every key gets an entry, with keys/values or without (t* not in the prompt,
 over the memory budget, layout unknown), so that scoring never waits for a
-capture that will not come.
+capture that will not come. Where the band's inputs were recorded for every
+position from t* on (``band_inputs.py``), the capture holds them and only the
+band's layers' keys/values.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+
+from .step_recorder import Recorded
 
 KV_PARAM = "semgrad_capture"  # the key's name in a request's kv_transfer_params
 DEFAULT_BUDGET_BYTES = 2 << 30  # most bytes of keys/values held at once; beyond it answers score by recompute
@@ -28,12 +32,19 @@ TTL_S = 300.0  # a capture nobody claimed or dropped is discarded after this lon
 @dataclass
 class Capture:
     """A prompt's keys/values before t*, as copied from the cache (``raw``) and turned by ``unpack``
-    into [n_layers, 2, kv_heads, t*, head_dim] when first asked for (on the scoring thread)."""
+    into [n_layers − first_layer, 2, kv_heads, t*, head_dim] when first asked for (on the scoring thread);
+    and, per choice whose band inputs were recorded, its output token ids and what was recorded
+    (``step_recorder.Recorded``: the residual stream entering layer ``band_layer`` at positions t* onwards,
+    the logits predicting the output)."""
 
     prompt_ids: tuple[int, ...]
     raw: Any = None  # a tensor or a list of tensors, as the connector copied it; None: score by recompute
     unpack: Callable[[Any], torch.Tensor] | None = None
     reason: str = ""  # why there are no keys/values
+    t_star: int = 0  # the positions ``raw`` holds
+    first_layer: int = 0  # the first layer ``raw`` holds: the band's when its inputs were recorded, else 0
+    band_layer: int = 0
+    recorded: list[tuple[tuple[int, ...], Recorded]] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     _kv: torch.Tensor | None = None
 
@@ -43,10 +54,41 @@ class Capture:
             self._kv = self.raw if self.unpack is None else self.unpack(self.raw)
         return self._kv
 
+    def given(self, answer_ids: Sequence[int]) -> Given:
+        """What scoring ``answer_ids`` after this prompt may take as given: the prompt keys/values, and what was
+        recorded for a choice whose output starts with the answer (then the keys/values of the band's layers
+        only). Nothing where the answer must be scored by recompute."""
+        kv = self.kv
+        if kv is None:
+            return Given()
+        rows = len(self.prompt_ids) + len(answer_ids) - 1 - self.t_star
+        for output_ids, recorded in self.recorded:
+            # band inputs and logits up to the answer's last token depend only on the tokens before it
+            if tuple(answer_ids[:-1]) == output_ids[: len(answer_ids) - 1] and recorded.band_inputs.shape[0] >= rows:
+                logits = recorded.logits
+                logits = logits[: len(answer_ids)] if logits is not None and logits.shape[0] >= len(answer_ids) else None
+                return Given(kv[self.band_layer - self.first_layer :], recorded.band_inputs, logits)
+        return Given(kv) if self.first_layer == 0 else Given()
+
     @property
     def nbytes(self) -> int:
-        parts = [] if self.raw is None else [self.raw] if isinstance(self.raw, torch.Tensor) else self.raw
+        parts = [] if self.raw is None else [self.raw] if isinstance(self.raw, torch.Tensor) else list(self.raw)
+        parts += [t for _, rec in self.recorded for t in (rec.band_inputs, rec.logits) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
+
+
+@dataclass(frozen=True)
+class Given:
+    """What scoring an answer takes as computed (see ``Scorer.score``): its prompt's keys/values before t*, the
+    band's inputs from t* on and the logits predicting the answer's tokens; None: computed by scoring."""
+
+    prefix_kv: torch.Tensor | None = None
+    band_inputs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+# Given t*, the band's first layer and what one choice's run recorded from t* on, or None.
+BandInputs = Callable[[int], "tuple[int, Recorded] | None"]
 
 
 class CaptureStore:
@@ -64,37 +106,60 @@ class CaptureStore:
         self,
         key: str,
         prompt_ids: tuple[int, ...],
-        read: Callable[[int], Any] | None,
+        read: Callable[[int, int], Any] | None,
         unpack: Callable[[Any, int], torch.Tensor] | None = None,
+        band_inputs: BandInputs | None = None,
+        output_ids: tuple[int, ...] = (),
     ) -> None:
-        """Record the capture of ``key``: ``read(n)`` copies what holds the first n positions' keys/values
-        (None: no readable cache) and ``unpack(copy, n)`` turns the copy into them later (None: it already
-        is). Called by the connector while vLLM still holds the blocks."""
+        """Record the capture of one choice of ``key``: ``read(n, first_layer)`` copies what holds the first n
+        positions' keys/values from layer ``first_layer`` on (``read`` None: no readable cache) and
+        ``unpack(copy, n)`` turns the copy into them later (None: it already is); ``band_inputs`` and
+        ``output_ids``: the choice's recorded band inputs and its output. The keys/values are read for a key's
+        first choice only (n > 1: the same prompt). Called by the connector while vLLM still holds the blocks."""
         with self._changed:
             self._expire()
-            if key in self._entries:  # another choice of the same request (n > 1): same prompt, same prefix
-                return
-            capture = self._capture(prompt_ids, read, unpack)
-            self._entries[key] = capture
-            self._bytes += capture.nbytes
-            self._changed.notify_all()
+            capture = self._entries.get(key)
+            if capture is None:
+                capture = self._capture(prompt_ids, read, unpack, band_inputs, output_ids)
+                self._entries[key] = capture
+                self._bytes += capture.nbytes
+                self._changed.notify_all()
+            elif capture.raw is not None and band_inputs is not None and self.prefix_length is not None:
+                n = self.prefix_length(prompt_ids)
+                recorded = band_inputs(n) if n is not None else None
+                if recorded is not None and recorded[0] == capture.band_layer:
+                    before = capture.nbytes
+                    capture.recorded.append((output_ids, recorded[1]))
+                    self._bytes += capture.nbytes - before
 
     def _capture(
         self,
         prompt_ids: tuple[int, ...],
-        read: Callable[[int], Any] | None,
+        read: Callable[[int, int], Any] | None,
         unpack: Callable[[Any, int], torch.Tensor] | None,
+        band_inputs: BandInputs | None,
+        output_ids: tuple[int, ...],
     ) -> Capture:
         if read is None:
             return Capture(prompt_ids, None, reason="the KV cache layout of this attention backend is not known")
         n = self.prefix_length(prompt_ids) if self.prefix_length is not None else None
         if n is None:
             return Capture(prompt_ids, None, reason="no t* in the prompt")
+        recorded = band_inputs(n) if band_inputs is not None else None
+        first_layer = recorded[0] if recorded is not None else 0
         try:
-            raw = read(n)
-        except Exception as exc:  # noqa: BLE001 - runs between engine steps: never fail the step; scoring recomputes
+            raw = read(n, first_layer)
+        except Exception as exc:  # runs between engine steps: never fail the step; scoring recomputes
             return Capture(prompt_ids, None, reason=f"copying the keys/values failed: {exc}")
-        capture = Capture(prompt_ids, raw, None if unpack is None else (lambda raw: unpack(raw, n)))
+        capture = Capture(
+            prompt_ids,
+            raw,
+            None if unpack is None else (lambda raw: unpack(raw, n)),
+            t_star=n,
+            first_layer=first_layer,
+            band_layer=first_layer,
+            recorded=[] if recorded is None else [(output_ids, recorded[1])],
+        )
         if self._bytes + capture.nbytes > self.budget_bytes:
             return Capture(prompt_ids, None, reason="over the capture memory budget")
         return capture

@@ -17,7 +17,15 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from ..errors import SemgradError
-from .config import CAPTURE_KV_TRANSFER_CONFIG, PAGE_PATH, PLUGIN_NAME, WORKER_EXTENSION, ScoringSettings, log, server_url
+from .config import (
+    CAPTURE_KV_TRANSFER_CONFIG,
+    PAGE_PATH,
+    PLUGIN_NAME,
+    WORKER_EXTENSION,
+    ScoringSettings,
+    log,
+    server_url,
+)
 from .page_routes import page_router
 from .recent import RecentAnswers
 from .responses_route import router as responses_router
@@ -62,3 +70,5 @@ class SemgradPlugin:
         log.info("SemGrad page (answers, flags, token heat, recent answers): %s%s", url, PAGE_PATH)
         if not info["capture"]:
             log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)
+        elif not info["records"]:
+            log.warning("SemGrad: the model is compiled or speculative decoding is on, so the band's inputs and the logits are not kept while generating (--enforce-eager keeps them); scoring reruns the layers below the band and the head's product")

@@ -10,8 +10,8 @@ to (on a 2-core machine: the one vLLM leaves to the API server); on a GPU it
 runs on its own CUDA stream.
 
 Answers whose request left a capture (``captures.py``) run from t* on over the
-captured prompt keys/values; the others recompute the prompt, with the same
-scores. Answers that arrive while a batch is scored form the next batch (at
+captured prompt keys/values (only through the band, where its inputs were
+recorded); the others recompute the prompt, with the same scores. Answers that arrive while a batch is scored form the next batch (at
 most ``max_batch`` answers, one backward per batch).
 
 Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``
@@ -33,16 +33,16 @@ from typing import Any, Callable
 
 import torch
 
-from .captures import CaptureStore
+from .captures import CaptureStore, Given
 from .config import log
 
 CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
 
 Pair = tuple[list[int], list[int]]
-# Scores pairs: (pairs, per-pair prompt keys/values or None, per-pair whether to score claims) -> one "semgrad"
-# object per pair.
-ScoreFn = Callable[[list[Pair], list[torch.Tensor | None], list[bool]], list[dict[str, Any]]]
+# Scores pairs, given per pair what vLLM computed for it and whether to score its claims -> one "semgrad" object
+# per pair.
+ScoreFn = Callable[[list[Pair], list[Given], list[bool]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -110,20 +110,21 @@ class ScoringService:
                     return batch
                 self._arrived.wait(IDLE_POLL_S)
 
-    def _prefix(self, job: Job, prompt: list[int]) -> torch.Tensor | None:
+    def _given(self, job: Job, pair: Pair) -> Given:
+        """What the job's capture gives an answer (nothing without one)."""
         capture = self._store.get(job.key) if job.key is not None else None
-        if capture is None or capture.kv is None or capture.prompt_ids != tuple(prompt):
-            return None
-        return capture.kv
+        if capture is None or capture.prompt_ids != tuple(pair[0]):
+            return Given()
+        return capture.given(pair[1])
 
     def _score_jobs(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
         """Reports per job; if the batch fails as a whole, each job is retried alone."""
         pairs = [pair for job in jobs for pair in job.pairs]
-        prefixes = [self._prefix(job, pair[0]) for job in jobs for pair in job.pairs]
+        given = [self._given(job, pair) for job in jobs for pair in job.pairs]
         claims = [job.claims for job in jobs for _ in job.pairs]
         try:
-            reports = self._score(pairs, prefixes, claims)
-        except Exception as exc:  # noqa: BLE001 - whatever failed, every answer must get a result
+            reports = self._score(pairs, given, claims)
+        except Exception as exc:  # whatever failed, every answer must get a result
             if len(jobs) > 1:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(jobs), exc)
                 return [self._score_jobs([job])[0] for job in jobs]
@@ -149,7 +150,7 @@ class ScoringService:
                     results = self._score_jobs(jobs)
                 if stream is not None:
                     stream.synchronize()
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive anything, or requests wait forever
+            except Exception as exc:  # the thread must outlive anything, or requests wait forever
                 log.exception("SemGrad: the scoring thread failed on a batch")
                 results = [[{"error": f"scoring failed: {exc}"}] * len(job.pairs) for job in jobs]
             size = sum(len(job.pairs) for job in jobs)
@@ -161,6 +162,6 @@ class ScoringService:
             if self._conn is not None:
                 try:
                     self._conn.send(message)
-                except Exception as exc:  # noqa: BLE001 - a lost connection must not end the thread
+                except Exception as exc:  # a lost connection must not end the thread
                     log.warning("SemGrad: cannot send scores to the API server (%s)", exc)
 

@@ -13,34 +13,40 @@ import math
 import os
 from typing import Any
 
-import torch
-
 from ..errors import ItemError, SemgradError
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
-from .captures import STORE
+from .captures import STORE, Given
 from .config import CAPTURE_CONNECTOR_MODULE, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
 from .scoring_service import Pair, ScoreFn, ScoringService, scoring_cores
+from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
 
 # The fields of a scored answer in the API response, in this order.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-REPORTED = (*SERVED_SCORES, "score", "threshold", "flagged", "prompt_kv", "t_star_rule")
+REPORTED = (*SERVED_SCORES, "score", "threshold", "confidence", "min_confidence", "flagged", "reused", "t_star_rule")
 
 
-def answer_report(scorer: Scorer, result: ScoreResult | ItemError, from_cache: bool = False, tokens: bool = False) -> dict[str, Any]:
-    """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``prompt_kv`` says
-    whether the prompt's keys/values came from vLLM's KV cache or were recomputed. ``tokens`` adds the per-token
-    entropies and log-probs (the API server passes them on to requests that ask for them); ``claims`` are there
-    where they were scored."""
+def reused(given: Given) -> list[str]:
+    """What of vLLM's own computation scoring reused for an answer, in data-path order."""
+    parts = ("prompt_kv", given.prefix_kv), ("band_inputs", given.band_inputs), ("logits", given.logits)
+    return [name for name, value in parts if value is not None]
+
+
+def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False) -> dict[str, Any]:
+    """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
+    scoring took from vLLM instead of computing it (``prompt_kv``: the prompt's keys/values from its KV cache;
+    ``band_inputs``: the residual stream entering the band; ``logits``: the answer's logits), each the same
+    numbers up to float rounding. ``tokens`` adds the per-token entropies and log-probs (the API server passes
+    them on to requests that ask for them); ``claims`` are there where they were scored."""
     if isinstance(result, ItemError):
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = {**scorer.report(result), "prompt_kv": "cache" if from_cache else "recomputed"}
+    report = {**scorer.report(result), "reused": reused(given or Given())}
     out = {key: report[key] for key in REPORTED}
     if "claims" in report:
         out["claims"] = report["claims"]
@@ -61,14 +67,24 @@ def capture_state(kv_transfer_config: Any) -> bool:
     )
 
 
+def records_band_inputs(vllm_config: Any) -> bool:
+    """Whether the band's inputs can be recorded while generating: the model runs eagerly (a captured CUDA
+    graph or compiled graph would not call the hook) and without speculative decoding (rejected draft tokens
+    would be recorded)."""
+    from vllm.config import CompilationMode
+
+    eager = vllm_config.model_config.enforce_eager or vllm_config.compilation_config.mode == CompilationMode.NONE
+    return bool(eager) and vllm_config.speculative_config is None
+
+
 def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
     text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
 
-    def score_or_fail(pairs: list[Pair], prefixes: list[torch.Tensor | None], claims: list[bool]) -> list[dict[str, Any]]:
+    def score_or_fail(pairs: list[Pair], given: list[Given], claims: list[bool]) -> list[dict[str, Any]]:
         if any(TEST_FAULT_MARKER in tokenizer.decode(prompt) for prompt, _ in pairs):
             raise RuntimeError("injected scoring fault (test hook)")
-        return score(pairs, prefixes, claims)
+        return score(pairs, given, claims)
 
     return score_or_fail
 
@@ -101,17 +117,28 @@ class SemgradWorkerExtension:
         # responses carry no ExGrad: compute it only where it is the flag's score
         scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
         STORE.prefix_length = scorer.t_star_or_none
+        band = scorer.band
+        record = capture and records_band_inputs(vllm_config)
+        if record:
+            model = self.model_runner.model  # type: ignore[attr-defined]
+            RECORDER.install(self.model_runner, model.model.layers[band.start], model.logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
-        def score(pairs: list[Pair], prefixes: list[torch.Tensor | None], claims: list[bool]) -> list[dict[str, Any]]:
-            results = scorer.score(pairs, batch_size=max(len(pairs), 1), prefix_kv=prefixes, claims=claims)
-            return [answer_report(scorer, r, kv is not None, tokens=True) for r, kv in zip(results, prefixes)]
+        def score(pairs: list[Pair], given: list[Given], claims: list[bool]) -> list[dict[str, Any]]:
+            results = scorer.score(
+                pairs,
+                batch_size=max(len(pairs), 1),
+                prefix_kv=[g.prefix_kv for g in given],
+                band_inputs=[g.band_inputs for g in given],
+                logits=[g.logits for g in given],
+                claims=claims,
+            )
+            return [answer_report(scorer, r, g, tokens=True) for r, g in zip(results, given)]
 
         if os.environ.get(TEST_FAULTS_ENV) == "1":
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
             score = with_test_faults(score, tokenizer)
         cores = scoring_cores(set(api_cores))
         self.semgrad_service = ScoringService(score, STORE, max_batch, cores)
-        band = scorer.band
         return {
             "family": weights.family,
             "profile": profile.name,
@@ -119,10 +146,12 @@ class SemgradWorkerExtension:
             "band": [band.start, band.stop - 1],
             "score": profile.score,
             "threshold": profile.threshold,
+            "min_confidence": None if profile.confidence is None else profile.confidence.operating_point.min_confidence,
             "dtype": str(weights.dtype).removeprefix("torch."),
             "kernels": scorer.kernels.name,
             "scoring_cores": sorted(cores),
             "capture": capture,
+            "records": record,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
         }

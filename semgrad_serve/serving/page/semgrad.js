@@ -84,7 +84,8 @@
     if (isNum(sg.confidence)) {
       return {
         kind: "confidence", flagged, value: sg.confidence, max: 1, fill: Math.min(Math.max(sg.confidence, 0), 1),
-        mark: null, over: flagged === true, number: `${(sg.confidence * 100).toFixed(0)}%`,
+        mark: isNum(sg.min_confidence) ? Math.min(Math.max(sg.min_confidence, 0), 1) : null, over: flagged === true,
+        number: `${(sg.confidence * 100).toFixed(0)}%`,
         caption: "confidence: estimated probability that the answer is correct",
       };
     }
@@ -138,6 +139,8 @@
     return v;
   }
 
+  const REUSED_LABELS = { prompt_kv: "prompt keys/values", band_inputs: "band inputs", logits: "logits" };
+
   function scoresPanel(sg) {
     const rows = [];
     const row = (label, value, raw) =>
@@ -151,7 +154,7 @@
     row("Flagged", sg.flagged === true ? "yes" : sg.flagged === false ? "no" : "–");
     if (isNum(sg.confidence)) row("Confidence", `${(sg.confidence * 100).toFixed(1)}%`, sg.confidence);
     if (typeof sg.stop_token === "boolean") row("Stop token scored", sg.stop_token ? "yes (ended on end-of-turn)" : "no (cut or stop string)");
-    if (sg.prompt_kv) row("Prompt keys/values", sg.prompt_kv === "cache" ? "from vLLM's KV cache" : "recomputed");
+    if (Array.isArray(sg.reused)) row("Reused from vLLM", sg.reused.length ? sg.reused.map((r) => REUSED_LABELS[r] || r).join(", ") : "nothing (recomputed)");
     const scores = el("table", { class: "scores" }, el("caption", { class: "visually-hidden", text: "Raw scores" }), el("tbody", null, ...rows));
 
     const prof = [];

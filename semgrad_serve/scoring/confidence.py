@@ -1,0 +1,164 @@
+"""Calibrated confidence: the estimated probability that an answer is correct, and the flag derived from it.
+
+A profile may carry a ``confidence`` model (fitted by ``semgrad-serve eval`` from judged answers; see
+``evaluation/confidence_fit.py``). It maps three numbers of a scored answer, the profile's configured score,
+the answer's length in tokens (its stop token not counted) and its mean token entropy, to a probability in
+[0, 1], and flags the answer when that probability is below the model's ``min_confidence`` (its operating point).
+The raw scores are never changed. Plain Python: applied to every served answer, it needs no numpy or torch.
+
+JSON (``"confidence"`` in a profile, ``"version": 1``)::
+
+    {"version": 1, "score": "hybridgrad",
+     "calibrator": {"kind": "logistic", "terms": [[0], [1], [2], [0, 1]], "mean": [...], "scale": [...],
+                    "weights": [...], "intercept": -1.2}
+               or {"kind": "isotonic", "max_tokens": [3, 8, 20, null], "x": [[...], ...], "y": [[...], ...]},
+     "operating_point": {"min_confidence": 0.05, "target": "precision", "target_value": 0.95, ...held-out figures},
+     "fitted": {...how and on what}}
+
+Features (``features``): x0 = ln score, x1 = ln length, x2 = ln mean entropy (floors: 1e-30, 1 token, 1e-6 nats).
+``logistic``: P(correct) = σ(intercept + Σ_k weights_k · (Π_{i ∈ terms_k} x_i − mean_k) / scale_k).
+``isotonic``: per length bucket (the first whose ``max_tokens`` bound, null = none, holds the length), P(correct)
+is the piecewise-linear curve through the points (x, y) of ln score (constant beyond the ends).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SemgradError
+
+VERSION = 1
+FEATURES = ("ln score", "ln answer tokens", "ln mean entropy")
+_FLOORS = (1e-30, 1.0, 1e-6)
+
+
+def features(score: float, length: int, mean_entropy: float) -> tuple[float, float, float]:
+    """(ln score, ln length, ln mean entropy), each value floored first (``_FLOORS``)."""
+    return tuple(math.log(max(v, floor)) for v, floor in zip((score, float(length), mean_entropy), _FLOORS))  # type: ignore[return-value]
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+@dataclass(frozen=True)
+class LogisticCalibrator:
+    """Logistic regression on standardised products of the features (``terms``)."""
+
+    terms: tuple[tuple[int, ...], ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    intercept: float
+    kind: str = field(default="logistic", init=False)
+
+    def probability(self, score: float, length: int, mean_entropy: float) -> float:
+        x = features(score, length, mean_entropy)
+        z = self.intercept
+        for term, m, s, w in zip(self.terms, self.mean, self.scale, self.weights):
+            z += w * (math.prod(x[i] for i in term) - m) / s
+        return sigmoid(z)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "terms": [list(t) for t in self.terms], "mean": list(self.mean), "scale": list(self.scale),
+                "weights": list(self.weights), "intercept": self.intercept}
+
+
+@dataclass(frozen=True)
+class IsotonicCalibrator:
+    """Per length bucket, a non-increasing piecewise-linear map from ln score to P(correct)."""
+
+    max_tokens: tuple[int | None, ...]  # upper bound of each bucket (inclusive), None for the last
+    x: tuple[tuple[float, ...], ...]
+    y: tuple[tuple[float, ...], ...]
+    kind: str = field(default="isotonic", init=False)
+
+    def bucket(self, length: int) -> int:
+        return next(i for i, top in enumerate(self.max_tokens) if top is None or length <= top)
+
+    def probability(self, score: float, length: int, mean_entropy: float) -> float:
+        xs, ys = self.x[self.bucket(length)], self.y[self.bucket(length)]
+        x = features(score, length, mean_entropy)[0]
+        k = bisect_right(xs, x)
+        if k == 0:
+            return ys[0]
+        if k == len(xs):
+            return ys[-1]
+        t = (x - xs[k - 1]) / (xs[k] - xs[k - 1])
+        return ys[k - 1] + t * (ys[k] - ys[k - 1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "max_tokens": list(self.max_tokens), "x": [list(v) for v in self.x], "y": [list(v) for v in self.y]}
+
+
+Calibrator = LogisticCalibrator | IsotonicCalibrator
+
+
+def calibrator_from_dict(doc: dict[str, Any]) -> Calibrator:
+    kind = doc.get("kind")
+    if kind == "logistic":
+        terms = tuple(tuple(int(i) for i in t) for t in doc["terms"])
+        if any(not 0 <= i < len(FEATURES) for t in terms for i in t):
+            raise ValueError(f"terms index features 0..{len(FEATURES) - 1}")
+        fields = [tuple(float(v) for v in doc[k]) for k in ("mean", "scale", "weights")]
+        if any(len(f) != len(terms) for f in fields) or 0.0 in fields[1]:
+            raise ValueError("mean, scale and weights need one non-zero scale and one value per term")
+        return LogisticCalibrator(terms, *fields, float(doc["intercept"]))
+    if kind == "isotonic":
+        tops = tuple(None if t is None else int(t) for t in doc["max_tokens"])
+        xs = tuple(tuple(float(v) for v in xb) for xb in doc["x"])
+        ys = tuple(tuple(float(v) for v in yb) for yb in doc["y"])
+        if not tops or tops[-1] is not None or len(xs) != len(tops) or len(ys) != len(tops):
+            raise ValueError("max_tokens must end with null, with one x and one y list per bucket")
+        if any(len(xb) != len(yb) or not xb or list(xb) != sorted(xb) for xb, yb in zip(xs, ys)):
+            raise ValueError("each bucket needs as many x as y values, x ascending")
+        return IsotonicCalibrator(tops, xs, ys)
+    raise ValueError(f"unknown calibrator kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Flag an answer when its confidence is below ``min_confidence``; what that achieved on held-out folds."""
+
+    min_confidence: float
+    target: str  # "precision" or "recall" of flagging wrong answers
+    target_value: float
+    heldout: dict[str, Any]  # precision, recall, flagged, n, met: on out-of-fold confidences
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_confidence": self.min_confidence, "target": self.target, "target_value": self.target_value, **self.heldout}
+
+
+@dataclass(frozen=True)
+class ConfidenceModel:
+    """A fitted calibrator of one score, its operating point and how it was fitted."""
+
+    score: str
+    calibrator: Calibrator
+    operating_point: OperatingPoint
+    fitted: dict[str, Any] = field(default_factory=dict)
+
+    def confidence(self, score: float, length: int, mean_entropy: float) -> float:
+        """P(correct) of an answer with this configured score, length (tokens, stop token not counted) and mean entropy."""
+        return self.calibrator.probability(score, length, mean_entropy)
+
+    def flagged(self, confidence: float) -> bool:
+        return confidence < self.operating_point.min_confidence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": VERSION, "score": self.score, "calibrator": self.calibrator.to_dict(),
+                "operating_point": self.operating_point.to_dict(), "fitted": self.fitted}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], source: str = "profile") -> "ConfidenceModel":
+        if not isinstance(doc, dict) or doc.get("version") != VERSION:
+            raise SemgradError(f"{source}: its confidence model is not version {VERSION}; refit it with `semgrad-serve eval`")
+        try:
+            op = dict(doc["operating_point"])
+            point = OperatingPoint(float(op.pop("min_confidence")), str(op.pop("target")), float(op.pop("target_value")), op)
+            return cls(str(doc["score"]), calibrator_from_dict(doc["calibrator"]), point, dict(doc.get("fitted") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SemgradError(f"{source}: not a valid confidence model ({exc.__class__.__name__}: {exc})") from None
