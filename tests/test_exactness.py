@@ -12,6 +12,7 @@ from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.band_pass import band_pass
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import PrefixCache
 
 from naive import naive_scores
@@ -181,8 +182,6 @@ def test_only_probes_get_gradients(family: str) -> None:
 @pytest.mark.slow
 def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> None:
     """bfloat16 (vLLM's CPU default) keeps 8 mantissa bits: on the real model scores stay within ~10%."""
-    from semgrad_serve.scoring.scorer import Scorer
-
     low = Scorer.from_pretrained(dtype="bfloat16")
     questions = [("What is the capital of France?", "Paris."), ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.")]
     pairs = [(low.prompt_ids([{"role": "user", "content": q}]), low.answer_ids(a)) for q, a in questions]
@@ -190,6 +189,17 @@ def test_bfloat16_default_model_within_rounding_of_float32(default_scorer) -> No
         assert low.weights.dtype == torch.bfloat16
         for key in SCORES:
             assert result.scores()[key] == pytest.approx(exact.scores()[key], rel=0.15), key
+
+
+def scorer_over(weights, band: range, triples: list) -> Scorer:
+    """A ``Scorer`` over bare weights (no tokenizer or profile) whose items take their t* from ``triples``."""
+    scorer = Scorer.__new__(Scorer)
+    scorer.weights, scorer.band, scorer.kernels, scorer.exgrad = weights, band, select_kernels("torch"), True
+    scorer.paragrad_tied, scorer.eos_ids = False, set()
+    scorer.prefix_cache = PrefixCache()
+    t_stars = {tuple(p): t for p, _, t in triples}
+    scorer.prepare = lambda p, a, claims=False: PreparedItem(tuple(p), tuple(a), t_stars[tuple(p)])
+    return scorer
 
 
 def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
@@ -206,7 +216,6 @@ def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
 def test_given_prefix_keys_values_match_naive(family: str) -> None:
     """Items whose keys/values before t* are given (as read from vLLM's KV cache) run only from t* on,
     through every layer, with the same scores; mixed with items that recompute them, in any order."""
-    from semgrad_serve.scoring.scorer import Scorer
 
     model = tiny_model(family)
     weights = from_hf_model(model)
@@ -219,11 +228,7 @@ def test_given_prefix_keys_values_match_naive(family: str) -> None:
     for (prompt, answer, t_star), result in zip(triples, results):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
     # through the scorer: items with and without keys/values, batched apart, results in input order
-    scorer = Scorer.__new__(Scorer)
-    scorer.weights, scorer.band, scorer.kernels, scorer.exgrad = weights, band, select_kernels("torch"), True
-    scorer.paragrad_tied, scorer.eos_ids = False, set()
-    scorer.prefix_cache = PrefixCache()
-    scorer.prepare = lambda p, a, claims=False: PreparedItem(tuple(p), tuple(a), dict((tuple(q), t) for q, _, t in triples)[tuple(p)])
+    scorer = scorer_over(weights, band, triples)
     mixed = scorer.score([(p, a) for p, a, _ in triples], batch_size=2, prefix_kv=[kvs[0], None, kvs[2], None, kvs[4]])
     for a, b in zip(results, mixed):
         assert_close(b.scores(), a.scores(), rel=1e-9)
@@ -246,7 +251,6 @@ def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
     """Items given their band's inputs (the residual stream vLLM computed), the band layers' prefix keys/values and,
     for some, the answer's logits run only the band and form only the missing logits, with the same scores; a
     longer recording is cut to the item; mixed with other kinds."""
-    from semgrad_serve.scoring.scorer import Scorer
 
     model = tiny_model(family)
     weights = from_hf_model(model)
@@ -264,11 +268,7 @@ def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(kept, zs[1:]))  # the given logits are not overwritten
     for (prompt, answer, t_star), result in zip(triples, results):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
-    scorer = Scorer.__new__(Scorer)
-    scorer.weights, scorer.band, scorer.kernels, scorer.exgrad = weights, band, select_kernels("torch"), True
-    scorer.paragrad_tied, scorer.eos_ids = False, set()
-    scorer.prefix_cache = PrefixCache()
-    scorer.prepare = lambda p, a, claims=False: PreparedItem(tuple(p), tuple(a), dict((tuple(q), t) for q, _, t in triples)[tuple(p)])
+    scorer = scorer_over(weights, band, triples)
     full_kv = prefix_keys_values(weights, triples[2][0], triples[2][2])
     mixed = scorer.score(
         [(p, a) for p, a, _ in triples],

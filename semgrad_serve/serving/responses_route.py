@@ -23,13 +23,12 @@ from vllm.entrypoints.openai.responses import api_router as vllm_responses
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
-from ..errors import SemgradError
 from ..model.stop_token import tokens_of_text
 from ..model.tokens import has_visible_text
 from ..scoring.items import NOTHING_TO_SCORE
 from .captures import KV_PARAM
 from .recent import chat_question
-from .routes import ScoringOptions, StopTokens, bad_options, scoring_options, with_body
+from .routes import ScoringOptions, StopTokens, scoring_setup, with_body
 from .scoring_client import ScoringClient
 
 router = APIRouter()
@@ -97,13 +96,10 @@ async def _scored_events(events: AsyncIterator[str], response: _Response) -> Asy
 
 @router.post("/v1/responses", dependencies=[Depends(validate_json_request)], response_model=None)
 async def create_responses(request: ResponsesRequest, raw_request: Request) -> Response:
-    client: ScoringClient | None = getattr(raw_request.app.state, "semgrad_client", None)
-    try:
-        options = scoring_options(request)
-    except SemgradError as exc:
-        return bad_options(exc)
-    if client is None or options is None:
-        return await vllm_responses.create_responses(request, raw_request)
+    setup = scoring_setup(request, raw_request)
+    if not isinstance(setup, tuple):
+        return setup if setup is not None else await vllm_responses.create_responses(request, raw_request)
+    client, options = setup
     if request.background:  # answered before it is generated: nothing to score yet
         response = await vllm_responses.create_responses(request, raw_request)
         if isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:

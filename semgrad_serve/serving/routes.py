@@ -244,14 +244,24 @@ def bad_options(exc: SemgradError) -> JSONResponse:
     return JSONResponse(content=error.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
 
 
-async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request) -> Response | None:
+def scoring_setup(
+    request: ChatCompletionRequest | CompletionRequest | ResponsesRequest, raw_request: Request
+) -> tuple[ScoringClient, ScoringOptions] | JSONResponse | None:
+    """The scoring client and the request's options; a 400 response for bad options; None where the request
+    goes to vLLM unscored (scoring off for it, or not running in this server)."""
     client: ScoringClient | None = getattr(raw_request.app.state, "semgrad_client", None)
     try:
         options = scoring_options(request)
     except SemgradError as exc:
         return bad_options(exc)
-    if client is None or options is None:
-        return await vllm_route(request, raw_request)
+    return None if client is None or options is None else (client, options)
+
+
+async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request) -> Response | None:
+    setup = scoring_setup(request, raw_request)
+    if not isinstance(setup, tuple):
+        return setup if setup is not None else await vllm_route(request, raw_request)
+    client, options = setup
 
     keep_ids = bool(request.return_token_ids)
     request.return_token_ids = True
