@@ -67,12 +67,13 @@ def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
 
 
 def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, Path]:
-    """(model, tokenizer, directory) of a local Hugging Face model; the embedded default model when None."""
+    """(model, tokenizer, directory) of a local Hugging Face model directory or a packaged model's name
+    (``packaged.resolve_model``); the embedded default model when None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .default_model import default_model_dir
+    from .packaged import resolve_model
 
-    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    path = resolve_model(model_dir)
     check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), attn_implementation="sdpa")
