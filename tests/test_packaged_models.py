@@ -17,7 +17,7 @@ import pytest
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.model import gguf_sources, packaged
-from semgrad_serve.model.gguf_sources import PackageFile, SplitFile
+from semgrad_serve.model.gguf_sources import PackageFile
 
 QWEN = packaged.PACKAGED[packaged.QWEN_MODEL]
 QWEN_INSTALLED = all(importlib.util.find_spec(r.split("==")[0].replace("-", "_")) for r in QWEN.source.requirements())
