@@ -362,7 +362,7 @@ def main() -> None:
 
     import vllm
 
-    from semgrad_serve.model.packaged import resolve_model
+    from semgrad_serve.model.loading import resolve_model
 
     model_dir = resolve_model(args.model).resolve()
     kv_bytes = int(args.kv_cache_gib * (1 << 30))

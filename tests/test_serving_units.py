@@ -315,7 +315,7 @@ def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
     × 4096 batch tokens, plus one 2^26-element head chunk (float32 + its float32 cast): 3.58 GiB of 80."""
     from semgrad_serve.cli import build_parser
     from semgrad_serve.commands.serve import server_command
-    from semgrad_serve.model.packaged import resolve_model
+    from semgrad_serve.model.loading import resolve_model
 
     args = build_parser().parse_args(["serve", "--dtype", "float32"])
     command = server_command(args, resolve_model(None), on_cpu=False, gpu_bytes=80 * 2**30)

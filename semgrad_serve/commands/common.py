@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SemgradError
-from ..model.loading import DTYPE_NAMES
-from ..model.packaged import DEFAULT_MODEL, PACKAGED, check_model
+from ..model.loading import DTYPE_NAMES, check_model
+from ..model.packaged import DEFAULT_MODEL, PACKAGED
 
 if TYPE_CHECKING:
     from ..scoring.scorer import Scorer

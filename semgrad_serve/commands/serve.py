@@ -120,7 +120,7 @@ def server_env(settings: ScoringSettings) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.packaged import resolve_model
+    from ..model.loading import resolve_model
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
     settings = ScoringSettings(profile=profile, max_batch=args.max_batch, recent=args.recent)

