@@ -362,9 +362,9 @@ def main() -> None:
 
     import vllm
 
-    from semgrad_serve.model.default_model import default_model_dir
+    from semgrad_serve.model.loading import resolve_model
 
-    model_dir = Path(args.model).resolve() if args.model else default_model_dir()
+    model_dir = resolve_model(args.model).resolve()
     kv_bytes = int(args.kv_cache_gib * (1 << 30))
     logs = Path(tempfile.mkdtemp(prefix="semgrad-bench-"))
     load_before = os.getloadavg()[0]

@@ -97,9 +97,9 @@ def main() -> None:
     import torch
     import vllm
 
-    from semgrad_serve.model.default_model import default_model_dir
+    from semgrad_serve.model.loading import resolve_model
 
-    model_dir = Path(args.model).resolve() if args.model else default_model_dir()
+    model_dir = resolve_model(args.model).resolve()
     tokenizer = str(model_dir)
     server = nullcontext(None)
     if args.base_url is None:

@@ -169,11 +169,11 @@ def test_vllm_generator_matches_hf_greedy(default_scorer):
     pytest.importorskip("vllm")
     from semgrad_serve.evaluation.generation import HFGenerator, VLLMGenerator
     from semgrad_serve.evaluation.prompts import paper_messages
-    from semgrad_serve.model.default_model import default_model_dir
+    from semgrad_serve.model.loading import resolve_model
 
     prompts = [default_scorer.prompt_ids(paper_messages(q)) for q in ("Who proposed the theory of evolution by natural selection?", "What is the boiling point of water in Celsius?")]
     hf = HFGenerator(default_scorer.model, default_scorer.tokenizer).greedy(prompts, max_tokens=10)
-    generator = VLLMGenerator(default_model_dir(), default_scorer.tokenizer)
+    generator = VLLMGenerator(resolve_model(None), default_scorer.tokenizer)
     try:
         greedy = generator.greedy(prompts, max_tokens=10)
         samples = generator.sample(prompts, 3, max_tokens=6)

@@ -113,6 +113,7 @@ def test_score_claims(tmp_path, default_scorer) -> None:
         (["score", "--input", "ANSWERS", "--output", "/tmp/x.jsonl", "--batch-size", "0"], "--batch-size"),
         (["ask", "  "], "question is empty"),
         (["ask", "Hi", "--model", "/tmp"], "not a Hugging Face model directory"),
+        (["ask", "Hi", "--model", "qwen"], "'qwen' is neither a model directory nor a packaged model (smollm2-135m-instruct, qwen2.5"),
         (["ask", "Hi", "--device", "nonsense"], "unknown device 'nonsense'"),
         (["ask", "Hi", "--device", "meta"], "only cpu and cuda"),
         (["score", "--input", "ANSWERS", "--output", "/tmp/x.jsonl", "--kernels", "fast"], "unknown kernels 'fast'"),
@@ -160,7 +161,7 @@ print("heavy:", *(m for m in ("torch", "triton", "vllm", "transformers") if m in
 
 def run_cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     """The installed ``semgrad-serve`` in a new process, with the default model's cache in a folder that does not
-    exist yet: a run that got as far as looking for the model creates it (``default_model_dir``)."""
+    exist yet: a run that got as far as looking for the model creates it (``packaged_model_dir``)."""
     command = Path(sys.executable).with_name("semgrad-serve")
     env = {**os.environ, "SEMGRAD_SERVE_CACHE": str(tmp_path / "model-cache")}
     return subprocess.run([str(command), *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

@@ -315,15 +315,15 @@ def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
     × 4096 batch tokens, plus one 2^26-element head chunk (float32 + its float32 cast): 3.58 GiB of 80."""
     from semgrad_serve.cli import build_parser
     from semgrad_serve.commands.serve import server_command
-    from semgrad_serve.model.default_model import default_model_dir
+    from semgrad_serve.model.loading import resolve_model
 
     args = build_parser().parse_args(["serve", "--dtype", "float32"])
-    command = server_command(args, default_model_dir(), on_cpu=False, gpu_bytes=80 * 2**30)
+    command = server_command(args, resolve_model(None), on_cpu=False, gpu_bytes=80 * 2**30)
     reserve = 15 * (12 * 576 + 2 * 3 * 64 + 4 * 1536) * 4 * 4096 + 2**26 * 8
     share = float(command[command.index("--gpu-memory-utilization") + 1])
     assert share == pytest.approx(0.9 - reserve / (80 * 2**30), abs=5e-4) and "--enforce-eager" not in command
     with pytest.raises(SemgradError, match="more than this GPU's 4 GiB allows"):
-        server_command(args, default_model_dir(), on_cpu=False, gpu_bytes=4 * 2**30)
+        server_command(args, resolve_model(None), on_cpu=False, gpu_bytes=4 * 2**30)
 
 
 @pytest.mark.parametrize(

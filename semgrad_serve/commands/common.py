@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SemgradError
-from ..model.loading import DTYPE_NAMES
+from ..model.loading import DTYPE_NAMES, check_model
+from ..model.packaged import DEFAULT_MODEL, PACKAGED
 
 if TYPE_CHECKING:
     from ..scoring.scorer import Scorer
@@ -23,7 +24,9 @@ SERVE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # vLLM's --dtype valu
 def add_model_arguments(parser: argparse.ArgumentParser, *, profile: bool = True, kernels: bool = False, serve: bool = False) -> None:
     """``--model``, ``--dtype``, ``--profile`` (where ``profile``), ``--kernels`` (where ``kernels``) and, offline,
     ``--device``. ``serve``: ``--dtype`` takes vLLM's values and vLLM places the model (no ``--device``)."""
-    parser.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", metavar="DIR|NAME",
+                        help=f"local Hugging Face model directory, or a packaged model's name: {', '.join(PACKAGED)} "
+                        f"(default: {DEFAULT_MODEL}, embedded; the others are opt-in, see the README)")
     if serve:
         parser.add_argument("--dtype", choices=SERVE_DTYPES,
                             help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto on GPU)")
@@ -64,13 +67,12 @@ def device_from_args(args: argparse.Namespace) -> str:
 
 def scorer_from_args(args: argparse.Namespace) -> Scorer:
     """The scorer of ``add_model_arguments``' options. Checked before the model loads: the profile file and the
-    model directory's files first (without importing torch), then the device and the kernels."""
-    from ..model.loading import check_model_dir
+    model directory's files or packaged model's name first (without importing torch), then the device and the kernels."""
     from ..scoring.profiles import ModelProfile
 
     profile = ModelProfile.load(args.profile) if args.profile is not None else None
     if args.model is not None:
-        check_model_dir(Path(args.model))
+        check_model(args.model)
     from ..kernels import select_kernels
     from ..scoring.scorer import Scorer
 

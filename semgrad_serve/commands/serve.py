@@ -120,14 +120,14 @@ def server_env(settings: ScoringSettings) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.default_model import default_model_dir
+    from ..model.loading import resolve_model
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
     settings = ScoringSettings(profile=profile, max_batch=args.max_batch, recent=args.recent)
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
-    model_dir = Path(args.model).resolve() if args.model else default_model_dir()
+    model_dir = resolve_model(args.model).resolve()
     _check_model(model_dir, profile)
     import torch
 

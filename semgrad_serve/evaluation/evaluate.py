@@ -209,16 +209,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def generate_and_score(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
-    from ..model.default_model import default_model_dir
+    from ..model.loading import resolve_model
     from ..scoring.scorer import Scorer
 
     compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
-    scorer = Scorer.from_pretrained(cfg.model, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False)  # timed apart: score_all
+    model_dir = resolve_model(cfg.model)
+    scorer = Scorer.from_pretrained(model_dir, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False)  # timed apart: score_all
     if cfg.paragrad_tied is None:
         cfg.paragrad_tied = scorer.profile.paragrad_tied
     if cfg.paragrad_tied:
         tied_head.check_tied(scorer.weights)
-    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
     extra = []
     for p in compare:
         other = type(scorer)(scorer.weights, scorer.tokenizer, p, scorer.kernels, eos_ids=scorer.eos_ids)
@@ -245,7 +245,7 @@ def from_items(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
     resolved for the model as ``score`` would (``--profile`` or the built-in one)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..model.default_model import default_model_dir
+    from ..model.loading import resolve_model
     from ..scoring.profiles import resolve_profile
 
     if cfg.compare_profiles:
@@ -256,7 +256,7 @@ def from_items(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
         earlier = json.loads(report.read_text())["config"]
         for key in RUN_SETTINGS:
             setattr(cfg, key, earlier.get(key, getattr(cfg, key)))
-    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+    model_dir = resolve_model(cfg.model)
     config = AutoConfig.from_pretrained(model_dir)
     profile = resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, cfg.profile)
     band = profile.band_range(config.num_hidden_layers)

@@ -1,4 +1,5 @@
-"""Loading a local Hugging Face model: compute dtypes and devices by name, the directory check, the chat template.
+"""Loading a local Hugging Face model: compute dtypes and devices by name, ``--model`` (a directory or a packaged
+model's name) and its check, the chat template.
 
 torch and transformers are imported only when a model is loaded, so that the CLI can build its options
 from ``DTYPE_NAMES`` without them.
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SemgradError
+from .packaged import DEFAULT_MODEL, packaged, packaged_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +62,23 @@ def check_model_dir(path: Path) -> None:
         raise SemgradError(f"{path} has no weights (no {' or '.join(WEIGHT_FILES)} file)")
 
 
+def check_model(spec: str) -> None:
+    """What ``resolve_model`` would refuse, found without reading or converting a model: a directory without a
+    model's files, or a name that is not a packaged model's."""
+    if Path(spec).is_dir():
+        check_model_dir(Path(spec))
+    else:
+        packaged(spec)
+
+
+def resolve_model(spec: str | Path | None) -> Path:
+    """``--model``'s directory: an existing directory as it is, a packaged model's name (default: the embedded
+    default model) converted into the cache on first use."""
+    if spec is not None and Path(spec).is_dir():
+        return Path(spec)
+    return packaged_model_dir(packaged(str(spec or DEFAULT_MODEL)))
+
+
 def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     """The chat template applied to ``messages`` with the generation prompt, tokenized as vLLM does."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -67,12 +86,11 @@ def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
 
 
 def load_hf_model(model_dir: str | Path | None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, Path]:
-    """(model, tokenizer, directory) of a local Hugging Face model; the embedded default model when None."""
+    """(model, tokenizer, directory) of a local Hugging Face model directory or a packaged model's name
+    (``resolve_model``); the embedded default model when None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .default_model import default_model_dir
-
-    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    path = resolve_model(model_dir)
     check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), attn_implementation="sdpa")

@@ -79,7 +79,7 @@ class Scorer:
         device: str = "cpu",
         paragrad_tied: bool | None = None,
     ) -> "Scorer":
-        """A scorer over a local model directory (default: the embedded SmolLM2-135M-Instruct) with ``profile`` (a
+        """A scorer over a local model directory or a packaged model's name (default: the embedded SmolLM2-135M-Instruct) with ``profile`` (a
         profile or its file; default: the model's own or a built-in one); ``paragrad_tied`` defaults to the profile's
         setting. A profile file and the model directory are checked before the model loads."""
         explicit = profile if profile is None or isinstance(profile, ModelProfile) else ModelProfile.load(profile)
