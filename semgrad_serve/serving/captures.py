@@ -34,7 +34,7 @@ class Capture:
     """A prompt's keys/values before t*, as copied from the cache (``raw``) and turned by ``unpack``
     into [n_layers − first_layer, 2, kv_heads, t*, head_dim] when first asked for (on the scoring thread);
     and, per choice whose band inputs were recorded, its output token ids and what was recorded
-    (``step_recorder.Recorded``: the residual stream entering layer ``band_layer`` at positions t* onwards,
+    (``step_recorder.Recorded``: the residual stream entering layer ``first_layer`` at positions t* onwards,
     the logits predicting the output)."""
 
     prompt_ids: tuple[int, ...]
@@ -43,7 +43,6 @@ class Capture:
     reason: str = ""  # why there are no keys/values
     t_star: int = 0  # the positions ``raw`` holds
     first_layer: int = 0  # the first layer ``raw`` holds: the band's when its inputs were recorded, else 0
-    band_layer: int = 0
     recorded: list[tuple[tuple[int, ...], Recorded]] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     _kv: torch.Tensor | None = None
@@ -67,7 +66,7 @@ class Capture:
             if tuple(answer_ids[:-1]) == output_ids[: len(answer_ids) - 1] and recorded.band_inputs.shape[0] >= rows:
                 logits = recorded.logits
                 logits = logits[: len(answer_ids)] if logits is not None and logits.shape[0] >= len(answer_ids) else None
-                return Given(kv[self.band_layer - self.first_layer :], recorded.band_inputs, logits)
+                return Given(kv, recorded.band_inputs, logits)
         return Given(kv) if self.first_layer == 0 else Given()
 
     @property
@@ -124,10 +123,10 @@ class CaptureStore:
                 self._entries[key] = capture
                 self._bytes += capture.nbytes
                 self._changed.notify_all()
-            elif capture.raw is not None and band_inputs is not None and self.prefix_length is not None:
-                n = self.prefix_length(prompt_ids)
-                recorded = band_inputs(n) if n is not None else None
-                if recorded is not None and recorded[0] == capture.band_layer:
+            elif capture.raw is not None and band_inputs is not None:
+                recorded = band_inputs(capture.t_star)
+                # usable only over the same layers' keys/values as the first choice's
+                if recorded is not None and recorded[0] == capture.first_layer:
                     before = capture.nbytes
                     capture.recorded.append((output_ids, recorded[1]))
                     self._bytes += capture.nbytes - before
@@ -157,7 +156,6 @@ class CaptureStore:
             None if unpack is None else (lambda raw: unpack(raw, n)),
             t_star=n,
             first_layer=first_layer,
-            band_layer=first_layer,
             recorded=[] if recorded is None else [(output_ids, recorded[1])],
         )
         if self._bytes + capture.nbytes > self.budget_bytes:

@@ -141,7 +141,7 @@ class StepRecorder:
         with self._lock:
             return self._logits_bytes
 
-    def _scheduled(self) -> list[tuple[Recording, int, int, int]]:
+    def _scheduled(self) -> list[tuple[Recording, int, int, int, int]]:
         """(recording, batch row, first row, new positions, first position) of this step's watched requests."""
         batch, starts = self._runner.input_batch, self._runner.query_start_loc.np
         out = []
