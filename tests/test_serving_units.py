@@ -254,6 +254,36 @@ def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatc
     assert store.get("late") is None and store.get("other-prompt") is not None
 
 
+def test_a_choice_waits_for_its_own_capture_not_another_choices(monkeypatch) -> None:
+    """n > 1: the choices of a request share a capture key but end in different engine steps. An answer whose
+    choice is not captured yet waits, even though another choice's capture is there; a stop string's shorter
+    answer is its choice's too."""
+    from semgrad_serve.serving import scoring_service
+
+    monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", math.inf)
+    store = SignalledStore()
+    store.prefix_length = lambda ids: 1
+    _, client, batches = service_and_client(FakeScore(hold=False), store)
+    store.add("k", (5,), read_one, output_ids=(7, 8, 2))  # the first choice ended
+
+    async def go() -> list[dict]:
+        second = asyncio.create_task(client.score("k", [([5], [9, 3])]))
+        cut = asyncio.create_task(client.score("k", [([5], [7, 4])]))  # the first choice, cut by a stop string
+        await asyncio.sleep(0)
+        store.dropped.clear()
+        client.drop("queued")
+        await until(store.dropped)
+        assert await cut == [{"semgrad": 1005.0}] and batches == [[5]] and not second.done()
+        store.add("k", (5,), read_one, output_ids=(9, 3))  # the second choice ends one step later
+        return await second
+
+    assert asyncio.run(go()) == [{"semgrad": 1005.0}] and batches == [[5], [5]]
+
+
+def read_one(n: int, first_layer: int) -> torch.Tensor:
+    return torch.zeros(1)
+
+
 def test_answers_get_an_error_when_the_service_is_gone() -> None:
     """Answers sent after the service's end of the connection closed, whether or not the client has seen it
     close yet, get the error and are never left waiting."""

@@ -44,6 +44,7 @@ class Capture:
     t_star: int = 0  # the positions ``raw`` holds
     first_layer: int = 0  # the first layer ``raw`` holds: the band's when its inputs were recorded, else 0
     recorded: list[tuple[tuple[int, ...], Recorded]] = field(default_factory=list)
+    outputs: list[tuple[int, ...]] = field(default_factory=list)  # of every choice captured so far
     created: float = field(default_factory=time.monotonic)
     _kv: torch.Tensor | None = None
 
@@ -52,6 +53,11 @@ class Capture:
         if self._kv is None and self.raw is not None:
             self._kv = self.raw if self.unpack is None else self.unpack(self.raw)
         return self._kv
+
+    def has_choice(self, answer_ids: Sequence[int]) -> bool:
+        """Whether the choice that gave ``answer_ids`` has been captured (with n > 1, choices end in different
+        engine steps, and one's answer must not be scored before its own recording arrives)."""
+        return any(continues(output_ids, answer_ids) for output_ids in self.outputs)
 
     def given(self, answer_ids: Sequence[int]) -> Given:
         """What scoring ``answer_ids`` after this prompt may take as given: the prompt keys/values, and what was
@@ -62,8 +68,7 @@ class Capture:
             return Given()
         rows = len(self.prompt_ids) + len(answer_ids) - 1 - self.t_star
         for output_ids, recorded in self.recorded:
-            # band inputs and logits up to the answer's last token depend only on the tokens before it
-            if tuple(answer_ids[:-1]) == output_ids[: len(answer_ids) - 1] and recorded.band_inputs.shape[0] >= rows:
+            if continues(output_ids, answer_ids) and recorded.band_inputs.shape[0] >= rows:
                 logits = recorded.logits
                 logits = logits[: len(answer_ids)] if logits is not None and logits.shape[0] >= len(answer_ids) else None
                 return Given(kv, recorded.band_inputs, logits)
@@ -74,6 +79,12 @@ class Capture:
         parts = [] if self.raw is None else [self.raw] if isinstance(self.raw, torch.Tensor) else list(self.raw)
         parts += [t for _, rec in self.recorded for t in (rec.band_inputs, rec.logits) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
+
+
+def continues(output_ids: tuple[int, ...], answer_ids: Sequence[int]) -> bool:
+    """Whether a choice's output gives ``answer_ids`` (the tokens the user received, a stop string cut): its
+    band inputs and logits up to the answer's last token depend only on the tokens before that one."""
+    return tuple(answer_ids[:-1]) == output_ids[: len(answer_ids) - 1]
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,6 @@ class CaptureStore:
                 capture = self._capture(prompt_ids, read, unpack, band_inputs, output_ids)
                 self._entries[key] = capture
                 self._bytes += capture.nbytes
-                self._changed.notify_all()
             elif capture.raw is not None and band_inputs is not None:
                 recorded = band_inputs(capture.t_star)
                 # usable only over the same layers' keys/values as the first choice's
@@ -130,6 +140,8 @@ class CaptureStore:
                     before = capture.nbytes
                     capture.recorded.append((output_ids, recorded[1]))
                     self._bytes += capture.nbytes - before
+            capture.outputs.append(output_ids)
+            self._changed.notify_all()
 
     def _capture(
         self,

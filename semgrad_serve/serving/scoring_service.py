@@ -92,7 +92,11 @@ class ScoringService:
                 self._store.drop(message[1])
 
     def _ready(self, job: Job) -> bool:
-        return job.key is None or self._store.get(job.key) is not None or time.monotonic() - job.received > CAPTURE_WAIT_S
+        """Whether the job's answers may be scored: each one's choice is captured, or the wait for it is over."""
+        if job.key is None or time.monotonic() - job.received > CAPTURE_WAIT_S:
+            return True
+        capture = self._store.get(job.key)
+        return capture is not None and all(capture.has_choice(answer) for _, answer in job.pairs)
 
     def _next_batch(self) -> list[Job]:
         """Ready jobs, oldest first, up to ``max_batch`` answers (a larger job goes alone)."""
