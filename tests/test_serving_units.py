@@ -340,6 +340,25 @@ def test_serve_command_line_and_environment(monkeypatch) -> None:
     assert env["VLLM_PLUGINS"] == f"other,{PLUGIN_NAME}" and env[MAX_BATCH_ENV] == "3"
 
 
+def test_serve_with_tensor_parallelism_binds_each_cpu_worker(monkeypatch) -> None:
+    from semgrad_serve.cli import build_parser
+    from semgrad_serve.commands.serve import cpu_thread_binding, server_command, server_env
+
+    args = build_parser().parse_args(["serve", "-tp", "2", "--", "--pipeline-parallel-size", "1"])
+    command = server_command(args, Path("/m/tiny"), on_cpu=True)
+    assert command[command.index("--tensor-parallel-size") + 1] == "2" and command[-2:] == ["--pipeline-parallel-size", "1"]
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
+    with pytest.raises(SemgradError, match="needs a core per worker; this machine gives 1"):
+        cpu_thread_binding(2, [5])
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert server_env(ScoringSettings(), cpu_workers=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server_env(ScoringSettings(), cpu_workers=1)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1|0")  # the user's own binding wins
+    assert server_env(ScoringSettings(), cpu_workers=2)["VLLM_CPU_OMP_THREADS_BIND"] == "1|0"
+
+
 def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
     """SmolLM2-135M in float32: 15 band layers × (12·576 + 2·3·64 + 4·1536) values × 4 bytes per token,
     × 4096 batch tokens, plus one 2^26-element head chunk (float32 + its float32 cast): 3.58 GiB of 80."""
@@ -363,6 +382,12 @@ def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
         (["serve", "--profile", "/nonexistent.json"], "cannot read profile"),
         (["serve", "--max-batch", "0"], "at least 1"),
         (["serve", "--", "--kv-transfer-config", "{}"], "runs its own KV connector"),
+        (["serve", "--", "--pipeline-parallel-size", "2"], "does not support pipeline parallelism"),
+        (["serve", "--", "-pp=2"], "does not support pipeline parallelism"),
+        (["serve", "--", "--data-parallel-size", "2"], "one server per replica"),
+        (["serve", "--", "--tensor-parallel-size", "2"], "as semgrad-serve's own option"),
+        (["serve", "--tensor-parallel-size", "0"], "at least 1"),
+        (["serve", "--tensor-parallel-size", "2"], "9 attention heads do not split over 2 ranks"),  # SmolLM2
     ],
 )
 def test_serve_mistakes_print_one_line(argv: list[str], message: str, capsys) -> None:

@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, serve=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        help="split the model over N workers (GPUs, or CPU core groups), scoring on each worker's shards (default: 1)",
+    )  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
     parser.add_argument(
         "--recent", type=int, default=ScoringSettings.recent, metavar="N",
@@ -41,10 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are")
 
 
-def _check_model(model_dir: Path, profile: str | None) -> None:
+def _check_model(model_dir: Path, profile: str | None, tensor_parallel: int = 1) -> None:
     """The scorer's start-up checks, done here so that a mistake is reported before vLLM starts: a given profile
-    file first, then the model directory's files (neither needs transformers or torch), its family and (without a
-    given profile) a profile that fits."""
+    file first, then the model directory's files (neither needs transformers or torch), its family, that its
+    heads split over ``tensor_parallel`` ranks and (without a given profile) a profile that fits."""
     from ..model.loading import check_model_dir
     from ..scoring.profiles import ModelProfile, resolve_profile
 
@@ -56,16 +60,42 @@ def _check_model(model_dir: Path, profile: str | None) -> None:
 
     config = AutoConfig.from_pretrained(model_dir)
     check_family(config)
+    heads = config.num_attention_heads
+    if heads % tensor_parallel:
+        raise SemgradError(f"--tensor-parallel-size {tensor_parallel}: the model's {heads} attention heads do not split over {tensor_parallel} ranks")
     if explicit is None:
         resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, None)
 
 
+# vLLM options that scoring cannot work with, and why
+REFUSED_OPTIONS = {
+    ("--kv-transfer-config",): "SemGrad scoring runs its own KV connector, which cannot be combined with another",
+    ("--pipeline-parallel-size", "-pp"): "SemGrad scoring does not support pipeline parallelism: use --tensor-parallel-size",
+    ("--data-parallel-size", "-dp"): "SemGrad scoring runs in one vLLM engine: start one server per replica",
+    ("--tensor-parallel-size", "-tp"): "give it before --, as semgrad-serve's own option",
+}
+
+
 def vllm_options(args: argparse.Namespace) -> list[str]:
-    """The options after ``--``, refusing those scoring cannot work with."""
+    """The options after ``--``, refusing those scoring cannot work with (a parallel size of 1 is harmless)."""
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
-    if any(a == "--kv-transfer-config" or a.startswith("--kv-transfer-config=") for a in extra):
-        raise SemgradError("--kv-transfer-config: SemGrad scoring runs its own KV connector, which cannot be combined with another")
+    for i, arg in enumerate(extra):
+        name, _, value = arg.partition("=")
+        value = value or (extra[i + 1] if i + 1 < len(extra) else "")
+        for names, why in REFUSED_OPTIONS.items():
+            if name in names and not (names[0].endswith("-parallel-size") and value == "1"):
+                raise SemgradError(f"{name}: {why}")
     return extra
+
+
+def cpu_thread_binding(tensor_parallel: int, cores: list[int]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tensor_parallel`` CPU workers: the cores split into that many
+    consecutive groups, "0-3|4-7" (vLLM's CPU workers refuse to start without one binding each)."""
+    if len(cores) < tensor_parallel:
+        raise SemgradError(f"--tensor-parallel-size {tensor_parallel} on CPU needs a core per worker; this machine gives {len(cores)}")
+    per = len(cores) // tensor_parallel
+    groups = [cores[r * per : (r + 1) * per] for r in range(tensor_parallel)]
+    return "|".join(",".join(map(str, g)) for g in groups)
 
 
 # vLLM's own default share of the GPU, from which serve takes the scoring reserve.
@@ -106,16 +136,20 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
         "--host", args.host, "--port", str(args.port), "--dtype", dtype,
         "--worker-extension-cls", WORKER_EXTENSION,
         "--kv-transfer-config", CAPTURE_KV_TRANSFER_CONFIG,
+        "--tensor-parallel-size", str(args.tensor_parallel_size),
         *(CPU_DEFAULTS if on_cpu else gpu_memory_option(model_dir, dtype, gpu_bytes)),
         *extra,
     ]  # fmt: skip
 
 
-def server_env(settings: ScoringSettings) -> dict[str, str]:
-    """This process's environment plus the plugin allowlist and the scoring settings."""
+def server_env(settings: ScoringSettings, cpu_workers: int = 0) -> dict[str, str]:
+    """This process's environment plus the plugin allowlist and the scoring settings; with ``cpu_workers`` > 1
+    (tensor parallelism on CPU), each worker's core binding unless ``VLLM_CPU_OMP_THREADS_BIND`` is set."""
     env = dict(os.environ)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*plugins, PLUGIN_NAME]))
+    if cpu_workers > 1 and not env.get("VLLM_CPU_OMP_THREADS_BIND"):
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(cpu_workers, sorted(os.sched_getaffinity(0)))
     return {**env, **settings.to_env()}
 
 
@@ -127,12 +161,14 @@ def run(args: argparse.Namespace) -> int:
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
+    if args.tensor_parallel_size < 1:
+        raise SemgradError("--tensor-parallel-size must be at least 1")
     model_dir = resolve_model(args.model).resolve()
-    _check_model(model_dir, profile)
+    _check_model(model_dir, profile, args.tensor_parallel_size)
     import torch
 
     on_cpu = not torch.cuda.is_available()
     command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
     url = server_url(args.host, args.port)
     print(f"semgrad-serve: starting vLLM on {url}/v1 with SemGrad scoring; the page: {url}{PAGE_PATH}", file=sys.stderr, flush=True)
-    os.execve(sys.executable, command, server_env(settings))
+    os.execve(sys.executable, command, server_env(settings, args.tensor_parallel_size if on_cpu else 0))

@@ -28,6 +28,9 @@ from ..model.stop_token import hf_eos_ids
 from .config import GENERATORS
 from .prompts import MAX_NEW_TOKENS
 
+# Longest prompt + answer the evaluation's engine accepts on CPU (the questions are a few hundred tokens at most).
+EVAL_MAX_MODEL_LEN = 4096
+
 
 @dataclass
 class Generation:
@@ -79,7 +82,9 @@ class VLLMGenerator(Generator):
             raise SemgradError(f"--generator vllm needs vLLM ({exc}); install semgrad-serve[cpu] or use --generator hf") from None
         kwargs: dict[str, Any] = dict(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True)
         if not torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = 0.3
+            # a fixed 1 GiB of keys/values for these short prompts: a share of RAM (vLLM's default sizing)
+            # leaves nothing for them beside a 1.5B model's float32 weights
+            kwargs.update(kv_cache_memory_bytes=1 << 30, max_model_len=EVAL_MAX_MODEL_LEN)
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
 

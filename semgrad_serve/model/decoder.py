@@ -2,7 +2,9 @@
 
 Mirrors the Hugging Face Llama/Mistral/Qwen2/Qwen3 forward (RMSNorm computed in
 float32 or wider, rotary cos/sin computed in float32, SiLU-gated MLP), so that
-scores from this forward match the naive Hugging Face computation.
+scores from this forward match the naive Hugging Face computation. Under tensor
+parallelism the same code runs on one rank's shards, with the conjugate
+collectives of ``tensor_parallel.py`` around the sharded products.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .tensor_parallel import copy_to_ranks, reduce_from_ranks
 from .weights import DecoderWeights, LayerWeights
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
@@ -75,7 +78,7 @@ def _queries_keys_values(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Queries (None unless ``queries``), keys and values [B, heads, S, head_dim] of x [B, S, d], after rotary."""
     batch, seq, _ = x.shape
-    h = rms_norm(x, layer.input_norm, w.norm_eps)
+    h = copy_to_ranks(rms_norm(x, layer.input_norm, w.norm_eps), w.tp)
     q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
     weights, biases = layer.qkv, layer.qkv_bias
     if queries:
@@ -141,11 +144,11 @@ def layer_forward(
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=w.n_heads != w.n_kv_heads
         )
-    x = x + F.linear(out.transpose(1, 2).reshape(batch, seq, q_size), layer.o_proj)
-    h = rms_norm(x, layer.post_norm, w.norm_eps)
+    x = x + reduce_from_ranks(F.linear(out.transpose(1, 2).reshape(batch, seq, q_size), layer.o_proj), w.tp)
+    h = copy_to_ranks(rms_norm(x, layer.post_norm, w.norm_eps), w.tp)
     inter = layer.down.shape[1]
     gate, up = _linear_parts(h, layer.gate_up, (), [inter, inter])
-    return x + F.linear(F.silu(gate) * up, layer.down), own
+    return x + reduce_from_ranks(F.linear(F.silu(gate) * up, layer.down), w.tp), own
 
 
 def context_step(

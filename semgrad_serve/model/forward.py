@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .decoder import KeyValue, context_step, layer_forward, rotary, window_masks
+from .tensor_parallel import embed
 from .weights import DecoderWeights
 
 
@@ -55,7 +55,7 @@ def prefix_keys_values(w: DecoderWeights, ids: Sequence[int]) -> tuple[KeyValue,
     masks = window_masks(w, range(w.n_layers), pos, pos, None)
     kvs = []
     with torch.no_grad():
-        x = F.embedding(to_device(torch.tensor([list(ids)]), w.device), w.embed)
+        x = embed(to_device(torch.tensor([list(ids)]), w.device), w.embed, w.tp)
         for i in range(w.n_layers):
             x, kv = context_step(w, i, x, rope, masks)
             kvs.append(kv)
@@ -88,7 +88,7 @@ def padded_forward(
     keys = pos if prefix is None else torch.cat((torch.arange(start, device=w.device).expand(batch, start), pos), dim=1)
     past = expand_prefix(prefix, batch, w.n_layers)
     with torch.no_grad():
-        x = F.embedding(ids, w.embed)
+        x = embed(ids, w.embed, w.tp)
         if each_state is not None:
             each_state(x)
         if n_layers > 0:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import SemgradError
+from .tensor_parallel import TensorParallel
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -35,22 +36,24 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class DecoderWeights:
-    """Everything the scoring forward needs: weights, attention shape and rotary frequencies."""
+    """Everything the scoring forward needs: weights, attention shape and rotary frequencies. Under tensor
+    parallelism (``tp``), one rank's shards: its heads, projection slices and vocabulary rows."""
 
     family: str
-    embed: torch.Tensor  # [V, d]
+    embed: torch.Tensor  # [V, d] (this rank's vocabulary rows under tensor parallelism)
     layers: tuple[LayerWeights, ...]
     final_norm: torch.Tensor
     head: torch.Tensor  # [V, d]; its own copy in the maths even when tied to ``embed``
     tied: bool  # the head is the input embedding matrix (one tensor)
     padding_idx: int | None  # the embedding row Hugging Face gives no gradient (``config.pad_token_id``)
     norm_eps: float
-    n_heads: int
-    n_kv_heads: int
+    n_heads: int  # query heads (this rank's)
+    n_kv_heads: int  # key/value heads (this rank's)
     head_dim: int
     inv_freq: torch.Tensor  # float32 rotary inverse frequencies [head_dim / 2]
     rope_scale: float  # post-processing factor on cos/sin (1 for plain RoPE)
     max_positions: int
+    tp: TensorParallel | None = None  # this rank's place in a tensor-parallel group; None: unsharded
 
     @property
     def n_layers(self) -> int:
@@ -62,7 +65,8 @@ class DecoderWeights:
 
     @property
     def vocab_size(self) -> int:
-        return self.head.shape[0]
+        """The whole vocabulary (the head holds ``head.shape[0]`` rows of it on this rank)."""
+        return self.head.shape[0] if self.tp is None else self.tp.vocab_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,18 +123,25 @@ def build_decoder_weights(
     final_norm: torch.Tensor,
     head: torch.Tensor,
     norm_eps: float,
+    tp: TensorParallel | None = None,
 ) -> DecoderWeights:
-    """Assemble a ``DecoderWeights`` from tensors extracted from a model of a checked family."""
+    """Assemble a ``DecoderWeights`` from tensors extracted from a model of a checked family. Under tensor
+    parallelism, ``embed`` and ``head`` hold the rank's vocabulary rows from ``tp.vocab_start`` on (rows past the
+    vocabulary are padding and dropped) and the layers its shards: its share of the query heads and of the
+    key/value heads (one replicated head per rank where there are fewer key/value heads than ranks)."""
     n_heads, n_kv, head_dim = attention_shape(config)
     inv_freq, rope_scale = rotary_frequencies(config)
     vocab = config.vocab_size
+    rows = vocab if tp is None else min(embed.shape[0], vocab - tp.vocab_start)
+    if tp is not None:
+        n_heads, n_kv = n_heads // tp.size, max(1, n_kv // tp.size)
     pad = getattr(config, "pad_token_id", None)
     return DecoderWeights(
         family=config.model_type,
-        embed=embed.detach()[:vocab],
+        embed=embed.detach()[:rows],
         layers=tuple(layers),
         final_norm=final_norm.detach(),
-        head=head.detach()[:vocab],
+        head=head.detach()[:rows],
         tied=head.data_ptr() == embed.data_ptr(),
         padding_idx=pad if isinstance(pad, int) and 0 <= pad < vocab else None,
         norm_eps=float(norm_eps),
@@ -140,6 +151,7 @@ def build_decoder_weights(
         inv_freq=inv_freq.to(embed.device),
         rope_scale=rope_scale,
         max_positions=int(getattr(config, "max_position_embeddings", 1 << 30)),
+        tp=tp,
     )
 
 

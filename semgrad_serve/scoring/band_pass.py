@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..model.decoder import context_step, layer_forward, rms_norm, rotary, window_masks
 from ..model.forward import expand_prefix, padded_forward, right_padded, to_device
+from ..model.tensor_parallel import embed
 from ..model.weights import DecoderWeights
 from .items import PreparedItem
 from .shared_prefix import SharedPrefix
@@ -111,7 +111,7 @@ def band_pass(
         pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
     elif band_inputs is None:
         first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
-        x_suf = F.embedding(right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max), w.embed)
+        x_suf = embed(right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max), w.embed, w.tp)
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
     else:
         first = band.start  # only the band runs, on the suffix, from the given residual stream

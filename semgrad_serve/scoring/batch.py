@@ -24,6 +24,7 @@ from ..kernels import Kernels
 from ..kernels.token_stats import NON_FINITE_LOGITS
 from ..model.forward import to_device
 from ..model.weights import DecoderWeights
+from . import head
 from .band_pass import band_pass
 from .items import ClaimScores, PreparedItem, ScoreResult, hybrid
 from .shared_prefix import SharedPrefix
@@ -113,19 +114,19 @@ def score_batch(
     claim_inv_len = to_device(torch.tensor(claims.inv_len, dtype=torch.float64), w.device) if claims else None
     n_scales = 1 + exgrad
     logp, entropy, head_l1, grad_hidden, claim_l1, claim_grad = [], [], [], [], [], []
-    for lo, hi in head_groups(bounds, max(1, HEAD_CHUNK_ELEMENTS // w.vocab_size)):
+    for lo, hi in head_groups(bounds, max(1, HEAD_CHUNK_ELEMENTS // w.head.shape[0])):
         rows = slice(bounds[lo], bounds[hi])
         offsets = fwd.offsets[lo : hi + 1] - bounds[lo]
         h = hidden[rows]
         # the logits' memory holds the gradient softmax − onehot where the dtypes allow: one [rows, V] buffer
         z = head_logits(w, h, bounds[lo : hi + 1], None if logits is None else logits[lo:hi])
-        lp, ent, nll_grad = kernels.token_stats(z, fwd.targets[rows], check=False, overwrite=True)
+        lp, ent, nll_grad = head.token_stats(w, kernels, z, fwd.targets[rows])
         lengths = offsets.diff()
         inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths, output_size=bounds[hi] - bounds[lo])
         token_weight = ent * inv_len  # w_t / T
-        head_l1.append(kernels.head_grad_l1(nll_grad, h, torch.stack((token_weight, inv_len)[:n_scales]), offsets))
+        head_l1.append(head.head_grad_l1(w, kernels, nll_grad, h, torch.stack((token_weight, inv_len)[:n_scales]), offsets))
         # Σ_v g_tv W_v, each seed's row scale applied after the product, so no scaled [rows, V] copy
-        grad_h = nll_grad.to(w.dtype) @ w.head
+        grad_h = head.grad_hidden(w, nll_grad)
         grad_hidden.append(grad_h * token_weight[:, None].to(w.dtype))
         if claims is not None:
             c_inv = claim_inv_len[rows].to(ent.dtype)
@@ -133,7 +134,7 @@ def score_batch(
             for run in claims.runs(lo, hi):
                 r = slice(run[0] - bounds[lo], run[-1] - bounds[lo])
                 c_offsets = to_device(torch.tensor(run) - run[0], w.device)
-                claim_l1.append(kernels.head_grad_l1(nll_grad[r], h[r], torch.stack((c_weight[r], c_inv[r])[:n_scales]), c_offsets))
+                claim_l1.append(head.head_grad_l1(w, kernels, nll_grad[r], h[r], torch.stack((c_weight[r], c_inv[r])[:n_scales]), c_offsets))
             claim_grad.append(grad_h * c_weight[:, None].to(w.dtype))
         logp.append(lp)
         entropy.append(ent)
@@ -147,7 +148,12 @@ def score_batch(
         batched[0] = seeds
         seed, row = to_device(torch.tensor(claims.seed_rows).T, w.device)
         batched[seed, row] = torch.cat(claim_grad)[row]
-        (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=batched, is_grads_batched=True)
+        if w.tp is None:
+            (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=batched, is_grads_batched=True)
+        else:  # vmap cannot batch the collectives in the backward: one backward per seed
+            probe_grads = torch.stack(
+                [torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=seed, retain_graph=True)[0] for seed in batched]
+            )
         n_band, batch, d = probe_grads.shape[1:]
         # [seeds, n_band, B, d] → [n_band, seeds·B, d]: seed k of item b at k·B + b
         semgrad = kernels.band_l1(probe_grads.transpose(0, 1).reshape(n_band, claims.seeds * batch, d))

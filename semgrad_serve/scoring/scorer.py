@@ -268,6 +268,8 @@ class Scorer:
     def _check_given(self, item: PreparedItem, kv: torch.Tensor | None, x: torch.Tensor | None, z: torch.Tensor | None) -> int:
         """Which of ``score``'s groups an item with these given states goes to; mismatched shapes are an ``ItemError``."""
         answer, vocab = len(item.answer_ids), self.weights.vocab_size
+        if z is not None and self.weights.tp is not None:
+            raise ItemError("given logits are not taken under tensor parallelism (each rank forms its own vocabulary rows)")
         if z is not None and (z.dim() != 2 or z.shape[0] < answer or z.shape[1] != vocab):
             raise ItemError(f"logits of shape {tuple(z.shape)}, expected at least ({answer}, {vocab})")
         if kv is None:

@@ -59,9 +59,7 @@ class SemgradPlugin:
                     f"the SemGrad plugin needs its worker extension: start vLLM with --worker-extension-cls {WORKER_EXTENSION}"
                 ) from None
             raise SemgradError(f"SemGrad scoring cannot start: {exc}") from None
-        if len(infos) != 1:
-            raise SemgradError("SemGrad scoring runs in one vLLM worker: tensor-, pipeline- and data-parallel sizes must be 1")
-        info = infos[0]
+        info = infos[0]  # rank 0's, whose scoring service takes the answers (under tensor parallelism, for every rank)
         state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), info["capture"])
         state.semgrad_info = info
         state.semgrad_recent = RecentAnswers(settings.recent)

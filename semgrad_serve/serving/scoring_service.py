@@ -14,6 +14,9 @@ captured prompt keys/values (only through the band, where its inputs were
 recorded); the others recompute the prompt, with the same scores. Answers that arrive while a batch is scored form the next batch (at
 most ``max_batch`` answers, one backward per batch).
 
+Under tensor parallelism (``group``), every rank's worker runs a service: rank 0's
+takes the answers and forms the batches, the others follow them (``rank_sync.py``).
+
 Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``
 and ``("drop", key)``; worker → API server ``("result", job, reports,
 batch_size)`` where ``batch_size`` is set on the first job of each batch only.
@@ -33,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import rank_sync
 from .captures import CaptureStore, Given
 from .config import log
 
@@ -62,16 +66,27 @@ def scoring_cores(api_cores: set[int]) -> set[int]:
 
 
 class ScoringService:
-    """Receives answers over a Unix socket and scores them in a thread of the worker process."""
+    """Receives answers over a Unix socket and scores them in a thread of the worker process. Under tensor
+    parallelism (``group``: scoring's process group, ``rank``: this worker's index in it), only rank 0 listens;
+    the other ranks' services score rank 0's batches (``address`` and ``authkey`` are None there)."""
 
-    def __init__(self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int]) -> None:
+    def __init__(
+        self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int], group: Any = None, rank: int = 0
+    ) -> None:
         self._score, self._store, self._max_batch, self._cores = score, store, max_batch, cores
-        self._listener = Listener(family="AF_UNIX", authkey=(authkey := secrets.token_bytes(16)))
-        self.address, self.authkey = self._listener.address, authkey.hex()
+        self._group = group
         self._jobs: deque[Job] = deque()
+        self._dropped: list[str] = []  # keys dropped since the last batch, for the followers (tensor parallelism)
         self._arrived = threading.Condition()
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
+        self.address: str | None = None
+        self.authkey: str | None = None
+        if rank > 0:
+            threading.Thread(target=self._run, args=(True,), name="semgrad-score", daemon=True).start()
+            return
+        self._listener = Listener(family="AF_UNIX", authkey=(authkey := secrets.token_bytes(16)))
+        self.address, self.authkey = self._listener.address, authkey.hex()
         threading.Thread(target=self._receive, name="semgrad-receive", daemon=True).start()
         threading.Thread(target=self._run, name="semgrad-score", daemon=True).start()
 
@@ -90,13 +105,13 @@ class ScoringService:
                     self._arrived.notify()
             elif message[0] == "drop":
                 self._store.drop(message[1])
+                if self._group is not None:
+                    with self._arrived:
+                        self._dropped.append(message[1])
 
     def _ready(self, job: Job) -> bool:
         """Whether the job's answers may be scored: each one's choice is captured, or the wait for it is over."""
-        if job.key is None or time.monotonic() - job.received > CAPTURE_WAIT_S:
-            return True
-        capture = self._store.get(job.key)
-        return capture is not None and all(capture.has_choice(answer) for _, answer in job.pairs)
+        return job.key is None or time.monotonic() - job.received > CAPTURE_WAIT_S or self._captured(job)
 
     def _next_batch(self) -> list[Job]:
         """Ready jobs, oldest first, up to ``max_batch`` answers (a larger job goes alone)."""
@@ -121,17 +136,49 @@ class ScoringService:
             return Given()
         return capture.given(pair[1])
 
-    def _score_jobs(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
-        """Reports per job; if the batch fails as a whole, each job is retried alone."""
+    def _given_all(self, jobs: list[Job]) -> list[list[Given]]:
+        """What each job's answers are given; under tensor parallelism, what every rank was given."""
+        given = [[self._given(job, pair) for pair in job.pairs] for job in jobs]
+        if self._group is None:
+            return given
+        agreed = iter(rank_sync.agree(self._group, [g for per_job in given for g in per_job]))
+        return [[next(agreed) for _ in per_job] for per_job in given]
+
+    def _share(self, jobs: list[Job]) -> None:
+        """Rank 0: send the batch (and the keys dropped since the last one) to the other ranks."""
+        with self._arrived:
+            dropped, self._dropped = self._dropped, []
+        kinds = [rank_sync.given_kind(self._given(job, pair)) for job in jobs for pair in job.pairs]
+        rank_sync.share_plan(self._group, ([(j.job, j.key, j.pairs, j.claims) for j in jobs], dropped, kinds))
+
+    def _next_shared(self) -> list[Job]:
+        """A rank > 0: the next batch rank 0 shares, once this rank's captures that rank 0 had are in (they come in
+        the same engine step, give or take this thread's wake-up) or the wait for them is over."""
+        entries, dropped, kinds = rank_sync.share_plan(self._group, None)
+        for key in dropped:
+            self._store.drop(key)
+        jobs = [Job(job, key, pairs, claims) for job, key, pairs, claims in entries]
+        wanted = [job for job, kind in zip((j for j in jobs for _ in j.pairs), kinds) if kind > 0]
+        deadline = time.monotonic() + CAPTURE_WAIT_S
+        while not all(self._captured(job) for job in wanted) and time.monotonic() < deadline:
+            time.sleep(IDLE_POLL_S)
+        return jobs
+
+    def _captured(self, job: Job) -> bool:
+        capture = self._store.get(job.key) if job.key is not None else None
+        return capture is not None and all(capture.has_choice(answer) for _, answer in job.pairs)
+
+    def _score_jobs(self, jobs: list[Job], given: list[list[Given]]) -> list[list[dict[str, Any]]]:
+        """Reports per job (``given``: per job, what its answers are given); if the batch fails as a whole, each
+        job is retried alone."""
         pairs = [pair for job in jobs for pair in job.pairs]
-        given = [self._given(job, pair) for job in jobs for pair in job.pairs]
         claims = [job.claims for job in jobs for _ in job.pairs]
         try:
-            reports = self._score(pairs, given, claims)
+            reports = self._score(pairs, [g for per_job in given for g in per_job], claims)
         except Exception as exc:  # whatever failed, every answer must get a result
             if len(jobs) > 1:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(jobs), exc)
-                return [self._score_jobs([job])[0] for job in jobs]
+                return [self._score_jobs([job], [g])[0] for job, g in zip(jobs, given)]
             log.warning("SemGrad scoring failed: %s", exc)
             return [[{"error": f"scoring failed: {exc}"}] * len(jobs[0].pairs)]
         out, start = [], 0
@@ -140,7 +187,9 @@ class ScoringService:
             start += len(job.pairs)
         return out
 
-    def _run(self) -> None:
+    def _run(self, follower: bool = False) -> None:
+        """The scoring thread: batches from the queue (rank 0) or from rank 0 (``follower``), scored one at a time;
+        a follower's reports stay here."""
         if self._cores:
             try:
                 os.sched_setaffinity(0, self._cores)  # this thread only
@@ -148,15 +197,19 @@ class ScoringService:
                 log.warning("SemGrad: cannot pin the scoring thread to cores %s (%s)", sorted(self._cores), exc)
         stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         while True:
-            jobs = self._next_batch()
+            jobs = self._next_shared() if follower else self._next_batch()
             try:
+                if self._group is not None and not follower:
+                    self._share(jobs)
                 with torch.enable_grad(), torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    results = self._score_jobs(jobs)
+                    results = self._score_jobs(jobs, self._given_all(jobs))
                 if stream is not None:
                     stream.synchronize()
             except Exception as exc:  # the thread must outlive anything, or requests wait forever
                 log.exception("SemGrad: the scoring thread failed on a batch")
                 results = [[{"error": f"scoring failed: {exc}"}] * len(job.pairs) for job in jobs]
+            if follower:
+                continue
             size = sum(len(job.pairs) for job in jobs)
             for i, (job, reports) in enumerate(zip(jobs, results)):
                 self._send(("result", job.job, reports, size if i == 0 else 0))

@@ -4,6 +4,8 @@ vLLM's Llama/Mistral/Qwen2/Qwen3 modules hold fused ``qkv_proj`` and
 ``gate_up_proj`` matrices, which ``LayerWeights`` accepts as they are. On CPU,
 vLLM repacks every linear weight for oneDNN and frees the dense matrix;
 ``keep_dense_cpu_weights`` makes it keep them, since autograd needs them.
+Under tensor parallelism each worker views its own shards (its heads, projection
+slices and vocabulary rows), which the scoring forward takes as they are.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import SemgradError
+from ..model.tensor_parallel import TensorParallel
 from ..model.weights import DecoderWeights, LayerWeights, build_decoder_weights, check_family, layer_windows
 
 
@@ -56,8 +59,9 @@ def _norm(module: Any) -> torch.Tensor | None:
     return None if module is None else module.weight.detach()
 
 
-def from_vllm_model(model: torch.nn.Module, config: Any) -> DecoderWeights:
-    """View vLLM's ``*ForCausalLM`` module (tensor- and pipeline-parallel size 1) as ``DecoderWeights``."""
+def from_vllm_model(model: torch.nn.Module, config: Any, tp_group: tuple[Any, int, int] | None = None) -> DecoderWeights:
+    """View vLLM's ``*ForCausalLM`` module (pipeline-parallel size 1) as ``DecoderWeights``. ``tp_group``: scoring's
+    process group over the tensor-parallel ranks, this rank's index in it and its size; this worker's shards."""
     check_family(config)
     try:
         base, head = model.model, model.lm_head
@@ -80,6 +84,11 @@ def from_vllm_model(model: torch.nn.Module, config: Any) -> DecoderWeights:
                 )
             )
         embed, final_norm = _dense(base.embed_tokens, "embed_tokens"), base.norm.weight
+        tp = None
+        if tp_group is not None:
+            group, rank, size = tp_group
+            start = base.embed_tokens.shard_indices.org_vocab_start_index  # the head's rows are the embedding's
+            tp = TensorParallel(group, rank, size, start, config.vocab_size)
     except AttributeError as exc:
         raise SemgradError(
             f"vLLM's {type(model).__name__} does not have the Llama/Qwen module layout SemGrad reads ({exc})"
@@ -87,5 +96,5 @@ def from_vllm_model(model: torch.nn.Module, config: Any) -> DecoderWeights:
     if len(layers) != config.num_hidden_layers:
         raise SemgradError(f"vLLM holds {len(layers)} of {config.num_hidden_layers} layers; pipeline parallelism is not supported")
     return build_decoder_weights(
-        config, embed=embed, layers=layers, final_norm=final_norm, head=_dense(head, "lm_head"), norm_eps=config.rms_norm_eps
+        config, embed=embed, layers=layers, final_norm=final_norm, head=_dense(head, "lm_head"), norm_eps=config.rms_norm_eps, tp=tp
     )

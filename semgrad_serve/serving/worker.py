@@ -17,6 +17,7 @@ from ..errors import ItemError, SemgradError
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
+from . import rank_sync
 from .captures import STORE, Given
 from .config import CAPTURE_CONNECTOR_MODULE, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
 from .scoring_service import Pair, ScoreFn, ScoringService, scoring_cores
@@ -24,6 +25,11 @@ from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
+
+PIPELINE_REFUSED = (
+    "SemGrad scoring does not support pipeline parallelism (--pipeline-parallel-size > 1): "
+    "split the model with --tensor-parallel-size instead"
+)
 
 # The fields of a scored answer in the API response, in this order.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
@@ -102,12 +108,13 @@ class SemgradWorkerExtension:
 
         vllm_config = self.vllm_config  # type: ignore[attr-defined]
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-            raise SemgradError("SemGrad scoring needs tensor- and pipeline-parallel size 1")
+        if parallel.pipeline_parallel_size != 1:
+            raise SemgradError(PIPELINE_REFUSED)
         capture = capture_state(vllm_config.kv_transfer_config)
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
-        weights = from_vllm_model(self.model_runner.model, config)  # type: ignore[attr-defined]
+        tp_group = rank_sync.scoring_group() if parallel.tensor_parallel_size > 1 else None
+        weights = from_vllm_model(self.model_runner.model, config, tp_group)  # type: ignore[attr-defined]
         tokenizer = AutoTokenizer.from_pretrained(
             model_config.tokenizer,
             revision=model_config.tokenizer_revision,
@@ -121,7 +128,9 @@ class SemgradWorkerExtension:
         record = capture and records_band_inputs(vllm_config)
         if record:
             model = self.model_runner.model  # type: ignore[attr-defined]
-            RECORDER.install(self.model_runner, model.model.layers[band.start], model.logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
+            # under tensor parallelism the logits are gathered to rank 0 only, and each rank's head forms its own
+            logits_processor = model.logits_processor if tp_group is None else None
+            RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
         def score(pairs: list[Pair], given: list[Given], claims: list[bool]) -> list[dict[str, Any]]:
             results = scorer.score(
@@ -138,7 +147,8 @@ class SemgradWorkerExtension:
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
             score = with_test_faults(score, tokenizer)
         cores = scoring_cores(set(api_cores))
-        self.semgrad_service = ScoringService(score, STORE, max_batch, cores)
+        group, rank = (None, 0) if tp_group is None else tp_group[:2]
+        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, group, rank)
         return {
             "family": weights.family,
             "profile": profile.name,
@@ -152,6 +162,7 @@ class SemgradWorkerExtension:
             "scoring_cores": sorted(cores),
             "capture": capture,
             "records": record,
+            "tensor_parallel_size": parallel.tensor_parallel_size,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
         }

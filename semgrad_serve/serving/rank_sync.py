@@ -1,0 +1,61 @@
+"""Scoring in vLLM's tensor-parallel workers: one process group of scoring's own, and rank 0's batches followed.
+
+Under tensor parallelism every worker scores every batch on its own shards, and the
+collectives in the forward and backward pair up only if all ranks run the same
+batches in the same order, through the same path. Rank 0 (the leader) receives
+the answers from the API server, forms each batch and broadcasts it (with the
+capture keys the API server has dropped since); the other ranks (followers) score
+what they receive and send nothing back. Each rank reads its own captures (its KV
+heads): ``agree`` keeps for each answer only what every rank was given, so that
+all ranks take the same path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .captures import Given
+
+# Batch of answers as broadcast: per job (job id, capture key, (prompt ids, answer ids) pairs, claims wanted),
+# the capture keys dropped since the last batch, and per answer what the leader was given (``given_kind``).
+Plan = tuple[list[tuple[int, str | None, list[Any], bool]], list[str], list[int]]
+
+
+def scoring_group() -> tuple[Any, int, int]:
+    """A gloo process group over vLLM's tensor-parallel ranks for scoring's collectives (never vLLM's own group:
+    scoring runs in a thread beside the engine's collectives), this rank's index in it and its size. Every worker
+    must call this at the same point (``semgrad_setup``, through ``collective_rpc``)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    tp = get_tp_group()
+    group = dist.new_group(ranks=list(tp.ranks), backend="gloo")
+    return group, tp.rank_in_group, tp.world_size
+
+
+def share_plan(group: Any, plan: Plan | None) -> Plan:
+    """Rank 0's plan, on every rank (rank 0 passes it, the others None)."""
+    box = [plan]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def given_kind(given: Given) -> int:
+    """0: nothing given (recompute); 1: the prompt's keys/values at every layer; 2: the band layers' keys/values
+    and the band's inputs."""
+    if given.prefix_kv is None:
+        return 0
+    return 2 if given.band_inputs is not None else 1
+
+
+def agree(group: Any, given: Sequence[Given]) -> list[Given]:
+    """Per answer, what this rank was given where every rank was given the same kind, else nothing; never the
+    logits (the vocabulary-parallel head forms each rank's own)."""
+    kinds = torch.tensor([given_kind(g) for g in given], dtype=torch.int64)
+    low, high = -kinds, kinds.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    same = (-low == high).tolist()
+    return [Given(g.prefix_kv, g.band_inputs) if ok else Given() for g, ok in zip(given, same)]

@@ -1,0 +1,100 @@
+"""Serving with tensor parallelism, end to end: ``semgrad-serve serve --tensor-parallel-size 2`` on a small random
+Llama (8 query heads, 4 key/value heads: one shard of each per worker; SmolLM2's tokenizer and chat template),
+queried with the official ``openai`` client; every answer's scores equal the unsharded offline scorer's (float32).
+The suite's one tensor-parallel server start (about a minute on two cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import openai
+import pytest
+import torch
+from test_serving import LONG_CONTEXT, REQUEST_TIMEOUT_S, SCORE_KEYS, ask, semgrad_of
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from semgrad_serve.errors import ItemError
+from semgrad_serve.model.loading import resolve_model
+from semgrad_serve.scoring.scorer import Scorer
+
+from launch_server import free_port, running_server, serve_command
+
+pytestmark = pytest.mark.slow  # starts a vLLM server with two workers
+
+MODEL = "tiny-llama-tp"
+
+
+def save_tiny_llama(target: Path) -> Path:
+    """A random float32 Llama that splits over two ranks, with the default model's tokenizer and chat template."""
+    source = resolve_model(None)
+    vocab = len(json.loads((source / "tokenizer.json").read_text())["model"]["vocab"])
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,  # peaked enough that answers differ in confidence
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(source / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tp") / MODEL)
+
+
+@pytest.fixture(scope="module")
+def tp_url(tiny_dir: Path, tmp_path_factory) -> Iterator[str]:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve binds one core per worker itself
+    args = ["--model", str(tiny_dir), "--tensor-parallel-size", "2", "--max-batch", "4",
+            "--", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "4096"]  # fmt: skip
+    port = free_port()
+    log = tmp_path_factory.mktemp("tp-server") / "server.log"
+    with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
+        text = server.log.read_text(errors="replace")
+        assert "world_size=2" in text and "'tensor_parallel_size': 2" in text
+        yield server.url
+
+
+def test_two_workers_score_like_one(tp_url: str, tiny_dir: Path) -> None:
+    """Short and ~1.5k-token prompts, two choices each: every rank scores its shards over its own KV heads and the
+    band inputs recorded while generating; rank 0's answer equals the unsharded offline scores."""
+    client = openai.OpenAI(base_url=f"{tp_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    scorer = Scorer.from_pretrained(tiny_dir)
+    for question in ("What is the capital of France?", f"{LONG_CONTEXT}\nHow many crates does district 3 store?"):
+        messages = ask(question)
+        response = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=12, temperature=1.0, seed=3, n=2, extra_body={"return_token_ids": True}
+        )
+        prompt_ids = response.model_extra["prompt_token_ids"]
+        assert prompt_ids == scorer.prompt_ids(messages)
+        for choice in response.choices:
+            semgrad = semgrad_of(choice)
+            assert semgrad is not None and "error" not in semgrad, semgrad
+            assert semgrad["reused"] == ["prompt_kv", "band_inputs"]  # the logits: each rank forms its own rows
+            (offline,) = scorer.score([(prompt_ids, choice.model_extra["token_ids"])])
+            assert not isinstance(offline, ItemError), offline
+            expected = scorer.report(offline)
+            for key in SCORE_KEYS:
+                assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
+    # a raw completion (t* falls back to the last prompt token) and scoring off, through the same workers
+    response = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert semgrad_of(response.choices[0])["t_star_rule"] == "last_prompt_token"
+    off = client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=4, extra_body={"semgrad": False})
+    assert semgrad_of(off.choices[0]) is None
