@@ -4,7 +4,7 @@ Each rank holds what vLLM's tensor-parallel layers give it: its query heads and 
 there are fewer key/value heads than ranks), its rows of the gate/up projections and columns of the output and
 down projections, and its vocabulary rows of the embedding and head (101 rows: 51 and 50). Every scoring path
 (recompute, shared prefix, prompt keys/values given, band inputs given, claims) must give every rank the unsharded
-scores, in float64, within 1e-9.
+scores, in float64, within 1e-9. The same ranks check how the scoring services keep in step (``rank_sync``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from semgrad_serve.model.weights import DecoderWeights, LayerWeights, from_hf_mo
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
+from semgrad_serve.serving import rank_sync
+from semgrad_serve.serving.captures import Given
 
 from test_claims import claimed_items
 from test_exactness import deeper_half, generation_states, prefix_keys_values
@@ -137,10 +139,23 @@ def check_case(rank: int, group, family: str, changes: dict) -> None:
     both(items, prefix_kv=(band_kvs, [local_kv(kv, rank, full.n_kv_heads) for kv in band_kvs]), band_inputs=(xs, xs))
 
 
+def check_rank_sync(rank: int, group) -> None:
+    """Rank 0's batch reaches every rank; each answer keeps what it was given only where every rank had the same
+    kind (else all recompute), and never the logits."""
+    plan = ([(7, "key", [([1, 2], [3])], True)], ["gone"], [2]) if rank == 0 else None
+    assert rank_sync.share_plan(group, plan) == ([(7, "key", [([1, 2], [3])], True)], ["gone"], [2])
+    kv, x, z = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    mine = [Given(kv, x, z), Given(kv), Given(), Given(kv)] if rank == 0 else [Given(kv, x), Given(kv, x), Given(), Given(kv)]
+    agreed = rank_sync.agree(group, mine)
+    assert [rank_sync.given_kind(g) for g in agreed] == [2, 0, 0, 1]
+    assert agreed[0].band_inputs is x and all(g.logits is None for g in agreed)
+
+
 def run_rank(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         group = dist.new_group(backend="gloo")
+        check_rank_sync(rank, group)
         for family, changes in CASES:
             check_case(rank, group, family, changes)
     finally:

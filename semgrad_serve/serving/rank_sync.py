@@ -1,4 +1,4 @@
-"""Scoring in vLLM's tensor-parallel workers: one process group of scoring's own, and rank 0's batches followed.
+"""Scoring in vLLM's tensor-parallel workers: process groups of scoring's own, and rank 0's batches followed.
 
 Under tensor parallelism every worker scores every batch on its own shards, and the
 collectives in the forward and backward pair up only if all ranks run the same
@@ -12,6 +12,7 @@ all ranks take the same path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -24,15 +25,28 @@ from .captures import Given
 Plan = tuple[list[tuple[int, str | None, list[Any], bool]], list[str], list[int]]
 
 
-def scoring_group() -> tuple[Any, int, int]:
-    """A gloo process group over vLLM's tensor-parallel ranks for scoring's collectives (never vLLM's own group:
-    scoring runs in a thread beside the engine's collectives), this rank's index in it and its size. Every worker
-    must call this at the same point (``semgrad_setup``, through ``collective_rpc``)."""
+@dataclass(frozen=True)
+class ScoringGroups:
+    """Scoring's own process groups over vLLM's tensor-parallel ranks (never vLLM's groups: scoring runs in a
+    thread beside the engine's collectives): ``tensors`` for the forward's and backward's collectives (NCCL on
+    GPUs, gloo on CPU), ``host`` (gloo) for the batches and agreements, which are host objects."""
+
+    tensors: Any
+    host: Any
+    rank: int  # this worker's index in the groups
+    size: int
+
+
+def scoring_groups() -> ScoringGroups:
+    """Create scoring's groups; every worker must call this at the same point (``semgrad_setup``, through
+    ``collective_rpc``)."""
     from vllm.distributed.parallel_state import get_tp_group
 
     tp = get_tp_group()
-    group = dist.new_group(ranks=list(tp.ranks), backend="gloo")
-    return group, tp.rank_in_group, tp.world_size
+    ranks = list(tp.ranks)
+    host = dist.new_group(ranks=ranks, backend="gloo")
+    tensors = dist.new_group(ranks=ranks, backend="nccl") if torch.cuda.is_available() else host
+    return ScoringGroups(tensors, host, tp.rank_in_group, tp.world_size)
 
 
 def share_plan(group: Any, plan: Plan | None) -> Plan:

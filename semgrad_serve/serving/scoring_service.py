@@ -14,7 +14,7 @@ captured prompt keys/values (only through the band, where its inputs were
 recorded); the others recompute the prompt, with the same scores. Answers that arrive while a batch is scored form the next batch (at
 most ``max_batch`` answers, one backward per batch).
 
-Under tensor parallelism (``group``), every rank's worker runs a service: rank 0's
+Under tensor parallelism (``groups``), every rank's worker runs a service: rank 0's
 takes the answers and forms the batches, the others follow them (``rank_sync.py``).
 
 Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``
@@ -67,14 +67,15 @@ def scoring_cores(api_cores: set[int]) -> set[int]:
 
 class ScoringService:
     """Receives answers over a Unix socket and scores them in a thread of the worker process. Under tensor
-    parallelism (``group``: scoring's process group, ``rank``: this worker's index in it), only rank 0 listens;
-    the other ranks' services score rank 0's batches (``address`` and ``authkey`` are None there)."""
+    parallelism (``groups``), only rank 0 listens; the other ranks' services score rank 0's batches (``address``
+    and ``authkey`` are None there)."""
 
     def __init__(
-        self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int], group: Any = None, rank: int = 0
+        self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int], groups: rank_sync.ScoringGroups | None = None
     ) -> None:
         self._score, self._store, self._max_batch, self._cores = score, store, max_batch, cores
-        self._group = group
+        self._group = None if groups is None else groups.host
+        rank = 0 if groups is None else groups.rank
         self._jobs: deque[Job] = deque()
         self._dropped: list[str] = []  # keys dropped since the last batch, for the followers (tensor parallelism)
         self._arrived = threading.Condition()

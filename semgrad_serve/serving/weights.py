@@ -60,8 +60,9 @@ def _norm(module: Any) -> torch.Tensor | None:
 
 
 def from_vllm_model(model: torch.nn.Module, config: Any, tp_group: tuple[Any, int, int] | None = None) -> DecoderWeights:
-    """View vLLM's ``*ForCausalLM`` module (pipeline-parallel size 1) as ``DecoderWeights``. ``tp_group``: scoring's
-    process group over the tensor-parallel ranks, this rank's index in it and its size; this worker's shards."""
+    """View vLLM's ``*ForCausalLM`` module (pipeline-parallel size 1) as ``DecoderWeights``. ``tp_group``: the
+    process group scoring's collectives use over the tensor-parallel ranks, this rank's index in it and its size:
+    the view is then of this worker's shards."""
     check_family(config)
     try:
         base, head = model.model, model.lm_head

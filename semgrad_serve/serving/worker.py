@@ -113,7 +113,8 @@ class SemgradWorkerExtension:
         capture = capture_state(vllm_config.kv_transfer_config)
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
-        tp_group = rank_sync.scoring_group() if parallel.tensor_parallel_size > 1 else None
+        groups = rank_sync.scoring_groups() if parallel.tensor_parallel_size > 1 else None
+        tp_group = None if groups is None else (groups.tensors, groups.rank, groups.size)
         weights = from_vllm_model(self.model_runner.model, config, tp_group)  # type: ignore[attr-defined]
         tokenizer = AutoTokenizer.from_pretrained(
             model_config.tokenizer,
@@ -129,7 +130,7 @@ class SemgradWorkerExtension:
         if record:
             model = self.model_runner.model  # type: ignore[attr-defined]
             # under tensor parallelism the logits are gathered to rank 0 only, and each rank's head forms its own
-            logits_processor = model.logits_processor if tp_group is None else None
+            logits_processor = model.logits_processor if groups is None else None
             RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
         def score(pairs: list[Pair], given: list[Given], claims: list[bool]) -> list[dict[str, Any]]:
@@ -147,8 +148,7 @@ class SemgradWorkerExtension:
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
             score = with_test_faults(score, tokenizer)
         cores = scoring_cores(set(api_cores))
-        group, rank = (None, 0) if tp_group is None else tp_group[:2]
-        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, group, rank)
+        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups)
         return {
             "family": weights.family,
             "profile": profile.name,
