@@ -9,7 +9,7 @@ latency are measured; plus output tokens/s, the busy share of each core and the
 server's memory (RSS of its process tree), alternating off/on rounds so that
 drift in the machine's load hits both alike. Then the head-of-line test: the
 latency of short unscored requests sent one at a time, idle and while long-prompt
-requests run with scoring off and on. Unless ``--no-baseline``, the idle memory
+requests (one, then four, in flight) run with scoring off and on. Unless ``--no-baseline``, the idle memory
 of a plain vLLM server shows what keeping the dense weights costs. Prints the
 ratios and writes a Markdown report.
 
@@ -210,13 +210,13 @@ async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, co
         phase.wall_s += time.perf_counter() - start
 
 
-async def head_of_line(url: str, model: str, background: list[str], probes: int, scoring: bool | None) -> list[float]:
+async def head_of_line(url: str, model: str, background: list[str], probes: int, scoring: bool | None, in_flight: int = 4) -> list[float]:
     """Latencies of short unscored requests sent one after another, alone (``scoring`` None) or while the
-    ``background`` long-prompt requests (rag, 4 in flight) run with scoring on or off."""
+    ``background`` long-prompt requests (rag, ``in_flight`` at a time) run with scoring on or off."""
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0) as client:
         load = None
         if scoring is not None:
-            load = asyncio.create_task(run_load(url, model, background, LOADS["rag"][1], 4, scoring, Phase()))
+            load = asyncio.create_task(run_load(url, model, background, LOADS["rag"][1], in_flight, scoring, Phase()))
             await asyncio.sleep(3)  # the background is under way
         latencies = []
         for i in range(probes):
@@ -226,6 +226,15 @@ async def head_of_line(url: str, model: str, background: list[str], probes: int,
         if load is not None:
             await load
         return latencies
+
+
+# Long-prompt requests in flight during the head-of-line phases: one (a single long prompt, as in the issue's
+# report of one client stalling the others) and four.
+HOL_IN_FLIGHT = (1, 4)
+
+
+def hol_phase(in_flight: int, scoring: bool) -> str:
+    return f"rag x{in_flight}, scoring {'on' if scoring else 'off'}"
 
 
 def scoring_metrics(url: str) -> dict[str, float]:
@@ -328,11 +337,15 @@ def report(
                 for name, v in hol.items()
             ),
             "",
-            f"- rag requests with scoring on slow an unrelated unscored request by "
-            f"**{percentile(hol['rag, scoring on'], 0.5) / percentile(hol['rag, scoring off'], 0.5):.2f}x** against the same "
-            f"requests with scoring off (p50; p99 {percentile(hol['rag, scoring on'], 0.99) / percentile(hol['rag, scoring off'], 0.99):.2f}x), "
-            f"and **{percentile(hol['rag, scoring on'], 0.5) / percentile(idle, 0.5):.2f}x** against an idle server (target ≤ 2x).",
         ]
+        for in_flight in HOL_IN_FLIGHT:
+            on, off = hol[hol_phase(in_flight, True)], hol[hol_phase(in_flight, False)]
+            lines.append(
+                f"- {in_flight} rag request(s) in flight with scoring on slow an unrelated unscored request by "
+                f"**{percentile(on, 0.5) / percentile(off, 0.5):.2f}x** against the same requests with scoring off (p50; p99 "
+                f"{percentile(on, 0.99) / percentile(off, 0.99):.2f}x), and **{percentile(on, 0.5) / percentile(idle, 0.5):.2f}x** "
+                f"against an idle server (target ≤ 2x; with scoring off {percentile(off, 0.5) / percentile(idle, 0.5):.2f}x)."
+            )
     lines += ["", "## Memory", ""]
     if memory["plain"] is not None:
         lines.append(
@@ -377,10 +390,13 @@ def main() -> None:
         results = benchmark(server, model_dir.name, args)
         hol: dict[str, list[float]] = {}
         if args.hol_probes:
-            background = load_prompts("rag", 3 * args.hol_probes)
-            for name, scoring in (("idle", None), ("rag, scoring off", False), ("rag, scoring on", True)):
-                hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, scoring))
-                print(f"head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
+            hol["idle"] = asyncio.run(head_of_line(server.url, model_dir.name, [], args.hol_probes, None))
+            for in_flight in HOL_IN_FLIGHT:
+                background = load_prompts("rag", in_flight * args.hol_probes)
+                for scoring in (False, True):
+                    name = hol_phase(in_flight, scoring)
+                    hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, scoring, in_flight))
+                    print(f"head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
         after = scoring_metrics(server.url)
     plain = None if args.no_baseline else plain_vllm_idle_rss(model_dir, args.dtype, kv_bytes, logs / "plain.log")
 
