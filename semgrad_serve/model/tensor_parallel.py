@@ -45,7 +45,7 @@ class _CopyToRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # never reduce autograd's own buffer in place
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
