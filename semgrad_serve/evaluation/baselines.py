@@ -45,7 +45,8 @@ def answer_token_stats(
     model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8, progress: bool = True
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(log-probabilities, entropies) of each answer's tokens, from one no-grad forward per batch
-    (float32 or wider softmax statistics)."""
+    (float32 or wider softmax statistics); the head runs only on the positions that predict answer tokens
+    (a 150k-row head over every prompt position would cost more than the rest of the forward)."""
     dev = next(model.parameters()).device
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
@@ -54,10 +55,11 @@ def answer_token_stats(
         seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in idx]
         ids, mask = _right_padded(seqs, dev)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         for b, i in enumerate(idx):
             n_prompt, n_answer = len(pairs[i][0]), len(pairs[i][1])
-            z = logits[b, n_prompt - 1 : n_prompt - 1 + n_answer]
+            with torch.no_grad():
+                z = model.lm_head(hidden[b, n_prompt - 1 : n_prompt - 1 + n_answer])
             token_logp, entropy = token_logprobs(z, torch.tensor(list(pairs[i][1]), device=dev))
             out[i] = (token_logp.double().cpu().numpy(), entropy.double().cpu().numpy())
     return out  # type: ignore[return-value]
