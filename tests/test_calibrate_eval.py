@@ -64,6 +64,7 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
             "--judge", "containment", "--flag-target", "recall:0.5", "--out", str(out), "--cache-dir", str(cache)]
     assert main(args + ["--paragrad-tied"]) == 0
     assert main(args + ["--no-stop-token", "--prefix", "old"]) == 0  # the old convention, on the cached answers
+    assert main(args + ["--cheap-baselines", "--prefix", "cheap"]) == 0  # NLL and entropy from the gradient pass
     report = json.loads((out / "eval.json").read_text())
     ds = report["datasets"]["qa"]
     assert ds["questions"] == 4 and report["judge"]["name"] == "containment"
@@ -76,6 +77,12 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     old = [json.loads(line) for line in gzip.open(out / "old_items.jsonl.gz", "rt")]
     assert len(items) == 4 and all(set(i["correct"]) == set(judges.JUDGES) for i in items)
     assert "Stop token: counted" in md and "Stop token: not counted" in (out / "old.md").read_text()
+    cheap = [json.loads(line) for line in gzip.open(out / "cheap_items.jsonl.gz", "rt")]
+    for full, fast in zip(items, cheap):  # the gradient pass's statistics = a separate forward's
+        for key in ("mean_nll", "max_nll", "mean_entropy"):
+            assert fast["scores"][key] == pytest.approx(full["scores"][key], rel=1e-4, abs=1e-6), key
+        assert "p_true" not in fast["scores"] or fast["scores"]["p_true"] is None
+    assert "P(True) not run" in (out / "cheap.md").read_text()
 
     # independent checks: the forward-pass NLL = the generator's own (incremental) log-probs of the same tokens;
     # the gradient scores = the scorer on the same token ids

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generate and score nothing: re-judge, re-measure and re-fit the per-answer records of an earlier run "
                         "(its PREFIX_items.jsonl.gz; its settings come from the PREFIX.json beside it); same --dataset files and --limit")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--cheap-baselines", action="store_true",
+                        help="take the NLL and entropy baselines from the gradient pass (the same numbers, no second forward; their cost is "
+                        "then not measured) and skip P(True): for larger models on a CPU, where each extra forward takes hours")
     add_convention_arguments(parser)
 
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, samples=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, generator=args.generator,
         judge=args.judge, judge_threshold=args.judge_threshold, cluster_threshold=args.cluster_threshold, flag_target=args.flag_target,
         out=args.out, prefix=args.prefix, profile_out=args.profile_out, batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed,
-        stop_token=args.stop_token, paragrad_tied=args.paragrad_tied, from_items=args.from_items,
+        stop_token=args.stop_token, paragrad_tied=args.paragrad_tied, from_items=args.from_items, cheap_baselines=args.cheap_baselines,
     )
     report = run_eval(cfg)
     md = report["files"][0]

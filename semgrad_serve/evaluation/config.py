@@ -38,5 +38,8 @@ class EvalConfig:
     seed: int = 0
     stop_token: bool = True  # score the EOS token that ended an answer (SPEC); False: the old convention
     paragrad_tied: bool | None = None  # also the tied-head ParaGrad; None: the profile's setting
+    # NLL and entropy baselines from the gradient pass's own log-probs and entropies (the same answer tokens; no
+    # second forward, so their cost is not measured) and no P(True): for models whose extra forwards take hours
+    cheap_baselines: bool = False
     from_items: str | None = None  # re-judge, re-measure and re-fit the items of an earlier run instead of generating
     progress: bool = True

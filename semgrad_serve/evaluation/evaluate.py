@@ -141,8 +141,11 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
             run.scores[f"{key}[{label}]"] = [math.nan if isinstance(r, ItemError) else getattr(r, key) for r in res]
 
     kept = [i for i in range(n) if i not in run.excluded]
-    _log(f"{run.name}: forward pass (NLL, entropy)")
-    stats = _timed(run, "forward pass", baselines.answer_token_stats, scorer.model, [pairs[i] for i in kept], cfg.batch_size, cfg.progress)
+    if cfg.cheap_baselines:  # the gradient pass's own statistics of the same answer tokens
+        stats = [(np.array(results[i].token_logprobs), np.array(results[i].token_entropies)) for i in kept]
+    else:
+        _log(f"{run.name}: forward pass (NLL, entropy)")
+        stats = _timed(run, "forward pass", baselines.answer_token_stats, scorer.model, [pairs[i] for i in kept], cfg.batch_size, cfg.progress)
     for key in ("mean_nll", "max_nll", "mean_entropy"):
         run.scores[key] = list(nan)
     for i, (logp, ent) in zip(kept, stats):
@@ -150,14 +153,15 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
         run.scores["max_nll"][i] = baselines.max_nll(logp)
         run.scores["mean_entropy"][i] = float(np.mean(ent))
 
-    _log(f"{run.name}: P(True)")
-    t = time.perf_counter()
-    prompts = baselines.p_true_prompts(scorer, [run.rows[i][0] for i in kept], [run.answers[i].text for i in kept])
-    values = baselines.p_true_scores(scorer.model, scorer.tokenizer, prompts, 2 * cfg.batch_size, cfg.progress)
-    run.seconds["P(True) pass"] = time.perf_counter() - t
-    run.scores["p_true"] = list(nan)
-    for i, v in zip(kept, values):
-        run.scores["p_true"][i] = v
+    if not cfg.cheap_baselines:
+        _log(f"{run.name}: P(True)")
+        t = time.perf_counter()
+        prompts = baselines.p_true_prompts(scorer, [run.rows[i][0] for i in kept], [run.answers[i].text for i in kept])
+        values = baselines.p_true_scores(scorer.model, scorer.tokenizer, prompts, 2 * cfg.batch_size, cfg.progress)
+        run.seconds["P(True) pass"] = time.perf_counter() - t
+        run.scores["p_true"] = list(nan)
+        for i, v in zip(kept, values):
+            run.scores["p_true"][i] = v
 
     if run.samples and cfg.samples >= 2:
         _log(f"{run.name}: sampling baselines")

@@ -138,6 +138,8 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
         f"Greedy answers ({cfg.generator}, at most {cfg.max_tokens} new tokens) to the paper's prompt "
         f"\"{PAPER_PROMPT.splitlines()[0]}\\n{{query}}\"; profile `{profile_name}`; "
         f"{cfg.samples} samples per question at temperature {cfg.temperature:g} for the sampling baselines.",
+        *(["NLL and entropy baselines: from the gradient pass's own log-probs and entropies of the same answer tokens "
+           "(`--cheap-baselines`: no separate forward, so their cost is not measured); P(True) not run."] if cfg.cheap_baselines else []),
         *([f"Answers and scores read from `{cfg.from_items}` (`--from-items`: nothing generated or scored in this run; "
             "re-judged, re-measured and re-fitted)."] if cfg.from_items else []),
         "Stop token: " + ("counted (SPEC): an answer that ended on the model's EOS token is scored with it."
