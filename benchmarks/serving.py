@@ -391,10 +391,14 @@ def main() -> None:
         hol: dict[str, list[float]] = {}
         if args.hol_probes:
             hol["idle"] = asyncio.run(head_of_line(server.url, model_dir.name, [], args.hol_probes, None))
+            # each phase its own long prompts: one that met the previous phase's prompts would find them in vLLM's
+            # prefix cache and skip their prefill, the very work that delays the short requests
+            # (and none of the rag load's)
+            prompts = iter(load_prompts("rag", args.requests + 2 * sum(HOL_IN_FLIGHT) * args.hol_probes)[args.requests :])
             for in_flight in HOL_IN_FLIGHT:
-                background = load_prompts("rag", in_flight * args.hol_probes)
                 for scoring in (False, True):
                     name = hol_phase(in_flight, scoring)
+                    background = [next(prompts) for _ in range(in_flight * args.hol_probes)]
                     hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, scoring, in_flight))
                     print(f"head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
         after = scoring_metrics(server.url)

@@ -198,13 +198,15 @@ def test_model_option_takes_a_directory_or_a_name(tmp_path, monkeypatch, fake_co
 
 @pytest.mark.slow
 @pytest.mark.skipif(not QWEN_INSTALLED, reason="Qwen's 22 wheels are not installed (scripts/install_qwen.sh)")
-def test_qwen_converts_scores_with_the_chatml_profile() -> None:
+def test_qwen_converts_scores_with_its_fitted_profile() -> None:
     from semgrad_serve.scoring.scorer import Scorer
 
     scorer = Scorer.from_pretrained(QWEN.name)
     assert packaged._is_intact(packaged.cache_root() / QWEN.name)
-    assert scorer.weights.family == "qwen2" and scorer.weights.n_layers == 28 and scorer.profile.name == "chatml"
+    assert scorer.weights.family == "qwen2" and scorer.weights.n_layers == 28
+    assert scorer.profile.name == "qwen2.5-coder-1.5b-instruct" and scorer.profile.t_star.token == "<|im_start|>"
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     (result,) = scorer.score([(prompt, scorer.answer_ids("The capital of France is Paris."))])
     report = scorer.report(result)
     assert all(report[k] > 0 for k in ("semgrad", "paragrad", "hybridgrad"))
+    assert 0 < report["confidence"] < 1 and report["flagged"] == (report["confidence"] < report["min_confidence"])

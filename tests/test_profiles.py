@@ -90,8 +90,10 @@ def test_bad_profile_files(tmp_path, text: str, message: str) -> None:
 
 def test_profile_resolution_order(tmp_path) -> None:
     smol = SimpleNamespace(model_type="llama", num_hidden_layers=30, hidden_size=576, vocab_size=49152)
-    other = SimpleNamespace(model_type="qwen2", num_hidden_layers=28, hidden_size=1536, vocab_size=151936)
+    qwen = SimpleNamespace(model_type="qwen2", num_hidden_layers=28, hidden_size=1536, vocab_size=151936)
+    other = SimpleNamespace(model_type="qwen2", num_hidden_layers=24, hidden_size=896, vocab_size=151936)
     assert resolve_profile(smol, "<|im_start|>", None, None).name == "smollm2-135m-instruct"
+    assert resolve_profile(qwen, "<|im_start|>", None, None).name == "qwen2.5-coder-1.5b-instruct"  # fitted by eval
     assert resolve_profile(other, "...<|im_start|>...", None, None).name == "chatml"
     assert resolve_profile(other, "<|start_header_id|>", None, None).t_star.token == "<|start_header_id|>"
     mistral = resolve_profile(other, "[INST] x [/INST]", None, None)
@@ -107,7 +109,7 @@ def test_profile_resolution_order(tmp_path) -> None:
 
 def test_builtin_profiles_are_valid() -> None:
     names = {p.name for p in builtin_profiles()}
-    assert {"chatml", "llama3", "mistral", "smollm2-135m-instruct"} <= names
+    assert {"chatml", "llama3", "mistral", "smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"} <= names
 
 
 def test_unsupported_family_is_named() -> None:
