@@ -342,11 +342,13 @@ def test_serve_command_line_and_environment(monkeypatch) -> None:
 
 def test_serve_with_tensor_parallelism_binds_each_cpu_worker(monkeypatch) -> None:
     from semgrad_serve.cli import build_parser
-    from semgrad_serve.commands.serve import cpu_thread_binding, server_command, server_env
+    from semgrad_serve.commands.serve import cpu_thread_binding, server_command, server_env, tensor_parallel_size
 
     args = build_parser().parse_args(["serve", "-tp", "2", "--", "--pipeline-parallel-size", "1"])
     command = server_command(args, Path("/m/tiny"), on_cpu=True)
     assert command[command.index("--tensor-parallel-size") + 1] == "2" and command[-2:] == ["--pipeline-parallel-size", "1"]
+    assert tensor_parallel_size(args) == 2
+    assert tensor_parallel_size(build_parser().parse_args(["serve", "--", "--tensor-parallel-size=3"])) == 3  # vLLM's wins
     assert cpu_thread_binding(2, [0, 1]) == "0|1"
     assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
     with pytest.raises(SemgradError, match="needs a core per worker; this machine gives 1"):
@@ -385,7 +387,8 @@ def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
         (["serve", "--", "--pipeline-parallel-size", "2"], "does not support pipeline parallelism"),
         (["serve", "--", "-pp=2"], "does not support pipeline parallelism"),
         (["serve", "--", "--data-parallel-size", "2"], "one server per replica"),
-        (["serve", "--", "--tensor-parallel-size", "2"], "as semgrad-serve's own option"),
+        (["serve", "--", "--tensor-parallel-size", "2"], "9 attention heads do not split over 2 ranks"),  # vLLM's spelling
+        (["serve", "--", "-tp=x"], "-tp needs a whole number, got 'x'"),
         (["serve", "--tensor-parallel-size", "0"], "at least 1"),
         (["serve", "--tensor-parallel-size", "2"], "9 attention heads do not split over 2 ranks"),  # SmolLM2
     ],

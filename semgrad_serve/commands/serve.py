@@ -72,7 +72,6 @@ REFUSED_OPTIONS = {
     ("--kv-transfer-config",): "SemGrad scoring runs its own KV connector, which cannot be combined with another",
     ("--pipeline-parallel-size", "-pp"): "SemGrad scoring does not support pipeline parallelism: use --tensor-parallel-size",
     ("--data-parallel-size", "-dp"): "SemGrad scoring runs in one vLLM engine: start one server per replica",
-    ("--tensor-parallel-size", "-tp"): "give it before --, as semgrad-serve's own option",
 }
 
 
@@ -86,6 +85,23 @@ def vllm_options(args: argparse.Namespace) -> list[str]:
             if name in names and not (names[0].endswith("-parallel-size") and value == "1"):
                 raise SemgradError(f"{name}: {why}")
     return extra
+
+
+def tensor_parallel_size(args: argparse.Namespace) -> int:
+    """``--tensor-parallel-size``: semgrad-serve's own option, or vLLM's after ``--`` (which wins, as vLLM reads it last)."""
+    size = args.tensor_parallel_size
+    extra = vllm_options(args)
+    for i, arg in enumerate(extra):
+        name, sep, value = arg.partition("=")
+        if name in ("--tensor-parallel-size", "-tp"):
+            value = value if sep else (extra[i + 1] if i + 1 < len(extra) else "")
+            try:
+                size = int(value)
+            except ValueError:
+                raise SemgradError(f"{name} needs a whole number, got {value!r}") from None
+    if size < 1:
+        raise SemgradError("--tensor-parallel-size must be at least 1")
+    return size
 
 
 def cpu_thread_binding(tensor_parallel: int, cores: list[int]) -> str:
@@ -161,14 +177,13 @@ def run(args: argparse.Namespace) -> int:
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
-    if args.tensor_parallel_size < 1:
-        raise SemgradError("--tensor-parallel-size must be at least 1")
+    tensor_parallel = tensor_parallel_size(args)
     model_dir = resolve_model(args.model).resolve()
-    _check_model(model_dir, profile, args.tensor_parallel_size)
+    _check_model(model_dir, profile, tensor_parallel)
     import torch
 
     on_cpu = not torch.cuda.is_available()
     command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
     url = server_url(args.host, args.port)
     print(f"semgrad-serve: starting vLLM on {url}/v1 with SemGrad scoring; the page: {url}{PAGE_PATH}", file=sys.stderr, flush=True)
-    os.execve(sys.executable, command, server_env(settings, args.tensor_parallel_size if on_cpu else 0))
+    os.execve(sys.executable, command, server_env(settings, tensor_parallel if on_cpu else 0))
