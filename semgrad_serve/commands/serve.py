@@ -17,7 +17,9 @@ from pathlib import Path
 from ..errors import SemgradError
 from ..serving.config import (
     CAPTURE_KV_TRANSFER_CONFIG,
+    DATA_PARALLEL_REFUSED,
     PAGE_PATH,
+    PIPELINE_REFUSED,
     PLUGIN_NAME,
     WORKER_EXTENSION,
     ScoringSettings,
@@ -70,17 +72,24 @@ def _check_model(model_dir: Path, profile: str | None, tensor_parallel: int = 1)
 # vLLM options that scoring cannot work with, and why
 REFUSED_OPTIONS = {
     ("--kv-transfer-config",): "SemGrad scoring runs its own KV connector, which cannot be combined with another",
-    ("--pipeline-parallel-size", "-pp"): "SemGrad scoring does not support pipeline parallelism: use --tensor-parallel-size",
-    ("--data-parallel-size", "-dp"): "SemGrad scoring runs in one vLLM engine: start one server per replica",
+    ("--pipeline-parallel-size", "-pp"): PIPELINE_REFUSED,
+    ("--data-parallel-size", "-dp"): DATA_PARALLEL_REFUSED,
 }
+
+
+def _named_options(extra: list[str]) -> list[tuple[str, str]]:
+    """(name, value) of each option among vLLM's, given as ``--name=value`` or ``--name value`` (the next argument)."""
+    out = []
+    for i, arg in enumerate(extra):
+        name, sep, value = arg.partition("=")
+        out.append((name, value if sep else (extra[i + 1] if i + 1 < len(extra) else "")))
+    return out
 
 
 def vllm_options(args: argparse.Namespace) -> list[str]:
     """The options after ``--``, refusing those scoring cannot work with (a parallel size of 1 is harmless)."""
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
-    for i, arg in enumerate(extra):
-        name, _, value = arg.partition("=")
-        value = value or (extra[i + 1] if i + 1 < len(extra) else "")
+    for name, value in _named_options(extra):
         for names, why in REFUSED_OPTIONS.items():
             if name in names and not (names[0].endswith("-parallel-size") and value == "1"):
                 raise SemgradError(f"{name}: {why}")
@@ -90,11 +99,8 @@ def vllm_options(args: argparse.Namespace) -> list[str]:
 def tensor_parallel_size(args: argparse.Namespace) -> int:
     """``--tensor-parallel-size``: semgrad-serve's own option, or vLLM's after ``--`` (which wins, as vLLM reads it last)."""
     size = args.tensor_parallel_size
-    extra = vllm_options(args)
-    for i, arg in enumerate(extra):
-        name, sep, value = arg.partition("=")
+    for name, value in _named_options(vllm_options(args)):
         if name in ("--tensor-parallel-size", "-tp"):
-            value = value if sep else (extra[i + 1] if i + 1 < len(extra) else "")
             try:
                 size = int(value)
             except ValueError:

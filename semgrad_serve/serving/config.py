@@ -28,6 +28,13 @@ CAPTURE_KV_TRANSFER_CONFIG = json.dumps(
 
 PAGE_PATH = "/semgrad"  # the page (``page_routes.py``)
 
+# Parallel layouts scoring refuses, said by ``serve`` before vLLM starts and by the extension under vLLM's own launcher
+PIPELINE_REFUSED = (
+    "SemGrad scoring does not support pipeline parallelism (--pipeline-parallel-size > 1): "
+    "split the model with --tensor-parallel-size instead"
+)
+DATA_PARALLEL_REFUSED = "SemGrad scoring runs in one vLLM engine: data-parallel size must be 1; start one server per replica"
+
 
 def server_url(host: str | None, port: int) -> str:
     """``http://host:port`` of a server listening on ``host`` (vLLM's default, None, is every address)."""

@@ -19,6 +19,7 @@ from starlette.datastructures import State
 from ..errors import SemgradError
 from .config import (
     CAPTURE_KV_TRANSFER_CONFIG,
+    DATA_PARALLEL_REFUSED,
     PAGE_PATH,
     PLUGIN_NAME,
     WORKER_EXTENSION,
@@ -49,7 +50,7 @@ class SemgradPlugin:
             return
         settings = ScoringSettings.from_env()
         if getattr(args, "data_parallel_size", 1) != 1:
-            raise SemgradError("SemGrad scoring runs in one vLLM engine: data-parallel size must be 1")
+            raise SemgradError(DATA_PARALLEL_REFUSED)
         api_cores = sorted(os.sched_getaffinity(0))
         try:
             infos = await engine_client.collective_rpc("semgrad_setup", args=(settings.profile, settings.max_batch, api_cores))

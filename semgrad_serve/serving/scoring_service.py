@@ -138,19 +138,22 @@ class ScoringService:
             return Given()
         return capture.given(pair[1])
 
-    def _given_all(self, jobs: list[Job]) -> list[list[Given]]:
-        """What each job's answers are given; under tensor parallelism, what every rank was given."""
+    def _given_all(self, jobs: list[Job], follower: bool) -> list[list[Given]]:
+        """What each job's answers are given; under tensor parallelism, what every rank was given (rank 0 first
+        sends the batch, with what it was given, to the other ranks)."""
         given = [[self._given(job, pair) for pair in job.pairs] for job in jobs]
         if self._group is None:
             return given
-        agreed = iter(rank_sync.agree(self._group, [g for per_job in given for g in per_job]))
+        flat = [g for per_job in given for g in per_job]
+        if not follower:
+            self._share(jobs, [rank_sync.given_kind(g) for g in flat])
+        agreed = iter(rank_sync.agree(self._group, flat))
         return [[next(agreed) for _ in per_job] for per_job in given]
 
-    def _share(self, jobs: list[Job]) -> None:
-        """Rank 0: send the batch (and the keys dropped since the last one) to the other ranks."""
+    def _share(self, jobs: list[Job], kinds: list[int]) -> None:
+        """Rank 0: send the batch, what each answer was given here and the keys dropped since the last batch."""
         with self._arrived:
             dropped, self._dropped = self._dropped, []
-        kinds = [rank_sync.given_kind(self._given(job, pair)) for job in jobs for pair in job.pairs]
         rank_sync.share_plan(self._group, ([(j.job, j.key, j.pairs, j.claims) for j in jobs], dropped, kinds))
 
     def _next_shared(self) -> list[Job]:
@@ -205,10 +208,9 @@ class ScoringService:
         while True:
             jobs = self._next_shared() if follower else self._next_batch()
             try:
-                if self._group is not None and not follower:
-                    self._share(jobs)
+                given = self._given_all(jobs, follower)
                 with torch.enable_grad(), torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    results = self._score_jobs(jobs, self._given_all(jobs))
+                    results = self._score_jobs(jobs, given)
                 if stream is not None:
                     stream.synchronize()
             except Exception as exc:  # the thread must outlive anything, or requests wait forever

@@ -18,6 +18,7 @@ import torch
 from ..errors import SemgradError
 from ..model.tensor_parallel import TensorParallel
 from ..model.weights import DecoderWeights, LayerWeights, build_decoder_weights, check_family, layer_windows
+from .rank_sync import ScoringGroups
 
 
 def keep_dense_cpu_weights() -> None:
@@ -59,10 +60,9 @@ def _norm(module: Any) -> torch.Tensor | None:
     return None if module is None else module.weight.detach()
 
 
-def from_vllm_model(model: torch.nn.Module, config: Any, tp_group: tuple[Any, int, int] | None = None) -> DecoderWeights:
-    """View vLLM's ``*ForCausalLM`` module (pipeline-parallel size 1) as ``DecoderWeights``. ``tp_group``: the
-    process group scoring's collectives use over the tensor-parallel ranks, this rank's index in it and its size:
-    the view is then of this worker's shards."""
+def from_vllm_model(model: torch.nn.Module, config: Any, groups: ScoringGroups | None = None) -> DecoderWeights:
+    """View vLLM's ``*ForCausalLM`` module (pipeline-parallel size 1) as ``DecoderWeights``. ``groups``: scoring's
+    process groups over the tensor-parallel ranks; the view is then of this worker's shards."""
     check_family(config)
     try:
         base, head = model.model, model.lm_head
@@ -86,10 +86,9 @@ def from_vllm_model(model: torch.nn.Module, config: Any, tp_group: tuple[Any, in
             )
         embed, final_norm = _dense(base.embed_tokens, "embed_tokens"), base.norm.weight
         tp = None
-        if tp_group is not None:
-            group, rank, size = tp_group
+        if groups is not None:
             start = base.embed_tokens.shard_indices.org_vocab_start_index  # the head's rows are the embedding's
-            tp = TensorParallel(group, rank, size, start, config.vocab_size)
+            tp = TensorParallel(groups.tensors, groups.rank, groups.size, start, config.vocab_size)
     except AttributeError as exc:
         raise SemgradError(
             f"vLLM's {type(model).__name__} does not have the Llama/Qwen module layout SemGrad reads ({exc})"

@@ -19,17 +19,12 @@ from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
 from . import rank_sync
 from .captures import STORE, Given
-from .config import CAPTURE_CONNECTOR_MODULE, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
+from .config import CAPTURE_CONNECTOR_MODULE, PIPELINE_REFUSED, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
 from .scoring_service import Pair, ScoreFn, ScoringService, scoring_cores
 from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
-
-PIPELINE_REFUSED = (
-    "SemGrad scoring does not support pipeline parallelism (--pipeline-parallel-size > 1): "
-    "split the model with --tensor-parallel-size instead"
-)
 
 # The fields of a scored answer in the API response, in this order.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
@@ -114,8 +109,7 @@ class SemgradWorkerExtension:
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
         groups = rank_sync.scoring_groups() if parallel.tensor_parallel_size > 1 else None
-        tp_group = None if groups is None else (groups.tensors, groups.rank, groups.size)
-        weights = from_vllm_model(self.model_runner.model, config, tp_group)  # type: ignore[attr-defined]
+        weights = from_vllm_model(self.model_runner.model, config, groups)  # type: ignore[attr-defined]
         tokenizer = AutoTokenizer.from_pretrained(
             model_config.tokenizer,
             revision=model_config.tokenizer_revision,
