@@ -9,11 +9,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if TYPE_CHECKING:
+    from launch_server import RunningServer
 
 # The project's QA data lives beside the repository (../shared/data), never in it.
 DATA_DIR = Path(os.environ.get("SEMGRAD_SERVE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -44,7 +47,7 @@ SERVER_START_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="session")
-def base_url(tmp_path_factory) -> Iterator[str]:
+def served(tmp_path_factory) -> Iterator["RunningServer"]:
     """One real ``semgrad-serve serve`` for the whole session (default model, float32, CPU settings, the scoring
     fault hook on), shared by test_serving.py and test_serving_page.py: a start costs about a minute."""
     from semgrad_serve.errors import SemgradError
@@ -60,6 +63,11 @@ def base_url(tmp_path_factory) -> Iterator[str]:
     try:
         port = free_port()
         with running_server(serve_command(port, *args), port, log, env, timeout_s=SERVER_START_TIMEOUT_S) as server:
-            yield server.url
+            yield server
     except SemgradError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def base_url(served: "RunningServer") -> str:
+    return served.url

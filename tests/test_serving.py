@@ -5,6 +5,7 @@ the official ``openai`` client."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from typing import Any
@@ -353,6 +354,25 @@ def test_scoring_can_be_turned_off(client) -> None:
     assert all(semgrad_of(c) is None for chunk in stream for c in chunk.choices)
     with pytest.raises(openai.BadRequestError, match="must be true or false"):
         client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"semgrad": "no"})
+
+
+def test_generation_and_scoring_run_on_cores_of_their_own(served, client) -> None:
+    """vLLM binds its worker's OpenMP threads to cores and reserves the rest for its front end; it reserves one
+    more per worker when a KV connector is set, which on a 2-core machine left none and put generation on every
+    core. The scoring thread must be bound to cores that generation's threads are not."""
+    import psutil
+
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        pytest.skip("one core: generation and scoring share it")
+    client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=2)  # the scoring thread has started
+    [binding] = re.findall(r"core ids=\[([\d, ]*)\]", served.log.read_text())  # vLLM's log of its worker's binding
+    generation = {int(c) for c in binding.split(",")}
+    scoring = set(httpx.get(f"{served.url}/v1/semgrad/info", timeout=30).json()["scoring_cores"])
+    assert generation < cores, f"generation is bound to every core: {sorted(generation)}"
+    assert scoring and not scoring & generation, (scoring, generation)
+    [worker] = [p for p in psutil.Process(served.pid).children(recursive=True) if "Worker" in p.name()]
+    assert scoring in [os.sched_getaffinity(t.id) for t in worker.threads()]  # the scoring thread is pinned there
 
 
 def test_32_concurrent_requests_are_answered_scored_and_batched(base_url) -> None:

@@ -30,7 +30,7 @@ from semgrad_serve.serving.config import (
     ScoringSettings,
 )
 from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
-from semgrad_serve.serving.scoring_service import ScoringService
+from semgrad_serve.serving.scoring_service import ScoringService, generation_cores, scoring_cores
 from semgrad_serve.serving.weights import from_vllm_model
 
 from tiny_models import FAMILY_PARAMS, random_items, tiny_model
@@ -297,6 +297,18 @@ def test_answers_get_an_error_when_the_service_is_gone() -> None:
 # -- settings, reports, the serve command -------------------------------------------------------------
 
 
+def test_scoring_runs_beside_the_cores_vllm_binds_generation_to(monkeypatch) -> None:
+    # vLLM's three spellings of a worker's OpenMP cores (gnu, Intel, and plain OpenMP places)
+    assert generation_cores({"OMP_PLACES": "{0,1}"}) == {0, 1}
+    assert generation_cores({"GOMP_CPU_AFFINITY": "2 3 5"}) == {2, 3, 5}
+    assert generation_cores({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[4,6]"}) == {4, 6}
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {7})
+    assert generation_cores({"OMP_PLACES": "cores"}) == {7} == generation_cores({})  # none vLLM wrote: this thread's
+    assert scoring_cores({0, 1}, {0}) == {1}
+    assert scoring_cores({0, 1, 2, 3}, {0, 1}) == {2, 3}
+    assert scoring_cores({0, 1}, {0, 1}) == {0, 1}  # generation everywhere: share the API server's cores
+
+
 def test_settings_from_environment() -> None:
     settings = ScoringSettings(profile="/p.json", max_batch=4)
     assert ScoringSettings.from_env(settings.to_env()) == settings
@@ -357,6 +369,13 @@ def test_serve_with_tensor_parallelism_binds_each_cpu_worker(monkeypatch) -> Non
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert server_env(ScoringSettings(), cpu_workers=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in server_env(ScoringSettings(), cpu_workers=1)
+    # vLLM's reserve without a KV connector (one core per worker), not the extra one it takes with one
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    assert server_env(ScoringSettings(), cpu_workers=1)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert server_env(ScoringSettings(), cpu_workers=2)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "2"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in server_env(ScoringSettings(), cpu_workers=0)  # a GPU
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # the user's own reserve wins
+    assert server_env(ScoringSettings(), cpu_workers=1)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1|0")  # the user's own binding wins
     assert server_env(ScoringSettings(), cpu_workers=2)["VLLM_CPU_OMP_THREADS_BIND"] == "1|0"
 

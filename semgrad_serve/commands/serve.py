@@ -165,11 +165,17 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
 
 
 def server_env(settings: ScoringSettings, cpu_workers: int = 0) -> dict[str, str]:
-    """This process's environment plus the plugin allowlist and the scoring settings; with ``cpu_workers`` > 1
-    (tensor parallelism on CPU), each worker's core binding unless ``VLLM_CPU_OMP_THREADS_BIND`` is set."""
+    """This process's environment plus the plugin allowlist and the scoring settings. With ``cpu_workers``
+    (vLLM's CPU workers: the tensor-parallel size on CPU, 0 on a GPU), the cores vLLM reserves beside its
+    workers and, with more than one worker, each worker's core binding, unless the user set them."""
     env = dict(os.environ)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*plugins, PLUGIN_NAME]))
+    if cpu_workers and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env:
+        # vLLM reserves one more core per worker when a KV connector is configured (for NIXL's transfers); the
+        # capture connector moves nothing, and on a 2-core machine that reserve leaves none, so vLLM's threads
+        # would take every core and the scoring thread would fight them. Reserve what vLLM does without one.
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cpu_workers)
     if cpu_workers > 1 and not env.get("VLLM_CPU_OMP_THREADS_BIND"):
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(cpu_workers, sorted(os.sched_getaffinity(0)))
     return {**env, **settings.to_env()}

@@ -25,6 +25,7 @@ batch_size)`` where ``batch_size`` is set on the first job of each batch only.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import threading
 import time
@@ -32,7 +33,7 @@ from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -59,11 +60,25 @@ class Job:
     received: float = field(default_factory=time.monotonic)
 
 
-def scoring_cores(api_cores: set[int]) -> set[int]:
-    """The cores the scoring thread should run on: those the API server may use that vLLM's worker threads
-    are not bound to; all of the API server's cores where vLLM bound its threads to every one of them."""
-    free = api_cores - os.sched_getaffinity(0)
-    return free or api_cores
+# How vLLM names a CPU worker's OpenMP cores in its environment (one core per thread), by OpenMP runtime.
+OMP_BINDINGS = (("OMP_PLACES", r"\{([\d,]+)\}"), ("GOMP_CPU_AFFINITY", r"([\d ]+)"), ("KMP_AFFINITY", r".*proclist=\[([\d,]+)\]"))
+
+
+def generation_cores(env: Mapping[str, str] = os.environ) -> set[int]:
+    """The cores vLLM bound this worker's OpenMP threads (generation) to, from the environment vLLM starts the
+    worker process with (``OMP_PLACES="{0,1}"``, ``GOMP_CPU_AFFINITY="0 1"`` or ``KMP_AFFINITY``'s
+    ``proclist=[0,1]``): the main thread is bound to the first core only, so its own affinity would miss the
+    others. Without any, this thread's cores."""
+    for name, pattern in OMP_BINDINGS:
+        if found := re.fullmatch(pattern, env.get(name, "").strip()):
+            return {int(c) for c in re.findall(r"\d+", found.group(1))}
+    return os.sched_getaffinity(0)
+
+
+def scoring_cores(api_cores: set[int], generation: set[int]) -> set[int]:
+    """The cores the scoring thread should run on: those the API server may use that generation's threads are
+    not bound to; all of the API server's cores where generation is bound to every one of them."""
+    return (api_cores - generation) or api_cores
 
 
 class ScoringService:

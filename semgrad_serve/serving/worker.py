@@ -20,7 +20,7 @@ from ..scoring.scorer import Scorer
 from . import rank_sync
 from .captures import STORE, Given
 from .config import CAPTURE_CONNECTOR_MODULE, PIPELINE_REFUSED, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
-from .scoring_service import Pair, ScoreFn, ScoringService, scoring_cores
+from .scoring_service import Pair, ScoreFn, ScoringService, generation_cores, scoring_cores
 from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
@@ -141,7 +141,7 @@ class SemgradWorkerExtension:
         if os.environ.get(TEST_FAULTS_ENV) == "1":
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
             score = with_test_faults(score, tokenizer)
-        cores = scoring_cores(set(api_cores))
+        cores = scoring_cores(set(api_cores), generation_cores())
         self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups)
         return {
             "family": weights.family,
