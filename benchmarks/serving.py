@@ -9,8 +9,9 @@ latency are measured; plus output tokens/s, the busy share of each core and the
 server's memory (RSS of its process tree), alternating off/on rounds so that
 drift in the machine's load hits both alike. Then the head-of-line test: the
 latency of short unscored requests sent one at a time, idle and while long-prompt
-requests (one, then four, in flight) run with scoring off and on. Unless ``--no-baseline``, the idle memory
-of a plain vLLM server shows what keeping the dense weights costs. Prints the
+requests (one, then four, in flight) run with scoring off and on. Unless ``--no-baseline``, a plain vLLM server
+with the same settings gives the idle memory (what keeping the dense weights costs) and each load's output
+tokens/s without semgrad-serve. Prints the
 ratios and writes a Markdown report.
 
     python benchmarks/serving.py                       # CPU defaults, report in benchmarks/results/
@@ -24,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import re
 import sys
 import tempfile
@@ -43,10 +45,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the refer
 
 from semgrad_serve.serving.config import ScoringSettings
 
-from launch_server import RunningServer, free_port, running_server, serve_command
+from launch_server import RunningServer, free_port, plain_vllm_command, running_server, serve_command
 
 DATA = ROOT.parent / "shared" / "data"
-RAG_FACTS = 60  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question
+RAG_FACTS = 70  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question
 # name -> (prompt template, max_tokens): the paper's short-answer QA, open answers of a paragraph, and
 # retrieval-augmented questions (each its own long context, short answers).
 LOADS = {
@@ -242,31 +244,50 @@ def scoring_metrics(url: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^(semgrad_\w+) (\S+)$", text, re.M)}
 
 
-def load_prompts(load: str, n: int) -> list[str]:
-    """``n`` prompts of a load: TruthfulQA questions; for rag, SciQ questions each after its own notes."""
+def load_prompts(load: str, start: int, n: int) -> list[str]:
+    """Prompts ``start`` to ``start + n`` of a load: TruthfulQA questions; for rag, SciQ questions each after its own
+    notes (other SciQ questions with their answers, drawn at random per prompt, so that no two prompts share a
+    prefix that vLLM's prefix cache would serve)."""
     template = LOADS[load][0]
     if load != "rag":
-        queries = [json.loads(line)["query"] for line in (DATA / "truthfulqa" / "test.jsonl").read_text().splitlines()[:n]]
-        return [template.format(query=q) for q in queries]
+        queries = [json.loads(line)["query"] for line in (DATA / "truthfulqa" / "test.jsonl").read_text().splitlines()]
+        if start + n > len(queries):
+            raise SystemExit(f"the {load} load has {len(queries)} questions; this run needs {start + n}: send fewer requests")
+        return [template.format(query=q) for q in queries[start : start + n]]
     rows = [json.loads(line) for line in (DATA / "sciq" / "test.jsonl").read_text().splitlines()]
+    if start + n > len(rows):
+        raise SystemExit(f"the rag load has {len(rows)} questions; this run needs {start + n}: send fewer requests")
     prompts = []
-    for i in range(n):
-        notes = rows[(i * RAG_FACTS + 1) % len(rows) :][:RAG_FACTS]
+    for i in range(start, start + n):
+        notes = random.Random(i).sample(rows[:i] + rows[i + 1 :], RAG_FACTS)
         context = "\n".join(f"- {r['query']} {r['truthful answer'][0]}." for r in notes)
         prompts.append(template.format(context=context, query=rows[i]["query"]))
     return prompts
 
 
-def benchmark(server: RunningServer, model: str, args: argparse.Namespace) -> dict[str, dict[str, Phase]]:
+class Prompts:
+    """Hands out a load's prompts, each once per server: a prompt sent again would find its prefix in vLLM's cache
+    and skip the prefill that the first sending paid, so phases that met the same prompts would do different work."""
+
+    def __init__(self, load: str) -> None:
+        self.load, self.used = load, 0
+
+    def take(self, n: int) -> list[str]:
+        prompts = load_prompts(self.load, self.used, n)
+        self.used += n
+        return prompts
+
+
+def benchmark(server: RunningServer, model: str, args: argparse.Namespace, sources: dict[str, Prompts]) -> dict[str, dict[str, Phase]]:
     results: dict[str, dict[str, Phase]] = {}
     for load in args.loads:
-        max_tokens = LOADS[load][1]
-        prompts = load_prompts(load, args.requests)
+        max_tokens, source = LOADS[load][1], sources[load]
         for scoring in (False, True):  # warm-up: the first requests of each kind pay one-off costs
-            asyncio.run(run_load(server.url, model, prompts[: args.concurrency], max_tokens, args.concurrency, scoring, Phase()))
+            asyncio.run(run_load(server.url, model, source.take(args.concurrency), max_tokens, args.concurrency, scoring, Phase()))
         phases = results[load] = {"off": Phase(), "on": Phase()}
         for round_ in range(args.rounds):
             for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                prompts = source.take(args.requests)
                 with PeakRss(server.pid) as rss, CoreBusy() as busy:
                     asyncio.run(run_load(server.url, model, prompts, max_tokens, args.concurrency, mode == "on", phases[mode]))
                 phases[mode].peak_rss = max(phases[mode].peak_rss, rss.peak)
@@ -275,24 +296,35 @@ def benchmark(server: RunningServer, model: str, args: argparse.Namespace) -> di
     return results
 
 
-def plain_vllm_idle_rss(model_dir: Path, dtype: str, kv_bytes: int, log: Path) -> int:
-    """Idle memory of vLLM serving the same model with the same settings, without SemGrad."""
+def plain_vllm(model_dir: Path, dtype: str, kv_bytes: int, log: Path, args: argparse.Namespace) -> tuple[int, dict[str, float]]:
+    """vLLM serving the same model with the same settings, without SemGrad: its idle memory (what keeping the dense
+    weights costs) and, per load, its output tokens/s over one round (what a user would get without semgrad-serve)."""
     port = free_port()
-    command = [
-        sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype,
-        "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes),
-    ]  # fmt: skip
+    command = plain_vllm_command(port, model_dir, "--dtype", dtype, "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes))
     with running_server(command, port, log) as server:
         time.sleep(5)
-        return tree_rss(server.pid)
+        idle = tree_rss(server.pid)
+        throughput = {}
+        for load in args.loads:  # the first prompts of each load, as semgrad-serve's warm-up and first round met them
+            source, max_tokens = Prompts(load), LOADS[load][1]
+            asyncio.run(run_load(server.url, model_dir.name, source.take(args.concurrency), max_tokens, args.concurrency, False, Phase()))
+            phase = Phase()
+            asyncio.run(run_load(server.url, model_dir.name, source.take(args.requests), max_tokens, args.concurrency, False, phase))
+            throughput[load] = phase.tokens_per_s
+            print(f"plain vLLM {load}: {phase.tokens_per_s:.1f} tok/s", file=sys.stderr)
+        return idle, throughput
 
 
 TARGETS = {"qa": 0.75, "chat": 0.5, "rag": 0.8}  # output tok/s on/off targets on this CPU
 
 
 def report(
-    results: dict[str, dict[str, Phase]], hol: dict[str, list[float]], memory: dict[str, int | None], info: dict[str, str], extra: list[str]
+    results: dict[str, dict[str, Phase]],
+    plain: dict[str, float],
+    hol: dict[str, list[float]],
+    memory: dict[str, int | None],
+    info: dict[str, str],
+    extra: list[str],
 ) -> str:
     mib = 1 << 20
     lines = [
@@ -322,7 +354,9 @@ def report(
             f"E2E p50 on/off = {on.percentile(0.5) / off.percentile(0.5):.2f}x, p99 = {on.percentile(0.99) / off.percentile(0.99):.2f}x; "
             f"time per output token p99 on/off = {percentile(on.tpots, 0.99) / percentile(off.tpots, 0.99):.2f}x; "
             f"extra peak memory while scoring = {(on.peak_rss - off.peak_rss) / mib:+.0f} MiB"
-        )
+            + (f"; plain vLLM (no SemGrad) {plain[load]:.1f} tok/s: on/plain = {on.tokens_per_s / plain[load]:.2f}x, "
+               f"off/plain = {off.tokens_per_s / plain[load]:.2f}x" if load in plain else "")
+        )  # fmt: skip
     lines += ["", "## Ratios", "", *summary]
     if hol:
         idle = hol["idle"]
@@ -369,7 +403,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, help="the server's --max-batch (default: %(default)s)")
     parser.add_argument("--hol-probes", type=int, default=12, help="short requests per head-of-line phase (0: skip it; default: 12)")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache size (default: 2)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the plain vLLM memory baseline")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain vLLM baseline (memory, tokens/s)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving_cpu.md")
     args = parser.parse_args()
 
@@ -387,22 +421,19 @@ def main() -> None:
     with running_server(serve_command(port, *serve_args), port, logs / "semgrad.log") as server:
         before = scoring_metrics(server.url)
         idle = tree_rss(server.pid)
-        results = benchmark(server, model_dir.name, args)
+        sources = {load: Prompts(load) for load in LOADS}
+        results = benchmark(server, model_dir.name, args, sources)
         hol: dict[str, list[float]] = {}
         if args.hol_probes:
             hol["idle"] = asyncio.run(head_of_line(server.url, model_dir.name, [], args.hol_probes, None))
-            # each phase its own long prompts: one that met the previous phase's prompts would find them in vLLM's
-            # prefix cache and skip their prefill, the very work that delays the short requests
-            # (and none of the rag load's)
-            prompts = iter(load_prompts("rag", args.requests + 2 * sum(HOL_IN_FLIGHT) * args.hol_probes)[args.requests :])
             for in_flight in HOL_IN_FLIGHT:
-                for scoring in (False, True):
+                for scoring in (False, True):  # each phase long prompts of its own, whose prefill it pays
                     name = hol_phase(in_flight, scoring)
-                    background = [next(prompts) for _ in range(in_flight * args.hol_probes)]
+                    background = sources["rag"].take(in_flight * args.hol_probes)
                     hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, scoring, in_flight))
                     print(f"head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
         after = scoring_metrics(server.url)
-    plain = None if args.no_baseline else plain_vllm_idle_rss(model_dir, args.dtype, kv_bytes, logs / "plain.log")
+    plain, plain_throughput = (None, {}) if args.no_baseline else plain_vllm(model_dir, args.dtype, kv_bytes, logs / "plain.log", args)
 
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     batches = delta["semgrad_scoring_batch_size_count"]
@@ -424,10 +455,10 @@ def main() -> None:
         "loads": "; ".join(f"{name}: `{template!r}`, max_tokens {n}" for name, (template, n) in LOADS.items() if name in args.loads),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine load": f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-        "(the benchmark's own server included; vLLM binds its worker, where generation and scoring run, to one core "
-        "and keeps the other for its front end)",
+        "(the benchmark's own server included; vLLM binds generation's threads to one core and reserves the other "
+        "for its front end and engine loop, where the scoring thread runs at nice 10)",
     }
-    text = report(results, hol, {"plain": plain, "ours": idle}, info, extra)
+    text = report(results, plain_throughput, hol, {"plain": plain, "ours": idle}, info, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

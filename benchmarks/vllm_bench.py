@@ -7,8 +7,9 @@ project's issue): random dataset, 128 input / 64 output tokens, ``--ignore-eos``
 puts t* in every prompt, so every answer is really scored; vLLM's default raw
 ``/v1/completions`` prompts have no t* and would come back unscored, which costs
 nothing). Off rounds send ``--extra-body '{"semgrad": false}'``; off and on
-rounds alternate. Prints req/s, output tok/s, TTFT/TPOT/E2E p50 and p99 and the
-on/off ratios, and writes a Markdown report.
+rounds alternate; then, unless ``--no-plain``, one round against plain vLLM (the
+same model and settings, no SemGrad). Prints req/s, output tok/s, TTFT/TPOT/E2E
+p50 and p99 and the on/off and on/plain ratios, and writes a Markdown report.
 
     python benchmarks/vllm_bench.py                             # starts its own server
     python benchmarks/vllm_bench.py --base-url http://127.0.0.1:8000 --model-name NAME   # a running one
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 
-from launch_server import free_port, running_server, serve_command
+from launch_server import free_port, plain_vllm_command, running_server, serve_command
 
 METRICS = (
     ("request_throughput", "req/s"),
@@ -63,20 +64,29 @@ def run_client(base_url: str, model_name: str, tokenizer: str, scoring: bool, ex
 
 
 def report(results: dict[str, list[dict]], info: dict[str, str]) -> str:
+    """``results``: the client's outcomes per mode ("off", "on" and, where measured, "plain": vLLM without SemGrad)."""
+
     def mean(mode: str, key: str) -> float:
         return sum(r[key] for r in results[mode]) / len(results[mode])
 
+    plain = bool(results.get("plain"))
     lines = ["# vLLM's load client against semgrad-serve: scoring off vs on", "", *(f"- {k}: {v}" for k, v in info.items()), ""]
-    lines += ["| metric | scoring off | scoring on | on/off |", "|---|---|---|---|"]
+    if plain:
+        lines += ["| metric | scoring off | scoring on | on/off | plain vLLM | on/plain |", "|---|---|---|---|---|---|"]
+    else:
+        lines += ["| metric | scoring off | scoring on | on/off |", "|---|---|---|---|"]
     for key, name in METRICS:
         off, on = mean("off", key), mean("on", key)
-        lines.append(f"| {name} | {off:.2f} | {on:.2f} | {on / off:.2f}x |")
+        row = f"| {name} | {off:.2f} | {on:.2f} | {on / off:.2f}x |"
+        lines.append(row + (f" {mean('plain', key):.2f} | {on / mean('plain', key):.2f}x |" if plain else ""))
     tok = mean("on", "output_throughput") / mean("off", "output_throughput")
     tpot = mean("on", "p99_tpot_ms") / mean("off", "p99_tpot_ms")
     lines += [
         "",
         f"- output tok/s on/off = **{tok:.2f}x** (target ≥ 0.5x: {'met' if tok >= 0.5 else 'NOT met'})",
         f"- TPOT p99 on/off = **{tpot:.2f}x** (target ≤ 2x: {'met' if tpot <= 2 else 'NOT met'})",
+        *([f"- output tok/s on / plain vLLM (the same model and settings without SemGrad, one round after the others) "
+           f"= **{mean('on', 'output_throughput') / mean('plain', 'output_throughput'):.2f}x**"] if plain else []),
         f"- failed requests: off {sum(r.get('failed', 0) for r in results['off'])}, on {sum(r.get('failed', 0) for r in results['on'])}",
         "- Each figure is the mean over rounds; E2E with scoring on ends when the final chunk, which carries the scores, arrives.",
         "",
@@ -91,6 +101,7 @@ def main() -> None:
     parser.add_argument("--model", metavar="DIR", help="model directory to serve (default: the embedded default model)")
     parser.add_argument("--rounds", type=int, default=2, help="off/on rounds, alternating (default: 2)")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--no-plain", action="store_true", help="skip the round against plain vLLM (no SemGrad)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vllm_bench_cpu.md")
     args, extra = parser.parse_known_args()
 
@@ -115,6 +126,12 @@ def main() -> None:
         for round_ in range(args.rounds):
             for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
                 results[mode].append(run_client(base_url, model_name, tokenizer, mode == "on", extra))
+    if args.base_url is None and not args.no_plain:  # the same model and settings, without SemGrad
+        port = free_port()
+        vllm_args = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
+        with running_server(plain_vllm_command(port, model_dir, *vllm_args), port, log.with_name("plain.log")) as plain:
+            run_client(plain.url, model_dir.name, tokenizer, False, [*extra, "--num-prompts", "16"])  # warm-up
+            results["plain"] = [run_client(plain.url, model_dir.name, tokenizer, False, extra)]
     info = {
         "machine": f"{os.cpu_count()} cores; torch {torch.__version__}, vllm {vllm.__version__}",
         "model": f"{model_dir.name} (server defaults of `semgrad-serve serve`)",

@@ -56,6 +56,15 @@ def serve_command(port: int, *serve_args: str) -> list[str]:
     return [sys.executable, "-m", "semgrad_serve.cli", "serve", "--port", str(port), *serve_args]
 
 
+def plain_vllm_command(port: int, model_dir: Path, *vllm_args: str) -> list[str]:
+    """vLLM's own server for ``model_dir`` on ``port``, without SemGrad, served under the directory's name as
+    ``semgrad-serve serve`` does (benchmarks compare the two)."""
+    return [
+        sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", model_dir.name, "--port", str(port), "--host", "127.0.0.1", *vllm_args,
+    ]  # fmt: skip
+
+
 @contextmanager
 def running_server(
     command: Sequence[str], port: int, log: Path, env: Mapping[str, str] | None = None, timeout_s: float = 600
