@@ -70,6 +70,10 @@ NOTES = [
     "  tokens, so the on/off ratio is bound by the second core's share: under a full load scoring falls behind and",
     "  each request waits for the scores of those before it (E2E), while streams keep their pace (TPOT).",
     "- The 2-core machine also runs the load client; the per-core busy shares show how much of each core was used.",
+    "- The loads are closed loops (a client sends its next request when the last one, scores included, is done):",
+    "  with scoring on, a request waiting for its scores holds its slot, so fewer prefills run at once. With one rag",
+    "  request in flight (head-of-line) that leaves the engine idle while it is scored, and short requests sent",
+    "  then find it free: compare p99 as well as p50.",
 ]
 
 

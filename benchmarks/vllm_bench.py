@@ -47,17 +47,19 @@ METRICS = (
 DEFAULT_LOAD = [
     "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--dataset-name", "random",
     "--random-input-len", "128", "--random-output-len", "64", "--num-prompts", "64", "--max-concurrency", "16",
-    "--ignore-eos", "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99", "--seed", "0",
+    "--ignore-eos", "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
 ]  # fmt: skip
 
 
-def run_client(base_url: str, model_name: str, tokenizer: str, scoring: bool, extra: list[str]) -> dict:
+def run_client(base_url: str, model_name: str, tokenizer: str, scoring: bool, seed: int, extra: list[str]) -> dict:
+    """One run of the client. Each run on a server takes its own ``seed``: the same random prompts sent again would
+    find their first blocks in vLLM's prefix cache and skip the prefill that the first run paid."""
     from vllm.benchmarks import serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
-    argv = [*DEFAULT_LOAD, "--base-url", base_url, "--model", model_name, "--tokenizer", tokenizer, *extra]
+    argv = [*DEFAULT_LOAD, "--seed", str(seed), "--base-url", base_url, "--model", model_name, "--tokenizer", tokenizer, *extra]
     if not scoring:
         argv += ["--extra-body", json.dumps({"semgrad": False})]
     return serve.main(parser.parse_args(argv))
@@ -121,21 +123,22 @@ def main() -> None:
     with server as running:
         base_url = args.base_url or running.url
         model_name = args.model_name if args.base_url else model_dir.name
-        run_client(base_url, model_name, tokenizer, True, [*extra, "--num-prompts", "16"])  # warm-up
+        run_client(base_url, model_name, tokenizer, True, 0, [*extra, "--num-prompts", "16"])  # warm-up
         results: dict[str, list[dict]] = {"off": [], "on": []}
         for round_ in range(args.rounds):
             for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
-                results[mode].append(run_client(base_url, model_name, tokenizer, mode == "on", extra))
+                results[mode].append(run_client(base_url, model_name, tokenizer, mode == "on", 1 + len(results["off"]) + len(results["on"]), extra))
     if args.base_url is None and not args.no_plain:  # the same model and settings, without SemGrad
         port = free_port()
         vllm_args = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
         with running_server(plain_vllm_command(port, model_dir, *vllm_args), port, log.with_name("plain.log")) as plain:
-            run_client(plain.url, model_dir.name, tokenizer, False, [*extra, "--num-prompts", "16"])  # warm-up
-            results["plain"] = [run_client(plain.url, model_dir.name, tokenizer, False, extra)]
+            run_client(plain.url, model_dir.name, tokenizer, False, 0, [*extra, "--num-prompts", "16"])  # warm-up
+            results["plain"] = [run_client(plain.url, model_dir.name, tokenizer, False, 1, extra)]  # as the first round
     info = {
         "machine": f"{os.cpu_count()} cores; torch {torch.__version__}, vllm {vllm.__version__}",
         "model": f"{model_dir.name} (server defaults of `semgrad-serve serve`)",
-        "load": " ".join(DEFAULT_LOAD + extra) + f"; {args.rounds} alternating off/on rounds after a warm-up",
+        "load": " ".join(DEFAULT_LOAD + extra) + f"; {args.rounds} alternating off/on rounds after a warm-up, "
+        "each run its own --seed (fresh prompts: none found in vLLM's prefix cache)",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     text = report(results, info)
