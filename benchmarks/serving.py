@@ -304,8 +304,7 @@ def plain_vllm(model_dir: Path, dtype: str, kv_bytes: int, log: Path, args: argp
     """vLLM serving the same model with the same settings, without SemGrad: its idle memory (what keeping the dense
     weights costs) and, per load, its output tokens/s over one round (what a user would get without semgrad-serve)."""
     port = free_port()
-    command = plain_vllm_command(port, model_dir, "--dtype", dtype, "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes))
-    with running_server(command, port, log) as server:
+    with running_server(plain_vllm_command(port, model_dir, dtype, kv_bytes), port, log) as server:
         time.sleep(5)
         idle = tree_rss(server.pid)
         throughput = {}

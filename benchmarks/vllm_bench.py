@@ -130,8 +130,8 @@ def main() -> None:
                 results[mode].append(run_client(base_url, model_name, tokenizer, mode == "on", 1 + len(results["off"]) + len(results["on"]), extra))
     if args.base_url is None and not args.no_plain:  # the same model and settings, without SemGrad
         port = free_port()
-        vllm_args = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
-        with running_server(plain_vllm_command(port, model_dir, *vllm_args), port, log.with_name("plain.log")) as plain:
+        command = plain_vllm_command(port, model_dir, "float32", int(args.kv_cache_gib * (1 << 30)))  # serve's CPU dtype
+        with running_server(command, port, log.with_name("plain.log")) as plain:
             run_client(plain.url, model_dir.name, tokenizer, False, 0, [*extra, "--num-prompts", "16"])  # warm-up
             results["plain"] = [run_client(plain.url, model_dir.name, tokenizer, False, 1, extra)]  # as the first round
     info = {

@@ -56,12 +56,15 @@ def serve_command(port: int, *serve_args: str) -> list[str]:
     return [sys.executable, "-m", "semgrad_serve.cli", "serve", "--port", str(port), *serve_args]
 
 
-def plain_vllm_command(port: int, model_dir: Path, *vllm_args: str) -> list[str]:
-    """vLLM's own server for ``model_dir`` on ``port``, without SemGrad, served under the directory's name as
-    ``semgrad-serve serve`` does (benchmarks compare the two)."""
+def plain_vllm_command(port: int, model_dir: Path, dtype: str, kv_bytes: int) -> list[str]:
+    """vLLM's own server for ``model_dir`` on ``port``, without SemGrad, with the settings ``semgrad-serve serve``
+    gives vLLM on CPU and the same served name (benchmarks compare the two)."""
+    from semgrad_serve.commands.serve import CPU_DEFAULTS, VLLM_SERVER
+
     return [
-        sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", model_dir.name, "--port", str(port), "--host", "127.0.0.1", *vllm_args,
+        sys.executable, "-W", "ignore::DeprecationWarning", "-m", VLLM_SERVER, "--model", str(model_dir),
+        "--served-model-name", model_dir.name, "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype,
+        *CPU_DEFAULTS, "--kv-cache-memory-bytes", str(kv_bytes),
     ]  # fmt: skip
 
 
