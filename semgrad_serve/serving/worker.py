@@ -141,7 +141,11 @@ class SemgradWorkerExtension:
         if os.environ.get(TEST_FAULTS_ENV) == "1":
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
             score = with_test_faults(score, tokenizer)
-        cores = scoring_cores(set(api_cores), generation_cores())
+        generation = generation_cores()
+        cores = scoring_cores(set(api_cores), generation)
+        if weights.device.type == "cpu" and cores <= generation:
+            log.warning("SemGrad: generation's threads hold every core (%s), so scoring competes with them; give vLLM a "
+                        "reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=1, as semgrad-serve serve sets)", sorted(generation))
         self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups)
         return {
             "family": weights.family,
