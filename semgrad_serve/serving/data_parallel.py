@@ -45,8 +45,8 @@ def connect(infos: Sequence[dict[str, Any]]) -> list[ScoringClient]:
             clients.append(ScoringClient(address, authkey, info["capture"], engine=engine))
         except OSError as exc:
             raise SemgradError(
-                f"cannot reach the scoring service of engine {engine} ({exc}): every data-parallel engine must run "
-                "on the API server's machine; start one semgrad-serve per machine"
+                f"cannot reach the scoring service of engine {engine} ({exc}): each engine's first worker must run on "
+                "the API server's machine (the service listens on a local socket); start one semgrad-serve per machine"
             ) from None
     return clients
 
