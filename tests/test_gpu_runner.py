@@ -162,3 +162,4 @@ def test_connector_never_reads_a_quantized_cache(monkeypatch) -> None:
     capture = store.get("k1")
     assert capture is not None and capture.kv is None and "quantized" in capture.reason
     assert forgotten == ["r1"]
+
