@@ -83,7 +83,9 @@ def main() -> None:
         "|---|" + "---|" * (len(SCORES) + 1),
     ]
     for name, results in runs.items():
-        diffs = [max(abs(getattr(r, s) - getattr(b, s)) / abs(getattr(b, s)) for r, b in zip(results, base)) for s in SCORES]
+        diffs = [
+            max(abs(getattr(r, s) - getattr(b, s)) / abs(getattr(b, s)) for r, b in zip(results, base)) for s in SCORES
+        ]
         flips = sum(scorer.report(r)["flagged"] != scorer.report(b)["flagged"] for r, b in zip(results, base))
         lines.append(f"| {name} | " + " | ".join(f"{d:.2e}" for d in diffs) + f" | {flips} of {len(pairs)} |")
     text = "\n".join(lines) + "\n"

@@ -51,10 +51,27 @@ from semgrad_serve.model.weights import DecoderWeights, LayerWeights, build_deco
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=256, rope_theta=10000.0, max_position_embeddings=512, initializer_range=0.25)  # peaky attention
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    initializer_range=0.25,
+)  # peaky attention
 T_STAR_FROM_END = 4  # t* is the 4th prompt token from the end, as for SmolLM2's and Llama-3's templates
 
 
@@ -79,16 +96,25 @@ def fused_weights(model: Any) -> DecoderWeights:
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        layers.append(LayerWeights(
-            input_norm=layer.input_layernorm.weight, qkv=(torch.cat([attn.q_proj.weight, attn.k_proj.weight,
-                                                                      attn.v_proj.weight]),),
-            qkv_bias=(None,), q_norm=None, k_norm=None, o_proj=attn.o_proj.weight,
-            post_norm=layer.post_attention_layernorm.weight,
-            gate_up=(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),), down=mlp.down_proj.weight, window=None,
-        ))  # fmt: skip
-    base = model.model
-    return build_decoder_weights(model.config, base.embed_tokens.weight, layers, base.norm.weight,
-                                 model.lm_head.weight, model.config.rms_norm_eps)  # fmt: skip
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        layers.append(
+            LayerWeights(
+                input_norm=layer.input_layernorm.weight,
+                qkv=(qkv,),
+                qkv_bias=(None,),
+                q_norm=None,
+                k_norm=None,
+                o_proj=attn.o_proj.weight,
+                post_norm=layer.post_attention_layernorm.weight,
+                gate_up=(gate_up,),
+                down=mlp.down_proj.weight,
+                window=None,
+            )
+        )
+    base, config = model.model, model.config
+    head = model.lm_head.weight
+    return build_decoder_weights(config, base.embed_tokens.weight, layers, base.norm.weight, head, config.rms_norm_eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -134,11 +160,15 @@ class Decoder:
         visible = (self.span[None] <= self.positions[:, None])[:, None, None]  # [B, 1, 1, max_len]
         x = w.embed[self.tokens]
         for i, layer in enumerate(w.layers):
-            q, k, v = (rms_norm(x, layer.input_norm, w.norm_eps) @ layer.qkv[0].T).split([nh * hd, nkv * hd, nkv * hd], -1)
+            q, k, v = (rms_norm(x, layer.input_norm, w.norm_eps) @ layer.qkv[0].T).split(
+                [nh * hd, nkv * hd, nkv * hd], -1
+            )
             q, k = rotate(q.view(b, nh, hd), cos, sin), rotate(k.view(b, nkv, hd), cos, sin)
             self.k[i][self.rows, :, self.positions] = k
             self.v[i][self.rows, :, self.positions] = v.view(b, nkv, hd)
-            out = F.scaled_dot_product_attention(q[:, :, None], self.k[i], self.v[i], attn_mask=visible, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], self.k[i], self.v[i], attn_mask=visible, enable_gqa=True
+            )
             x = x + out.reshape(b, nh * hd) @ layer.o_proj.T
             gate, up = (rms_norm(x, layer.post_norm, w.norm_eps) @ layer.gate_up[0].T).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ layer.down.T
@@ -210,15 +240,21 @@ class Scoring:
 def score(w: DecoderWeights, band: range, kernels: Any, batch: list[Finished], stream: Any = None) -> list:
     """One scoring pass over finished answers (on ``stream`` where given; returns once its results are read)."""
     if stream is None:
-        return score_batch(w, [f.item for f in batch], band, kernels, exgrad=False, prefix_kv=[f.prefix_kv for f in batch])
+        return score_batch(
+            w, [f.item for f in batch], band, kernels, exgrad=False, prefix_kv=[f.prefix_kv for f in batch]
+        )
     with torch.cuda.stream(stream):
         for f in batch:
             stream.wait_event(f.ready)
             f.prefix_kv.record_stream(stream)
-        return score_batch(w, [f.item for f in batch], band, kernels, exgrad=False, prefix_kv=[f.prefix_kv for f in batch])
+        return score_batch(
+            w, [f.item for f in batch], band, kernels, exgrad=False, prefix_kv=[f.prefix_kv for f in batch]
+        )
 
 
-def decode(decoder: Decoder, prompts: list[list[int]], answer: int, steps: int, scoring: Scoring | None) -> tuple[float, int]:
+def decode(
+    decoder: Decoder, prompts: list[list[int]], answer: int, steps: int, scoring: Scoring | None
+) -> tuple[float, int]:
     """``steps`` decode steps over every slot; each slot's request ends after ``answer`` tokens (staggered) and the
     slot restarts its prompt. Finished answers go to ``scoring`` (None: nowhere). Returns (seconds, answers)."""
     b, cuda = decoder.batch, decoder.w.device.type == "cuda"
@@ -248,8 +284,8 @@ def decode(decoder: Decoder, prompts: list[list[int]], answer: int, steps: int, 
                 finished += 1
                 restart.append(slot)
                 if scoring is not None:
-                    kv = torch.stack([torch.stack([k[slot, :, :t_star], v[slot, :, :t_star]])
-                                      for k, v in zip(decoder.k, decoder.v)])  # fmt: skip
+                    layers = zip(decoder.k, decoder.v)
+                    kv = torch.stack([torch.stack([k[slot, :, :t_star], v[slot, :, :t_star]]) for k, v in layers])
                     ready = torch.cuda.Event() if cuda else None
                     if ready is not None:
                         ready.record()
@@ -306,7 +342,11 @@ def main(argv: list[str] | None = None) -> tuple[str, Scoring, DecoderWeights]:
     if not tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --tiny on the CPU")
     dtype = torch.float32 if tiny else torch.bfloat16
-    batch, prompt, answer = args.batch or (4 if tiny else 64), args.prompt or (24 if tiny else 256), args.answer or (8 if tiny else 128)
+    batch, prompt, answer = (
+        args.batch or (4 if tiny else 64),
+        args.prompt or (24 if tiny else 256),
+        args.answer or (8 if tiny else 128),
+    )
     steps = args.steps or (32 if tiny else 1024)
     dims = TINY if tiny else LLAMA_8B
 
@@ -365,7 +405,8 @@ def main(argv: list[str] | None = None) -> tuple[str, Scoring, DecoderWeights]:
         f"{str(dtype).removeprefix('torch.')}; {w.n_layers} layers, d={w.embed.shape[1]}, vocabulary {w.vocab_size}; "
         f"batch {batch}, prompt {prompt} + answer {answer} tokens, {steps} steps per run; "
         f"{'CUDA graph per step; scoring on its own stream' if device == 'cuda' else 'eager'}; "
-        f"scoring passes of up to {args.max_batch} answers from t* on over the prompt keys/values copied out of the cache "
+        f"scoring passes of up to {args.max_batch} answers from t* on over the prompt keys/values copied out of "
+        "the cache "
         f"(band {band.start}-{band.stop - 1}), kernels {kernels.name}.",
         "",
         "| | decode tokens/s | answers finished | answers scored | scoring backlog at the end |",

@@ -98,7 +98,12 @@ def test_e4m3_bytes_read_back_as_their_values() -> None:
     stored = torch.tensor([0x38, 0x48, 0xB4, 0x7E], dtype=torch.uint8).view(1, 1, 1, 4)
     kv = torch.cat([stored, stored])[None]  # [1 layer, 2, 1 head, 1 position, 4]
     got = dequantize(kv, [KVQuant(torch.float8_e4m3fn, 0.5, 3.0)], torch.float32)
-    assert got[0, 0, 0, 0].tolist() == [0.5, 2.0, -0.375, 224.0] and got[0, 1, 0, 0].tolist() == [3.0, 12.0, -2.25, 1344.0]
+    assert got[0, 0, 0, 0].tolist() == [0.5, 2.0, -0.375, 224.0] and got[0, 1, 0, 0].tolist() == [
+        3.0,
+        12.0,
+        -2.25,
+        1344.0,
+    ]
 
 
 def test_fp8_paged_cache_reads_back_to_the_dequantized_values() -> None:
@@ -155,11 +160,12 @@ def test_connector_never_reads_a_quantized_cache(monkeypatch) -> None:
     monkeypatch.setattr(capture_connector, "STORE", store)
     monkeypatch.setattr(capture_connector.RECORDER, "forget", forgotten.append)
     worker = SemgradCaptureConnector(config, KVConnectorRole.WORKER, None)
-    worker.register_kv_caches({f"model.layers.{i}.self_attn.attn": torch.zeros(6, 2, 32, 16, dtype=torch.uint8) for i in (0, 1)})
+    worker.register_kv_caches(
+        {f"model.layers.{i}.self_attn.attn": torch.zeros(6, 2, 32, 16, dtype=torch.uint8) for i in (0, 1)}
+    )
     worker._layout, worker._layout_known = TOKEN_MAJOR, True  # a known layout: the dtype alone keeps it unread
     worker.bind_connector_metadata(meta)
     assert worker.get_finished(set()) == ({"r1"}, None)
     capture = store.get("k1")
     assert capture is not None and capture.kv is None and "quantized" in capture.reason
     assert forgotten == ["r1"]
-

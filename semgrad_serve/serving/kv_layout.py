@@ -38,7 +38,7 @@ CPU_TRANSPOSED_K = "cpu_transposed_k"
 # AMX packs keys differently, so a server using it scores by recompute.
 CPU_ISAS = ("vec", "vec16")
 
-# Cache element types that hold keys/values as vLLM's attention computed them; any other (uint8, int8, FP8) is quantized.
+# Cache element types holding keys/values as vLLM's attention computed them; any other (uint8, int8, FP8) is quantized.
 FULL_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
 
 

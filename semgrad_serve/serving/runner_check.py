@@ -19,7 +19,8 @@ V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # vLLM's switch; "0" selects the V1 
 RUNNER_FIELDS = ("model", "input_batch", "query_start_loc", "requests")
 V2_REFUSED = (
     "SemGrad scoring runs on vLLM's V1 model runner, and this server runs Model Runner V2: start it with "
-    f"{V2_RUNNER_ENV}=0 (semgrad-serve serve sets it; HiSparse attention and watermarking force V2 and cannot be scored)"
+    f"{V2_RUNNER_ENV}=0 (semgrad-serve serve sets it; HiSparse attention and watermarking force V2 "
+    "and cannot be scored)"
 )
 
 
