@@ -154,9 +154,10 @@ class Decoder:
     def step(self) -> None:
         w, b = self.w, self.batch
         nh, nkv, hd = w.n_heads, w.n_kv_heads, w.head_dim
-        freqs = self.positions[:, None].float() * w.inv_freq[None]
+        (rope,) = w.rotaries  # a Llama: one rotary over whole heads
+        freqs = self.positions[:, None].float() * rope.inv_freq[None]
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]
-        cos, sin = (angles.cos() * w.rope_scale).to(w.dtype), (angles.sin() * w.rope_scale).to(w.dtype)
+        cos, sin = (angles.cos() * rope.scale).to(w.dtype), (angles.sin() * rope.scale).to(w.dtype)
         visible = (self.span[None] <= self.positions[:, None])[:, None, None]  # [B, 1, 1, max_len]
         x = w.embed[self.tokens]
         for i, layer in enumerate(w.layers):
