@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vllm.entrypoints.openai.responses import api_router as vllm_responses
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from ..model.stop_token import tokens_of_text
 from ..model.tokens import has_visible_text
@@ -95,6 +95,7 @@ async def _scored_events(events: AsyncIterator[str], response: _Response) -> Asy
 
 
 @router.post("/v1/responses", dependencies=[Depends(validate_json_request)], response_model=None)
+@with_cancellation  # a client that leaves while its answer is scored cancels the scoring
 async def create_responses(request: ResponsesRequest, raw_request: Request) -> Response:
     setup = scoring_setup(request, raw_request)
     if not isinstance(setup, tuple):

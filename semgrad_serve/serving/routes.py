@@ -31,7 +31,7 @@ from vllm.entrypoints.openai.completion import api_router as vllm_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from ..errors import SemgradError
 from ..model.stop_token import eos_ids, received_tokens
@@ -145,11 +145,12 @@ class _Choices:
         self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool,
         options: ScoringOptions = ScoringOptions(), recent: RecentAnswers | None = None,
         question: Callable[[int], str] = lambda index: "", endpoint: str = "chat",
-        echo: Callable[[int, list[int]], str] | None = None,
+        echo: Callable[[int, list[int]], str] | None = None, generated: bool = True,
     ) -> None:  # fmt: skip
         """``echo``: for a completions request with ``echo``, the prompt text to echo in a choice (from its index and
-        prompt ids): vLLM leaves it out when it returns ids."""
-        self.client, self.key, self.keep_ids, self.echo = client, key, keep_ids, echo
+        prompt ids): vLLM leaves it out when it returns ids. ``generated=False``: the request generates nothing for
+        the user (``max_tokens`` 0, with ``echo`` the prompt only), whatever token vLLM's ids hold."""
+        self.client, self.key, self.keep_ids, self.echo, self.generated = client, key, keep_ids, echo, generated
         self.stop, self.include_stop = stop, include_stop
         self.options, self.recent, self.question, self.endpoint = options, recent, question, endpoint
         self.shared_prompt: list[int] | None = None  # chat: one prompt for all choices
@@ -192,7 +193,8 @@ class _Choices:
         for choice in choices:
             index = choice["index"]
             prompt = self.prompts.get(index, self.shared_prompt)
-            answer, stop_token = self.stop.scored(self.answers.get(index, []), choice.get("stop_reason"), self.include_stop)
+            ids = self.answers.get(index, []) if self.generated else []
+            answer, stop_token = self.stop.scored(ids, choice.get("stop_reason"), self.include_stop)
             if not prompt:
                 choice["semgrad"] = {"error": NO_IDS}
             elif not has_visible_text(self.stop.tokenizer, answer):
@@ -269,7 +271,7 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
     if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
         request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
     stop = StopTokens.of(raw_request.app.state)
-    echo = None
+    echo, generated = None, True
     if isinstance(request, ChatCompletionRequest):  # chat's echo prepends the last message's text, ids or not
         asked = chat_question(request.messages)
         question, endpoint = (lambda index: asked), "chat"
@@ -278,8 +280,11 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
         question, endpoint = (lambda index: prompt_question(request.prompt, index, n)), "completions"
         if request.echo:
             echo = lambda index, ids: echoed_text(request.prompt, index, n, stop.tokenizer, ids)  # noqa: E731
+        generated = request.max_tokens != 0  # with echo, vLLM's ids still hold a token the user never receives
     recent = getattr(raw_request.app.state, "semgrad_recent", None)
-    choices = _Choices(client, key, stop, bool(request.include_stop_str_in_output), keep_ids, options, recent, question, endpoint, echo)
+    choices = _Choices(
+        client, key, stop, bool(request.include_stop_str_in_output), keep_ids, options, recent, question, endpoint, echo, generated
+    )
 
     streaming = False
     try:
@@ -298,10 +303,12 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)], response_model=None)
+@with_cancellation  # a client that leaves while its answer is scored cancels the scoring
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response | None:
     return await _scored(vllm_chat.create_chat_completion, request, raw_request)
 
 
 @router.post("/v1/completions", dependencies=[Depends(validate_json_request)], response_model=None)
+@with_cancellation
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response | None:
     return await _scored(vllm_completion.create_completion, request, raw_request)
