@@ -206,7 +206,75 @@ def test_claims_are_asked_for_per_request() -> None:
         return await asyncio.gather(client.score(None, [([1], [1]), ([2], [1])], claims=True), client.score(None, [([3], [1])]))
 
     asyncio.run(go())
-    assert score.claims == {1: True, 2: True, 3: False}
+    assert {k: w is not None for k, w in score.claims.items()} == {1: True, 2: True, 3: False}
+
+
+def windowed(score: FakeScore):
+    """``score`` whose reports list, as their claims, the claim indices of each answer's window."""
+
+    def with_claims(pairs: list, given: list, windows: list) -> list[dict]:
+        reports = score(pairs, given, windows)
+        return [{**r, "claims": list(w)} if w is not None else r for r, w in zip(reports, windows)]
+
+    return with_claims
+
+
+def three_windows_from_50(pair, claims: bool) -> list:
+    """A plan: answers whose prompt starts at 50 or more have claims 0..5 in three passes of two."""
+    if not claims:
+        return [None]
+    return [range(0, 2), range(2, 4), range(4, 6)] if pair[0][0] >= 50 else [range(0, 1)]
+
+
+def test_a_long_claims_job_is_scored_in_pieces_that_alternate_with_short_jobs() -> None:
+    """A job of several passes delays the short jobs queued with it by one pass at a time, and its claims come back
+    whole, in order."""
+    fake, store = FakeScore(), SignalledStore()
+    service = ScoringService(windowed(fake), store, 8, cores=set(), plan=three_windows_from_50)
+    batches: list = []
+    original = service._score_pieces
+    service._score_pieces = lambda pieces, given: batches.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
+    client = ScoringClient(service.address, service.authkey, capture=True)
+
+    async def go() -> list:
+        first = asyncio.create_task(client.score(None, [([100], [1])]))
+        await until(fake.holding)
+        long = asyncio.create_task(client.score(None, [([60], [1])], claims=True))
+        await asyncio.sleep(0)
+        shorts = await send_all(client, store, [(None, [1]), (None, [2])])
+        late = await send_all(client, store, [(None, [3])])
+        fake.release.set()
+        return [await first, await long, *await asyncio.gather(*shorts, *late)]
+
+    first, long, *shorts = asyncio.run(go())
+    assert long == [{"semgrad": 60.0, "claims": [0, 1, 2, 3, 4, 5]}]
+    assert [r[0]["semgrad"] for r in shorts] == [1, 2, 3]
+    # the held batch, then the long job's first pass, the short ones (together), its second and third passes
+    assert batches == [[100], [60], [1, 2, 3], [60], [60]]
+
+
+def test_a_cancelled_job_is_not_scored() -> None:
+    """A request whose client has gone (its task cancelled) while its long job waits: none of its passes run."""
+    fake, store = FakeScore(), SignalledStore()
+    service = ScoringService(windowed(fake), store, 8, cores=set(), plan=three_windows_from_50)
+    scored: list = []
+    original = service._score_pieces
+    service._score_pieces = lambda pieces, given: scored.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
+    client = ScoringClient(service.address, service.authkey, capture=True)
+
+    async def go() -> list:
+        first = asyncio.create_task(client.score(None, [([100], [1])]))
+        await until(fake.holding)
+        long = asyncio.create_task(client.score(None, [([70], [1])], claims=True))
+        await asyncio.sleep(0)
+        long.cancel()
+        (short,) = await send_all(client, store, [(None, [5])])  # the cancel went before these
+        assert service.queued() == 2  # the held batch's job and the short one: the cancelled job is gone
+        fake.release.set()
+        return [await first, await short]
+
+    assert asyncio.run(go())[1] == [{"semgrad": 5.0}]
+    assert scored == [[100], [5]]
 
 
 def test_a_failing_request_does_not_sink_its_batch() -> None:

@@ -51,6 +51,9 @@ CLAIM_MEMORY_ENV = "SEMGRAD_SERVE_CLAIM_MEMORY_MIB"  # memory budget of one back
 # batch holding a prompt that contains TEST_FAULT_MARKER. Never set in production.
 TEST_FAULTS_ENV = "SEMGRAD_SERVE_TEST_FAULTS"
 TEST_FAULT_MARKER = "semgrad-test-fault"
+# ... and each scoring pass of a batch holding a prompt that contains TEST_SLOW_MARKER takes TEST_SLOW_S longer.
+TEST_SLOW_MARKER = "semgrad-test-slow"
+TEST_SLOW_S = 2.0
 
 
 @dataclass(frozen=True)

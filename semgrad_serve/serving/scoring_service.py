@@ -196,6 +196,8 @@ class ScoringService:
                 except Exception as exc:  # a plan that fails must not end this thread: one pass, as asked
                     log.warning("SemGrad: cannot plan the scoring of request %d (%s)", job_id, exc)
                     split_job(job, one_pass)
+                if len(job.pieces) > 1:
+                    log.info("SemGrad: scoring job %d in %d passes", job.job, len(job.pieces))
                 with self._arrived:
                     self._live[job.job] = job
                     if len(job.pieces) == 1:
@@ -218,9 +220,11 @@ class ScoringService:
             if job is None:
                 return
             job.cancelled = True
+            waiting = len(job.pieces) + sum(p.job is job for p in self._short)
             job.pieces.clear()
             self._short = deque(p for p in self._short if p.job is not job)
             self._long = deque(j for j in self._long if j is not job)
+        log.info("SemGrad: the client of scoring job %d has gone: %d of its %d passes dropped unscored", job_id, waiting, job.left)
 
     def queued(self) -> int:
         """Jobs received and not yet answered (nor cancelled)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 from ..errors import ItemError, SemgradError
@@ -20,7 +21,15 @@ from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
 from . import rank_sync
 from .captures import STORE, Given
-from .config import CAPTURE_CONNECTOR_MODULE, PIPELINE_REFUSED, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
+from .config import (
+    CAPTURE_CONNECTOR_MODULE,
+    PIPELINE_REFUSED,
+    TEST_FAULT_MARKER,
+    TEST_FAULTS_ENV,
+    TEST_SLOW_MARKER,
+    TEST_SLOW_S,
+    log,
+)
 from .scoring_service import Pair, PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
 from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
@@ -81,11 +90,15 @@ def records_band_inputs(vllm_config: Any) -> bool:
 
 def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
-    text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
+    text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone), and that takes
+    ``TEST_SLOW_S`` longer for one holding ``TEST_SLOW_MARKER`` (a long job, without the long answer)."""
 
     def score_or_fail(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
-        if any(TEST_FAULT_MARKER in tokenizer.decode(prompt) for prompt, _ in pairs):
+        prompts = [tokenizer.decode(prompt) for prompt, _ in pairs]
+        if any(TEST_FAULT_MARKER in text for text in prompts):
             raise RuntimeError("injected scoring fault (test hook)")
+        if any(TEST_SLOW_MARKER in text for text in prompts):
+            time.sleep(TEST_SLOW_S)
         return score(pairs, given, windows)
 
     return score_or_fail
