@@ -35,16 +35,16 @@ def test_scorer_scores_a_window_of_claims_as_in_the_whole(default_scorer) -> Non
     assert window.semgrad == pytest.approx(whole.semgrad, rel=1e-4)
 
 
-def test_the_servers_plan_and_limit(default_scorer, monkeypatch) -> None:
+def test_the_servers_plan_and_limit(default_scorer) -> None:
     prompt = default_scorer.prompt_ids([{"role": "user", "content": "Tell me about Paris."}])
     answer = default_scorer.answer_ids("Paris is in France. It has a tower. It is old. People visit it. It is big.")
     pair = (prompt, answer)
-    assert claim_plan(default_scorer, 64)(pair, False) == [None]
-    assert claim_plan(default_scorer, 64)(pair, True) == [range(0, 5)]  # the default budget holds every claim
-    assert claim_plan(default_scorer, 3)(pair, True) == [range(0, 3)]
-    assert claim_plan(default_scorer, 0)(pair, True) == [range(0, 0)]
-    monkeypatch.setattr(default_scorer, "seed_budget", 1)  # one claim per pass
-    assert claim_plan(default_scorer, 3)(pair, True) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert claim_plan(default_scorer, 64, 16)(pair, False) == [None]
+    assert claim_plan(default_scorer, 64, 16)(pair, True) == [range(0, 5)]
+    assert claim_plan(default_scorer, 64, 2)(pair, True) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert claim_plan(default_scorer, 3, 16)(pair, True) == [range(0, 3)]
+    assert claim_plan(default_scorer, 3, 1)(pair, True) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert claim_plan(default_scorer, 0, 16)(pair, True) == [range(0, 0)]
     claims = default_scorer.claims(answer)
     entries = over_limit(default_scorer, answer, range(2, 3), 3)
     assert [(e["text"], e["token_start"], e["token_end"]) for e in entries] == [(c.text, c.token_start, c.token_end) for c in claims[3:]]
@@ -54,8 +54,8 @@ def test_the_servers_plan_and_limit(default_scorer, monkeypatch) -> None:
 
 
 def test_claim_settings_travel_by_environment() -> None:
-    settings = ScoringSettings(max_claims=5, claim_memory_mib=32)
+    settings = ScoringSettings(max_claims=5, claims_per_pass=2, claim_memory_mib=32)
     assert ScoringSettings.from_env(settings.to_env()) == settings
-    for bad in ({"max_claims": -1}, {"claim_memory_mib": 0}):
+    for bad in ({"max_claims": -1}, {"claims_per_pass": 0}, {"claim_memory_mib": 0}):
         with pytest.raises(SemgradError, match="at least"):
             ScoringSettings(**bad)

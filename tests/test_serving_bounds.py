@@ -2,7 +2,7 @@
 answers scored between a long job's passes, a gone client's scoring dropped, every generating route scored or
 marked, echo with ``max_tokens`` 0 unscored, ``/invocations`` behind the API key, a busy port in one line.
 
-The server here is its own (``semgrad-serve serve --max-claims 3 --claim-memory 1 -- --api-key ...``), with the
+The server here is its own (``semgrad-serve serve --max-claims 3 --claims-per-pass 1 -- --api-key ...``), with the
 test seams on: a prompt holding ``TEST_SLOW_MARKER`` makes each of its scoring passes slower, standing in for a
 long answer's claims without the minutes of generation."""
 
@@ -40,12 +40,12 @@ FOUR_SENTENCES = ask("Write five short sentences about cats.")  # the default mo
 
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory) -> Iterator[RunningServer]:
-    """A server with a claim limit of 3, a claims budget so small that every claim is a pass of its own, and an
-    API key."""
+    """A server with a claim limit of 3, every claim a pass of its own and one backward per seed (the smallest
+    memory budget), and an API key."""
     root = Path(__file__).resolve().parents[1]
     log = tmp_path_factory.mktemp("bounds") / "server.log"
     env = {**os.environ, TEST_FAULTS_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    args = ["--dtype", "float32", "--max-claims", str(MAX_CLAIMS), "--claim-memory", "1", "--",
+    args = ["--dtype", "float32", "--max-claims", str(MAX_CLAIMS), "--claims-per-pass", "1", "--claim-memory", "1", "--",
             "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY]  # fmt: skip
     try:
         port = free_port()
@@ -94,7 +94,7 @@ def test_claims_are_scored_in_passes_up_to_the_limit(client, bounded, default_sc
 
 def test_a_short_answer_is_scored_between_a_long_jobs_passes(bounded) -> None:
     """A slow claims job (three passes of seconds each) and, once it is being scored, a short scored request: the
-    short one is answered first (behind at most one pass), and the long one still gets all its claims."""
+    short one is answered first (scored beside it, not behind it), and the long one still gets all its claims."""
     long_messages = ask(f"{TEST_SLOW_MARKER}: write five short sentences about cats.")
 
     async def go() -> tuple[list[str], dict, dict]:

@@ -226,15 +226,41 @@ def three_windows_from_50(pair, claims: bool) -> list:
     return [range(0, 2), range(2, 4), range(4, 6)] if pair[0][0] >= 50 else [range(0, 1)]
 
 
-def test_a_long_claims_job_is_scored_in_pieces_that_alternate_with_short_jobs() -> None:
-    """A job of several passes delays the short jobs queued with it by one pass at a time, and its claims come back
-    whole, in order."""
-    fake, store = FakeScore(), SignalledStore()
-    service = ScoringService(windowed(fake), store, 8, cores=set(), plan=three_windows_from_50)
+def recording_service(score, store: CaptureStore, lanes: int = 2):
+    """A service over ``score`` with the plan ``three_windows_from_50``, a client, and the first prompt id of each
+    piece of every batch scored, in order."""
+    service = ScoringService(score, store, 8, cores=set(), plan=three_windows_from_50, lanes=lanes)
     batches: list = []
     original = service._score_pieces
     service._score_pieces = lambda pieces, given: batches.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
-    client = ScoringClient(service.address, service.authkey, capture=True)
+    return service, ScoringClient(service.address, service.authkey, capture=True), batches
+
+
+def test_short_jobs_are_scored_while_a_long_claims_job_is() -> None:
+    """Two lanes: while a claims job's first pass is held, short jobs are scored and answered; then the long job's
+    passes come back as one report with all its claims, in order."""
+    fake, store = FakeScore(), SignalledStore()
+    _, client, batches = recording_service(windowed(fake), store)
+
+    async def go() -> list:
+        long = asyncio.create_task(client.score(None, [([60], [1])], claims=True))
+        await until(fake.holding)
+        shorts = await asyncio.gather(client.score(None, [([1], [1])]), client.score(None, [([2], [1])]))
+        assert not long.done()
+        fake.release.set()
+        return [await long, *shorts]
+
+    long, *shorts = asyncio.run(go())
+    assert long == [{"semgrad": 60.0, "claims": [0, 1, 2, 3, 4, 5]}]
+    assert [r[0]["semgrad"] for r in shorts] == [1, 2]
+    assert batches[0] == [60] and batches.count([60]) == 3
+
+
+def test_one_lane_alternates_short_batches_and_long_passes() -> None:
+    """One lane (as under tensor parallelism): a long job delays the short jobs queued with it by one pass at a
+    time."""
+    fake, store = FakeScore(), SignalledStore()
+    _, client, batches = recording_service(windowed(fake), store, lanes=1)
 
     async def go() -> list:
         first = asyncio.create_task(client.score(None, [([100], [1])]))
@@ -256,11 +282,7 @@ def test_a_long_claims_job_is_scored_in_pieces_that_alternate_with_short_jobs() 
 def test_a_cancelled_job_is_not_scored() -> None:
     """A request whose client has gone (its task cancelled) while its long job waits: none of its passes run."""
     fake, store = FakeScore(), SignalledStore()
-    service = ScoringService(windowed(fake), store, 8, cores=set(), plan=three_windows_from_50)
-    scored: list = []
-    original = service._score_pieces
-    service._score_pieces = lambda pieces, given: scored.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
-    client = ScoringClient(service.address, service.authkey, capture=True)
+    service, client, scored = recording_service(windowed(fake), store, lanes=1)
 
     async def go() -> list:
         first = asyncio.create_task(client.score(None, [([100], [1])]))
@@ -275,8 +297,6 @@ def test_a_cancelled_job_is_not_scored() -> None:
 
     assert asyncio.run(go())[1] == [{"semgrad": 5.0}]
     assert scored == [[100], [5]]
-
-
 def test_a_failing_request_does_not_sink_its_batch() -> None:
     """Two failing requests (one by the test seam the server tests use) in a batch of five: the batch is
     retried one request at a time and the others are scored."""

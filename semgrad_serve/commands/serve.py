@@ -46,8 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most claims (sentences) scored per answer that asks for claims; the rest get an error (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--claims-per-pass", type=int, default=ScoringSettings.claims_per_pass, metavar="N",
+        help="most claims of an answer scored in one pass; a client that leaves stops its scoring after a pass (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--claim-memory", type=int, default=ScoringSettings.claim_memory_mib, metavar="MIB",
-        help="memory budget of one backward over claims, in MiB: sets how many claims one scoring pass takes (default: %(default)s)",
+        help="memory budget of one backward over claims, in MiB: claims beyond it wait for a backward of their own (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--recent", type=int, default=ScoringSettings.recent, metavar="N",
@@ -211,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
     settings = ScoringSettings(
-        profile=profile, max_batch=args.max_batch, recent=args.recent, max_claims=args.max_claims, claim_memory_mib=args.claim_memory
+        profile=profile, max_batch=args.max_batch, recent=args.recent, max_claims=args.max_claims,
+        claims_per_pass=args.claims_per_pass, claim_memory_mib=args.claim_memory,
     )
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     check_port(args)

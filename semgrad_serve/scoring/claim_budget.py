@@ -4,8 +4,7 @@ Claims are scored by seeding the band's backward once per claim (``batch.py``): 
 copy of the suffix's activation gradients, so a backward's memory grows with seeds × rows × keys (attention)
 and seeds × rows × hidden size (the rest). Cutting the seeds into groups that each fit ``budget`` bytes keeps
 the memory of one backward bounded whatever the answer's length and number of sentences; the time is the
-same (each seed is computed once). The server also cuts a long claims job into pieces of that many claims,
-each its own forward and backward, so that other answers are scored between them (``scoring_service.py``).
+same (each seed is computed once).
 """
 
 from __future__ import annotations

@@ -50,8 +50,9 @@ class PrefixCache:
         self.entry: SharedPrefix | None = None
 
     def for_batch(self, w: DecoderWeights, items: Sequence[PreparedItem]) -> SharedPrefix | None:
-        if self.entry is not None and all(self.entry.fits(it) for it in items):
-            return self.entry
+        entry = self.entry  # read once: another scoring thread may replace it meanwhile
+        if entry is not None and all(entry.fits(it) for it in items):
+            return entry
         if len(items) < 2:
             return None
         # the prefix must end at or before every item's t*

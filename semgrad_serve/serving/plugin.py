@@ -61,7 +61,7 @@ class SemgradPlugin:
             raise SemgradError(DATA_PARALLEL_REFUSED)
         api_cores = sorted(os.sched_getaffinity(0))
         try:
-            claims = (settings.max_claims, settings.claim_memory_mib << 20)
+            claims = (settings.max_claims, settings.claims_per_pass, settings.claim_memory_mib << 20)
             infos = await engine_client.collective_rpc("semgrad_setup", args=(settings.profile, settings.max_batch, api_cores, *claims))
         except Exception as exc:
             if "semgrad_setup" in str(exc) and "attribute" in str(exc):

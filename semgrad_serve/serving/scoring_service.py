@@ -13,15 +13,18 @@ Answers whose request left a capture (``captures.py``) run from t* on over the
 captured prompt keys/values (only through the band, where its inputs were
 recorded); the others recompute the prompt, with the same scores.
 
-Each request is a job of one or more pieces, each piece one scoring pass. A job
-asking for claims whose answers have more claims than one backward's memory budget
-holds (``claim_budget.py``) is cut into pieces of that many claims, each scored
-alone; every other job is one piece, and such pieces that arrive while a batch is
-scored form the next batch (at most ``max_batch`` answers, one backward per
-batch). The scoring thread alternates between a batch of one-piece jobs and one
-piece of a long job (long jobs in turn), so a long job delays other answers by at
-most one piece, and other answers never stop it. A job whose client has gone is
-dropped: its pieces not yet scored are never scored.
+Each request is a job of one or more pieces, each piece one scoring pass (its
+backward's seeds in groups within a memory budget, ``claim_budget.py``). A job that
+asks for claims is long: its answers' claims go in passes of at most
+``claims_per_pass`` claims. Every other job is short, one piece, and short jobs
+that arrive while a batch is scored form the next batch (at most ``max_batch``
+answers, one backward per batch). Long jobs run in a second scoring thread at a
+lower priority (on a GPU, a lower-priority stream), long jobs' pieces in turn, so
+short answers are scored beside them at nearly their idle speed and never wait for
+them. Under tensor parallelism, where every rank must run the same passes in the
+same order, one thread alternates between a batch of short jobs and one piece of a
+long job. A job whose client has gone is dropped: its pieces not yet scored are
+never scored.
 
 Under tensor parallelism (``groups``), every rank's worker runs a service: rank 0's
 takes the answers and forms the batches, the others follow them (``rank_sync.py``).
@@ -55,6 +58,7 @@ from .config import log
 CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
 SCORING_NICE = 10  # the scoring thread's nice value (Linux: per thread)
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
+LONG_NICE = 19  # the long jobs' thread's nice value: the short jobs' thread takes most of a shared core
 
 Pair = tuple[list[int], list[int]]
 # Which of an answer's claims a scoring pass scores: None, none (no claims asked for); a range, those claims.
@@ -85,6 +89,11 @@ class Job:
     left: int = 0  # pieces not yet scored
     cancelled: bool = False
 
+    @property
+    def long(self) -> bool:
+        """Scored in the long jobs' lane: it asks for claims, whose seeds multiply a pass's cost."""
+        return self.claims
+
 
 @dataclass
 class Piece:
@@ -100,7 +109,8 @@ class Piece:
 
 
 def split_job(job: Job, plan: PlanFn) -> None:
-    """Cut ``job`` into pieces: one for all its answers where each has one pass, else one per answer and window."""
+    """Cut ``job`` into pieces: one for all its answers where each has one pass, else one per answer and window.
+    A job is long (``Job.long``) where it asks for claims."""
     windows = [plan(pair, job.claims) for pair in job.pairs]
     if all(len(w) == 1 for w in windows):
         job.pieces = deque([Piece(job, list(range(len(job.pairs))), [w[0] for w in windows])])
@@ -153,11 +163,12 @@ def scoring_cores(api_cores: set[int], generation: set[int]) -> set[int]:
 class ScoringService:
     """Receives answers over a Unix socket and scores them in a thread of the worker process. Under tensor
     parallelism (``groups``), only rank 0 listens; the other ranks' services score rank 0's batches (``address``
-    and ``authkey`` are None there). ``plan`` cuts each answer into scoring passes (default: one)."""
+    and ``authkey`` are None there). ``plan`` cuts each answer into scoring passes (default: one). ``lanes``: 2, a
+    thread for short jobs and one for long jobs; 1, one thread for both (always so under tensor parallelism)."""
 
     def __init__(
         self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int], groups: rank_sync.ScoringGroups | None = None,
-        plan: PlanFn = one_pass,
+        plan: PlanFn = one_pass, lanes: int = 2,
     ) -> None:  # fmt: skip
         self._score, self._store, self._max_batch, self._cores, self._plan = score, store, max_batch, cores, plan
         self._group = None if groups is None else groups.host
@@ -178,7 +189,11 @@ class ScoringService:
         self._listener = Listener(family="AF_UNIX", authkey=(authkey := secrets.token_bytes(16)))
         self.address, self.authkey = self._listener.address, authkey.hex()
         threading.Thread(target=self._receive, name="semgrad-receive", daemon=True).start()
-        threading.Thread(target=self._run, name="semgrad-score", daemon=True).start()
+        if groups is not None or lanes == 1:
+            threading.Thread(target=self._run, name="semgrad-score", daemon=True).start()
+            return
+        threading.Thread(target=self._run, kwargs={"lane": "short"}, name="semgrad-score", daemon=True).start()
+        threading.Thread(target=self._run, kwargs={"lane": "long"}, name="semgrad-score-long", daemon=True).start()
 
     def _receive(self) -> None:
         self._conn = self._listener.accept()
@@ -200,11 +215,11 @@ class ScoringService:
                     log.info("SemGrad: scoring job %d in %d passes", job.job, len(job.pieces))
                 with self._arrived:
                     self._live[job.job] = job
-                    if len(job.pieces) == 1:
-                        self._short.append(job.pieces.popleft())
-                    else:
+                    if job.long:
                         self._long.append(job)
-                    self._arrived.notify()
+                    else:
+                        self._short.append(job.pieces.popleft())
+                    self._arrived.notify_all()  # each lane waits on it
             elif message[0] == "cancel":
                 self._cancel(message[1])
             elif message[0] == "drop":
@@ -235,18 +250,20 @@ class ScoringService:
         """Whether the job's answers may be scored: each one's choice is captured, or the wait for it is over."""
         return job.key is None or time.monotonic() - job.received > CAPTURE_WAIT_S or self._captured(job.key, job.pairs)
 
-    def _next_batch(self) -> list[Piece]:
-        """The next pieces to score: ready one-piece jobs, oldest first, up to ``max_batch`` answers (a larger job
-        goes alone), or the next piece of the long job whose turn it is, alternately where both wait."""
+    def _next_batch(self, lane: str = "both") -> list[Piece]:
+        """The next pieces to score in ``lane`` (short, long or both): ready short jobs, oldest first, up to
+        ``max_batch`` answers (a larger job goes alone), or the next piece of the long job whose turn it is;
+        alternately where both lanes are this thread's and both wait."""
+        short, long = lane != "long", lane != "short"
         with self._arrived:
             while True:
-                self._arrived.wait_for(lambda: bool(self._short or self._long))
+                self._arrived.wait_for(lambda: bool(short and self._short or long and self._long))
                 batch, size = [], 0
-                for piece in self._short:
+                for piece in self._short if short else ():
                     if self._ready(piece.job) and (not batch or size + len(piece.answers) <= self._max_batch):
                         batch.append(piece)
                         size += len(piece.answers)
-                long_job = next((job for job in self._long if self._ready(job)), None)
+                long_job = next((job for job in self._long if self._ready(job)), None) if long else None
                 if batch and (long_job is None or self._long_last):
                     self._short = deque(p for p in self._short if p not in batch)
                     self._long_last = False
@@ -322,7 +339,7 @@ class ScoringService:
             start += len(piece.answers)
         return out
 
-    def _run(self, follower: bool = False) -> None:
+    def _run(self, follower: bool = False, lane: str = "both") -> None:
         """The scoring thread: batches from the queue (rank 0) or from rank 0 (``follower``), scored one at a time;
         a follower's reports stay here."""
         if self._cores:
@@ -331,12 +348,13 @@ class ScoringService:
             except OSError as exc:
                 log.warning("SemGrad: cannot pin the scoring thread to cores %s (%s)", sorted(self._cores), exc)
         try:  # below the API server and engine loop on its core (qa on/off 0.82x vs 0.74x at nice 0)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SCORING_NICE)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LONG_NICE if lane == "long" else SCORING_NICE)
         except OSError as exc:
             log.warning("SemGrad: cannot lower the scoring thread's priority (%s)", exc)
-        stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        # CUDA: a lower number is a higher priority; the long jobs' stream yields to the short jobs'
+        stream = torch.cuda.Stream(priority=0 if lane == "long" else -1) if torch.cuda.is_available() else None
         while True:
-            pieces = self._next_shared() if follower else self._next_batch()
+            pieces = self._next_shared() if follower else self._next_batch(lane)
             try:
                 given = self._given_all(pieces, follower)
                 with torch.enable_grad(), torch.cuda.stream(stream) if stream is not None else nullcontext():

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ..errors import ItemError, SemgradError
-from ..scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows, seed_bytes, seeds_per_backward
+from ..scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
@@ -119,20 +119,14 @@ def over_limit(scorer: Scorer, answer: list[int], window: range, max_claims: int
     return [{"text": c.text, "token_start": c.token_start, "token_end": c.token_end, "error": error} for c in claims[max_claims:]]
 
 
-def claim_plan(scorer: Scorer, max_claims: int) -> PlanFn:
-    """An answer's scoring passes: one without claims; with claims, its first ``max_claims`` claims in windows that
-    each fit one backward within the scorer's seed budget (seed 0 of each pass is the whole answer)."""
-    w = scorer.weights
+def claim_plan(scorer: Scorer, max_claims: int, claims_per_pass: int) -> PlanFn:
+    """An answer's scoring passes: one without claims; with claims, its first ``max_claims`` claims in windows of
+    at most ``claims_per_pass`` (each pass also scores the whole answer, as seed 0; the first pass's counts)."""
 
     def plan(pair: Pair, claims: bool) -> list[Window]:
         if not claims:
             return [None]
-        prompt, answer = pair
-        length = len(prompt) + len(answer) - 1
-        rows = length - (scorer.t_star_or_none(prompt) or 0)
-        per_seed = seed_bytes([(rows, length)], w.n_heads, w.hidden_size, w.dtype.itemsize)
-        per_pass = seeds_per_backward(per_seed, scorer.seed_budget) - 1
-        return list(claim_windows(min(len(scorer.claims(answer)), max_claims), per_pass))
+        return claim_windows(min(len(scorer.claims(pair[1])), max_claims), claims_per_pass)
 
     return plan
 
@@ -144,11 +138,13 @@ class SemgradWorkerExtension:
     semgrad_service: ScoringService | None = None
 
     def semgrad_setup(
-        self, profile_path: str | None, max_batch: int, api_cores: list[int], max_claims: int = 64, seed_budget: int = DEFAULT_SEED_BUDGET
-    ) -> dict[str, Any]:
+        self, profile_path: str | None, max_batch: int, api_cores: list[int], max_claims: int = 64, claims_per_pass: int = 16,
+        seed_budget: int = DEFAULT_SEED_BUDGET,
+    ) -> dict[str, Any]:  # fmt: skip
         """Build the scorer over vLLM's modules and start the scoring service; raise a ``SemgradError``
         naming what is unsupported. Returns what the API server needs to reach the service. ``max_claims``: the
-        most claims scored per answer; ``seed_budget``: bytes of one backward's claim seeds (``claim_budget.py``)."""
+        most claims scored per answer; ``claims_per_pass``: the most claims of an answer per scoring pass;
+        ``seed_budget``: bytes of one backward's claim seeds (``claim_budget.py``)."""
         from transformers import AutoTokenizer
 
         vllm_config = self.vllm_config  # type: ignore[attr-defined]
@@ -200,7 +196,7 @@ class SemgradWorkerExtension:
         if weights.device.type == "cpu" and cores <= generation:
             log.warning("SemGrad: generation's threads hold every core (%s), so scoring competes with them; give vLLM a "
                         "reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=1, as semgrad-serve serve sets)", sorted(generation))
-        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups, claim_plan(scorer, max_claims))
+        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups, claim_plan(scorer, max_claims, claims_per_pass))
         return {
             "family": weights.family,
             "profile": profile.name,
@@ -216,6 +212,7 @@ class SemgradWorkerExtension:
             "records": record,
             "tensor_parallel_size": parallel.tensor_parallel_size,
             "max_claims": max_claims,
+            "claims_per_pass": claims_per_pass,
             "claim_memory_mib": seed_budget >> 20,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
