@@ -124,8 +124,8 @@ def merge(job: Job, piece: Piece, reports: list[dict[str, Any]]) -> None:
     (an answer's pieces are scored in order); a failed pass makes the answer's report its error."""
     for i, report in zip(piece.answers, reports):
         have = job.reports[i]
-        if have is None or "error" in report:
-            job.reports[i] = report if have is None or "error" not in have else have
+        if have is None or ("error" in report and "error" not in have):
+            job.reports[i] = report  # the answer's first pass, or a later one that failed
         elif "error" not in have:
             have["claims"] = [*have.get("claims", []), *report.get("claims", [])]
     job.left -= 1
