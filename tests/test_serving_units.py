@@ -528,3 +528,23 @@ def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
     assert capture_state(SimpleNamespace(kv_connector="SemgradCaptureConnector", kv_connector_module_path=CAPTURE_CONNECTOR_MODULE))
     with pytest.raises(SemgradError, match="drop --kv-transfer-config"):
         capture_state(SimpleNamespace(kv_connector="LMCacheConnectorV1", kv_connector_module_path=None))
+
+
+def test_passes_merge_into_one_report_per_answer() -> None:
+    """An answer's first pass gives its report and later passes add their claims; a failed pass makes its answer's
+    report that error, and the answer's later passes do not undo it."""
+    from semgrad_serve.serving.scoring_service import Job, Piece, merge, split_job
+
+    job = Job(1, None, [([1], [2]), ([3], [4])], claims=True)
+    split_job(job, lambda pair, claims: [range(0, 1), range(1, 2)] if pair[0] == [1] else [range(0, 1), range(1, 3)])
+    assert [(p.answers, p.windows) for p in job.pieces] == [
+        ([0], [range(0, 1)]), ([0], [range(1, 2)]), ([1], [range(0, 1)]), ([1], [range(1, 3)])
+    ]
+    reports = [{"semgrad": 1.0, "claims": ["a"]}, {"semgrad": 9.0, "claims": ["b"]}, {"error": "boom"}, {"semgrad": 3.0, "claims": ["c"]}]
+    for piece, report in zip(list(job.pieces), reports):
+        merge(job, piece, [report])
+    assert job.reports == [{"semgrad": 1.0, "claims": ["a", "b"]}, {"error": "boom"}] and job.left == 0
+    one = Job(2, None, [([1], [2]), ([3], [4])])
+    split_job(one, lambda pair, claims: [None])
+    assert len(one.pieces) == 1 and one.pieces[0].answers == [0, 1] and not one.long
+    assert isinstance(one.pieces[0], Piece)
