@@ -17,11 +17,12 @@ is also kept in the recent-answers ring (``recent.py``) that the page reads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +32,7 @@ from vllm.entrypoints.openai.completion import api_router as vllm_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
+from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect, validate_json_request
 
 from ..errors import SemgradError
 from ..model.stop_token import eos_ids, received_tokens
@@ -233,6 +234,21 @@ async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> Async
         choices.client.drop(choices.key)  # the stream ended, finished or not: its capture can go
 
 
+async def unless_gone(raw_request: Request, scoring: Coroutine[Any, Any, None]) -> bool:
+    """Run ``scoring`` unless the client disconnects first, which cancels it (and so its job in the worker);
+    whether it ran to the end. vLLM's routes watch for a disconnect while they generate, not after."""
+    work, gone = asyncio.ensure_future(scoring), asyncio.ensure_future(listen_for_disconnect(raw_request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, gone):
+            task.cancel()
+    if not work.done() or work.cancelled():
+        return False
+    work.result()  # its exception, if any
+    return True
+
+
 def with_body(response: JSONResponse, body: dict[str, Any]) -> JSONResponse:
     """``response`` holding ``body`` instead."""
     response.body = response.render(body)
@@ -294,7 +310,8 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
             streaming = True
         elif isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
             body = json.loads(response.body)
-            await choices.score(choices.collect(body))
+            if not await unless_gone(raw_request, choices.score(choices.collect(body))):
+                return None  # the client has gone: nobody to answer
             return with_body(response, body)
         return response
     finally:
@@ -303,12 +320,10 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)], response_model=None)
-@with_cancellation  # a client that leaves while its answer is scored cancels the scoring
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response | None:
     return await _scored(vllm_chat.create_chat_completion, request, raw_request)
 
 
 @router.post("/v1/completions", dependencies=[Depends(validate_json_request)], response_model=None)
-@with_cancellation
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response | None:
     return await _scored(vllm_completion.create_completion, request, raw_request)
