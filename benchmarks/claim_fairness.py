@@ -136,6 +136,7 @@ def main() -> None:
 
     model_dir = resolve_model(None).resolve()
     env = {**os.environ, "PYTHONPATH": str(args.repo.resolve())}
+    os.chdir(args.repo)  # ``python -m`` puts the working directory first on the server's path
     port = free_port()
     command = serve_command(port, "--model", str(model_dir), "--dtype", "float32", "--", "--kv-cache-memory-bytes", str(1 << 30))
     log = Path(tempfile.mkdtemp(prefix="semgrad-fairness-")) / "server.log"
