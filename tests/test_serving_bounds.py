@@ -92,7 +92,7 @@ def test_claims_are_scored_in_passes_up_to_the_limit(client, bounded, default_sc
     assert len(log_lines(bounded, r"scoring job \d+ in 3 passes")) == before + 1
 
 
-def test_a_short_answer_is_scored_between_a_long_jobs_passes(bounded) -> None:
+def test_a_short_answer_is_scored_beside_a_long_claims_job(bounded) -> None:
     """A slow claims job (three passes of seconds each) and, once it is being scored, a short scored request: the
     short one is answered first (scored beside it, not behind it), and the long one still gets all its claims."""
     long_messages = ask(f"{TEST_SLOW_MARKER}: write five short sentences about cats.")
