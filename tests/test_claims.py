@@ -167,13 +167,34 @@ def test_claims_over_cached_and_shared_prefixes_and_head_chunks(monkeypatch) -> 
     assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels), band, rel=1e-9)
 
 
-def test_claims_that_do_not_cover_the_answer_are_refused() -> None:
+def test_claims_that_are_not_consecutive_runs_of_the_answer_are_refused() -> None:
     weights = from_hf_model(tiny_model("qwen3-untied"))
     prompt, answer, t_star = random_items(1, seed=3)[0]
     answer = answer + [5, 6, 7]
-    for bad in (cut(len(answer) - 1, [0, 2]), cut(len(answer), [1, 2]), (Claim("a", 0, 2), Claim("b", 2, 2), Claim("c", 2, len(answer)))):
+    n = len(answer)
+    for bad in (
+        (Claim("a", 0, 2), Claim("b", 3, n)),  # a gap
+        (Claim("a", 0, 2), Claim("b", 2, 2), Claim("c", 2, n)),  # an empty claim
+        (Claim("a", 1, n + 1),),  # past the answer
+    ):
         with pytest.raises(ValueError, match="claims must be consecutive"):
             score_batch(weights, [PreparedItem(tuple(prompt), tuple(answer), t_star, claims=bad)], deeper_half(5), select_kernels("torch"))
+
+
+def test_windows_of_claims_in_seed_groups_match_naive() -> None:
+    """Items carrying a window of their claims (not the first, not the last), scored with a seed budget so small
+    that every seed has a backward of its own: each claim still equals the naive computation."""
+    model = tiny_model("llama3-untied")
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    items = []
+    for it in claimed_items(seed=11, n=4):
+        answer = it.answer_ids
+        claims = cut(len(answer), [0, 2, 4, 6, len(answer) - 2])
+        items.append(PreparedItem(it.prompt_ids, answer, it.t_star, claims=claims[1:4]))
+    assert all(it.claims[-1].token_end < len(it.answer_ids) for it in items)
+    results = score_batch(weights, items, band, select_kernels("torch"), seed_budget=1)
+    assert_claims_match_naive(model, items, results, band, rel=1e-9)
 
 
 def test_float32_claims_match_naive() -> None:

@@ -209,9 +209,97 @@ def test_claims_are_asked_for_per_request() -> None:
         return await asyncio.gather(client.score(None, [([1], [1]), ([2], [1])], claims=True), client.score(None, [([3], [1])]))
 
     asyncio.run(go())
-    assert score.claims == {1: True, 2: True, 3: False}
+    assert {k: w is not None for k, w in score.claims.items()} == {1: True, 2: True, 3: False}
 
 
+def windowed(score: FakeScore):
+    """``score`` whose reports list, as their claims, the claim indices of each answer's window."""
+
+    def with_claims(pairs: list, given: list, windows: list) -> list[dict]:
+        reports = score(pairs, given, windows)
+        return [{**r, "claims": list(w)} if w is not None else r for r, w in zip(reports, windows)]
+
+    return with_claims
+
+
+def three_windows_from_50(pair, claims: bool) -> list:
+    """A plan: answers whose prompt starts at 50 or more have claims 0..5 in three passes of two."""
+    if not claims:
+        return [None]
+    return [range(0, 2), range(2, 4), range(4, 6)] if pair[0][0] >= 50 else [range(0, 1)]
+
+
+def recording_service(score, store: CaptureStore, lanes: int = 2):
+    """A service over ``score`` with the plan ``three_windows_from_50``, a client, and the first prompt id of each
+    piece of every batch scored, in order."""
+    service = ScoringService(score, store, 8, cores=set(), plan=three_windows_from_50, lanes=lanes)
+    batches: list = []
+    original = service._score_pieces
+    service._score_pieces = lambda pieces, given: batches.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
+    return service, ScoringClient(service.address, service.authkey, capture=True), batches
+
+
+def test_short_jobs_are_scored_while_a_long_claims_job_is() -> None:
+    """Two lanes: while a claims job's first pass is held, short jobs are scored and answered; then the long job's
+    passes come back as one report with all its claims, in order."""
+    fake, store = FakeScore(), SignalledStore()
+    _, client, batches = recording_service(windowed(fake), store)
+
+    async def go() -> list:
+        long = asyncio.create_task(client.score(None, [([60], [1])], claims=True))
+        await until(fake.holding)
+        shorts = await asyncio.gather(client.score(None, [([1], [1])]), client.score(None, [([2], [1])]))
+        assert not long.done()
+        fake.release.set()
+        return [await long, *shorts]
+
+    long, *shorts = asyncio.run(go())
+    assert long == [{"semgrad": 60.0, "claims": [0, 1, 2, 3, 4, 5]}]
+    assert [r[0]["semgrad"] for r in shorts] == [1, 2]
+    assert batches[0] == [60] and batches.count([60]) == 3
+
+
+def test_one_lane_alternates_short_batches_and_long_passes() -> None:
+    """One lane (as under tensor parallelism): a long job delays the short jobs queued with it by one pass at a
+    time."""
+    fake, store = FakeScore(), SignalledStore()
+    _, client, batches = recording_service(windowed(fake), store, lanes=1)
+
+    async def go() -> list:
+        first = asyncio.create_task(client.score(None, [([100], [1])]))
+        await until(fake.holding)
+        long = asyncio.create_task(client.score(None, [([60], [1])], claims=True))
+        await asyncio.sleep(0)
+        shorts = await send_all(client, store, [(None, [1]), (None, [2])])
+        late = await send_all(client, store, [(None, [3])])
+        fake.release.set()
+        return [await first, await long, *await asyncio.gather(*shorts, *late)]
+
+    first, long, *shorts = asyncio.run(go())
+    assert long == [{"semgrad": 60.0, "claims": [0, 1, 2, 3, 4, 5]}]
+    assert [r[0]["semgrad"] for r in shorts] == [1, 2, 3]
+    # the held batch, then the long job's first pass, the short ones (together), its second and third passes
+    assert batches == [[100], [60], [1, 2, 3], [60], [60]]
+
+
+def test_a_cancelled_job_is_not_scored() -> None:
+    """A request whose client has gone (its task cancelled) while its long job waits: none of its passes run."""
+    fake, store = FakeScore(), SignalledStore()
+    service, client, scored = recording_service(windowed(fake), store, lanes=1)
+
+    async def go() -> list:
+        first = asyncio.create_task(client.score(None, [([100], [1])]))
+        await until(fake.holding)
+        long = asyncio.create_task(client.score(None, [([70], [1])], claims=True))
+        await asyncio.sleep(0)
+        long.cancel()
+        (short,) = await send_all(client, store, [(None, [5])])  # the cancel went before these
+        assert service.queued() == 2  # the held batch's job and the short one: the cancelled job is gone
+        fake.release.set()
+        return [await first, await short]
+
+    assert asyncio.run(go())[1] == [{"semgrad": 5.0}]
+    assert scored == [[100], [5]]
 def test_a_failing_request_does_not_sink_its_batch() -> None:
     """Two failing requests (one by the test seam the server tests use) in a batch of five: the batch is
     retried one request at a time and the others are scored."""
@@ -431,3 +519,23 @@ def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
     assert capture_state(SimpleNamespace(kv_connector="SemgradCaptureConnector", kv_connector_module_path=CAPTURE_CONNECTOR_MODULE))
     with pytest.raises(SemgradError, match="drop --kv-transfer-config"):
         capture_state(SimpleNamespace(kv_connector="LMCacheConnectorV1", kv_connector_module_path=None))
+
+
+def test_passes_merge_into_one_report_per_answer() -> None:
+    """An answer's first pass gives its report and later passes add their claims; a failed pass makes its answer's
+    report that error, and the answer's later passes do not undo it."""
+    from semgrad_serve.serving.scoring_service import Job, Piece, merge, split_job
+
+    job = Job(1, None, [([1], [2]), ([3], [4])], claims=True)
+    split_job(job, lambda pair, claims: [range(0, 1), range(1, 2)] if pair[0] == [1] else [range(0, 1), range(1, 3)])
+    assert [(p.answers, p.windows) for p in job.pieces] == [
+        ([0], [range(0, 1)]), ([0], [range(1, 2)]), ([1], [range(0, 1)]), ([1], [range(1, 3)])
+    ]
+    reports = [{"semgrad": 1.0, "claims": ["a"]}, {"semgrad": 9.0, "claims": ["b"]}, {"error": "boom"}, {"semgrad": 3.0, "claims": ["c"]}]
+    for piece, report in zip(list(job.pieces), reports):
+        merge(job, piece, [report])
+    assert job.reports == [{"semgrad": 1.0, "claims": ["a", "b"]}, {"error": "boom"}] and job.left == 0
+    one = Job(2, None, [([1], [2]), ([3], [4])])
+    split_job(one, lambda pair, claims: [None])
+    assert len(one.pieces) == 1 and one.pieces[0].answers == [0, 1] and not one.long
+    assert isinstance(one.pieces[0], Piece)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -45,6 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run N vLLM engines, each scoring the answers it generates (default: 1; see docs/scale-out.md)",
     )  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
+    parser.add_argument(
+        "--max-claims", type=int, default=ScoringSettings.max_claims, metavar="N",
+        help="most claims (sentences) scored per answer that asks for claims; the rest get an error (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--claims-per-pass", type=int, default=ScoringSettings.claims_per_pass, metavar="N",
+        help="most claims of an answer scored in one pass; a client that leaves stops its scoring after a pass (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--claim-memory", type=int, default=ScoringSettings.claim_memory_mib, metavar="MIB",
+        help="memory budget of one backward over claims, in MiB: claims beyond it wait for a backward of their own (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--recent", type=int, default=ScoringSettings.recent, metavar="N",
         help="recent answers kept in memory for the page at /semgrad (default: %(default)s; 0: none)",
@@ -99,6 +112,22 @@ def vllm_options(args: argparse.Namespace) -> list[str]:
             if name in names and not (names[0].endswith(("-parallel-size", "-count")) and value == "1"):
                 raise SemgradError(f"{name}: {why}")
     return extra
+
+
+def check_port(args: argparse.Namespace) -> None:
+    """Refuse, in one line, an address where another server listens (vLLM would end in a traceback); the
+    ``--host``/``--port`` after ``--`` win, as vLLM reads them last."""
+    host, port = args.host, str(args.port)
+    for name, value in _named_options(vllm_options(args)):
+        host, port = (value, port) if name == "--host" else (host, value) if name == "--port" else (host, port)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a listening port still fails
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            raise SemgradError(f"cannot listen on {host} port {port}: {exc.strerror}; stop the server there or choose another --port") from None
+        except ValueError:
+            raise SemgradError(f"--port must be a whole number, not {port!r}") from None
 
 
 def _parallel_size(args: argparse.Namespace, names: tuple[str, str], own: int) -> int:
@@ -208,8 +237,12 @@ def run(args: argparse.Namespace) -> int:
     from ..model.loading import resolve_model
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
-    settings = ScoringSettings(profile=profile, max_batch=args.max_batch, recent=args.recent)
+    settings = ScoringSettings(
+        profile=profile, max_batch=args.max_batch, recent=args.recent, max_claims=args.max_claims,
+        claims_per_pass=args.claims_per_pass, claim_memory_mib=args.claim_memory,
+    )
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
+    check_port(args)
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
     tensor_parallel = tensor_parallel_size(args)

@@ -9,7 +9,9 @@ are formed for a bounded number of answer rows at a time (``HEAD_CHUNK_ELEMENTS`
 Items with claims also get each claim's scores, the loss restricted to the claim's
 tokens (weights w_t/T_c): its head gradient ℓ1 from the same logits gradient, and its
 probe gradient from the same backward, batched over seeds (``is_grads_batched``):
-seed 0 is every item's whole answer, seed k every item's k-th claim.
+seed 0 is every item's whole answer, seed k every item's k-th claim. An item may carry a window of its
+answer's claims (consecutive ones, not all): only those are scored. The seeds go through the backward in
+groups that fit a memory budget (``claim_budget.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..model.forward import to_device
 from ..model.weights import DecoderWeights
 from . import head
 from .band_pass import band_pass
+from .claim_budget import DEFAULT_SEED_BUDGET, seed_bytes, seeds_per_backward
 from .items import ClaimScores, PreparedItem, ScoreResult, hybrid
 from .shared_prefix import SharedPrefix
 
@@ -51,8 +54,9 @@ class ClaimRows:
     def __init__(self, items: Sequence[PreparedItem], bounds: list[int]) -> None:
         for it in items:
             starts, ends = [c.token_start for c in it.claims], [c.token_end for c in it.claims]
-            if it.claims and ([*starts, len(it.answer_ids)] != [0, *ends] or any(e <= s for s, e in zip(starts, ends))):
-                raise ValueError("claims must be consecutive, non-empty token runs that cover the answer")
+            consecutive = starts[1:] == ends[:-1] and all(e > s for s, e in zip(starts, ends))
+            if it.claims and not (consecutive and starts[0] >= 0 and ends[-1] <= len(it.answer_ids)):
+                raise ValueError("claims must be consecutive, non-empty token runs within the answer")
         self.seeds = 1 + max(len(it.claims) for it in items)  # backward seeds: the whole answers, then claim k
         # per item, the row offsets of its claims (their starts, then its end); [] without claims
         self.offsets = [[bounds[b] + c.token_start for c in it.claims] + [bounds[b + 1]] * bool(it.claims) for b, it in enumerate(items)]
@@ -100,12 +104,13 @@ def score_batch(
     prefix_kv: Sequence[torch.Tensor] | None = None,
     band_inputs: Sequence[torch.Tensor] | None = None,
     logits: Sequence[torch.Tensor | None] | None = None,
+    seed_budget: int = DEFAULT_SEED_BUDGET,
 ) -> list[ScoreResult]:
     """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``,
     ``band_inputs``: see ``band_pass``). ``logits``: per item, the logits [≥ answer length, V] predicting its
     answer tokens where already computed (vLLM's), or None. ``exgrad=False`` skips the ExGrad baseline, a
     second pass over the V×d head gradient. Items with ``claims`` also get their claims' scores (one more pass
-    over their head gradient)."""
+    over their head gradient), their backward seeds in groups of at most ``seed_budget`` bytes."""
     fwd = band_pass(w, items, band, shared, prefix_kv, band_inputs)
     if logits is not None and len(logits) != len(items):
         raise ValueError("logits need one entry per item")
@@ -150,7 +155,15 @@ def score_batch(
         seed, row = to_device(torch.tensor(claims.seed_rows).T, w.device)
         batched[seed, row] = torch.cat(claim_grad)[row]
         if w.tp is None:
-            (probe_grads,) = torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=batched, is_grads_batched=True)
+            rows_keys = [(it.length - it.t_star, it.length) for it in items]
+            group = seeds_per_backward(seed_bytes(rows_keys, w.n_heads, w.hidden_size, w.dtype.itemsize), seed_budget)
+            probe_grads = torch.cat([
+                torch.autograd.grad(
+                    fwd.answer_hidden, fwd.probes, grad_outputs=batched[lo : lo + group], is_grads_batched=True,
+                    retain_graph=lo + group < claims.seeds,
+                )[0]
+                for lo in range(0, claims.seeds, group)
+            ])  # fmt: skip
         else:  # vmap cannot batch the collectives in the backward: one backward per seed
             probe_grads = torch.stack(
                 [torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=seed, retain_graph=True)[0] for seed in batched]

@@ -24,6 +24,7 @@ from ..model.tokens import token_texts
 from ..model.weights import DecoderWeights, from_hf_model
 from . import tied_head
 from .batch import score_batch
+from .claim_budget import DEFAULT_SEED_BUDGET
 from .claims import Claim, split_claims
 from .items import DEFAULT_BATCH_TOKENS, NOTHING_TO_SCORE, T_STAR_RULES, ClaimScores, PreparedItem, ScoreResult
 from .profiles import ModelProfile, resolve_profile
@@ -45,10 +46,12 @@ class Scorer:
         exgrad: bool = True,
         eos_ids: Iterable[int] | None = None,
         paragrad_tied: bool = False,
+        seed_budget: int = DEFAULT_SEED_BUDGET,
     ) -> None:
         """``exgrad=False`` leaves ExGrad (a baseline, one more pass over the head gradient) out of the results;
         ``eos_ids``: the model's EOS ids (default: the tokenizer's); ``paragrad_tied`` adds ``paragrad_tied`` (a backward
-        through every layer and position) and is refused for untied models."""
+        through every layer and position) and is refused for untied models; ``seed_budget``: bytes one backward's
+        claim seeds may take (``claim_budget.py``)."""
         self.weights = weights
         self.tokenizer = tokenizer
         self.profile = profile
@@ -68,6 +71,7 @@ class Scorer:
         self.model: Any = None  # the Hugging Face module the weights came from, when there is one
         self.prefix_cache = PrefixCache()
         self.exgrad = exgrad
+        self.seed_budget = seed_budget
 
     @classmethod
     def from_pretrained(
@@ -155,10 +159,10 @@ class Scorer:
         except ItemError:
             return None
 
-    def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool = False) -> PreparedItem:
+    def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool | range = False) -> PreparedItem:
         """Validate one item and locate t*; the answer is scored as given, its stop token included (the stop token
         alone is an answer of one token, as in the SPEC; the server does not score answers that show nothing);
-        ``claims``: the item carries the answer's claims."""
+        ``claims``: the item carries the answer's claims (a range: those of them)."""
         answer = list(answer_ids)
         if not answer:
             raise ItemError(NOTHING_TO_SCORE)
@@ -173,8 +177,14 @@ class Scorer:
         t_star, rule = self.locate_t_star(prompt_ids)
         token = self.tokenizer.convert_ids_to_tokens(int(prompt_ids[t_star]))
         return PreparedItem(
-            tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token, rule, self.claims(answer) if claims else ()
+            tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token, rule, self._claims(answer, claims)
         )
+
+    def _claims(self, answer: list[int], wanted: bool | range) -> tuple[Claim, ...]:
+        """The claims an item carries: none, all of its answer's, or (a range) those of them."""
+        if isinstance(wanted, range):
+            return self.claims(answer)[wanted.start : wanted.stop]
+        return self.claims(answer) if wanted else ()
 
     def score_prepared(
         self,
@@ -187,7 +197,9 @@ class Scorer:
         ``prefix_kv``, ``band_inputs``, ``logits``: see ``score_batch``."""
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
-            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits)
+            results = score_batch(
+                self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits, self.seed_budget
+            )
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
@@ -212,10 +224,11 @@ class Scorer:
         prefix_kv: Sequence[torch.Tensor | None] | None = None,
         band_inputs: Sequence[torch.Tensor | None] | None = None,
         logits: Sequence[torch.Tensor | None] | None = None,
-        claims: bool | Sequence[bool] = False,
+        claims: bool | Sequence[bool | range] = False,
     ) -> list[ScoreResult | ItemError]:
         """Score (prompt ids, answer ids) pairs; results keep input order. ``claims`` (for every pair, or per pair):
-        the result also scores each claim of the answer (``Scorer.claims``), in the same backward.
+        the result also scores each claim of the answer (``Scorer.claims``; per pair, a range scores those of its
+        claims only), in the same pass (its seeds in groups within ``seed_budget``).
 
         Items of similar length share a batch of at most ``batch_size`` items and, padding included,
         ``max_batch_tokens`` tokens (a longer item goes alone): larger batches of long prompts only

@@ -53,8 +53,9 @@ class PrefixCache:
         long_after = w.long_rope_after
         if long_after is not None and any(it.length + 1 > long_after for it in items):
             return None  # LongRoPE's long frequencies: the prefix's keys/values are not those of short sequences
-        if self.entry is not None and all(self.entry.fits(it) for it in items):
-            return self.entry
+        entry = self.entry  # read once: another scoring thread may replace it meanwhile
+        if entry is not None and all(entry.fits(it) for it in items):
+            return entry
         if len(items) < 2:
             return None
         # the prefix must end at or before every item's t*

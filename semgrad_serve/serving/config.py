@@ -48,26 +48,44 @@ def server_url(host: str | None, port: int) -> str:
 PROFILE_ENV = "SEMGRAD_SERVE_PROFILE"
 MAX_BATCH_ENV = "SEMGRAD_SERVE_MAX_BATCH"
 RECENT_ENV = "SEMGRAD_SERVE_RECENT"  # recent answers kept in memory for the page (0: none)
+MAX_CLAIMS_ENV = "SEMGRAD_SERVE_MAX_CLAIMS"  # most claims (sentences) scored per answer
+CLAIMS_PER_PASS_ENV = "SEMGRAD_SERVE_CLAIMS_PER_PASS"  # most claims per scoring pass of a long job
+CLAIM_MEMORY_ENV = "SEMGRAD_SERVE_CLAIM_MEMORY_MIB"  # memory budget of one backward's claim seeds, MiB
 # Test seam, read once by the worker extension (``worker.with_test_faults``): when "1", scoring fails for a
 # batch holding a prompt that contains TEST_FAULT_MARKER. Never set in production.
 TEST_FAULTS_ENV = "SEMGRAD_SERVE_TEST_FAULTS"
 TEST_FAULT_MARKER = "semgrad-test-fault"
+# ... and each scoring pass of a batch holding a prompt that contains TEST_SLOW_MARKER takes TEST_SLOW_S longer.
+TEST_SLOW_MARKER = "semgrad-test-slow"
+TEST_SLOW_S = 2.0
 
 
 @dataclass(frozen=True)
 class ScoringSettings:
     """The scoring profile and batching: at most ``max_batch`` answers per backward (see ``scoring_service.py``);
-    ``recent``: how many recent answers the API server keeps for the page (``recent.py``)."""
+    ``recent``: how many recent answers the API server keeps for the page (``recent.py``); ``max_claims``: the
+    most claims scored per answer (the others get an error); ``claims_per_pass``: the most claims one scoring pass
+    takes (a pass is what a gone client's job can stop after); ``claim_memory_mib``: the memory budget of one
+    backward's claim seeds (``claim_budget.py``)."""
 
     profile: str | None = None
     max_batch: int = 16
     recent: int = RECENT_DEFAULT
+    max_claims: int = 64
+    claims_per_pass: int = 16
+    claim_memory_mib: int = 256
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise SemgradError("the scoring batch size must be at least 1")
         if self.recent < 0:
             raise SemgradError("the number of recent answers kept must be at least 0")
+        if self.max_claims < 0:
+            raise SemgradError("the most claims scored per answer must be at least 0")
+        if self.claims_per_pass < 1:
+            raise SemgradError("the claims per scoring pass must be at least 1")
+        if self.claim_memory_mib < 1:
+            raise SemgradError("the claims' memory budget must be at least 1 MiB")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "ScoringSettings":
@@ -81,11 +99,15 @@ class ScoringSettings:
             profile=env.get(PROFILE_ENV) or None,
             max_batch=number(MAX_BATCH_ENV, cls.max_batch),
             recent=number(RECENT_ENV, cls.recent),
+            max_claims=number(MAX_CLAIMS_ENV, cls.max_claims),
+            claims_per_pass=number(CLAIMS_PER_PASS_ENV, cls.claims_per_pass),
+            claim_memory_mib=number(CLAIM_MEMORY_ENV, cls.claim_memory_mib),
         )
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in the server."""
-        env = {MAX_BATCH_ENV: str(self.max_batch), RECENT_ENV: str(self.recent)}
+        env = {MAX_BATCH_ENV: str(self.max_batch), RECENT_ENV: str(self.recent), MAX_CLAIMS_ENV: str(self.max_claims),
+               CLAIMS_PER_PASS_ENV: str(self.claims_per_pass), CLAIM_MEMORY_ENV: str(self.claim_memory_mib)}  # fmt: skip
         if self.profile:
             env[PROFILE_ENV] = self.profile
         return env

@@ -1,7 +1,8 @@
 """The vLLM endpoint plugin (entry point group ``vllm.endpoint_plugins``, name ``semgrad``).
 
 vLLM loads it in the API server when ``VLLM_PLUGINS`` names it. It replaces the
-completion and responses routes with the scored ones, adds the page at ``/semgrad``
+completion, responses and ``/invocations`` routes with the scored ones, marks vLLM's other generating routes
+as not scored (``unscored_routes.py``), adds the page at ``/semgrad``
 (``page_routes.py``) and, at start-up, builds the scorer and
 its scoring service in the worker (failing start-up with a clear message when
 the model or the parallel layout cannot be scored) and connects to it.
@@ -28,10 +29,12 @@ from .config import (
     server_url,
 )
 from .data_parallel import EngineRouter, connect, engines_info, setup_engines
+from .invocations_route import api_tokens, router as invocations_router
 from .page_routes import page_router
 from .recent import RecentAnswers
 from .responses_route import router as responses_router
 from .routes import router
+from .unscored_routes import note_unscored_routes
 
 
 class SemgradPlugin:
@@ -43,16 +46,22 @@ class SemgradPlugin:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
         app.include_router(responses_router)
+        app.include_router(invocations_router)
         app.include_router(page_router)
+        note_unscored_routes(app)
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
+        from vllm import envs
+
+        state.semgrad_api_tokens = api_tokens(getattr(args, "api_key", None), envs.VLLM_API_KEY)  # for /invocations
         if engine_client is None:  # vLLM's render-only server has no engine to score with
             return
         settings = ScoringSettings.from_env()
         if (getattr(args, "api_server_count", None) or 1) > 1:
             raise SemgradError(API_SERVERS_REFUSED)
         api_cores = sorted(os.sched_getaffinity(0))
-        setup_args = (settings.profile, settings.max_batch, api_cores)
+        claims = (settings.max_claims, settings.claims_per_pass, settings.claim_memory_mib << 20)
+        setup_args = (settings.profile, settings.max_batch, api_cores, *claims)
         try:
             infos = await setup_engines(engine_client, setup_args, getattr(args, "data_parallel_size", None) or 1)
         except Exception as exc:

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from .captures import Given
 
-# Batch of answers as broadcast: per job (job id, capture key, (prompt ids, answer ids) pairs, claims wanted),
+# Batch of answers as broadcast: per piece (job id, capture key, (prompt ids, answer ids) pairs, claim windows),
 # the capture keys dropped since the last batch, and per answer what the leader was given (``given_kind``).
-Plan = tuple[list[tuple[int, str | None, list[Any], bool]], list[str], list[int]]
+Plan = tuple[list[tuple[int, str | None, list[Any], list[range | None]]], list[str], list[int]]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..model.tokens import has_visible_text
 from ..scoring.items import NOTHING_TO_SCORE
 from .captures import KV_PARAM
 from .recent import chat_question
-from .routes import ScoringOptions, StopTokens, scoring_setup, with_body
+from .routes import ScoringOptions, StopTokens, scoring_setup, unless_gone, with_body
 from .scoring_client import ScoringClient
 
 router = APIRouter()
@@ -95,7 +95,7 @@ async def _scored_events(events: AsyncIterator[str], response: _Response) -> Asy
 
 
 @router.post("/v1/responses", dependencies=[Depends(validate_json_request)], response_model=None)
-async def create_responses(request: ResponsesRequest, raw_request: Request) -> Response:
+async def create_responses(request: ResponsesRequest, raw_request: Request) -> Response | None:
     setup = scoring_setup(request, raw_request, routable=False)  # vLLM's Responses route picks its own engine
     if not isinstance(setup, tuple):
         return setup if setup is not None else await vllm_responses.create_responses(request, raw_request)
@@ -120,7 +120,8 @@ async def create_responses(request: ResponsesRequest, raw_request: Request) -> R
             streaming = True
         elif isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
             body = json.loads(response.body)
-            await scored.score(body)
+            if not await unless_gone(raw_request, scored.score(body)):
+                return None  # the client has gone: nobody to answer
             return with_body(response, body)
         return response
     finally:

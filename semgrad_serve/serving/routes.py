@@ -17,11 +17,12 @@ is also kept in the recent-answers ring (``recent.py``) that the page reads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +32,7 @@ from vllm.entrypoints.openai.completion import api_router as vllm_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect, validate_json_request
 
 from ..errors import SemgradError
 from ..model.stop_token import eos_ids, received_tokens
@@ -146,11 +147,12 @@ class _Choices:
         self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool,
         options: ScoringOptions = ScoringOptions(), recent: RecentAnswers | None = None,
         question: Callable[[int], str] = lambda index: "", endpoint: str = "chat",
-        echo: Callable[[int, list[int]], str] | None = None,
+        echo: Callable[[int, list[int]], str] | None = None, generated: bool = True,
     ) -> None:  # fmt: skip
         """``echo``: for a completions request with ``echo``, the prompt text to echo in a choice (from its index and
-        prompt ids): vLLM leaves it out when it returns ids."""
-        self.client, self.key, self.keep_ids, self.echo = client, key, keep_ids, echo
+        prompt ids): vLLM leaves it out when it returns ids. ``generated=False``: the request generates nothing for
+        the user (``max_tokens`` 0, with ``echo`` the prompt only), whatever token vLLM's ids hold."""
+        self.client, self.key, self.keep_ids, self.echo, self.generated = client, key, keep_ids, echo, generated
         self.stop, self.include_stop = stop, include_stop
         self.options, self.recent, self.question, self.endpoint = options, recent, question, endpoint
         self.shared_prompt: list[int] | None = None  # chat: one prompt for all choices
@@ -193,7 +195,8 @@ class _Choices:
         for choice in choices:
             index = choice["index"]
             prompt = self.prompts.get(index, self.shared_prompt)
-            answer, stop_token = self.stop.scored(self.answers.get(index, []), choice.get("stop_reason"), self.include_stop)
+            ids = self.answers.get(index, []) if self.generated else []
+            answer, stop_token = self.stop.scored(ids, choice.get("stop_reason"), self.include_stop)
             if not prompt:
                 choice["semgrad"] = {"error": NO_IDS}
             elif not has_visible_text(self.stop.tokenizer, answer):
@@ -230,6 +233,21 @@ async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> Async
             yield f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
     finally:
         choices.client.drop(choices.key)  # the stream ended, finished or not: its capture can go
+
+
+async def unless_gone(raw_request: Request, scoring: Coroutine[Any, Any, None]) -> bool:
+    """Run ``scoring`` unless the client disconnects first, which cancels it (and so its job in the worker);
+    whether it ran to the end. vLLM's routes watch for a disconnect while they generate, not after."""
+    work, gone = asyncio.ensure_future(scoring), asyncio.ensure_future(listen_for_disconnect(raw_request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, gone):
+            task.cancel()
+    if not work.done() or work.cancelled():
+        return False
+    work.result()  # its exception, if any
+    return True
 
 
 def with_body(response: JSONResponse, body: dict[str, Any]) -> JSONResponse:
@@ -277,7 +295,7 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
     if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
         request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
     stop = StopTokens.of(raw_request.app.state)
-    echo = None
+    echo, generated = None, True
     if isinstance(request, ChatCompletionRequest):  # chat's echo prepends the last message's text, ids or not
         asked = chat_question(request.messages)
         question, endpoint = (lambda index: asked), "chat"
@@ -286,8 +304,11 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
         question, endpoint = (lambda index: prompt_question(request.prompt, index, n)), "completions"
         if request.echo:
             echo = lambda index, ids: echoed_text(request.prompt, index, n, stop.tokenizer, ids)  # noqa: E731
+        generated = request.max_tokens != 0  # with echo, vLLM's ids still hold a token the user never receives
     recent = getattr(raw_request.app.state, "semgrad_recent", None)
-    choices = _Choices(client, key, stop, bool(request.include_stop_str_in_output), keep_ids, options, recent, question, endpoint, echo)
+    choices = _Choices(
+        client, key, stop, bool(request.include_stop_str_in_output), keep_ids, options, recent, question, endpoint, echo, generated
+    )
 
     streaming = False
     try:
@@ -297,7 +318,8 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
             streaming = True
         elif isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
             body = json.loads(response.body)
-            await choices.score(choices.collect(body))
+            if not await unless_gone(raw_request, choices.score(choices.collect(body))):
+                return None  # the client has gone: nobody to answer
             return with_body(response, body)
         return response
     finally:

@@ -51,7 +51,7 @@ class ScoringClient:
         self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], claims: bool = False
     ) -> list[dict[str, Any]]:
         """The ``"semgrad"`` object of each pair (the answers of one request, scored together; ``claims``: with their
-        claims' scores); never raises."""
+        claims' scores); never raises but when cancelled, which cancels the scoring in the worker too."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         job = next(self._jobs)
@@ -62,7 +62,13 @@ class ScoringClient:
         start = time.perf_counter()
         if not self._send(("score", job, key, [(list(p), list(a)) for p, a in pairs], claims)):
             self._fail(job)
-        results = await future
+        try:
+            results = await future
+        except asyncio.CancelledError:  # the client of the request has gone: its scoring is dropped
+            with self._lock:
+                self._waiting.pop(job, None)
+            self._send(("cancel", job))
+            raise
         metrics.record_answers(results, time.perf_counter() - start, self.engine)
         return results
 

@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 from ..errors import ItemError, SemgradError
+from ..scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
 from . import rank_sync
 from .captures import STORE, Given
-from .config import CAPTURE_CONNECTOR_MODULE, PIPELINE_REFUSED, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
+from .config import (
+    CAPTURE_CONNECTOR_MODULE,
+    PIPELINE_REFUSED,
+    TEST_FAULT_MARKER,
+    TEST_FAULTS_ENV,
+    TEST_SLOW_MARKER,
+    TEST_SLOW_S,
+    log,
+)
 from .runner_check import check_runner
-from .scoring_service import Pair, ScoreFn, ScoringService, generation_cores, scoring_cores
+from .scoring_service import Pair, PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
 from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
 
@@ -84,14 +94,45 @@ def records_band_inputs(vllm_config: Any) -> bool:
 
 def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
-    text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
+    text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone), and that takes
+    ``TEST_SLOW_S`` longer for one holding ``TEST_SLOW_MARKER`` (a long job, without the long answer)."""
 
-    def score_or_fail(pairs: list[Pair], given: list[Given], claims: list[bool]) -> list[dict[str, Any]]:
-        if any(TEST_FAULT_MARKER in tokenizer.decode(prompt) for prompt, _ in pairs):
+    def score_or_fail(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
+        prompts = [tokenizer.decode(prompt) for prompt, _ in pairs]
+        if any(TEST_FAULT_MARKER in text for text in prompts):
             raise RuntimeError("injected scoring fault (test hook)")
-        return score(pairs, given, claims)
+        if any(TEST_SLOW_MARKER in text for text in prompts):
+            time.sleep(TEST_SLOW_S)
+        return score(pairs, given, windows)
 
     return score_or_fail
+
+
+def over_limit_error(max_claims: int) -> str:
+    """The error of a claim past the server's limit."""
+    return f"not scored: over this server's limit of {max_claims} claims per answer (semgrad-serve serve --max-claims)"
+
+
+def over_limit(scorer: Scorer, answer: list[int], window: range, max_claims: int) -> list[dict[str, Any]]:
+    """The entries of ``"claims"`` for the answer's claims past ``max_claims``, given after its last scored window
+    (none after the others)."""
+    claims = scorer.claims(answer)
+    if window.stop != max_claims or len(claims) <= max_claims:
+        return []
+    error = over_limit_error(max_claims)
+    return [{"text": c.text, "token_start": c.token_start, "token_end": c.token_end, "error": error} for c in claims[max_claims:]]
+
+
+def claim_plan(scorer: Scorer, max_claims: int, claims_per_pass: int) -> PlanFn:
+    """An answer's scoring passes: one without claims; with claims, its first ``max_claims`` claims in windows of
+    at most ``claims_per_pass`` (each pass also scores the whole answer, as seed 0; the first pass's counts)."""
+
+    def plan(pair: Pair, claims: bool) -> list[Window]:
+        if not claims:
+            return [None]
+        return claim_windows(min(len(scorer.claims(pair[1])), max_claims), claims_per_pass)
+
+    return plan
 
 
 class SemgradWorkerExtension:
@@ -100,9 +141,14 @@ class SemgradWorkerExtension:
 
     semgrad_service: ScoringService | None = None
 
-    def semgrad_setup(self, profile_path: str | None, max_batch: int, api_cores: list[int]) -> dict[str, Any]:
+    def semgrad_setup(
+        self, profile_path: str | None, max_batch: int, api_cores: list[int], max_claims: int = 64, claims_per_pass: int = 16,
+        seed_budget: int = DEFAULT_SEED_BUDGET,
+    ) -> dict[str, Any]:  # fmt: skip
         """Build the scorer over vLLM's modules and start the scoring service; raise a ``SemgradError``
-        naming what is unsupported. Returns what the API server needs to reach the service."""
+        naming what is unsupported. Returns what the API server needs to reach the service. ``max_claims``: the
+        most claims scored per answer; ``claims_per_pass``: the most claims of an answer per scoring pass;
+        ``seed_budget``: bytes of one backward's claim seeds (``claim_budget.py``)."""
         from transformers import AutoTokenizer
 
         vllm_config = self.vllm_config  # type: ignore[attr-defined]
@@ -123,7 +169,7 @@ class SemgradWorkerExtension:
         )
         profile = resolve_profile(config, tokenizer.chat_template, model_config.model, profile_path)
         # responses carry no ExGrad: compute it only where it is the flag's score
-        scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
+        scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad", seed_budget=seed_budget)
         STORE.prefix_length = scorer.t_star_or_none
         band = scorer.band
         record = capture and records_band_inputs(vllm_config)
@@ -132,16 +178,20 @@ class SemgradWorkerExtension:
             logits_processor = model.logits_processor if groups is None else None
             RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
-        def score(pairs: list[Pair], given: list[Given], claims: list[bool]) -> list[dict[str, Any]]:
+        def score(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
             results = scorer.score(
                 pairs,
                 batch_size=max(len(pairs), 1),
                 prefix_kv=[g.prefix_kv for g in given],
                 band_inputs=[g.band_inputs for g in given],
                 logits=[g.logits for g in given],
-                claims=claims,
+                claims=[False if w is None else w for w in windows],
             )
-            return [answer_report(scorer, r, g, tokens=True) for r, g in zip(results, given)]
+            reports = [answer_report(scorer, r, g, tokens=True) for r, g in zip(results, given)]
+            for (_, answer), window, report in zip(pairs, windows, reports):
+                if window is not None and "error" not in report:
+                    report["claims"] = report.get("claims", []) + over_limit(scorer, answer, window, max_claims)
+            return reports
 
         if os.environ.get(TEST_FAULTS_ENV) == "1":
             log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
@@ -151,7 +201,7 @@ class SemgradWorkerExtension:
         if weights.device.type == "cpu" and cores <= generation:
             log.warning("SemGrad: generation's threads hold every core (%s), so scoring competes with them; give vLLM a "
                         "reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=1, as semgrad-serve serve sets)", sorted(generation))
-        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups)
+        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups, claim_plan(scorer, max_claims, claims_per_pass))
         return {
             "family": weights.family,
             "profile": profile.name,
@@ -166,6 +216,9 @@ class SemgradWorkerExtension:
             "capture": capture,
             "records": record,
             "tensor_parallel_size": parallel.tensor_parallel_size,
+            "max_claims": max_claims,
+            "claims_per_pass": claims_per_pass,
+            "claim_memory_mib": seed_budget >> 20,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
         }
