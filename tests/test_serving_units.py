@@ -150,7 +150,7 @@ def service_and_client(score, store: CaptureStore | None = None, max_batch: int 
         return score(pairs, given, claims)
 
     service = ScoringService(recorded, store if store is not None else CaptureStore(), max_batch, cores=set())
-    return service, ScoringClient(service.address, service.authkey, capture=True), batches
+    return service, ScoringClient(service.address, service.authkey, secret=b"test-secret"), batches
 
 
 async def until(event: threading.Event) -> None:

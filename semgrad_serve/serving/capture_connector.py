@@ -5,6 +5,9 @@ Enabled by ``semgrad-serve serve`` (``--kv-transfer-config`` with this module as
 ``kv_transfer_params`` carry a capture key (the endpoint sets one when it will
 score the answer) are touched:
 
+Only keys the API server minted are trusted (``capture_keys.py``): a request carrying any other value is
+treated as unscored, so a client (or another front end) cannot make the worker record or hold anything.
+
 - scheduler side: when such a request is given blocks (first scheduled, or resumed), the worker is told to
   record its band inputs and logits (``step_recorder.py``); when it finishes normally, ``request_finished``
   keeps its blocks (returns True) and passes its block table to the worker in
@@ -27,6 +30,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.request import RequestStatus
 
+from .capture_keys import secret_from_env, verify
 from .captures import KV_PARAM, STORE
 from .config import log
 from .kv_layout import copy_blocks, layout_for, unpack
@@ -45,9 +49,10 @@ CAPTURED_ENDINGS = (
 )
 
 
-def capture_key(kv_transfer_params: dict[str, Any] | None) -> str | None:
-    key = (kv_transfer_params or {}).get(KV_PARAM)
-    return key if isinstance(key, str) else None
+def capture_key(kv_transfer_params: Any, secret: bytes | None) -> str | None:
+    """The request's capture key where the API server minted it under ``secret``, else None."""
+    key = kv_transfer_params.get(KV_PARAM) if isinstance(kv_transfer_params, dict) else None
+    return key if verify(secret, key) else None
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         self._caches: list[torch.Tensor] = []  # worker side: per-layer caches, in layer order
         self._layout: str | None = None
         self._layout_known = False
+        self._secret = secret_from_env()  # scheduler side: the secret capture keys are minted under
+        if role == KVConnectorRole.SCHEDULER and self._secret is None:
+            log.warning("SemGrad: no capture secret in the environment; no prompt keys/values are captured")
 
     # -- scheduler side ----------------------------------------------------------------------------
 
@@ -86,11 +94,11 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         return 0, False  # loads nothing
 
     def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
-        if capture_key(request.kv_transfer_params) is not None:
+        if capture_key(request.kv_transfer_params, self._secret) is not None:
             self._watch.append(request.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        key = capture_key(request.kv_transfer_params)
+        key = capture_key(request.kv_transfer_params, self._secret)
         if key is None:
             return False, None
         if request.status not in CAPTURED_ENDINGS or request.prompt_token_ids is None:
@@ -140,7 +148,7 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         for order in connector_metadata.orders:
             layout = self._cache_layout() if self._caches else None
             read = None if layout is None else (lambda n, first, o=order: self._copy(o, n, first))
-            STORE.add(
+            kept = STORE.add(
                 order.key,
                 order.prompt_ids,
                 read,
@@ -148,6 +156,8 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
                 lambda n, o=order: self._band_inputs(o, n),
                 order.output_ids,
             )
+            if not kept:  # its request is done with scoring already: nothing of it is kept
+                RECORDER.forget(order.request_id)
             self._release.add(order.request_id)
 
     @staticmethod

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from ..errors import SemgradError
+from .capture_keys import SECRET_ENV, fingerprint, secret_from_env
 from .config import (
     CAPTURE_KV_TRANSFER_CONFIG,
     DATA_PARALLEL_REFUSED,
@@ -29,6 +30,7 @@ from .config import (
 )
 from .page_routes import page_router
 from .recent import RecentAnswers
+from .request_guard import RequestGuard
 from .responses_route import router as responses_router
 from .routes import router
 from .scoring_client import ScoringClient
@@ -41,6 +43,7 @@ class SemgradPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        app.add_middleware(RequestGuard)  # every route: no client-set capture key reaches the engine
         app.include_router(router)
         app.include_router(responses_router)
         app.include_router(page_router)
@@ -61,13 +64,18 @@ class SemgradPlugin:
                 ) from None
             raise SemgradError(f"SemGrad scoring cannot start: {exc}") from None
         info = infos[0]  # rank 0's, whose scoring service takes the answers (under tensor parallelism, for every rank)
-        state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), info["capture"])
+        connector, secret, check = info["capture"], secret_from_env(), info.pop("capture_secret_check", None)
+        if connector and (secret is None or check is None or fingerprint(secret) != check):
+            log.warning("SemGrad: %s is not set, or not the same here and in vLLM's engine: no prompt keys/values are "
+                        "captured and every prompt is recomputed for scoring (semgrad-serve serve sets it)", SECRET_ENV)
+            info["capture"] = info["records"] = False
+        state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), secret if info["capture"] else None)
         state.semgrad_info = info
         state.semgrad_recent = RecentAnswers(settings.recent)
         log.info("SemGrad scoring ready: %s", info)
         url = server_url(getattr(args, "host", None), getattr(args, "port", 8000))
         log.info("SemGrad page (answers, flags, token heat, recent answers): %s%s", url, PAGE_PATH)
-        if not info["capture"]:
+        if not connector:
             log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)
-        elif not info["records"]:
+        elif info["capture"] and not info["records"]:
             log.warning("SemGrad: the model is compiled or speculative decoding is on, so the band's inputs and the logits are not kept while generating (--enforce-eager keeps them); scoring reruns the layers below the band and the head's product")

@@ -17,9 +17,10 @@ most ``max_batch`` answers, one backward per batch).
 Under tensor parallelism (``groups``), every rank's worker runs a service: rank 0's
 takes the answers and forms the batches, the others follow them (``rank_sync.py``).
 
-Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``
-and ``("drop", key)``; worker → API server ``("result", job, reports,
-batch_size)`` where ``batch_size`` is set on the first job of each batch only.
+Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``,
+``("drop", key)`` and ``("stats", job)``; worker → API server ``("result", job, reports,
+batch_size)`` where ``batch_size`` is set on the first job of each batch only, and
+``("stats", job, StoreStats, 0)``.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class ScoringService:
                 with self._arrived:
                     self._jobs.append(Job(job, key, pairs, claims))
                     self._arrived.notify()
+            elif message[0] == "stats":
+                self._send(("stats", message[1], self._store.stats(), 0))
             elif message[0] == "drop":
                 self._store.drop(message[1])
                 if self._group is not None:

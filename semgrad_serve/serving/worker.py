@@ -18,6 +18,7 @@ from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
 from . import rank_sync
+from .capture_keys import fingerprint, secret_from_env
 from .captures import STORE, Given
 from .config import CAPTURE_CONNECTOR_MODULE, PIPELINE_REFUSED, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
 from .scoring_service import Pair, ScoreFn, ScoringService, generation_cores, scoring_cores
@@ -106,6 +107,7 @@ class SemgradWorkerExtension:
         if parallel.pipeline_parallel_size != 1:
             raise SemgradError(PIPELINE_REFUSED)
         capture = capture_state(vllm_config.kv_transfer_config)
+        secret = secret_from_env()  # the connector trusts only keys minted under it (``capture_keys.py``)
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
         groups = rank_sync.scoring_groups() if parallel.tensor_parallel_size > 1 else None
@@ -120,7 +122,7 @@ class SemgradWorkerExtension:
         scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad")
         STORE.prefix_length = scorer.t_star_or_none
         band = scorer.band
-        record = capture and records_band_inputs(vllm_config)
+        record = capture and secret is not None and records_band_inputs(vllm_config)
         if record:
             model = self.model_runner.model  # type: ignore[attr-defined]
             # under tensor parallelism the logits are gathered to rank 0 only, and each rank's head forms its own
@@ -163,4 +165,5 @@ class SemgradWorkerExtension:
             "tensor_parallel_size": parallel.tensor_parallel_size,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
+            "capture_secret_check": fingerprint(secret) if capture and secret is not None else None,
         }
