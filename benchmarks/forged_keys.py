@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from launch_server import free_port, running_server, serve_command  # tests/ is on the path above
 
 REQUESTS = 12
-PROMPT = " ".join(f"Line {i}: the river carries stones down to the sea." for i in range(300))  # 3000 words
+PROMPT = " ".join(("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000))  # 3000 words, 3000 tokens
 KV_PARAM = "semgrad_capture"
 
 
@@ -67,14 +67,17 @@ def measure(checkout: Path, label: str, logs: Path) -> str:
         model = model_dir.name
         chat(server.url, model, "What is the capital of France?", 8)  # warm-up, scored
         idle, rss_before = kv_usage(server.url, model), worker_rss_mib(server.pid)
-        statuses = []
+        statuses, errors = [], set()
         for i in range(REQUESTS):
             forged = {"semgrad": False, "kv_transfer_params": {KV_PARAM: f"foreign-{i}"}}
-            statuses.append(chat(server.url, model, f"{i} {PROMPT}", 1, **forged).status_code)
+            response = chat(server.url, model, f"{i} {PROMPT}", 1, **forged)
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                errors.add(response.json()["error"]["message"])
         time.sleep(2)
         busy, rss_after = kv_usage(server.url, model), worker_rss_mib(server.pid)
         scored = chat(server.url, model, "What is the capital of Italy?", 8).json()["choices"][0]["semgrad"]
-    codes = ", ".join(f"{c} x{statuses.count(c)}" for c in sorted(set(statuses)))
+    codes = ", ".join(f"{c} x{statuses.count(c)}" for c in sorted(set(statuses))) + "".join(f" ({e})" for e in sorted(errors))
     return (f"| {label} | {codes} | {rss_before:.0f} | {rss_after:.0f} | {rss_after - rss_before:+.0f} | "
             f"{idle:.4f} → {busy:.4f} | {scored.get('reused')} |")  # fmt: skip
 

@@ -19,7 +19,7 @@ from semgrad_serve.serving.captures import KV_PARAM
 pytestmark = pytest.mark.slow  # starts the vLLM server
 
 FIELD = f"kv_transfer_params.{KV_PARAM}"
-PROMPT_3000_WORDS = " ".join(f"Line {i}: the river carries stones down to the sea." for i in range(300))
+PROMPT_3000_WORDS = " ".join(("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000))  # 3000 tokens
 
 
 @pytest.fixture(scope="module")
