@@ -61,6 +61,7 @@ def measure(checkout: Path, label: str, logs: Path) -> str:
 
     model_dir = resolve_model(None).resolve()
     env = {**os.environ, "PYTHONPATH": str(checkout)}
+    os.chdir(checkout)  # ``python -m`` puts the working directory first on the server's path
     port = free_port()
     command = serve_command(port, "--model", str(model_dir), "--dtype", "float32", "--", "--kv-cache-memory-bytes", str(1 << 30))
     with running_server(command, port, logs / f"{label}.log", env) as server:
