@@ -7,8 +7,9 @@ kept each one's prompt keys/values in the worker until they expired (300 s); now
 the API server refuses them (400), and the connector would trust no key it did not
 mint. For each checkout, one ``semgrad-serve serve`` (default model, float32, CPU
 settings) at a time: the worker's resident memory and vLLM's KV-cache use
-before and after the load, the requests' status codes, and whether a scored
-request after it still reuses its prompt's keys/values.
+before and after the load, the requests' status codes, whether a scored
+request after it still reuses its prompt's keys/values, and what a string in
+``vllm_xargs.kv_transfer_params`` does to the engine.
 
     python benchmarks/forged_keys.py --before e65acf8   # report in benchmarks/results/forged_keys_cpu.md
 """
@@ -78,9 +79,25 @@ def measure(checkout: Path, label: str, logs: Path) -> str:
         time.sleep(2)
         busy, rss_after = kv_usage(server.url, model), worker_rss_mib(server.pid)
         scored = chat(server.url, model, "What is the capital of Italy?", 8).json()["choices"][0]["semgrad"]
+        xargs = engine_survives(server.url, model)
     codes = ", ".join(f"{c} x{statuses.count(c)}" for c in sorted(set(statuses))) + "".join(f" ({e})" for e in sorted(errors))
     return (f"| {label} | {codes} | {rss_before:.0f} | {rss_after:.0f} | {rss_after - rss_before:+.0f} | "
-            f"{idle:.4f} → {busy:.4f} | {scored.get('reused')} |")  # fmt: skip
+            f"{idle:.4f} → {busy:.4f} | {scored.get('reused')} | {xargs} |")  # fmt: skip
+
+
+def engine_survives(url: str, model: str) -> str:
+    """What one request with a string for ``vllm_xargs.kv_transfer_params`` gets, and the server's health after it
+    (last: it may end the engine)."""
+    try:
+        code = str(chat(url, model, "Hi!", 1, vllm_xargs={"kv_transfer_params": "x"}).status_code)
+    except httpx.HTTPError as exc:
+        code = type(exc).__name__
+    time.sleep(2)
+    try:
+        health = httpx.get(f"{url}/health", timeout=30).status_code
+    except httpx.HTTPError as exc:
+        health = type(exc).__name__
+    return f"{code}; /health then {health}"
 
 
 def export(commit: str, into: Path) -> Path:
@@ -109,10 +126,12 @@ def main() -> None:
         f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} unscored chat "
         "requests (`max_tokens` 1, 3000-word prompts), each with its own `kv_transfer_params.semgrad_capture`; the "
         "vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe request) and "
-        "what a scored request after them reused.",
+        "what a scored request after them reused; last, what one request with `vllm_xargs: {\"kv_transfer_params\": "
+        "\"x\"}` got, and the server's health after it.",
         "",
-        "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: reused |",
-        "|---|---|---|---|---|---|---|",
+        "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: reused "
+        "| string vllm_xargs.kv_transfer_params |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])  # fmt: skip
