@@ -44,9 +44,9 @@ def worker_rss_mib(pid: int) -> float:
     return worker.memory_info().rss / 2**20
 
 
-def chat(url: str, model: str, content: str, max_tokens: int, **extra) -> httpx.Response:
+def chat(url: str, model: str, content: str, max_tokens: int, timeout_s: float = 300, **extra) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0, **extra}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout_s)
 
 
 def kv_usage(url: str, model: str) -> float:
@@ -89,7 +89,7 @@ def engine_survives(url: str, model: str) -> str:
     """What one request with a string for ``vllm_xargs.kv_transfer_params`` gets, and the server's health after it
     (last: it may end the engine)."""
     try:
-        code = str(chat(url, model, "Hi!", 1, vllm_xargs={"kv_transfer_params": "x"}).status_code)
+        code = str(chat(url, model, "Hi!", 1, timeout_s=60, vllm_xargs={"kv_transfer_params": "x"}).status_code)
     except httpx.HTTPError as exc:
         code = type(exc).__name__
     time.sleep(2)
