@@ -185,3 +185,17 @@ def test_the_guard_refuses_with_vllms_400_and_hands_other_bodies_on_unchanged() 
     assert call([b'{"messages": [],', b' "n": 1}']) == (200, {"body": '{"messages": [], "n": 1}', "next": "http.disconnect"})
     assert call([forged], b"text/plain") == (200, {"body": forged.decode(), "next": "http.disconnect"})  # not read as JSON
     assert call([b"{broken"]) == (200, {"body": "{broken", "next": "http.disconnect"})  # the route says what is wrong
+
+
+def test_the_api_server_reads_the_workers_store_figures_over_the_scoring_socket() -> None:
+    from semgrad_serve.serving.scoring_client import ScoringClient
+    from semgrad_serve.serving.scoring_service import ScoringService
+
+    store = CaptureStore()
+    store.prefix_length = lambda ids: 2
+    store.add("k", (1, 2, 3), lambda n, first: torch.ones(1, 2, 1, n, 4))  # 64 bytes
+    store.drop("gone")
+    service = ScoringService(lambda pairs, given, claims: [], store, 8, cores=set())
+    client = ScoringClient(service.address, service.authkey, secret=SECRET)
+    assert capture_keys.verify(SECRET, client.new_key())
+    assert asyncio.run(client.store_stats(10.0)) == StoreStats(captures=1, bytes=64, budget_bytes=store.budget_bytes, done_keys=1)
