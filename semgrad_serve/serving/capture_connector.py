@@ -2,11 +2,9 @@
 
 Enabled by ``semgrad-serve serve`` (``--kv-transfer-config`` with this module as
 ``kv_connector_module_path``, role ``kv_both``). Only requests whose
-``kv_transfer_params`` carry a capture key (the endpoint sets one when it will
-score the answer) are touched:
-
-Only keys the API server minted are trusted (``capture_keys.py``): a request carrying any other value is
-treated as unscored, so a client (or another front end) cannot make the worker record or hold anything.
+``kv_transfer_params`` carry a capture key the API server minted (it sets one when it
+will score the answer; ``capture_keys.py``) are touched: any other value counts as
+no key, so neither a client nor another front end can make the worker record or hold anything.
 
 - scheduler side: when such a request is given blocks (first scheduled, or resumed), the worker is told to
   record its band inputs and logits (``step_recorder.py``); when it finishes normally, ``request_finished``
