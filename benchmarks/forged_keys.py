@@ -89,7 +89,8 @@ def engine_survives(url: str, model: str) -> str:
     """What one request with a string for ``vllm_xargs.kv_transfer_params`` gets, and the server's health after it
     (last: it may end the engine)."""
     try:
-        code = str(chat(url, model, "Hi!", 1, timeout_s=60, vllm_xargs={"kv_transfer_params": "x"}).status_code)
+        # unscored: a scored request's route would put the server's kv_transfer_params in the string's place
+        code = str(chat(url, model, "Hi!", 1, timeout_s=60, semgrad=False, vllm_xargs={"kv_transfer_params": "x"}).status_code)
     except httpx.HTTPError as exc:
         code = type(exc).__name__
     time.sleep(2)
@@ -126,7 +127,7 @@ def main() -> None:
         f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} unscored chat "
         "requests (`max_tokens` 1, 3000-word prompts), each with its own `kv_transfer_params.semgrad_capture`; the "
         "vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe request) and "
-        "what a scored request after them reused; last, what one request with `vllm_xargs: {\"kv_transfer_params\": "
+        "what a scored request after them reused; last, what one unscored request with `vllm_xargs: {\"kv_transfer_params\": "
         "\"x\"}` got, and the server's health after it.",
         "",
         "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: reused "
