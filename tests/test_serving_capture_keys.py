@@ -68,9 +68,10 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
     ):  # fmt: skip
         response = httpx.post(f"{base_url}{path}", json=body, timeout=REQUEST_TIMEOUT_S)
         assert response.status_code == 400 and response.json()["error"]["param"].endswith(FIELD), (path, response.text)
-    # vLLM would hand this string to the engine in kv_transfer_params's place, where its scheduler fails on it
+    # vLLM would hand this string to the engine in kv_transfer_params's place, where its scheduler calls .get on it
     with pytest.raises(openai.BadRequestError, match="vllm_xargs.kv_transfer_params must be an object"):
-        client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=1, extra_body={"vllm_xargs": {"kv_transfer_params": "x"}})
+        client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=1,
+                                       extra_body={"semgrad": False, "vllm_xargs": {"kv_transfer_params": "x"}})  # fmt: skip
     assert httpx.get(f"{base_url}/health", timeout=30).status_code == 200
 
     after = captures(base_url)

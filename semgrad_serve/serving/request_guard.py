@@ -11,7 +11,8 @@ A JSON body is refused with a 400 naming the field where:
   the capture connector would ignore such a key anyway;
 - ``kv_transfer_params`` or ``ec_transfer_params`` inside ``vllm_xargs`` or
   ``extra_args`` is not an object: vLLM passes ``vllm_xargs`` to the engine as
-  ``extra_args``, where a string in their place fails the engine's scheduler.
+  ``extra_args``, where such a value takes the real field's place and the engine's
+  scheduler calls ``.get`` on it.
 
 Other bodies go on unchanged (the body read here is handed on as received).
 """
