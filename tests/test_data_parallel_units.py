@@ -14,6 +14,7 @@ from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.serving import metrics
+from semgrad_serve.serving.capture_keys import SECRET_ENV, fingerprint
 from semgrad_serve.serving.captures import CaptureStore
 from semgrad_serve.serving.data_parallel import DP_RANK_HEADER, EngineRouter, connect
 from semgrad_serve.serving.scoring_service import ScoringService
@@ -32,10 +33,14 @@ def engine_service(engine: int, seen: list) -> ScoringService:
     return ScoringService(score, CaptureStore(), max_batch=8, cores=set())
 
 
+SECRET = b"capture-secret-of-these-tests"
+
+
 def setup_info(service: ScoringService) -> dict:
-    """What the worker extension's ``semgrad_setup`` returns, less what these tests do not read."""
+    """What the worker extension's ``semgrad_setup`` returns, less what these tests do not read; its capture
+    secret is the one ``started`` sets for the API server."""
     return {"capture": True, "records": True, "scoring_cores": [1], "profile": "p", "address": service.address,
-            "authkey": service.authkey}  # fmt: skip
+            "authkey": service.authkey, "capture_secret_check": fingerprint(SECRET)}  # fmt: skip
 
 
 class TwoEngines:
@@ -61,9 +66,11 @@ def raw_request(headers: dict[str, str] | None = None) -> Request:
 
 
 @pytest.fixture
-def started() -> tuple[SimpleNamespace, list]:
+def started(monkeypatch: pytest.MonkeyPatch) -> tuple[SimpleNamespace, list]:
     """The plugin started against two engines: its app state, and the (engine, prompts) of each batch scored."""
     from semgrad_serve.serving.plugin import SemgradPlugin
+
+    monkeypatch.setenv(SECRET_ENV, SECRET.decode())
 
     seen: list = []
     infos = [setup_info(engine_service(e, seen)) for e in range(ENGINES)]
@@ -130,7 +137,7 @@ def test_a_request_vllm_routes_itself_is_scored_without_a_capture(started) -> No
 
 def test_one_engine_needs_no_header() -> None:
     seen: list = []
-    router = EngineRouter(connect([setup_info(engine_service(0, seen))]))
+    router = EngineRouter(connect([setup_info(engine_service(0, seen))], SECRET))
     request = raw_request()
     assert router.route(request).engine == 0 and router.route(request, routable=False).capture is True
     assert OpenAIServingChat._get_data_parallel_rank(request) is None
@@ -140,7 +147,7 @@ def test_an_engine_on_another_machine_and_several_api_servers_are_refused(tmp_pa
     from semgrad_serve.serving.plugin import SemgradPlugin
 
     with pytest.raises(SemgradError, match="cannot reach the scoring service of engine 0 .*must run on the API server's machine"):
-        connect([{"capture": True, "address": str(tmp_path / "nothing"), "authkey": "00"}])
+        connect([{"capture": True, "address": str(tmp_path / "nothing"), "authkey": "00"}], SECRET)
 
     class NoRpc:
         async def collective_rpc(self, *args: object, **kwargs: object) -> list:

@@ -12,6 +12,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.request import RequestStatus
 
 from semgrad_serve.errors import SemgradError
+from semgrad_serve.serving.capture_keys import SECRET_ENV, mint
 from semgrad_serve.serving.captures import KV_PARAM, CaptureStore
 from semgrad_serve.serving.config import ScoringSettings
 from semgrad_serve.serving.kv_layout import TOKEN_MAJOR, KVQuant, copy_blocks, dequantize, quantized_cache, unpack
@@ -138,17 +139,22 @@ def test_only_full_precision_caches_are_readable() -> None:
     )
 
 
+SECRET = b"capture-secret-of-these-tests"
+
+
 def test_connector_never_reads_a_quantized_cache(monkeypatch) -> None:
     """With an FP8 cache the finished request is still released in the same step, but its capture holds no
     keys/values (scoring recomputes the prompt, as offline) and what was recorded for it is dropped."""
     from semgrad_serve.serving import capture_connector
     from semgrad_serve.serving.capture_connector import SemgradCaptureConnector
 
+    monkeypatch.setenv(SECRET_ENV, SECRET.decode())  # the API server's and the engine's capture secret
+    key = mint(SECRET)
     config = SimpleNamespace(kv_transfer_config=SimpleNamespace(is_kv_producer=True))
     scheduler = SemgradCaptureConnector(config, KVConnectorRole.SCHEDULER, None)
     prompt = list(range(10, 50))
     request = SimpleNamespace(
-        request_id="r1", status=RequestStatus.FINISHED_STOPPED, kv_transfer_params={KV_PARAM: "k1"},
+        request_id="r1", status=RequestStatus.FINISHED_STOPPED, kv_transfer_params={KV_PARAM: key},
         prompt_token_ids=prompt, num_computed_tokens=45, output_token_ids=[7, 8],
     )  # fmt: skip
     assert scheduler.request_finished(request, [1, 3]) == (True, None)
@@ -166,6 +172,6 @@ def test_connector_never_reads_a_quantized_cache(monkeypatch) -> None:
     worker._layout, worker._layout_known = TOKEN_MAJOR, True  # a known layout: the dtype alone keeps it unread
     worker.bind_connector_metadata(meta)
     assert worker.get_finished(set()) == ({"r1"}, None)
-    capture = store.get("k1")
+    capture = store.get(key)
     assert capture is not None and capture.kv is None and "quantized" in capture.reason
     assert forgotten == ["r1"]

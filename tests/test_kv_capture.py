@@ -10,6 +10,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.request import RequestStatus
 
+from semgrad_serve.serving import capture_keys
 from semgrad_serve.serving.captures import KV_PARAM, CaptureStore
 from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, TOKEN_MAJOR, layout_for, read_prefix
 
@@ -75,17 +76,29 @@ def test_capture_store_budget_age_and_missing_t_star() -> None:
     assert len(store) == 1
 
 
-def make_connector(role: KVConnectorRole):
+SECRET = b"test-capture-secret"
+MINTED: dict[str, str] = {}
+
+
+def minted(name: str) -> str:
+    """The capture key the API server minted (under ``SECRET``) for the request called ``name`` in a test."""
+    return MINTED.setdefault(name, capture_keys.mint(SECRET))
+
+
+def make_connector(role: KVConnectorRole, secret: bytes | None = SECRET):
     from semgrad_serve.serving.capture_connector import SemgradCaptureConnector
 
     config = SimpleNamespace(kv_transfer_config=SimpleNamespace(is_kv_producer=True))
-    return SemgradCaptureConnector(config, role, None)
+    connector = SemgradCaptureConnector(config, role, None)
+    connector._secret = secret  # as read from the environment vLLM's engine was started with
+    return connector
 
 
 def finished(
     request_id: str, status: RequestStatus, key: str | None, prompt: list[int], computed: int = 1000, output: tuple[int, ...] = ()
 ) -> SimpleNamespace:
-    params = {KV_PARAM: key, "other": 1} if key else None
+    """A request as the connector sees it; ``key``: the name of the minted key it carries."""
+    params = {KV_PARAM: minted(key), "other": 1} if key else None
     return SimpleNamespace(
         request_id=request_id, status=status, kv_transfer_params=params, prompt_token_ids=prompt, num_computed_tokens=computed, output_token_ids=list(output)
     )
@@ -121,9 +134,9 @@ def test_connector_holds_only_finished_scored_requests_for_one_step(monkeypatch)
     worker.bind_connector_metadata(meta)
     assert worker.get_finished(set()) == ({"r3", "r4", "r5"}, None)
     assert worker.get_finished(set()) == (None, None)  # released once
-    kv = store.get("k3").kv
-    assert kv.shape == (3, 2, heads, 37, d) and store.get("k4").kv is None
-    assert store.get("k5").kv is None and "computing 20 of the 37" in store.get("k5").reason
+    kv = store.get(minted("k3")).kv
+    assert kv.shape == (3, 2, heads, 37, d) and store.get(minted("k4")).kv is None
+    assert store.get(minted("k5")).kv is None and "computing 20 of the 37" in store.get(minted("k5")).reason
     layer0 = caches["model.layers.0.self_attn.attn"]
     position = 33  # the second position of the request's second block (block 1)
     assert torch.equal(kv[0, 0, :, position], layer0[1, :, 1, :d]) and torch.equal(kv[0, 1, :, position], layer0[1, :, 1, d:])
@@ -264,7 +277,7 @@ def test_connector_captures_band_layers_only_where_band_inputs_were_recorded(mon
         assert scheduler.request_finished(request, [0]) == (True, None)
     assert scheduler.request_finished(finished("r3", RequestStatus.FINISHED_ERROR, "k3", [5] * 4, computed=5), [2]) == (False, None)
     worker.bind_connector_metadata(scheduler.build_connector_meta(SimpleNamespace()))
-    a, b = store.get("k1"), store.get("k2")
+    a, b = store.get(minted("k1")), store.get(minted("k2"))
     assert a.first_layer == first and a.kv.shape == (n_layers - first, 2, heads, 3, d)
     assert torch.equal(a.kv[0, 0], caches[f"model.layers.{first}.self_attn.attn"][0, :, :3, :d])
     for rid in ("r1", "r4"):

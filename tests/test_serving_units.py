@@ -153,7 +153,7 @@ def service_and_client(score, store: CaptureStore | None = None, max_batch: int 
         return score(pairs, given, claims)
 
     service = ScoringService(recorded, store if store is not None else CaptureStore(), max_batch, cores=set())
-    return service, ScoringClient(service.address, service.authkey, capture=True), batches
+    return service, ScoringClient(service.address, service.authkey, secret=b"test-secret"), batches
 
 
 async def until(event: threading.Event) -> None:
@@ -236,7 +236,7 @@ def recording_service(score, store: CaptureStore, lanes: int = 2):
     batches: list = []
     original = service._score_pieces
     service._score_pieces = lambda pieces, given: batches.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
-    return service, ScoringClient(service.address, service.authkey, capture=True), batches
+    return service, ScoringClient(service.address, service.authkey, secret=b"test-secret"), batches
 
 
 def test_short_jobs_are_scored_while_a_long_claims_job_is() -> None:

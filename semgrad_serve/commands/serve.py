@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import SemgradError
+from ..serving.capture_keys import SECRET_ENV, new_secret
 from ..serving.config import (
     API_SERVERS_REFUSED,
     CAPTURE_KV_TRANSFER_CONFIG,
@@ -215,14 +216,16 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
 
 
 def server_env(settings: ScoringSettings, cpu_workers: int = 0) -> dict[str, str]:
-    """This process's environment plus the plugin allowlist, vLLM's V1 model runner (unless the user chose one)
-    and the scoring settings. With ``cpu_workers`` (vLLM's CPU workers: tensor-parallel × data-parallel size on
-    CPU, 0 on a GPU), the cores vLLM reserves beside its
+    """This process's environment plus the plugin allowlist, vLLM's V1 model runner (unless the user chose one),
+    the scoring settings and a fresh capture secret (``capture_keys.py``; one the user set is kept: front ends
+    started apart must share it). With ``cpu_workers`` (vLLM's CPU workers: tensor-parallel × data-parallel size
+    on CPU, 0 on a GPU), the cores vLLM reserves beside its
     workers and, with more than one worker, each worker's core binding, unless the user set them."""
     env = dict(os.environ)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*plugins, PLUGIN_NAME]))
     env.setdefault(V2_RUNNER_ENV, "0")  # the runner scoring was tested on; V2 is vLLM's GPU default (docs/gpu.md)
+    env[SECRET_ENV] = env.get(SECRET_ENV) or new_secret()
     if cpu_workers and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env:
         # vLLM reserves one more core per worker when a KV connector is configured (for NIXL's transfers); the
         # capture connector moves nothing, and on a 2-core machine that reserve leaves none, so vLLM's threads

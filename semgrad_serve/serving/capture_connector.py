@@ -2,8 +2,9 @@
 
 Enabled by ``semgrad-serve serve`` (``--kv-transfer-config`` with this module as
 ``kv_connector_module_path``, role ``kv_both``). Only requests whose
-``kv_transfer_params`` carry a capture key (the endpoint sets one when it will
-score the answer) are touched:
+``kv_transfer_params`` carry a capture key the API server minted (it sets one when it
+will score the answer; ``capture_keys.py``) are touched: any other value counts as
+no key, so neither a client nor another front end can make the worker record or hold anything.
 
 - scheduler side: when such a request is given blocks (first scheduled, or resumed), the worker is told to
   record its band inputs and logits (``step_recorder.py``); when it finishes normally, ``request_finished``
@@ -31,6 +32,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.request import RequestStatus
 
+from .capture_keys import secret_from_env, verify
 from .captures import KV_PARAM, STORE
 from .config import log
 from .kv_layout import copy_blocks, layout_for, quantized_cache, unpack
@@ -49,9 +51,10 @@ CAPTURED_ENDINGS = (
 )
 
 
-def capture_key(kv_transfer_params: dict[str, Any] | None) -> str | None:
-    key = (kv_transfer_params or {}).get(KV_PARAM)
-    return key if isinstance(key, str) else None
+def capture_key(kv_transfer_params: Any, secret: bytes | None) -> str | None:
+    """The request's capture key where the API server minted it under ``secret``, else None."""
+    key = kv_transfer_params.get(KV_PARAM) if isinstance(kv_transfer_params, dict) else None
+    return key if verify(secret, key) else None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         self._layout: str | None = None
         self._layout_known = False
         self._unreadable: str | None = None  # why the caches are not read (quantized), found at registration
+        self._secret = secret_from_env()  # scheduler side: the secret capture keys are minted under
+        if role == KVConnectorRole.SCHEDULER and self._secret is None:
+            log.warning("SemGrad: no capture secret in the environment; no prompt keys/values are captured")
 
     # -- scheduler side ----------------------------------------------------------------------------
 
@@ -91,11 +97,11 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         return 0, False  # loads nothing
 
     def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
-        if capture_key(request.kv_transfer_params) is not None:
+        if capture_key(request.kv_transfer_params, self._secret) is not None:
             self._watch.append(request.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        key = capture_key(request.kv_transfer_params)
+        key = capture_key(request.kv_transfer_params, self._secret)
         if key is None:
             return False, None
         if request.status not in CAPTURED_ENDINGS or request.prompt_token_ids is None:
@@ -151,7 +157,7 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
             read = None if layout is None else (lambda n, first, o=order: self._copy(o, n, first))
             if read is None:  # what was recorded for it cannot be used without the prompt's keys/values
                 RECORDER.forget(order.request_id)
-            STORE.add(
+            kept = STORE.add(
                 order.key,
                 order.prompt_ids,
                 read,
@@ -159,6 +165,8 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
                 lambda n, o=order: self._band_inputs(o, n),
                 order.output_ids,
             )
+            if not kept:  # its request is done with scoring already: nothing of it is kept
+                RECORDER.forget(order.request_id)
             self._release.add(order.request_id)
 
     @staticmethod

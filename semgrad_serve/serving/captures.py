@@ -5,7 +5,9 @@ step after a scored request finishes, from the blocks vLLM holds for it, and
 then lets vLLM free those blocks at once: what scoring reads later is this
 copy, never the paged cache. The scoring service takes a capture by the key
 the API server put in the request's ``kv_transfer_params`` and drops it when
-the API server says the request is done; captures nobody claims expire.
+the API server says the request is done; captures nobody claims expire. A key
+the API server is done with stays refused for as long, so the capture of a request
+that ended after its client left (its key dropped first) is never taken.
 Every key gets an entry, with keys/values or without (t* not in the prompt,
 over the memory budget, layout unknown), so that scoring never waits for a
 capture that will not come. Where the band's inputs were recorded for every
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -27,6 +30,7 @@ from .step_recorder import Recorded
 KV_PARAM = "semgrad_capture"  # the key's name in a request's kv_transfer_params
 DEFAULT_BUDGET_BYTES = 2 << 30  # most bytes of keys/values held at once; beyond it answers score by recompute
 TTL_S = 300.0  # a capture nobody claimed or dropped is discarded after this long
+MAX_DONE_KEYS = 1 << 16  # most dropped keys remembered (each refused for TTL_S), oldest forgotten first
 
 
 @dataclass
@@ -101,6 +105,16 @@ class Given:
 BandInputs = Callable[[int], "tuple[int, Recorded] | None"]
 
 
+@dataclass(frozen=True)
+class StoreStats:
+    """What a worker's capture store holds (sent to the API server for ``/v1/semgrad/info``)."""
+
+    captures: int  # entries, with keys/values or without
+    bytes: int  # of keys/values, band inputs and logits held
+    budget_bytes: int
+    done_keys: int  # dropped keys remembered, whose late captures are refused
+
+
 class CaptureStore:
     """Thread-safe map from capture key to ``Capture``, bounded in bytes and in age."""
 
@@ -108,6 +122,7 @@ class CaptureStore:
         self.budget_bytes, self.ttl_s = budget_bytes, ttl_s
         self._entries: dict[str, Capture] = {}
         self._bytes = 0
+        self._done: OrderedDict[str, float] = OrderedDict()  # dropped key -> when
         self._changed = threading.Condition()
         # prompt ids -> number of leading positions to keep (t*), or None when the prompt cannot be scored
         self.prefix_length: Callable[[tuple[int, ...]], int | None] | None = None
@@ -120,14 +135,17 @@ class CaptureStore:
         unpack: Callable[[Any, int], torch.Tensor] | None = None,
         band_inputs: BandInputs | None = None,
         output_ids: tuple[int, ...] = (),
-    ) -> None:
+    ) -> bool:
         """Record the capture of one choice of ``key``: ``read(n, first_layer)`` copies what holds the first n
         positions' keys/values from layer ``first_layer`` on (``read`` None: no readable cache) and
         ``unpack(copy, n)`` turns the copy into them later (None: it already is); ``band_inputs`` and
         ``output_ids``: the choice's recorded band inputs and its output. The keys/values are read for a key's
-        first choice only (n > 1: the same prompt). Called by the connector while vLLM still holds the blocks."""
+        first choice only (n > 1: the same prompt). Called by the connector while vLLM still holds the blocks.
+        False, reading nothing, where ``key`` was dropped already: nobody will claim it."""
         with self._changed:
             self._expire()
+            if key in self._done:
+                return False
             capture = self._entries.get(key)
             if capture is None:
                 capture = self._capture(prompt_ids, read, unpack, band_inputs, output_ids)
@@ -142,6 +160,7 @@ class CaptureStore:
                     self._bytes += capture.nbytes - before
             capture.outputs.append(output_ids)
             self._changed.notify_all()
+            return True
 
     def _capture(
         self,
@@ -185,15 +204,27 @@ class CaptureStore:
             return self._entries.get(key)
 
     def drop(self, key: str) -> None:
+        """The request of ``key`` is done: its capture goes, and one that arrives later is refused."""
         with self._changed:
             capture = self._entries.pop(key, None)
             if capture is not None:
                 self._bytes -= capture.nbytes
+            self._done[key] = time.monotonic()
+            self._done.move_to_end(key)
+            while len(self._done) > MAX_DONE_KEYS:
+                self._done.popitem(last=False)
 
     def _expire(self) -> None:
         now = time.monotonic()
         for key in [k for k, c in self._entries.items() if now - c.created > self.ttl_s]:
             self._bytes -= self._entries.pop(key).nbytes
+        while self._done and now - next(iter(self._done.values())) > self.ttl_s:
+            self._done.popitem(last=False)
+
+    def stats(self) -> StoreStats:
+        with self._changed:
+            self._expire()
+            return StoreStats(len(self._entries), self._bytes, self.budget_bytes, len(self._done))
 
     @property
     def held_bytes(self) -> int:

@@ -36,13 +36,14 @@ async def setup_engines(engine_client: Any, args: tuple, data_parallel_size: int
     return [workers[0] for workers in per_engine]
 
 
-def connect(infos: Sequence[dict[str, Any]]) -> list[ScoringClient]:
-    """A scoring client per engine, in vLLM's engine order (``infos`` lose their address and key)."""
+def connect(infos: Sequence[dict[str, Any]], secret: bytes | None) -> list[ScoringClient]:
+    """A scoring client per engine, in vLLM's engine order (``infos`` lose their address and key); ``secret``: the
+    capture secret, handed to the clients of engines whose captures can be used."""
     clients = []
     for engine, info in enumerate(infos):
         address, authkey = info.pop("address"), info.pop("authkey")
         try:
-            clients.append(ScoringClient(address, authkey, info["capture"], engine=engine))
+            clients.append(ScoringClient(address, authkey, secret if info["capture"] else None, engine=engine))
         except OSError as exc:
             raise SemgradError(
                 f"cannot reach the scoring service of engine {engine} ({exc}): each engine's first worker must run on "

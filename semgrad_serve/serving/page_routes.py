@@ -6,7 +6,9 @@
   chats through ``/v1/chat/completions`` (streamed), reads ``/metrics`` for the
   counters and the two routes below.
 - ``GET /v1/semgrad/info``: the scoring set-up (profile, t* rule, band, score,
-  threshold, the request options this server knows).
+  threshold, the request options this server knows) and what the worker's
+  capture store holds now (``captures``: entries, bytes, budget, dropped keys
+  remembered; null where the scoring service does not answer).
 - ``GET /v1/semgrad/recent?flagged=1&limit=N``: the recent scored answers, newest
   first (``recent.py``).
 
@@ -16,6 +18,7 @@ guards the completions: the recent answers are other people's questions.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -25,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from .config import PAGE_PATH
 from .recent import RecentAnswers
 from .routes import REQUEST_OPTIONS
+from .scoring_client import ScoringClient
 
 page_router = APIRouter()
 
@@ -36,6 +40,7 @@ CSP = (
 )
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 _FLAG = {"1": True, "true": True, "0": False, "false": False}
+STATS_TIMEOUT_S = 5.0  # longest wait for the worker's capture store figures
 
 
 def asset(name: str) -> bytes:
@@ -67,7 +72,12 @@ async def info(raw_request: Request) -> JSONResponse:
     if setup is None:
         return _unavailable()
     recent: RecentAnswers | None = getattr(state, "semgrad_recent", None)
-    return JSONResponse({**setup, "request_options": list(REQUEST_OPTIONS), "recent_capacity": recent.capacity if recent is not None else 0})
+    client: ScoringClient | None = getattr(state, "semgrad_client", None)
+    stats = await client.store_stats(STATS_TIMEOUT_S) if client is not None else None
+    return JSONResponse({
+        **setup, "request_options": list(REQUEST_OPTIONS), "recent_capacity": recent.capacity if recent is not None else 0,
+        "captures": asdict(stats) if stats is not None else None,
+    })  # fmt: skip
 
 
 @page_router.get("/v1/semgrad/recent")

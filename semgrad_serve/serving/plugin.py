@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.datastructures import State
 
 from ..errors import SemgradError
+from .capture_keys import SECRET_ENV, fingerprint, secret_from_env
 from .config import (
     API_SERVERS_REFUSED,
     CAPTURE_KV_TRANSFER_CONFIG,
@@ -32,6 +33,7 @@ from .data_parallel import EngineRouter, connect, engines_info, setup_engines
 from .invocations_route import api_tokens, router as invocations_router
 from .page_routes import page_router
 from .recent import RecentAnswers
+from .request_guard import RequestGuard
 from .responses_route import router as responses_router
 from .routes import router
 from .unscored_routes import note_unscored_routes
@@ -44,6 +46,7 @@ class SemgradPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        app.add_middleware(RequestGuard)  # every route: no client-set capture key reaches the engine
         app.include_router(router)
         app.include_router(responses_router)
         app.include_router(invocations_router)
@@ -71,13 +74,21 @@ class SemgradPlugin:
                 ) from None
             raise SemgradError(f"SemGrad scoring cannot start: {exc}") from None
         # per engine, rank 0's, whose scoring service takes the answers (under tensor parallelism, for every rank)
-        state.semgrad_engines = EngineRouter(connect(infos))
+        connector, secret = infos[0]["capture"], secret_from_env()
+        for info in infos:
+            check = info.pop("capture_secret_check", None)
+            if info["capture"] and (secret is None or check is None or fingerprint(secret) != check):
+                log.warning("SemGrad: %s is not set, or not the same here and in vLLM's engine: no prompt keys/values "
+                            "are captured and every prompt is recomputed for scoring (semgrad-serve serve sets it)",
+                            SECRET_ENV)  # fmt: skip
+                info["capture"] = info["records"] = False
+        state.semgrad_engines = EngineRouter(connect(infos, secret))
         state.semgrad_info = info = engines_info(infos)
         state.semgrad_recent = RecentAnswers(settings.recent)
         log.info("SemGrad scoring ready: %s", info)
         url = server_url(getattr(args, "host", None), getattr(args, "port", 8000))
         log.info("SemGrad page (answers, flags, token heat, recent answers): %s%s", url, PAGE_PATH)
-        if not info["capture"]:
+        if not connector:
             log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)
-        elif not info["records"]:
+        elif info["capture"] and not info["records"]:
             log.warning("SemGrad: the model is compiled or speculative decoding is on, so the band's inputs and the logits are not kept while generating (--enforce-eager keeps them); scoring reruns the layers below the band and the head's product")

@@ -13,11 +13,12 @@ import copy
 import itertools
 import threading
 import time
-import uuid
 from multiprocessing.connection import Client
 from typing import Any, Sequence
 
 from . import metrics
+from .capture_keys import mint
+from .captures import StoreStats
 from .config import log
 
 SERVICE_GONE = "scoring failed: the scoring service in the vLLM worker is not reachable"
@@ -26,9 +27,11 @@ SERVICE_GONE = "scoring failed: the scoring service in the vLLM worker is not re
 class ScoringClient:
     """Sends (prompt ids, answer ids) pairs to the scoring service and resolves their futures."""
 
-    def __init__(self, address: str, authkey: str, capture: bool, engine: int = 0) -> None:
-        self.capture = capture  # whether the worker captures prompt keys/values (else it recomputes them)
-        self.engine = engine  # the data-parallel engine whose worker runs the service (``data_parallel.py``)
+    def __init__(self, address: str, authkey: str, secret: bytes | None, engine: int = 0) -> None:
+        """``secret``: what capture keys are minted under; None where the worker captures nothing (scoring then
+        recomputes prompts). ``engine``: the data-parallel engine whose worker runs the service (``data_parallel.py``)."""
+        self._secret = secret
+        self.engine = engine
         self._conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(authkey))
         self._send_lock = threading.Lock()
         self._jobs = itertools.count()
@@ -37,15 +40,21 @@ class ScoringClient:
         self._closed = threading.Event()
         threading.Thread(target=self._read, name="semgrad-results", daemon=True).start()
 
+    @property
+    def capture(self) -> bool:
+        """Whether the worker captures this client's prompt keys/values (else scoring recomputes them)."""
+        return self._secret is not None
+
     def recomputing(self) -> "ScoringClient":
         """This client, over the same connection, for requests whose prompt is not captured (no key)."""
         view = copy.copy(self)
-        view.capture = False
+        view._secret = None
         return view
 
     def new_key(self) -> str | None:
-        """A fresh capture key for a request's ``kv_transfer_params``; None where nothing is captured."""
-        return uuid.uuid4().hex if self.capture else None
+        """A fresh capture key for a scored request's ``kv_transfer_params`` (``capture_keys.py``); None where
+        nothing is captured."""
+        return mint(self._secret) if self._secret is not None else None
 
     async def score(
         self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], claims: bool = False
@@ -71,6 +80,25 @@ class ScoringClient:
             raise
         metrics.record_answers(results, time.perf_counter() - start, self.engine)
         return results
+
+    async def store_stats(self, timeout_s: float) -> StoreStats | None:
+        """What the worker's capture store holds now; None where the service does not answer in ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        job = next(self._jobs)
+        with self._lock:
+            if self._closed.is_set():
+                return None
+            self._waiting[job] = (loop, future, 1)
+        if not self._send(("stats", job)):
+            self._fail(job)
+        try:
+            stats = await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            with self._lock:
+                self._waiting.pop(job, None)
+            return None
+        return stats if isinstance(stats, StoreStats) else None
 
     def drop(self, key: str | None) -> None:
         """The request of ``key`` is done: its captured keys/values can go."""
@@ -114,6 +142,6 @@ class ScoringClient:
             self._fail(job)
 
 
-def _resolve(future: asyncio.Future, value: list[dict[str, Any]]) -> None:
+def _resolve(future: asyncio.Future, value: Any) -> None:
     if not future.done():  # a cancelled request (client gone) leaves a cancelled future
         future.set_result(value)

@@ -30,8 +30,9 @@ Under tensor parallelism (``groups``), every rank's worker runs a service: rank 
 takes the answers and forms the batches, the others follow them (``rank_sync.py``).
 
 Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``,
-``("cancel", job)`` and ``("drop", key)``; worker → API server ``("result", job,
-reports, batch_size)`` where ``batch_size`` is set on the first job of each batch only.
+``("cancel", job)``, ``("drop", key)`` and ``("stats", job)``; worker → API server ``("result", job,
+reports, batch_size)`` where ``batch_size`` is set on the first job of each batch only, and
+``("stats", job, StoreStats, 0)``.
 """
 
 from __future__ import annotations
@@ -222,6 +223,8 @@ class ScoringService:
                     self._arrived.notify_all()  # each lane waits on it
             elif message[0] == "cancel":
                 self._cancel(message[1])
+            elif message[0] == "stats":
+                self._send(("stats", message[1], self._store.stats(), 0))
             elif message[0] == "drop":
                 self._store.drop(message[1])
                 if self._group is not None:

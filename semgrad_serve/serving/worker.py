@@ -20,6 +20,7 @@ from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
 from . import rank_sync
+from .capture_keys import fingerprint, secret_from_env
 from .captures import STORE, Given
 from .config import (
     CAPTURE_CONNECTOR_MODULE,
@@ -158,6 +159,7 @@ class SemgradWorkerExtension:
         if parallel.pipeline_parallel_size != 1:
             raise SemgradError(PIPELINE_REFUSED)
         capture = capture_state(vllm_config.kv_transfer_config)
+        secret = secret_from_env()  # the connector trusts only keys minted under it (``capture_keys.py``)
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
         groups = rank_sync.scoring_groups() if parallel.tensor_parallel_size > 1 else None
@@ -172,7 +174,7 @@ class SemgradWorkerExtension:
         scorer = Scorer(weights, tokenizer, profile, exgrad=profile.score == "exgrad", seed_budget=seed_budget)
         STORE.prefix_length = scorer.t_star_or_none
         band = scorer.band
-        record = capture and records_band_inputs(vllm_config)
+        record = capture and secret is not None and records_band_inputs(vllm_config)
         if record:
             # under tensor parallelism the logits are gathered to rank 0 only, and each rank's head forms its own
             logits_processor = model.logits_processor if groups is None else None
@@ -221,4 +223,5 @@ class SemgradWorkerExtension:
             "claim_memory_mib": seed_budget >> 20,
             "address": self.semgrad_service.address,
             "authkey": self.semgrad_service.authkey,
+            "capture_secret_check": fingerprint(secret) if capture and secret is not None else None,
         }
