@@ -68,6 +68,7 @@ class Scorer:
         self.model: Any = None  # the Hugging Face module the weights came from, when there is one
         self.prefix_cache = PrefixCache()
         self.exgrad = exgrad
+        self.t_star_features = False  # results carry ``TStarFeatures`` (the confidence probe's inputs) where True
 
     @classmethod
     def from_pretrained(
@@ -187,7 +188,9 @@ class Scorer:
         ``prefix_kv``, ``band_inputs``, ``logits``: see ``score_batch``."""
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
-            results = score_batch(self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits)
+            results = score_batch(
+                self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits, self.t_star_features
+            )
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
