@@ -127,11 +127,11 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
         if not scorer.without_stop_token(a.token_ids):
             run.excluded[i] = "empty answer"
     _log(f"{run.name}: gradient pass (SemGrad, ParaGrad, HybridGrad, ExGrad)")
-    scorer.t_star_features = True
+    asked, scorer.t_star_features = scorer.t_star_features, True
     try:
         results = _timed(run, "gradient pass", scorer.score, pairs, cfg.batch_size, cfg.progress)
     finally:
-        scorer.t_star_features = False
+        scorer.t_star_features = asked
     for key in GRADIENT_SCORES:
         run.scores[key] = list(nan)
     run.features, run.vectors = [{} for _ in range(n)], [{} for _ in range(n)]
@@ -321,7 +321,7 @@ def flag_threshold(cfg: EvalConfig, runs: list[DatasetRun], key: str) -> dict[st
 
 def fit_and_analyse(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup, methods) -> tuple[FittedConfidence | None, dict[str, Any] | None]:
     """The confidence model on every judged answer and its held-out analysis; (None, None) with too few answers."""
-    answers, raw = answer_table(runs, cfg.judge, setup.profile.score, methods)
+    answers, raw, kept = answer_table(runs, cfg.judge, methods)
     if not enough_to_fit(answers):
         _log(f"no confidence fitted: it needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers")
         return None, None
@@ -330,6 +330,12 @@ def fit_and_analyse(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup, metho
            "items": cfg.from_items or "this run", "date": datetime.date.today().isoformat()}
     _log(f"fitting the confidence on {len(answers)} answers (nested {FOLDS}-fold cross-validation)")
     fitted = fit_confidence(answers, setup.profile.score, target_kind, target_value, how)
+    start = 0
+    for r, keep in zip(runs, kept):
+        r.heldout_confidence = [math.nan] * r.n
+        for i, c in zip(keep, fitted.heldout[start : start + len(keep)]):
+            r.heldout_confidence[i] = float(c)
+        start += len(keep)
     return fitted, analyse(answers, raw, fitted)
 
 

@@ -68,7 +68,8 @@ class Scorer:
         self.model: Any = None  # the Hugging Face module the weights came from, when there is one
         self.prefix_cache = PrefixCache()
         self.exgrad = exgrad
-        self.t_star_features = False  # results carry ``TStarFeatures`` (the confidence probe's inputs) where True
+        # results carry ``TStarFeatures`` where True: the profile's confidence probe reads them
+        self.t_star_features = profile.confidence is not None and profile.confidence.needs_t_star
 
     @classmethod
     def from_pretrained(
@@ -95,7 +96,8 @@ class Scorer:
     def report(self, result: ScoreResult) -> dict[str, Any]:
         """A result as JSON-ready dict, with the profile's configured score, threshold, confidence and flag
         (``ModelProfile.assess``), and its claims' reports where it has claims."""
-        report = {**result.to_dict(), **self.profile.assess(result.scores(), result.answer_tokens - result.stop_token)}
+        report = {**result.to_dict(), **self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)}
+        del report["t_star_features"]  # the probe's inputs, not for the user
         if result.claims is None:
             del report["claims"]
         else:
