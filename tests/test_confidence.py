@@ -35,12 +35,14 @@ from semgrad_serve.evaluation.confidence_report import analyse
 from semgrad_serve.scoring.confidence import IsotonicCalibrator, ProbeCalibrator, features
 from semgrad_serve.scoring.profiles import ModelProfile, TStarRule
 
-NAMES = ("ln hybridgrad", "ln answer tokens", "mean entropy")
+NAMES = ("ln hybridgrad", "ln answer tokens", "mean entropy", "ln semgrad", "ln paragrad")
 
 
 def answers(score, length, entropy, correct, group=None, vectors=None) -> Answers:
+    """Answers whose SemGrad and ParaGrad are made from the score and entropy (every claim feature present)."""
     n = len(correct)
-    x = np.stack([np.log(np.asarray(score, float)), np.log(np.maximum(np.asarray(length), 1)), np.asarray(entropy, float)], axis=1)
+    ln_s, h = np.log(np.asarray(score, float)), np.asarray(entropy, float)
+    x = np.stack([ln_s, np.log(np.maximum(np.asarray(length), 1)), h, ln_s - 0.5, ln_s + 0.3 * h], axis=1)
     return Answers(x, NAMES, vectors or {}, np.asarray(length), np.asarray(correct, bool),
                    np.asarray(group if group is not None else ["d"] * n))
 
@@ -139,9 +141,12 @@ def test_fit_confidence_operating_point_and_held_out_flags() -> None:
     quality = flag_quality(flagged, ~a.correct)
     assert op.heldout["met"] and quality["precision"] >= 0.9 and quality["precision"] == pytest.approx(op.heldout["precision"])
     assert quality["flagged"] == op.heldout["flagged"] and quality["recall"] == pytest.approx(op.heldout["recall"])
-    # the largest such cut: flagging the next answer up would break the target
+    for g in ("x", "y"):  # the target holds in each dataset on its own
+        m = a.group == g
+        assert flag_quality(flagged[m], ~a.correct[m])["precision"] >= 0.9
+    # the largest such cut: flagging the next answer up would break the target in a dataset
     nxt = np.min(got.heldout[~flagged])
-    assert flag_quality(got.heldout <= nxt, ~a.correct)["precision"] < 0.9
+    assert min(flag_quality(got.heldout[a.group == g] <= nxt, ~a.correct[a.group == g])["precision"] for g in ("x", "y")) < 0.9
     assert got.model.fitted["calibrator"] == min(got.cv_log_loss, key=got.cv_log_loss.get) and got.model.fitted["note"] == "test"
     assert set(got.cv_log_loss) == {k for k, c in CANDIDATES.items() if c.components == 0 and (c.scalars is None or set(c.scalars) <= set(NAMES))}
     assert np.array_equal(got.heldout, fit_confidence(a, "hybridgrad", "precision", 0.9, {}).heldout)  # fixed seeds
@@ -173,7 +178,14 @@ def test_profile_round_trip_with_each_calibrator(tmp_path) -> None:
         assert back == profile
         assert json.loads(profile.to_json())["confidence"]["version"] == (2 if model is fitted else 1)
     assert isinstance(fitted.calibrator, ProbeCalibrator) and fitted.needs_t_star
-    assert fitted.confidence(1e-4, 3, 1.0) is None and fitted.flagged(None) is None  # a claim: no probe input
+    # a claim (no whole result): the claims' probe on its scores, length and mean entropy
+    claim = {"semgrad": 2e-5, "paragrad": 1e-4, "hybridgrad": 5e-5, "mean_entropy": 1.3}
+    x = [math.log(2e-5), math.log(1e-4), math.log(5e-5), math.log(3), 1.3]
+    c = fitted.claim_calibrator
+    assert c.features == ("ln semgrad", "ln paragrad", "ln hybridgrad", "ln answer tokens", "mean entropy")
+    z = c.intercept + sum(w * (v - m) / s for v, m, s, w in zip(x, c.mean, c.scale, c.weights))
+    assert fitted.confidence_of(claim, 3) == pytest.approx(1 / (1 + math.exp(-z)), rel=1e-12)
+    assert replace(fitted, claim_calibrator=None).confidence_of(claim, 3) is None and fitted.flagged(None) is None
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,10 @@ correct. ``fit_confidence`` picks the candidate with the lowest cross-validated 
 every answer; its held-out confidences come from nested cross-validation (in each outer fold the candidate is chosen
 on the other folds only), so the reported figures and the operating point never saw the answers they are measured
 on. ``transfer`` fits on one dataset (its candidate chosen there) and measures on another. The operating point is the
-largest ``min_confidence`` (flag = confidence below it) whose held-out flags meet the target (e.g. precision ≥ 0.95 of
-flagging wrong answers), via ``metrics.choose_threshold`` on 1 − confidence.
+largest ``min_confidence`` (flag = confidence below it) whose held-out flags meet a precision target (e.g. ≥ 0.95 of
+flagged answers wrong) in every dataset on its own (``operating_point``); a recall target is met on the pooled answers
+(``metrics.choose_threshold``). Claims, which have only their scores, length and mean entropy, get a companion probe on
+``CLAIM_FEATURES`` fitted on the whole answers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from ..errors import SemgradError
 from ..scoring.confidence import ConfidenceModel, OperatingPoint, ProbeCalibrator, Projection
+from ..scoring.probe_features import CLAIM_FEATURES
 from . import metrics
 
 FOLDS = 5
@@ -194,9 +197,32 @@ def fit_confidence(answers: Answers, score: str, target: str, value: float, fitt
         choice.append(best)
         heldout[test] = predict(probe, answers.take(test))
     chosen, probe, losses = choose_and_fit(answers, seed)
-    point = metrics.choose_threshold(1 - heldout, ~answers.correct.astype(bool), target, value)
-    op = OperatingPoint(1 - point.threshold, target, value,
-                        {"precision": point.precision, "recall": point.recall, "flagged": point.flagged, "n": point.n, "met": point.met})
+    op = operating_point(heldout, answers, target, value)
     info = {**fitted, "calibrator": chosen, "cv_log_loss": losses, "folds": FOLDS, "seed": seed,
             "weighting": "each dataset the same total weight"}
-    return FittedConfidence(ConfidenceModel(score, probe, op, info), heldout, choice, losses, transfer(answers, seed))
+    claims = fit_probe(Candidate(CLAIM_FEATURES, 0, 1.0), answers) if usable(Candidate(CLAIM_FEATURES, 0, 1.0), answers) else None
+    return FittedConfidence(ConfidenceModel(score, probe, op, info, claims), heldout, choice, losses, transfer(answers, seed))
+
+
+def operating_point(heldout: np.ndarray, answers: Answers, target: str, value: float) -> OperatingPoint:
+    """The flag's cut on held-out confidences (module docstring); its figures on the pooled answers."""
+    wrong = ~answers.correct.astype(bool)
+    if target == "precision":
+        levels = np.unique(heldout)
+        cuts = np.r_[(levels[:-1] + levels[1:]) / 2, levels[-1] + 1e-9]  # a cut between each pair of levels, one above
+        flagged = heldout[None, :] < cuts[:, None]  # [cuts, n]
+        ok = np.ones(len(cuts), bool)
+        for g in np.unique(answers.group):
+            m = answers.group == g
+            f = flagged[:, m]
+            hits, count = (f & wrong[m]).sum(1), f.sum(1)
+            ok &= (count == 0) | (hits >= value * count - 1e-9)
+        met = bool(ok.any() and flagged[np.flatnonzero(ok)[-1]].any())
+        cut = float(cuts[np.flatnonzero(ok)[-1]]) if met else float(levels[0])  # unmet: flag nothing below the lowest
+        f = heldout < cut
+        quality = {"precision": float((f & wrong).sum() / f.sum()) if f.any() else float("nan"),
+                   "recall": float((f & wrong).sum() / wrong.sum()), "flagged": int(f.sum()), "n": len(f), "met": met}
+        return OperatingPoint(cut, target, value, quality)
+    point = metrics.choose_threshold(1 - heldout, wrong, target, value)
+    return OperatingPoint(1 - point.threshold, target, value,
+                          {"precision": point.precision, "recall": point.recall, "flagged": point.flagged, "n": point.n, "met": point.met})

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 from ..errors import SemgradError
 from .items import ScoreResult
-from .probe_features import scalar_features, vector_features
+from .probe_features import claim_features, scalar_features, vector_features
 
 VERSION = 2
 VERSIONS = (1, 2)
@@ -221,27 +221,41 @@ class ConfidenceModel:
     calibrator: Calibrator
     operating_point: OperatingPoint
     fitted: dict[str, Any] = field(default_factory=dict)
+    claim_calibrator: ProbeCalibrator | None = None  # a probe's companion for claims (``CLAIM_FEATURES`` only)
 
     @property
     def needs_t_star(self) -> bool:
         """Whether answers must be scored with ``TStarFeatures`` for this model."""
         return isinstance(self.calibrator, ProbeCalibrator) and self.calibrator.needs_t_star
 
-    def confidence(self, score: float, length: int, mean_entropy: float, result: "ScoreResult | None" = None) -> float | None:
-        """P(correct) of an answer with this configured score, length (tokens, stop token not counted) and mean
-        entropy; a probe reads the whole ``result`` instead, and gives None without one (a claim)."""
+    def confidence(self, score: float, length: int, mean_entropy: float) -> float:
+        """P(correct) under a version-1 calibrator, from the configured score, length (tokens, stop token not
+        counted) and mean entropy; a probe needs more (``confidence_of``)."""
         if isinstance(self.calibrator, ProbeCalibrator):
-            if result is None:
-                return None
-            return self.calibrator.probability_of(scalar_features(result), vector_features(result))
+            raise SemgradError("a confidence probe reads the whole scored answer: use confidence_of")
         return self.calibrator.probability(score, length, mean_entropy)
+
+    def confidence_of(self, scores: dict[str, float], length: int, result: ScoreResult | None = None) -> float | None:
+        """P(correct) of an answer (or claim) with these scores and length (tokens, stop token not counted); a probe
+        reads the whole ``result`` of an answer, and a claim (no ``result``) goes to ``claim_calibrator`` (None
+        without one)."""
+        if not isinstance(self.calibrator, ProbeCalibrator):
+            return self.confidence(scores[self.score], length, scores["mean_entropy"])
+        if result is not None:
+            return self.calibrator.probability_of(scalar_features(result), vector_features(result))
+        if self.claim_calibrator is None:
+            return None
+        return self.claim_calibrator.probability_of(claim_features(scores, length), {})
 
     def flagged(self, confidence: float | None) -> bool | None:
         return None if confidence is None else confidence < self.operating_point.min_confidence
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": 2 if isinstance(self.calibrator, ProbeCalibrator) else 1, "score": self.score, "calibrator": self.calibrator.to_dict(),
-                "operating_point": self.operating_point.to_dict(), "fitted": self.fitted}
+        doc = {"version": 2 if isinstance(self.calibrator, ProbeCalibrator) else 1, "score": self.score, "calibrator": self.calibrator.to_dict(),
+               "operating_point": self.operating_point.to_dict(), "fitted": self.fitted}
+        if self.claim_calibrator is not None:
+            doc["claim_calibrator"] = self.claim_calibrator.to_dict()
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], source: str = "profile") -> "ConfidenceModel":
@@ -251,6 +265,10 @@ class ConfidenceModel:
         try:
             op = dict(doc["operating_point"])
             point = OperatingPoint(float(op.pop("min_confidence")), str(op.pop("target")), float(op.pop("target_value")), op)
-            return cls(str(doc["score"]), calibrator_from_dict(doc["calibrator"]), point, dict(doc.get("fitted") or {}))
+            claims = doc.get("claim_calibrator")
+            claim_calibrator = None if claims is None else calibrator_from_dict(claims)
+            if claim_calibrator is not None and not isinstance(claim_calibrator, ProbeCalibrator):
+                raise ValueError("claim_calibrator must be a probe")
+            return cls(str(doc["score"]), calibrator_from_dict(doc["calibrator"]), point, dict(doc.get("fitted") or {}), claim_calibrator)
         except (KeyError, TypeError, ValueError) as exc:
             raise SemgradError(f"{source}: not a valid confidence model ({exc.__class__.__name__}: {exc})") from None

@@ -15,6 +15,8 @@ from typing import Sequence
 from .items import ScoreResult
 
 VECTORS = ("t* gradient", "t* hidden")
+# what a claim has too (its own scores, length and mean entropy): the features of the claims' probe
+CLAIM_FEATURES = ("ln semgrad", "ln paragrad", "ln hybridgrad", "ln answer tokens", "mean entropy")
 _FLOOR = 1e-30
 
 
@@ -37,10 +39,16 @@ def _stats(name: str, values: Sequence[float]) -> dict[str, float]:
     return out
 
 
+def claim_features(scores: dict[str, float], length: int) -> dict[str, float]:
+    """``CLAIM_FEATURES`` from the scores (SemGrad, ParaGrad, HybridGrad, mean entropy) and length (tokens, the stop
+    token not counted) of an answer or a claim."""
+    return {"ln semgrad": _ln(scores["semgrad"]), "ln paragrad": _ln(scores["paragrad"]), "ln hybridgrad": _ln(scores["hybridgrad"]),
+            "ln answer tokens": math.log(max(1, length)), "mean entropy": scores["mean_entropy"]}
+
+
 def scalar_features(result: ScoreResult) -> dict[str, float]:
     """The scalar features of a result scored with ``TStarFeatures`` (per-layer SemGrad is left out without them)."""
-    out = {"ln semgrad": _ln(result.semgrad), "ln paragrad": _ln(result.paragrad), "ln hybridgrad": _ln(result.hybridgrad),
-           "ln answer tokens": math.log(max(1, result.answer_tokens - result.stop_token))}
+    out = claim_features(result.scores(), result.answer_tokens - result.stop_token)
     out.update(_stats("entropy", result.token_entropies))
     out.update(_stats("nll", [-v for v in result.token_logprobs]))
     if result.t_star_features is not None:

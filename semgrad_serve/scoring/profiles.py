@@ -72,12 +72,12 @@ class ModelProfile:
         """The configured ``score`` and ``threshold``, the ``confidence`` (P(correct); None without a confidence model),
         its ``min_confidence`` and ``flagged``: ``confidence < min_confidence`` with a confidence model, else
         ``score > threshold`` (None without a threshold). ``length``: answer tokens, the stop token not counted;
-        ``result``: the whole scored answer, which a probe reads (None for a claim: a probe gives it no confidence)."""
+        ``result``: the whole scored answer, which a probe reads (None for a claim: a probe's claim calibrator)."""
         value = scores[self.score]
         if self.confidence is None:
             flagged = None if self.threshold is None else bool(value > self.threshold)
             return {"score": value, "threshold": self.threshold, "confidence": None, "min_confidence": None, "flagged": flagged}
-        p = self.confidence.confidence(value, length, scores["mean_entropy"], result)
+        p = self.confidence.confidence_of(scores, length, result)
         return {"score": value, "threshold": self.threshold, "confidence": p,
                 "min_confidence": self.confidence.operating_point.min_confidence, "flagged": self.confidence.flagged(p)}
 
