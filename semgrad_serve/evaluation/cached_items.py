@@ -7,7 +7,7 @@ generated, the EOS token that ended it included), ``answer_tokens`` (the EOS tok
 scores, ``excluded`` (why), ``heldout_confidence`` (the fitted confidence's nested cross-validation estimate,
 null where none) and ``features`` (the confidence probe's scalars, ``scoring/probe_features.py``). The seconds each
 stage took are in the JSON report beside it (``PREFIX.json``); the probe's vectors at t* in ``PREFIX_vectors.npz``
-(per dataset and vector, [answers, d] float32, NaN rows where none).
+(per dataset and vector, [answers, d] float16, NaN rows where none).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def write_vectors(path: Path, runs: list[DatasetRun]) -> None:
         names = sorted({k for v in r.vectors for k in v})
         for name in names:
             d = next(len(v[name]) for v in r.vectors if name in v)
-            arrays[f"{r.name}/{name}"] = np.array([v.get(name, [math.nan] * d) for v in r.vectors], dtype=np.float32)
+            arrays[f"{r.name}/{name}"] = np.array([v.get(name, [math.nan] * d) for v in r.vectors], dtype=np.float16)
     np.savez_compressed(path, **arrays)
 
 

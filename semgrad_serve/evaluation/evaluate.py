@@ -143,7 +143,7 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
             run.scores[key][i] = getattr(r, key)
         run.features[i], run.vectors[i] = scalar_features(r), vector_features(r)
     kept = [i for i in range(n) if i not in run.excluded]
-    if scorer.model is not None:
+    if scorer.model is not None and cfg.rauq:
         _log(f"{run.name}: RAUQ (one forward with attention weights)")
         values = _timed(run, "RAUQ forward", rauq_scores, scorer.model, [pairs[i] for i in kept], cfg.progress)
         run.scores["rauq"] = list(nan)
