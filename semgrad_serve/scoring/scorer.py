@@ -36,6 +36,8 @@ class Scorer:
     An answer is scored as given: it counts its stop token when it ends on one of the model's EOS ids
     (the SPEC's convention: generation that ended on EOS includes it, one cut at the token limit has none)."""
 
+    t_star_features: bool = False  # results carry ``TStarFeatures`` where True (set from the profile's probe)
+
     def __init__(
         self,
         weights: DecoderWeights,
