@@ -125,11 +125,13 @@ def local_kv(kv: torch.Tensor, rank: int, n_kv: int) -> torch.Tensor:
 
 
 def assert_same(ours, reference, rel: float = 1e-9) -> None:
+    assert len(ours) == len(reference)
     for a, b in zip(ours, reference):
         for key, value in b.scores().items():
             assert a.scores()[key] == pytest.approx(value, rel=rel, abs=0), key
         assert a.token_entropies == pytest.approx(b.token_entropies, rel=rel, abs=1e-12)
         assert a.token_logprobs == pytest.approx(b.token_logprobs, rel=rel, abs=1e-12)
+        assert len(a.claims or ()) == len(b.claims or ())
         for ca, cb in zip(a.claims or (), b.claims or ()):
             for key in ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy"):
                 assert getattr(ca, key) == pytest.approx(getattr(cb, key), rel=rel, abs=0), key
