@@ -32,14 +32,28 @@ def probe_profile(scorer, path: Path):
     names = sorted(scalar_features(result))
     rng = np.random.default_rng(0)
     d = scorer.weights.hidden_size
-    projections = tuple(Projection(v, tuple(rng.normal(0, 0.1, d).tolist()), tuple(tuple(rng.normal(0, 1 / d, d).tolist()) for _ in range(2)))
-                        for v in VECTORS)
+    projections = tuple(
+        Projection(
+            v, tuple(rng.normal(0, 0.1, d).tolist()), tuple(tuple(rng.normal(0, 1 / d, d).tolist()) for _ in range(2))
+        )
+        for v in VECTORS
+    )
     names += [f"{v} pc{j}" for v in VECTORS for j in range(2)]
     k = len(names)
-    probe = ProbeCalibrator(tuple(names), tuple(rng.normal(0, 1, k).tolist()), tuple(rng.uniform(5, 10, k).tolist()),
-                            tuple(rng.normal(0, 0.3, k).tolist()), 0.2, projections)
-    claims = ProbeCalibrator(CLAIM_FEATURES, (-9.0, -9.0, -9.0, 2.0, 1.0), (1.0,) * 5, (0.2, -0.1, 0.1, -0.3, -0.4), 0.1)
-    model = ConfidenceModel(scorer.profile.score, probe, OperatingPoint(0.5, "precision", 0.95, {}), {"note": "test"}, claims)
+    probe = ProbeCalibrator(
+        tuple(names),
+        tuple(rng.normal(0, 1, k).tolist()),
+        tuple(rng.uniform(5, 10, k).tolist()),
+        tuple(rng.normal(0, 0.3, k).tolist()),
+        0.2,
+        projections,
+    )
+    claims = ProbeCalibrator(
+        CLAIM_FEATURES, (-9.0, -9.0, -9.0, 2.0, 1.0), (1.0,) * 5, (0.2, -0.1, 0.1, -0.3, -0.4), 0.1
+    )
+    model = ConfidenceModel(
+        scorer.profile.score, probe, OperatingPoint(0.5, "precision", 0.95, {}), {"note": "test"}, claims
+    )
     profile = replace(scorer.profile, name="probe-test", confidence=model)
     profile.save(path)
     return profile
@@ -52,17 +66,38 @@ def test_served_probe_confidence_equals_the_offline_one(tmp_path, default_scorer
 
     path = tmp_path / "probe.json"
     profile = probe_profile(default_scorer, path)
-    offline_scorer = Scorer(default_scorer.weights, default_scorer.tokenizer, profile, default_scorer.kernels, eos_ids=default_scorer.eos_ids)
+    offline_scorer = Scorer(
+        default_scorer.weights,
+        default_scorer.tokenizer,
+        profile,
+        default_scorer.kernels,
+        eos_ids=default_scorer.eos_ids,
+    )
     assert offline_scorer.t_star_features  # the probe reads them, so the scorer computes them
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     port = free_port()
-    args = ["--dtype", "float32", "--profile", str(path), "--max-batch", "4", "--", "--kv-cache-memory-bytes", str(1 << 30)]
+    args = [
+        "--dtype",
+        "float32",
+        "--profile",
+        str(path),
+        "--max-batch",
+        "4",
+        "--",
+        "--kv-cache-memory-bytes",
+        str(1 << 30),
+    ]
     with running_server(serve_command(port, *args), port, tmp_path / "server.log", env, timeout_s=600) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=180, max_retries=0)
-        reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, max_tokens=40, temperature=0,
-                                               extra_body={"return_token_ids": True, "semgrad": {"claims": True}})
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=QUESTION,
+            max_tokens=40,
+            temperature=0,
+            extra_body={"return_token_ids": True, "semgrad": {"claims": True}},
+        )
     (choice,) = reply.choices
     served = choice.model_extra["semgrad"]
     prompt = reply.model_extra["prompt_token_ids"]

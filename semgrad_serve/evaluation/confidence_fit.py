@@ -37,7 +37,15 @@ FOLDS = 5
 SEED = 0
 MIN_PER_CLASS = 2 * FOLDS  # correct and wrong answers needed to fit (every training fold then holds both)
 # the features every answer has, from its scores alone (answers recorded before the probe's features were kept)
-SCORE_FEATURES = ("ln semgrad", "ln paragrad", "ln hybridgrad", "ln answer tokens", "mean entropy", "mean nll", "max nll")
+SCORE_FEATURES = (
+    "ln semgrad",
+    "ln paragrad",
+    "ln hybridgrad",
+    "ln answer tokens",
+    "mean entropy",
+    "mean nll",
+    "max nll",
+)
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,14 @@ class Answers:
         return len(self.correct)
 
     def take(self, index: np.ndarray) -> "Answers":
-        return Answers(self.scalars[index], self.names, {k: v[index] for k, v in self.vectors.items()}, self.length[index],
-                       self.correct[index], self.group[index])
+        return Answers(
+            self.scalars[index],
+            self.names,
+            {k: v[index] for k, v in self.vectors.items()},
+            self.length[index],
+            self.correct[index],
+            self.group[index],
+        )
 
     def column(self, name: str) -> np.ndarray:
         return self.scalars[:, self.names.index(name)]
@@ -101,7 +115,9 @@ def fit_probe(candidate: Candidate, answers: Answers) -> ProbeCalibrator:
     for vector in sorted(answers.vectors) if candidate.components else ():
         v = answers.vectors[vector]
         pca = PCA(n_components=min(candidate.components, *v.shape), random_state=SEED).fit(v)
-        projections.append(Projection(vector, tuple(pca.mean_.tolist()), tuple(tuple(c) for c in pca.components_.tolist())))
+        projections.append(
+            Projection(vector, tuple(pca.mean_.tolist()), tuple(tuple(c) for c in pca.components_.tolist()))
+        )
         x.append((v - pca.mean_) @ pca.components_.T)
         names += [f"{vector} pc{j}" for j in range(pca.n_components_)]
     z = np.concatenate(x, axis=1)
@@ -109,8 +125,14 @@ def fit_probe(candidate: Candidate, answers: Answers) -> ProbeCalibrator:
     scale[scale == 0] = 1.0
     model = LogisticRegression(C=candidate.c, max_iter=5000)
     model.fit((z - mean) / scale, answers.correct.astype(int), sample_weight=group_weights(answers.group))
-    return ProbeCalibrator(tuple(names), tuple(mean.tolist()), tuple(scale.tolist()), tuple(model.coef_[0].tolist()),
-                           float(model.intercept_[0]), tuple(projections))
+    return ProbeCalibrator(
+        tuple(names),
+        tuple(mean.tolist()),
+        tuple(scale.tolist()),
+        tuple(model.coef_[0].tolist()),
+        float(model.intercept_[0]),
+        tuple(projections),
+    )
 
 
 def predict(probe: ProbeCalibrator, answers: Answers) -> np.ndarray:
@@ -181,15 +203,24 @@ def transfer(answers: Answers, seed: int = SEED) -> dict[str, dict[str, Any]]:
         for b in names:
             if b != a:
                 target = np.flatnonzero(answers.group == b)
-                out[f"{a}→{b}"] = {"source": a, "target": b, "candidate": chosen, "index": target,
-                                   "confidence": predict(probe, answers.take(target))}
+                out[f"{a}→{b}"] = {
+                    "source": a,
+                    "target": b,
+                    "candidate": chosen,
+                    "index": target,
+                    "confidence": predict(probe, answers.take(target)),
+                }
     return out
 
 
-def fit_confidence(answers: Answers, score: str, target: str, value: float, fitted: dict, seed: int = SEED) -> FittedConfidence:
+def fit_confidence(
+    answers: Answers, score: str, target: str, value: float, fitted: dict, seed: int = SEED
+) -> FittedConfidence:
     """Choose, fit and place the operating point of the confidence probe (module docstring)."""
     if not enough_to_fit(answers):
-        raise SemgradError(f"fitting a confidence needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers")
+        raise SemgradError(
+            f"fitting a confidence needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers"
+        )
     heldout = np.empty(len(answers))
     choice = []
     for train, test in folds(answers, seed):
@@ -198,10 +229,22 @@ def fit_confidence(answers: Answers, score: str, target: str, value: float, fitt
         heldout[test] = predict(probe, answers.take(test))
     chosen, probe, losses = choose_and_fit(answers, seed)
     op = operating_point(heldout, answers, target, value)
-    info = {**fitted, "calibrator": chosen, "cv_log_loss": losses, "folds": FOLDS, "seed": seed,
-            "weighting": "each dataset the same total weight"}
-    claims = fit_probe(Candidate(CLAIM_FEATURES, 0, 1.0), answers) if usable(Candidate(CLAIM_FEATURES, 0, 1.0), answers) else None
-    return FittedConfidence(ConfidenceModel(score, probe, op, info, claims), heldout, choice, losses, transfer(answers, seed))
+    info = {
+        **fitted,
+        "calibrator": chosen,
+        "cv_log_loss": losses,
+        "folds": FOLDS,
+        "seed": seed,
+        "weighting": "each dataset the same total weight",
+    }
+    claims = (
+        fit_probe(Candidate(CLAIM_FEATURES, 0, 1.0), answers)
+        if usable(Candidate(CLAIM_FEATURES, 0, 1.0), answers)
+        else None
+    )
+    return FittedConfidence(
+        ConfidenceModel(score, probe, op, info, claims), heldout, choice, losses, transfer(answers, seed)
+    )
 
 
 def operating_point(heldout: np.ndarray, answers: Answers, target: str, value: float) -> OperatingPoint:
@@ -220,9 +263,24 @@ def operating_point(heldout: np.ndarray, answers: Answers, target: str, value: f
         met = bool(ok.any() and flagged[np.flatnonzero(ok)[-1]].any())
         cut = float(cuts[np.flatnonzero(ok)[-1]]) if met else float(levels[0])  # unmet: flag nothing below the lowest
         f = heldout < cut
-        quality = {"precision": float((f & wrong).sum() / f.sum()) if f.any() else float("nan"),
-                   "recall": float((f & wrong).sum() / wrong.sum()), "flagged": int(f.sum()), "n": len(f), "met": met}
+        quality = {
+            "precision": float((f & wrong).sum() / f.sum()) if f.any() else float("nan"),
+            "recall": float((f & wrong).sum() / wrong.sum()),
+            "flagged": int(f.sum()),
+            "n": len(f),
+            "met": met,
+        }
         return OperatingPoint(cut, target, value, quality)
     point = metrics.choose_threshold(1 - heldout, wrong, target, value)
-    return OperatingPoint(1 - point.threshold, target, value,
-                          {"precision": point.precision, "recall": point.recall, "flagged": point.flagged, "n": point.n, "met": point.met})
+    return OperatingPoint(
+        1 - point.threshold,
+        target,
+        value,
+        {
+            "precision": point.precision,
+            "recall": point.recall,
+            "flagged": point.flagged,
+            "n": point.n,
+            "met": point.met,
+        },
+    )

@@ -42,8 +42,13 @@ def _stats(name: str, values: Sequence[float]) -> dict[str, float]:
 def claim_features(scores: dict[str, float], length: int) -> dict[str, float]:
     """``CLAIM_FEATURES`` from the scores (SemGrad, ParaGrad, HybridGrad, mean entropy) and length (tokens, the stop
     token not counted) of an answer or a claim."""
-    return {"ln semgrad": _ln(scores["semgrad"]), "ln paragrad": _ln(scores["paragrad"]), "ln hybridgrad": _ln(scores["hybridgrad"]),
-            "ln answer tokens": math.log(max(1, length)), "mean entropy": scores["mean_entropy"]}
+    return {
+        "ln semgrad": _ln(scores["semgrad"]),
+        "ln paragrad": _ln(scores["paragrad"]),
+        "ln hybridgrad": _ln(scores["hybridgrad"]),
+        "ln answer tokens": math.log(max(1, length)),
+        "mean entropy": scores["mean_entropy"],
+    }
 
 
 def scalar_features(result: ScoreResult) -> dict[str, float]:
