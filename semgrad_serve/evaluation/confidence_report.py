@@ -35,7 +35,8 @@ CELLS = ("all", *(stratum_label(s) for s in LENGTH_STRATA))
 def _score_features(r: DatasetRun, i: int) -> dict[str, float]:
     """The probe's features that an answer's recorded scores give (``SCORE_FEATURES``), for answers recorded
     without the probe's own."""
-    s = {k: r.scores[k][i] for k in ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "mean_nll", "max_nll") if k in r.scores}
+    keys = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "mean_nll", "max_nll")
+    s = {k: r.scores[k][i] for k in keys if k in r.scores}
     if len(s) < 6:
         return {}
     out = {f"ln {k}": math.log(max(s[k], 1e-30)) for k in ("semgrad", "paragrad", "hybridgrad")}
@@ -43,7 +44,9 @@ def _score_features(r: DatasetRun, i: int) -> dict[str, float]:
             "mean nll": s["mean_nll"], "max nll": s["max_nll"]}
 
 
-def answer_table(runs: list[DatasetRun], judge: str, methods: list[tuple[str, str, str]]) -> tuple[Answers, dict[str, np.ndarray], list[np.ndarray]]:
+def answer_table(
+    runs: list[DatasetRun], judge: str, methods: list[tuple[str, str, str]]
+) -> tuple[Answers, dict[str, np.ndarray], list[np.ndarray]]:
     """The answers a confidence can be fitted on (scored, with every feature finite) as ``Answers`` grouped by
     dataset, every method's score of each of them (NaN where it has none) and, per run, the indices kept."""
     rows, raw, kept = [], {k: [] for k, _, _ in methods}, []
@@ -63,7 +66,8 @@ def answer_table(runs: list[DatasetRun], judge: str, methods: list[tuple[str, st
     answers = Answers(
         np.array([[f[n] for n in names] for f, *_ in rows], dtype=np.float64).reshape(len(rows), len(names)), names,
         {v: np.array([vs[v] for _, vs, *_ in rows], dtype=np.float64) for v in vectors},
-        np.array([n for _, _, n, _, _ in rows]), np.array([c for *_, c, _ in rows], dtype=bool), np.array([g for *_, g in rows]),
+        np.array([n for _, _, n, _, _ in rows]), np.array([c for *_, c, _ in rows], dtype=bool),
+        np.array([g for *_, g in rows]),
     )
     return answers, {k: np.concatenate(v) for k, v in raw.items()}, kept
 
@@ -97,16 +101,21 @@ def analyse(answers: Answers, raw: dict[str, np.ndarray], fitted: FittedConfiden
         idx, conf_t = t["index"], t["confidence"]
         y, w = answers.correct[idx], wrong[idx]
         transfer[key] = {"candidate": t["candidate"], "n": int(len(idx)), "ece": expected_calibration_error(conf_t, y),
-                         "brier": brier(conf_t, y), "auroc": {**{k: _auroc(v[idx], w) for k, v in raw.items()}, "confidence": _auroc(1 - conf_t, w)}}
-    return {"calibrator": fitted.model.fitted["calibrator"], "cv_log_loss": fitted.cv_log_loss, "heldout_choice": fitted.heldout_choice,
-            "features": list(fitted.model.calibrator.features), "operating_point": op.to_dict(), "groups": groups, "transfer": transfer}
+                         "brier": brier(conf_t, y),
+                         "auroc": {**{k: _auroc(v[idx], w) for k, v in raw.items()}, "confidence": _auroc(1 - conf_t, w)}}
+    return {"calibrator": fitted.model.fitted["calibrator"], "cv_log_loss": fitted.cv_log_loss,
+            "heldout_choice": fitted.heldout_choice, "features": list(fitted.model.calibrator.features),
+            "operating_point": op.to_dict(), "groups": groups, "transfer": transfer}
 
 
 def _short(features: list[str]) -> list[str]:
     """Feature names with the per-layer and per-component ones summarised."""
     out, seen = [], set()
     for f in features:
-        group = f.split(" @")[0] + " per band layer" if " @" in f else f.split(" pc")[0] + " components" if " pc" in f else f
+        if " @" in f:
+            group = f.split(" @")[0] + " per band layer"
+        else:
+            group = f.split(" pc")[0] + " components" if " pc" in f else f
         if group not in seen:
             seen.add(group)
             out.append(group)
@@ -157,9 +166,11 @@ def markdown(analysis: dict[str, Any], methods: list[tuple[str, str, str]], scor
                      f"{sum(math.isfinite(g['auroc']['confidence'][c]) for c in CELLS)} cells" + (f" ({', '.join(better)})." if better else "."))
     if analysis["transfer"]:
         keys = [k for k, _ in labels]
-        lines += ["", "Transfer: the probe chosen and fitted on one dataset alone, measured on the other (AUROC %, ECE, Brier); "
+        lines += ["", "Transfer: the probe chosen and fitted on one dataset alone, measured on the other "
+                  "(AUROC %, ECE, Brier); "
                   "the raw methods need no fitting:", "",
-                  "| | candidate | ECE | Brier | " + " | ".join(label for _, label in labels) + " |", "|---|---|---|---|" + "---|" * len(labels)]
+                  "| | candidate | ECE | Brier | " + " | ".join(label for _, label in labels) + " |",
+                  "|---|---|---|---|" + "---|" * len(labels)]
         for key, t in analysis["transfer"].items():
             lines.append(f"| {key} | {t['candidate']} | {t['ece']:.4f} | {t['brier']:.4f} | "
                          + " | ".join(_pct(t["auroc"].get(k, math.nan)) for k in keys) + " |")

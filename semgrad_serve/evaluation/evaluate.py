@@ -116,8 +116,10 @@ def scored_answer(cfg: EvalConfig, scorer: Any, answer: Generation) -> list[int]
     return answer.token_ids if cfg.stop_token else scorer.without_stop_token(answer.token_ids)
 
 
-def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[str, Any]], embedder: judges.Embedder | None,
-              rescore: bool = False) -> None:
+def score_all(
+    cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[str, Any]], embedder: judges.Embedder | None,
+    rescore: bool = False,
+) -> None:
     """Every score of every answer of ``run``; ``rescore``: only the gradient pass (with the probe's features) and
     RAUQ, over answers read from an earlier run's items (their other scores kept)."""
     n = run.n

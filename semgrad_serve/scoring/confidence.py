@@ -119,9 +119,12 @@ class Projection:
 
     def apply(self, v: Sequence[float]) -> dict[str, float]:
         if len(v) != len(self.mean):
-            raise SemgradError(f"confidence probe: {self.vector!r} has {len(v)} values, the probe was fitted on {len(self.mean)}")
+            raise SemgradError(
+                f"confidence probe: {self.vector!r} has {len(v)} values, the probe was fitted on {len(self.mean)}"
+            )
         centred = [a - m for a, m in zip(v, self.mean)]
-        return {f"{self.vector} pc{j}": math.fsum(c * x for c, x in zip(comp, centred)) for j, comp in enumerate(self.components)}
+        return {f"{self.vector} pc{j}": math.fsum(c * x for c, x in zip(comp, centred))
+                for j, comp in enumerate(self.components)}
 
 
 @dataclass(frozen=True)
@@ -154,12 +157,14 @@ class ProbeCalibrator:
 
     def probability_of(self, scalars: dict[str, float], vectors: dict[str, list[float]]) -> float:
         x = self.inputs(scalars, vectors)
-        return sigmoid(self.intercept + math.fsum(w * (v - m) / s for v, m, s, w in zip(x, self.mean, self.scale, self.weights)))
+        terms = (w * (v - m) / s for v, m, s, w in zip(x, self.mean, self.scale, self.weights))
+        return sigmoid(self.intercept + math.fsum(terms))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
                 "weights": list(self.weights), "intercept": self.intercept,
-                "projections": [{"vector": p.vector, "mean": list(p.mean), "components": [list(c) for c in p.components]}
+                "projections": [{"vector": p.vector, "mean": list(p.mean),
+                                 "components": [list(c) for c in p.components]}
                                 for p in self.projections]}
 
 
@@ -191,7 +196,8 @@ def calibrator_from_dict(doc: dict[str, Any]) -> Calibrator:
         if any(len(f) != len(names) for f in fields) or 0.0 in fields[1]:
             raise ValueError("mean, scale and weights need one non-zero scale and one value per feature")
         projections = tuple(
-            Projection(str(p["vector"]), tuple(float(v) for v in p["mean"]), tuple(tuple(float(v) for v in c) for c in p["components"]))
+            Projection(str(p["vector"]), tuple(float(v) for v in p["mean"]),
+                       tuple(tuple(float(v) for v in c) for c in p["components"]))
             for p in doc.get("projections") or []
         )
         if any(len(c) != len(p.mean) for p in projections for c in p.components):
@@ -251,7 +257,8 @@ class ConfidenceModel:
         return None if confidence is None else confidence < self.operating_point.min_confidence
 
     def to_dict(self) -> dict[str, Any]:
-        doc = {"version": 2 if isinstance(self.calibrator, ProbeCalibrator) else 1, "score": self.score, "calibrator": self.calibrator.to_dict(),
+        version = 2 if isinstance(self.calibrator, ProbeCalibrator) else 1
+        doc = {"version": version, "score": self.score, "calibrator": self.calibrator.to_dict(),
                "operating_point": self.operating_point.to_dict(), "fitted": self.fitted}
         if self.claim_calibrator is not None:
             doc["claim_calibrator"] = self.claim_calibrator.to_dict()
@@ -269,6 +276,7 @@ class ConfidenceModel:
             claim_calibrator = None if claims is None else calibrator_from_dict(claims)
             if claim_calibrator is not None and not isinstance(claim_calibrator, ProbeCalibrator):
                 raise ValueError("claim_calibrator must be a probe")
-            return cls(str(doc["score"]), calibrator_from_dict(doc["calibrator"]), point, dict(doc.get("fitted") or {}), claim_calibrator)
+            fitted = dict(doc.get("fitted") or {})
+            return cls(str(doc["score"]), calibrator_from_dict(doc["calibrator"]), point, fitted, claim_calibrator)
         except (KeyError, TypeError, ValueError) as exc:
             raise SemgradError(f"{source}: not a valid confidence model ({exc.__class__.__name__}: {exc})") from None

@@ -98,7 +98,8 @@ class Scorer:
     def report(self, result: ScoreResult) -> dict[str, Any]:
         """A result as JSON-ready dict, with the profile's configured score, threshold, confidence and flag
         (``ModelProfile.assess``), and its claims' reports where it has claims."""
-        report = {**result.to_dict(), **self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)}
+        assessed = self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)
+        report = {**result.to_dict(), **assessed}
         del report["t_star_features"]  # the probe's inputs, not for the user
         if result.claims is None:
             del report["claims"]
@@ -193,7 +194,8 @@ class Scorer:
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
             results = score_batch(
-                self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits, self.t_star_features
+                self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits,
+                self.t_star_features,
             )
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
