@@ -146,9 +146,13 @@ def test_fit_confidence_operating_point_and_held_out_flags() -> None:
         assert flag_quality(flagged[m], ~a.correct[m])["precision"] >= 0.9
     # the largest such cut: flagging the next answer up would break the target in a dataset
     nxt = np.min(got.heldout[~flagged])
-    assert min(flag_quality(got.heldout[a.group == g] <= nxt, ~a.correct[a.group == g])["precision"] for g in ("x", "y")) < 0.9
-    assert got.model.fitted["calibrator"] == min(got.cv_log_loss, key=got.cv_log_loss.get) and got.model.fitted["note"] == "test"
-    assert set(got.cv_log_loss) == {k for k, c in CANDIDATES.items() if c.components == 0 and (c.scalars is None or set(c.scalars) <= set(NAMES))}
+    after = [flag_quality(got.heldout[a.group == g] <= nxt, ~a.correct[a.group == g])["precision"] for g in ("x", "y")]
+    assert min(after) < 0.9
+    assert got.model.fitted["calibrator"] == min(got.cv_log_loss, key=got.cv_log_loss.get)
+    assert got.model.fitted["note"] == "test"
+    usable = {k for k, c in CANDIDATES.items()
+              if c.components == 0 and (c.scalars is None or set(c.scalars) <= set(NAMES))}
+    assert set(got.cv_log_loss) == usable
     assert np.array_equal(got.heldout, fit_confidence(a, "hybridgrad", "precision", 0.9, {}).heldout)  # fixed seeds
     with pytest.raises(SemgradError, match="at least 10 correct"):
         fit_confidence(a.take(np.arange(15)), "hybridgrad", "precision", 0.9, {})
@@ -159,7 +163,8 @@ def test_transfer_fits_on_one_dataset_only() -> None:
     a = synthetic(600)
     flipped = replace(a, correct=np.where(a.group == "y", ~a.correct, a.correct))
     t, u = transfer(a)["x→y"], transfer(flipped)["x→y"]
-    assert np.array_equal(t["index"], np.flatnonzero(a.group == "y")) and np.array_equal(t["confidence"], u["confidence"])
+    assert np.array_equal(t["index"], np.flatnonzero(a.group == "y"))
+    assert np.array_equal(t["confidence"], u["confidence"])
     assert set(transfer(a)) == {"x→y", "y→x"}
 
 
@@ -283,7 +288,8 @@ def test_analysis_auroc_within_strata_and_flags_match_direct_computations() -> N
     for key, t in out["transfer"].items():
         src, dst = key.split("→")
         m = a.group == dst
-        assert t["n"] == m.sum() and t["auroc"]["confidence"] == pytest.approx(brute_auroc(1 - fitted.transfer[key]["confidence"], wrong[m]))
+        assert t["n"] == m.sum()
+        assert t["auroc"]["confidence"] == pytest.approx(brute_auroc(1 - fitted.transfer[key]["confidence"], wrong[m]))
 
 
 # -- eval --from-items -----------------------------------------------------------------------------
@@ -306,8 +312,8 @@ def test_eval_from_items_refits_without_generating(tmp_path, data_dir) -> None:
         length = int(rng.integers(1, 30))
         items.append({"dataset": "sciq", "index": i, "answer": answer, "token_ids": [1] * length + [2], "answer_tokens": length,
                       "ended_on_eos": True, "correct": {}, "similarity": {},
-                      "scores": {"semgrad": score, "paragrad": score, "hybridgrad": score, "mean_entropy": entropy, "p_true": None,
-                                 "mean_nll": entropy / 2, "max_nll": entropy}})
+                      "scores": {"semgrad": score, "paragrad": score, "hybridgrad": score, "mean_entropy": entropy,
+                                 "p_true": None, "mean_nll": entropy / 2, "max_nll": entropy}})
     path = tmp_path / "run_items.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(i) + "\n" for i in items)
@@ -326,6 +332,7 @@ def test_eval_from_items_refits_without_generating(tmp_path, data_dir) -> None:
     assert [i["token_ids"] for i in again] == [i["token_ids"] for i in items] and again[0]["correct"]["reference"] is True
     held = [i["heldout_confidence"] for i in again]
     wrong = [not i["correct"]["reference"] for i in again]
-    assert brute_auroc([1 - c for c in held], wrong) == pytest.approx(report["confidence"]["groups"]["sciq"]["auroc"]["confidence"]["all"], abs=1e-5)
+    reported = report["confidence"]["groups"]["sciq"]["auroc"]["confidence"]["all"]
+    assert brute_auroc([1 - c for c in held], wrong) == pytest.approx(reported, abs=1e-5)
     # the items must cover the datasets given
     assert main(["eval", "--dataset", str(data_dir / "sciq" / "test.jsonl"), "--from-items", str(path), "--out", str(out)]) == 2

@@ -102,7 +102,8 @@ def analyse(answers: Answers, raw: dict[str, np.ndarray], fitted: FittedConfiden
         y, w = answers.correct[idx], wrong[idx]
         transfer[key] = {"candidate": t["candidate"], "n": int(len(idx)), "ece": expected_calibration_error(conf_t, y),
                          "brier": brier(conf_t, y),
-                         "auroc": {**{k: _auroc(v[idx], w) for k, v in raw.items()}, "confidence": _auroc(1 - conf_t, w)}}
+                         "auroc": {**{k: _auroc(v[idx], w) for k, v in raw.items()},
+                                   "confidence": _auroc(1 - conf_t, w)}}
     return {"calibrator": fitted.model.fitted["calibrator"], "cv_log_loss": fitted.cv_log_loss,
             "heldout_choice": fitted.heldout_choice, "features": list(fitted.model.calibrator.features),
             "operating_point": op.to_dict(), "groups": groups, "transfer": transfer}

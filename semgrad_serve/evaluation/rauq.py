@@ -2,8 +2,8 @@
 
 Implemented from the paper's description as we read it (not from its code): in every layer ℓ the head h_ℓ with the
 largest mean attention of each answer token to the token before it is chosen (per answer); a token's confidence is
-carried along the answer by a recurrence, ``c_1 = p_1`` and ``c_t = α·p_t + (1 − α)·a_t·c_{t−1}`` with ``p_t`` the
-probability of answer token t and ``a_t`` head h_ℓ's attention from token t to token t − 1; the layer's uncertainty
+carried along the answer by a recurrence, ``c_1 = p_1`` and ``c_t = α·p_t + (1 − α)·a_t·c_{t−1}`` with ``p_t``
+the probability of answer token t and ``a_t`` head h_ℓ's attention from token t to token t − 1; the layer's uncertainty
 is ``−mean_t ln c_t`` and the answer's RAUQ is the largest over a set of layers (here the middle third, where the
 paper finds the uncertainty-aware heads), with α = ``ALPHA``. Higher = more uncertain.
 """
