@@ -43,6 +43,7 @@ setup(
         "tqdm",
         "matplotlib",
         "ninja",
+        "scikit-learn",
     ],
     extras_require={
         # vLLM: the CPU build on machines without CUDA, the regular one with it.

@@ -84,6 +84,24 @@ def naive_scores(
     }
 
 
+def naive_t_star_features(
+    model: torch.nn.Module, prompt_ids: Sequence[int], answer_ids: Sequence[int], t_star: int, band: range
+) -> dict[str, list[float]]:
+    """Per band layer mean |∂loss/∂h| at t*, and at the band's last layer ∂loss/∂h and h at t*, by full
+    autograd."""
+    device = model.lm_head.weight.device
+    ids = torch.tensor([list(prompt_ids) + list(answer_ids)], device=device)
+    answer = torch.tensor(list(answer_ids), device=device)
+    hidden_states, _, logp, entropy = _forward(model, ids, len(prompt_ids), answer)
+    loss = -(entropy * logp).mean()
+    grads = torch.autograd.grad(loss, [hidden_states[i] for i in band])
+    return {
+        "semgrad_layers": [float(g[0, t_star].double().abs().mean()) for g in grads],
+        "gradient": grads[-1][0, t_star].double().tolist(),
+        "hidden": hidden_states[band.stop - 1][0, t_star].double().tolist(),
+    }
+
+
 def naive_paragrad_tied(model: torch.nn.Module, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> float:
     """mean |∂loss/∂E| of a tied model's shared matrix E, head and embedding lookup both differentiated (authors' code)."""
     device = model.lm_head.weight.device

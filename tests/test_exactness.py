@@ -15,7 +15,7 @@ from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import PrefixCache
 
-from naive import naive_scores
+from naive import naive_scores, naive_t_star_features
 from tiny_models import FAMILY_PARAMS, GIVEN_STATE_PARAMS, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
@@ -41,6 +41,34 @@ def test_float64_matches_naive_in_mixed_batch(family: str) -> None:
     for (prompt, answer, t_star), result in zip(triples, results):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
         assert result.answer_tokens == len(answer) and result.band == (band.start, band.stop - 1)
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen3-untied"])
+def test_t_star_features_match_naive(family: str) -> None:
+    """Per-layer SemGrad, the gradient and the hidden state at t* against full autograd, with and without claims
+    in the batch (claims batch the backward over seeds) and with a shared prompt prefix."""
+    from semgrad_serve.scoring.claims import Claim
+
+    model = tiny_model(family)
+    weights = from_hf_model(model)
+    band = deeper_half(weights.n_layers)
+    head = [(5 * i + 2) % 64 for i in range(6)]
+    triples = [(head + p, a, len(head) + t) for p, a, t in random_items(4, seed=7)]
+    for with_claims in (False, True):
+        items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
+        if with_claims:
+            a0 = items[0].answer_ids
+            items[0] = dataclasses.replace(items[0], claims=(Claim("a", 0, 1), Claim("b", 1, len(a0))))
+        shared = PrefixCache(min_tokens=4).for_batch(weights, items)
+        results = score_batch(weights, items, band, select_kernels("torch"), shared, t_star_features=True)
+        for (prompt, answer, t_star), result in zip(triples, results):
+            naive = naive_t_star_features(model, prompt, answer, t_star, band)
+            ours = result.t_star_features
+            assert ours.semgrad_layers == pytest.approx(naive["semgrad_layers"], rel=1e-9, abs=0)
+            assert sum(ours.semgrad_layers) / len(band) == pytest.approx(result.semgrad, rel=1e-12)
+            assert ours.gradient == pytest.approx(naive["gradient"], rel=1e-9, abs=1e-15)
+            assert ours.hidden == pytest.approx(naive["hidden"], rel=1e-9, abs=1e-15)
+    assert score_batch(weights, items[:1], band, select_kernels("torch"))[0].t_star_features is None
 
 
 def test_paper_style_naive_gives_the_same_numbers() -> None:

@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-items", metavar="ITEMS.jsonl.gz",
                         help="generate and score nothing: re-judge, re-measure and re-fit the per-answer records of an earlier run "
                         "(its PREFIX_items.jsonl.gz; its settings come from the PREFIX.json beside it); same --dataset files and --limit")
+    parser.add_argument("--rescore", action="store_true",
+                        help="with --from-items: run the gradient pass (the confidence probe's features) and RAUQ "
+                        "again on the recorded answers, keeping their other scores")
+    parser.add_argument("--no-rauq", dest="rauq", action="store_false",
+                        help="skip the RAUQ baseline (a forward per answer with every attention weight)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--cheap-baselines", action="store_true",
                         help="take the NLL and entropy baselines from the gradient pass (the same numbers, no second forward; their cost is "
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         judge=args.judge, judge_threshold=args.judge_threshold, cluster_threshold=args.cluster_threshold, flag_target=args.flag_target,
         out=args.out, prefix=args.prefix, profile_out=args.profile_out, batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed,
         stop_token=args.stop_token, paragrad_tied=args.paragrad_tied, from_items=args.from_items, cheap_baselines=args.cheap_baselines,
+        rescore=args.rescore, rauq=args.rauq,
     )
     report = run_eval(cfg)
     md = report["files"][0]

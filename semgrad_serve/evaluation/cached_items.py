@@ -4,7 +4,10 @@
 One JSON line per answer: ``dataset``, ``index`` (line of the dataset file), ``answer`` (text), ``token_ids`` (as
 generated, the EOS token that ended it included), ``answer_tokens`` (the EOS token not counted), ``ended_on_eos``,
 ``correct`` and ``similarity`` per judge, ``scores`` per method (null where not scored) and, for an answer without
-scores, ``excluded`` (why). The seconds each stage took are in the JSON report beside it (``PREFIX.json``).
+scores, ``excluded`` (why), ``heldout_confidence`` (the fitted confidence's nested cross-validation estimate,
+null where none) and ``features`` (the confidence probe's scalars, ``scoring/probe_features.py``). The seconds each
+stage took are in the JSON report beside it (``PREFIX.json``); the probe's vectors at t* in ``PREFIX_vectors.npz``
+(per dataset and vector, [answers, d] float16, NaN rows where none).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import gzip
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import SemgradError
 from .generation import Generation
@@ -32,7 +37,27 @@ def write_items(path: Path, runs: list[DatasetRun]) -> None:
                 }
                 if i in r.excluded:
                     doc["excluded"] = r.excluded[i]
+                if r.heldout_confidence:
+                    c = r.heldout_confidence[i]
+                    doc["heldout_confidence"] = round(c, 6) if math.isfinite(c) else None
+                if r.features and r.features[i]:
+                    doc["features"] = {k: round(v, 7) for k, v in r.features[i].items()}
                 f.write(json.dumps(doc) + "\n")
+
+
+def vectors_beside(items: Path) -> Path:
+    """The probe's vectors written with ``items`` (``X_items.jsonl.gz`` → ``X_vectors.npz``)."""
+    return items.with_name(items.name.removesuffix(".jsonl.gz").removesuffix("_items") + "_vectors.npz")
+
+
+def write_vectors(path: Path, runs: list[DatasetRun]) -> None:
+    arrays = {}
+    for r in runs:
+        names = sorted({k for v in r.vectors for k in v})
+        for name in names:
+            d = next(len(v[name]) for v in r.vectors if name in v)
+            arrays[f"{r.name}/{name}"] = np.array([v.get(name, [math.nan] * d) for v in r.vectors], dtype=np.float16)
+    np.savez_compressed(path, **arrays)
 
 
 def report_beside(items: Path) -> Path:
@@ -64,4 +89,14 @@ def read_items(path: str | Path, runs: list[DatasetRun]) -> None:
         keys = sorted({k for r in mine for k in r["scores"]})
         run.scores = {k: [math.nan if r["scores"].get(k) is None else float(r["scores"][k]) for r in mine] for k in keys}
         run.excluded = {r["index"]: r["excluded"] for r in mine if "excluded" in r}
+        run.features = [dict(r.get("features") or {}) for r in mine]
+        run.vectors = [{} for _ in mine]
+        if vectors_beside(path).is_file():
+            with np.load(vectors_beside(path)) as doc:
+                for key in doc.files:
+                    name, _, vector = key.partition("/")
+                    if name == run.name and len(doc[key]) == run.n:
+                        for i, row in enumerate(doc[key]):
+                            if np.isfinite(row).all():
+                                run.vectors[i][vector] = row.astype(np.float64).tolist()
         run.seconds = dict(seconds.get(run.name, {}))

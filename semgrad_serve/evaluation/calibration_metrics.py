@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from sklearn.metrics import brier_score_loss
 
 from ..errors import SemgradError
 
@@ -41,7 +42,7 @@ def _arrays(confidence: Sequence[float], correct: Sequence[int | bool]) -> tuple
 def brier(confidence: Sequence[float], correct: Sequence[int | bool]) -> float:
     """Mean squared difference between confidence and outcome (NaN for no answers)."""
     p, y = _arrays(confidence, correct)
-    return float(np.mean((p - y) ** 2)) if p.size else float("nan")
+    return float(brier_score_loss(y, p, pos_label=1, labels=[0, 1])) if p.size else float("nan")
 
 
 def reliability_bins(confidence: Sequence[float], correct: Sequence[int | bool], bins: int = ECE_BINS) -> list[dict[str, float]]:

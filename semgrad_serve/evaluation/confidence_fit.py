@@ -1,154 +1,180 @@
-"""Fitting the confidence model (``scoring/confidence.py``) from judged answers, with held-out estimates.
+"""Fitting the confidence probe (``scoring/confidence.py``) from judged answers, with held-out estimates.
 
-Candidates (``CANDIDATES``), each from the configured score, the answer length and the mean entropy:
-- ``logistic``: logistic regression on ln score, ln length, ln mean entropy;
-- ``logistic, pairwise``: the same plus their pairwise products and squares (the score's meaning may change with length);
-- ``isotonic by length``: per length stratum (1-3, 4-8, 9-20, 21+ tokens), the non-increasing isotonic fit of
-  correctness on ln score (pool-adjacent-violators), interpolated linearly between blocks.
-The logistic fits are Newton's method on the L2-penalised log-likelihood (penalty ``L2`` on the standardised
-weights, not the intercept).
+Every candidate is a logistic regression (scikit-learn, L2 penalty ``C``) on standardised features of the answers'
+scoring pass (``scoring/probe_features.py``), some with the vectors at t* projected on their first principal
+components (PCA fitted on the same training answers); ``CANDIDATES`` lists them. Each dataset weighs the same in
+every fit and every held-out loss (an answer's weight is n / (datasets · answers of its dataset)), so that no dataset
+swamps another.
 
-Selection and estimates, all with fixed seeds: folds are stratified by group (dataset × judged correct).
-``fit_confidence`` picks the candidate with the lowest cross-validated Brier score and fits it on every answer;
-its held-out confidences come from nested cross-validation (in each outer fold the candidate is chosen on the
-other folds only), so the reported figures and the operating point never saw the answers they are measured on.
-The operating point is the largest ``min_confidence`` (flag = confidence below it) whose held-out flags meet the
-target (e.g. precision ≥ 0.95 of flagging wrong answers), via ``metrics.choose_threshold`` on 1 − confidence.
+Selection and estimates, all with fixed seeds: folds are scikit-learn's ``StratifiedKFold`` over dataset × judged
+correct. ``fit_confidence`` picks the candidate with the lowest cross-validated (weighted) log-loss and fits it on
+every answer; its held-out confidences come from nested cross-validation (in each outer fold the candidate is chosen
+on the other folds only), so the reported figures and the operating point never saw the answers they are measured
+on. ``transfer`` fits on one dataset (its candidate chosen there) and measures on another. The operating point is the
+largest ``min_confidence`` (flag = confidence below it) whose held-out flags meet a precision target (e.g. ≥ 0.95 of
+flagged answers wrong) in every dataset on its own (``operating_point``); a recall target is met on the pooled answers
+(``metrics.choose_threshold``). Claims, which have only their scores, length and mean entropy, get a companion probe on
+``CLAIM_FEATURES`` fitted on the whole answers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.model_selection import StratifiedKFold
 
 from ..errors import SemgradError
-from ..scoring.confidence import ConfidenceModel, IsotonicCalibrator, LogisticCalibrator, OperatingPoint, features
+from ..scoring.confidence import ConfidenceModel, OperatingPoint, ProbeCalibrator, Projection
+from ..scoring.probe_features import CLAIM_FEATURES
 from . import metrics
-from .calibration_metrics import LENGTH_STRATA, brier
 
-L2 = 1.0
 FOLDS = 5
 SEED = 0
 MIN_PER_CLASS = 2 * FOLDS  # correct and wrong answers needed to fit (every training fold then holds both)
+# the features every answer has, from its scores alone (answers recorded before the probe's features were kept)
+SCORE_FEATURES = (
+    "ln semgrad",
+    "ln paragrad",
+    "ln hybridgrad",
+    "ln answer tokens",
+    "mean entropy",
+    "mean nll",
+    "max nll",
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Which scalar features (None: all), how many principal components of each vector at t*, the penalty ``C``."""
+
+    scalars: tuple[str, ...] | None
+    components: int
+    c: float
+
+
+CANDIDATES: dict[str, Candidate] = {
+    "entropy, length": Candidate(("mean entropy", "ln answer tokens"), 0, 1.0),
+    "scores": Candidate(SCORE_FEATURES, 0, 1.0),
+    "all scalars": Candidate(None, 0, 0.1),
+    "all scalars + t* (4 components each)": Candidate(None, 4, 0.1),
+    "all scalars + t* (16 components each)": Candidate(None, 16, 0.05),
+}
 
 
 @dataclass(frozen=True)
 class Answers:
-    """Judged answers: configured score, length (tokens, stop token not counted), mean entropy, correct, group."""
+    """Judged answers: scalar features [n, F] (``names``), vectors at t* (name → [n, d]; may be empty), length
+    (tokens, stop token not counted), correct, group (the dataset)."""
 
-    score: np.ndarray
+    scalars: np.ndarray
+    names: tuple[str, ...]
+    vectors: dict[str, np.ndarray]
     length: np.ndarray
-    entropy: np.ndarray
     correct: np.ndarray
-    group: np.ndarray  # stratification label (e.g. the dataset name)
+    group: np.ndarray
 
     def __len__(self) -> int:
         return len(self.correct)
 
     def take(self, index: np.ndarray) -> "Answers":
-        return Answers(self.score[index], self.length[index], self.entropy[index], self.correct[index], self.group[index])
+        return Answers(
+            self.scalars[index],
+            self.names,
+            {k: v[index] for k, v in self.vectors.items()},
+            self.length[index],
+            self.correct[index],
+            self.group[index],
+        )
 
-    def features(self) -> np.ndarray:
-        return np.array([features(s, int(n), h) for s, n, h in zip(self.score, self.length, self.entropy)], dtype=np.float64)
+    def column(self, name: str) -> np.ndarray:
+        return self.scalars[:, self.names.index(name)]
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, terms: Sequence[Sequence[int]], l2: float = L2) -> LogisticCalibrator:
-    """Logistic regression of ``y`` on the standardised products ``terms`` of the columns of ``x`` (Newton's method)."""
-    z = np.stack([np.prod(x[:, list(t)], axis=1) for t in terms], axis=1)
+def group_weights(group: np.ndarray) -> np.ndarray:
+    """n / (groups · answers of the group) per answer: each group weighs the same, the weights sum to n."""
+    names, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    return len(group) / (len(names) * counts[inverse])
+
+
+def usable(candidate: Candidate, answers: Answers) -> bool:
+    """Whether the answers have what the candidate reads."""
+    wanted = candidate.scalars or ()
+    return all(n in answers.names for n in wanted) and (candidate.components == 0 or bool(answers.vectors))
+
+
+def fit_probe(candidate: Candidate, answers: Answers) -> ProbeCalibrator:
+    """The candidate fitted on ``answers`` (each group weighing the same)."""
+    names = list(candidate.scalars or answers.names)
+    x = [answers.scalars[:, [answers.names.index(n) for n in names]]]
+    projections = []
+    for vector in sorted(answers.vectors) if candidate.components else ():
+        v = answers.vectors[vector]
+        pca = PCA(n_components=min(candidate.components, *v.shape), random_state=SEED).fit(v)
+        projections.append(
+            Projection(vector, tuple(pca.mean_.tolist()), tuple(tuple(c) for c in pca.components_.tolist()))
+        )
+        x.append((v - pca.mean_) @ pca.components_.T)
+        names += [f"{vector} pc{j}" for j in range(pca.n_components_)]
+    z = np.concatenate(x, axis=1)
     mean, scale = z.mean(0), z.std(0)
     scale[scale == 0] = 1.0
-    design = np.c_[np.ones(len(z)), (z - mean) / scale]
-    penalty = np.diag([0.0] + [l2] * len(terms))
-    w = np.zeros(design.shape[1])
-    for _ in range(100):
-        p = 1 / (1 + np.exp(-design @ w))
-        grad = design.T @ (p - y) + penalty @ w
-        hess = design.T @ (design * (p * (1 - p))[:, None]) + penalty
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-10:
-            break
-    else:
-        raise SemgradError("the logistic calibrator did not converge")
-    return LogisticCalibrator(tuple(tuple(t) for t in terms), tuple(mean), tuple(scale), tuple(w[1:]), float(w[0]))
+    model = LogisticRegression(C=candidate.c, max_iter=5000)
+    model.fit((z - mean) / scale, answers.correct.astype(int), sample_weight=group_weights(answers.group))
+    return ProbeCalibrator(
+        tuple(names),
+        tuple(mean.tolist()),
+        tuple(scale.tolist()),
+        tuple(model.coef_[0].tolist()),
+        float(model.intercept_[0]),
+        tuple(projections),
+    )
 
 
-def isotonic_decreasing(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
-    """Pool-adjacent-violators: the non-increasing step fit of ``y`` on ``x``, as knots (x, y) at each block's first
-    and last distinct x (tied x values are pooled first)."""
-    xs, inverse = np.unique(x, return_inverse=True)
-    sums, counts = np.bincount(inverse, weights=y), np.bincount(inverse).astype(np.float64)
-    blocks: list[list[float]] = []  # [sum, count, first x index, last x index]
-    for i, (s, c) in enumerate(zip(sums, counts)):
-        blocks.append([s, c, i, i])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
-            s2, c2, _, last = blocks.pop()
-            blocks[-1][0] += s2
-            blocks[-1][1] += c2
-            blocks[-1][3] = last
-    kx: list[float] = []
-    ky: list[float] = []
-    for s, c, first, last in blocks:
-        for i in dict.fromkeys((first, last)):
-            kx.append(float(xs[int(i)]))
-            ky.append(s / c)
-    return kx, ky
+def predict(probe: ProbeCalibrator, answers: Answers) -> np.ndarray:
+    """P(correct) of each answer under ``probe``: the same sums as ``ProbeCalibrator.probability_of``, vectorised."""
+    columns = {n: answers.scalars[:, i] for i, n in enumerate(answers.names)}
+    for p in probe.projections:
+        projected = (answers.vectors[p.vector] - np.asarray(p.mean)) @ np.asarray(p.components).T
+        columns.update({f"{p.vector} pc{j}": projected[:, j] for j in range(projected.shape[1])})
+    z = np.stack([columns[n] for n in probe.features], axis=1)
+    logit = probe.intercept + ((z - np.asarray(probe.mean)) / np.asarray(probe.scale)) @ np.asarray(probe.weights)
+    return 1 / (1 + np.exp(-logit))
 
 
-def fit_isotonic(answers: Answers) -> IsotonicCalibrator:
-    """Per length stratum, the isotonic fit of correctness on ln score (all answers where a stratum has none)."""
-    x = answers.features()[:, 0]
-    tops = tuple(last for _, last in LENGTH_STRATA)
-    everything = isotonic_decreasing(x, answers.correct)
-    knots = []
-    for first, last in LENGTH_STRATA:
-        m = (answers.length >= first) & (answers.length <= (np.inf if last is None else last))
-        knots.append(isotonic_decreasing(x[m], answers.correct[m]) if m.any() else everything)
-    return IsotonicCalibrator(tops, tuple(tuple(k[0]) for k in knots), tuple(tuple(k[1]) for k in knots))
+def folds(answers: Answers, seed: int = SEED) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs of ``FOLDS`` folds stratified by group × correct."""
+    strata = np.array([f"{g}/{int(c)}" for g, c in zip(answers.group, answers.correct)])
+    return list(StratifiedKFold(FOLDS, shuffle=True, random_state=seed).split(np.zeros(len(strata)), strata))
 
 
-PAIRWISE = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 0), (1, 1), (2, 2))
-CANDIDATES: dict[str, Callable[[Answers], LogisticCalibrator | IsotonicCalibrator]] = {
-    "logistic": lambda a: fit_logistic(a.features(), a.correct, ((0,), (1,), (2,))),
-    "logistic, pairwise": lambda a: fit_logistic(a.features(), a.correct, PAIRWISE),
-    "isotonic by length": fit_isotonic,
-}
+def weighted_log_loss(p: np.ndarray, answers: Answers) -> float:
+    return float(log_loss(answers.correct.astype(int), p, sample_weight=group_weights(answers.group), labels=[0, 1]))
 
 
-def stratified_folds(groups: np.ndarray, k: int = FOLDS, seed: int = SEED) -> np.ndarray:
-    """Fold number (0..k−1) of every answer: each group shuffled with ``seed`` and dealt round-robin."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(groups), dtype=int)
-    start = 0
-    for g in sorted(set(groups.tolist())):
-        members = rng.permutation(np.flatnonzero(groups == g))
-        fold[members] = (start + np.arange(len(members))) % k
-        start += len(members)
-    return fold
-
-
-def predict(calibrator: LogisticCalibrator | IsotonicCalibrator, answers: Answers) -> np.ndarray:
-    return np.array([calibrator.probability(float(s), int(n), float(h)) for s, n, h in zip(answers.score, answers.length, answers.entropy)])
-
-
-def out_of_fold(fit: Callable[[Answers], LogisticCalibrator | IsotonicCalibrator], answers: Answers, fold: np.ndarray) -> np.ndarray:
-    """Each answer's confidence from the candidate fitted on the other folds."""
-    out = np.empty(len(answers))
-    for f in np.unique(fold):
-        out[fold == f] = predict(fit(answers.take(np.flatnonzero(fold != f))), answers.take(np.flatnonzero(fold == f)))
+def cv_log_loss(answers: Answers, seed: int = SEED) -> dict[str, float]:
+    """Cross-validated, group-weighted log-loss of every usable candidate."""
+    split = folds(answers, seed)
+    out = {}
+    for name, cand in CANDIDATES.items():
+        if not usable(cand, answers):
+            continue
+        p = np.empty(len(answers))
+        for train, test in split:
+            p[test] = predict(fit_probe(cand, answers.take(train)), answers.take(test))
+        out[name] = weighted_log_loss(p, answers)
     return out
 
 
-def cv_brier(answers: Answers, seed: int = SEED) -> dict[str, float]:
-    """Cross-validated Brier score of every candidate (folds stratified by group × correct)."""
-    fold = stratified_folds(_strata(answers), seed=seed)
-    return {name: brier(out_of_fold(fit, answers, fold), answers.correct) for name, fit in CANDIDATES.items()}
-
-
-def _strata(answers: Answers) -> np.ndarray:
-    return np.array([f"{g}/{int(c)}" for g, c in zip(answers.group, answers.correct)])
+def choose_and_fit(answers: Answers, seed: int = SEED) -> tuple[str, ProbeCalibrator, dict[str, float]]:
+    """The candidate with the lowest cross-validated log-loss on ``answers``, fitted on all of them."""
+    losses = cv_log_loss(answers, seed)
+    best = min(losses, key=losses.get)
+    return best, fit_probe(CANDIDATES[best], answers), losses
 
 
 def enough_to_fit(answers: Answers) -> bool:
@@ -161,26 +187,100 @@ class FittedConfidence:
     model: ConfidenceModel
     heldout: np.ndarray  # each answer's confidence from nested cross-validation
     heldout_choice: list[str]  # the candidate chosen in each outer fold
-    cv_brier: dict[str, float]  # candidate → cross-validated Brier score on every answer
+    cv_log_loss: dict[str, float]  # candidate → cross-validated log-loss on every answer
+    transfer: dict[str, Any] = field(default_factory=dict)  # "A→B" → the confidences on B of a probe fitted on A
 
 
-def fit_confidence(answers: Answers, score: str, target: str, value: float, fitted: dict, seed: int = SEED) -> FittedConfidence:
-    """Choose, fit and place the operating point of the confidence model (module docstring)."""
+def transfer(answers: Answers, seed: int = SEED) -> dict[str, dict[str, Any]]:
+    """For each ordered pair of groups (A, B): the candidate chosen and fitted on A alone, its confidences on B."""
+    out = {}
+    names = list(dict.fromkeys(answers.group.tolist()))
+    for a in names:
+        source = answers.take(np.flatnonzero(answers.group == a))
+        if not enough_to_fit(source):
+            continue
+        chosen, probe, _ = choose_and_fit(source, seed)
+        for b in names:
+            if b != a:
+                target = np.flatnonzero(answers.group == b)
+                out[f"{a}→{b}"] = {
+                    "source": a,
+                    "target": b,
+                    "candidate": chosen,
+                    "index": target,
+                    "confidence": predict(probe, answers.take(target)),
+                }
+    return out
+
+
+def fit_confidence(
+    answers: Answers, score: str, target: str, value: float, fitted: dict, seed: int = SEED
+) -> FittedConfidence:
+    """Choose, fit and place the operating point of the confidence probe (module docstring)."""
     if not enough_to_fit(answers):
-        raise SemgradError(f"fitting a confidence needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers")
-    fold = stratified_folds(_strata(answers), seed=seed)
+        raise SemgradError(
+            f"fitting a confidence needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers"
+        )
     heldout = np.empty(len(answers))
     choice = []
-    for f in range(FOLDS):
-        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        inner = cv_brier(answers.take(train), seed)
-        best = min(inner, key=inner.get)
+    for train, test in folds(answers, seed):
+        best, probe, _ = choose_and_fit(answers.take(train), seed)
         choice.append(best)
-        heldout[test] = predict(CANDIDATES[best](answers.take(train)), answers.take(test))
-    scores = cv_brier(answers, seed)
-    chosen = min(scores, key=scores.get)
-    point = metrics.choose_threshold(1 - heldout, ~answers.correct.astype(bool), target, value)
-    op = OperatingPoint(1 - point.threshold, target, value,
-                        {"precision": point.precision, "recall": point.recall, "flagged": point.flagged, "n": point.n, "met": point.met})
-    info = {**fitted, "calibrator": chosen, "cv_brier": scores, "folds": FOLDS, "seed": seed, "l2": L2}
-    return FittedConfidence(ConfidenceModel(score, CANDIDATES[chosen](answers), op, info), heldout, choice, scores)
+        heldout[test] = predict(probe, answers.take(test))
+    chosen, probe, losses = choose_and_fit(answers, seed)
+    op = operating_point(heldout, answers, target, value)
+    info = {
+        **fitted,
+        "calibrator": chosen,
+        "cv_log_loss": losses,
+        "folds": FOLDS,
+        "seed": seed,
+        "weighting": "each dataset the same total weight",
+    }
+    claims = (
+        fit_probe(Candidate(CLAIM_FEATURES, 0, 1.0), answers)
+        if usable(Candidate(CLAIM_FEATURES, 0, 1.0), answers)
+        else None
+    )
+    return FittedConfidence(
+        ConfidenceModel(score, probe, op, info, claims), heldout, choice, losses, transfer(answers, seed)
+    )
+
+
+def operating_point(heldout: np.ndarray, answers: Answers, target: str, value: float) -> OperatingPoint:
+    """The flag's cut on held-out confidences (module docstring); its figures on the pooled answers."""
+    wrong = ~answers.correct.astype(bool)
+    if target == "precision":
+        levels = np.unique(heldout)
+        cuts = np.r_[(levels[:-1] + levels[1:]) / 2, levels[-1] + 1e-9]  # a cut between each pair of levels, one above
+        flagged = heldout[None, :] < cuts[:, None]  # [cuts, n]
+        ok = np.ones(len(cuts), bool)
+        for g in np.unique(answers.group):
+            m = answers.group == g
+            f = flagged[:, m]
+            hits, count = (f & wrong[m]).sum(1), f.sum(1)
+            ok &= (count == 0) | (hits >= value * count - 1e-9)
+        met = bool(ok.any() and flagged[np.flatnonzero(ok)[-1]].any())
+        cut = float(cuts[np.flatnonzero(ok)[-1]]) if met else float(levels[0])  # unmet: flag nothing below the lowest
+        f = heldout < cut
+        quality = {
+            "precision": float((f & wrong).sum() / f.sum()) if f.any() else float("nan"),
+            "recall": float((f & wrong).sum() / wrong.sum()),
+            "flagged": int(f.sum()),
+            "n": len(f),
+            "met": met,
+        }
+        return OperatingPoint(cut, target, value, quality)
+    point = metrics.choose_threshold(1 - heldout, wrong, target, value)
+    return OperatingPoint(
+        1 - point.threshold,
+        target,
+        value,
+        {
+            "precision": point.precision,
+            "recall": point.recall,
+            "flagged": point.flagged,
+            "n": point.n,
+            "met": point.met,
+        },
+    )

@@ -32,18 +32,44 @@ POOLED = "pooled"
 CELLS = ("all", *(stratum_label(s) for s in LENGTH_STRATA))
 
 
-def answer_table(runs: list[DatasetRun], judge: str, score: str, methods: list[tuple[str, str, str]]) -> tuple[Answers, dict[str, np.ndarray]]:
-    """The answers a confidence can be fitted on (scored, with a finite configured score and mean entropy) as
-    ``Answers`` grouped by dataset, and every method's score of each of them (NaN where it has none)."""
-    parts, raw = [], {k: [] for k, _, _ in methods}
+def _score_features(r: DatasetRun, i: int) -> dict[str, float]:
+    """The probe's features that an answer's recorded scores give (``SCORE_FEATURES``), for answers recorded
+    without the probe's own."""
+    keys = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "mean_nll", "max_nll")
+    s = {k: r.scores[k][i] for k in keys if k in r.scores}
+    if len(s) < 6:
+        return {}
+    out = {f"ln {k}": math.log(max(s[k], 1e-30)) for k in ("semgrad", "paragrad", "hybridgrad")}
+    return {**out, "ln answer tokens": math.log(max(1, r.answer_tokens[i])), "mean entropy": s["mean_entropy"],
+            "mean nll": s["mean_nll"], "max nll": s["max_nll"]}
+
+
+def answer_table(
+    runs: list[DatasetRun], judge: str, methods: list[tuple[str, str, str]]
+) -> tuple[Answers, dict[str, np.ndarray], list[np.ndarray]]:
+    """The answers a confidence can be fitted on (scored, with every feature finite) as ``Answers`` grouped by
+    dataset, every method's score of each of them (NaN where it has none) and, per run, the indices kept."""
+    rows, raw, kept = [], {k: [] for k, _, _ in methods}, []
     for r in runs:
-        s, h = np.asarray(r.scores[score]), np.asarray(r.scores["mean_entropy"])
-        keep = np.flatnonzero(r.kept() & np.isfinite(s) & np.isfinite(h))
-        parts.append(Answers(s[keep], np.asarray(r.answer_tokens)[keep], h[keep], ~r.wrong(judge)[keep], np.array([r.name] * len(keep))))
+        keep = []
+        for i in np.flatnonzero(r.kept()):
+            f = (r.features[i] if r.features and r.features[i] else None) or _score_features(r, int(i))
+            if f and all(math.isfinite(v) for v in f.values()):
+                rows.append((f, r.vectors[i] if r.vectors else {}, r.answer_tokens[i], not r.wrong(judge)[i], r.name))
+                keep.append(int(i))
+        keep = np.asarray(keep, dtype=int)
+        kept.append(keep)
         for k in raw:
             raw[k].append(np.asarray(r.scores.get(k, [math.nan] * r.n), dtype=np.float64)[keep])
-    answers = Answers(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("score", "length", "entropy", "correct", "group")))
-    return answers, {k: np.concatenate(v) for k, v in raw.items()}
+    names = tuple(sorted(set.intersection(*(set(f) for f, *_ in rows)))) if rows else ()
+    vectors = sorted(set.intersection(*(set(v) for _, v, *_ in rows))) if rows else []
+    answers = Answers(
+        np.array([[f[n] for n in names] for f, *_ in rows], dtype=np.float64).reshape(len(rows), len(names)), names,
+        {v: np.array([vs[v] for _, vs, *_ in rows], dtype=np.float64) for v in vectors},
+        np.array([n for _, _, n, _, _ in rows]), np.array([c for *_, c, _ in rows], dtype=bool),
+        np.array([g for *_, g in rows]),
+    )
+    return answers, {k: np.concatenate(v) for k, v in raw.items()}, kept
 
 
 def _auroc(scores: np.ndarray, wrong: np.ndarray) -> float:
@@ -70,8 +96,31 @@ def analyse(answers: Answers, raw: dict[str, np.ndarray], fitted: FittedConfiden
             "flags": {c: flag_quality(flagged[m], wrong[m]) for c, m in cells.items()},
             "reliability": reliability_bins(conf[g], answers.correct[g]),
         }
-    return {"calibrator": fitted.model.fitted["calibrator"], "cv_brier": fitted.cv_brier, "heldout_choice": fitted.heldout_choice,
-            "operating_point": op.to_dict(), "groups": groups}
+    transfer = {}
+    for key, t in fitted.transfer.items():
+        idx, conf_t = t["index"], t["confidence"]
+        y, w = answers.correct[idx], wrong[idx]
+        transfer[key] = {"candidate": t["candidate"], "n": int(len(idx)), "ece": expected_calibration_error(conf_t, y),
+                         "brier": brier(conf_t, y),
+                         "auroc": {**{k: _auroc(v[idx], w) for k, v in raw.items()},
+                                   "confidence": _auroc(1 - conf_t, w)}}
+    return {"calibrator": fitted.model.fitted["calibrator"], "cv_log_loss": fitted.cv_log_loss,
+            "heldout_choice": fitted.heldout_choice, "features": list(fitted.model.calibrator.features),
+            "operating_point": op.to_dict(), "groups": groups, "transfer": transfer}
+
+
+def _short(features: list[str]) -> list[str]:
+    """Feature names with the per-layer and per-component ones summarised."""
+    out, seen = [], set()
+    for f in features:
+        if " @" in f:
+            group = f.split(" @")[0] + " per band layer"
+        else:
+            group = f.split(" pc")[0] + " components" if " pc" in f else f
+        if group not in seen:
+            seen.add(group)
+            out.append(group)
+    return out
 
 
 def _pct(x: float) -> str:
@@ -83,10 +132,11 @@ def markdown(analysis: dict[str, Any], methods: list[tuple[str, str, str]], scor
     lines = [
         "## Calibrated confidence",
         "",
-        f"`confidence` = estimated P(correct) from the configured score (`{score}`), the answer's length in tokens and its "
-        f"mean token entropy, fitted on the answers judged by **{judge}** (all datasets pooled). Candidates, by "
-        "cross-validated Brier score (5 folds stratified by dataset × correct, seed 0): "
-        + ", ".join(f"{name} {b:.4f}" for name, b in analysis["cv_brier"].items())
+        "`confidence` = estimated P(correct): a logistic probe on the features of the answer's scoring pass "
+        f"({len(analysis['features'])} inputs: " + ", ".join(f"`{f}`" for f in _short(analysis["features"])) + "), "
+        f"fitted on the answers judged by **{judge}**, every dataset weighing the same. Candidates, by cross-validated "
+        "log-loss (5 folds stratified by dataset × correct, seed 0): "
+        + ", ".join(f"{name} {b:.4f}" for name, b in analysis["cv_log_loss"].items())
         + f"; chosen: **{analysis['calibrator']}** (in the outer folds: {', '.join(analysis['heldout_choice'])}). "
         "Every figure below is on held-out confidences (nested cross-validation: no answer is measured by a calibrator "
         "fitted or chosen on it).",
@@ -115,6 +165,16 @@ def markdown(analysis: dict[str, Any], methods: list[tuple[str, str, str]], scor
         lines.append("")
         lines.append(f"Confidence is above every other method in {len(better)} of "
                      f"{sum(math.isfinite(g['auroc']['confidence'][c]) for c in CELLS)} cells" + (f" ({', '.join(better)})." if better else "."))
+    if analysis["transfer"]:
+        keys = [k for k, _ in labels]
+        lines += ["", "Transfer: the probe chosen and fitted on one dataset alone, measured on the other "
+                  "(AUROC %, ECE, Brier); "
+                  "the raw methods need no fitting:", "",
+                  "| | candidate | ECE | Brier | " + " | ".join(label for _, label in labels) + " |",
+                  "|---|---|---|---|" + "---|" * len(labels)]
+        for key, t in analysis["transfer"].items():
+            lines.append(f"| {key} | {t['candidate']} | {t['ece']:.4f} | {t['brier']:.4f} | "
+                         + " | ".join(_pct(t["auroc"].get(k, math.nan)) for k in keys) + " |")
     lines += ["", "Flag precision / recall (%) per length stratum at the operating point (held-out):", "",
               "| | " + " | ".join(CELLS) + " |", "|---|" + "---|" * len(CELLS)]
     for name, g in analysis["groups"].items():

@@ -42,4 +42,6 @@ class EvalConfig:
     # second forward, so their cost is not measured) and no P(True): for models whose extra forwards take hours
     cheap_baselines: bool = False
     from_items: str | None = None  # re-judge, re-measure and re-fit the items of an earlier run instead of generating
+    rauq: bool = True  # the RAUQ baseline (one more forward per answer, with attention weights)
+    rescore: bool = False  # with from_items: run the gradient pass (the probe's features) and RAUQ again on its answers
     progress: bool = True

@@ -28,14 +28,16 @@ import numpy as np
 from ..errors import ItemError, SemgradError
 from ..scoring import tied_head
 from ..scoring.items import GRADIENT_SCORES
+from ..scoring.probe_features import scalar_features, vector_features
 from ..scoring.profiles import ModelProfile
 from . import baselines, judges, metrics
-from .cached_items import read_items, report_beside, write_items
+from .cached_items import read_items, report_beside, write_items, write_vectors
 from .confidence_fit import FOLDS, MIN_PER_CLASS, FittedConfidence, enough_to_fit, fit_confidence
 from .confidence_report import analyse, answer_table, markdown as confidence_markdown, write_reliability_png
 from .config import EvalConfig
 from .generation import Generation, make_generator
 from .prompts import PAPER_PROMPT, paper_messages
+from .rauq import rauq_scores
 from .report import compute_metrics, markdown, method_list, method_seconds, write_roc_png
 from .runs import DatasetRun, dataset_name, read_dataset
 
@@ -114,7 +116,12 @@ def scored_answer(cfg: EvalConfig, scorer: Any, answer: Generation) -> list[int]
     return answer.token_ids if cfg.stop_token else scorer.without_stop_token(answer.token_ids)
 
 
-def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[str, Any]], embedder: judges.Embedder) -> None:
+def score_all(
+    cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[str, Any]], embedder: judges.Embedder | None,
+    rescore: bool = False,
+) -> None:
+    """Every score of every answer of ``run``; ``rescore``: only the gradient pass (with the probe's features) and
+    RAUQ, over answers read from an earlier run's items (their other scores kept)."""
     n = run.n
     nan = [math.nan] * n
     pairs = [(p, scored_answer(cfg, scorer, a)) for p, a in zip(run.prompts, run.answers)]
@@ -122,15 +129,30 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
         if not scorer.without_stop_token(a.token_ids):
             run.excluded[i] = "empty answer"
     _log(f"{run.name}: gradient pass (SemGrad, ParaGrad, HybridGrad, ExGrad)")
-    results = _timed(run, "gradient pass", scorer.score, pairs, cfg.batch_size, cfg.progress)
+    asked, scorer.t_star_features = scorer.t_star_features, True
+    try:
+        results = _timed(run, "gradient pass", scorer.score, pairs, cfg.batch_size, cfg.progress)
+    finally:
+        scorer.t_star_features = asked
     for key in GRADIENT_SCORES:
         run.scores[key] = list(nan)
+    run.features, run.vectors = [{} for _ in range(n)], [{} for _ in range(n)]
     for i, r in enumerate(results):
         if isinstance(r, ItemError):
             run.excluded.setdefault(i, str(r))
             continue
         for key in GRADIENT_SCORES:
             run.scores[key][i] = getattr(r, key)
+        run.features[i], run.vectors[i] = scalar_features(r), vector_features(r)
+    kept = [i for i in range(n) if i not in run.excluded]
+    if scorer.model is not None and cfg.rauq:
+        _log(f"{run.name}: RAUQ (one forward with attention weights)")
+        values = _timed(run, "RAUQ forward", rauq_scores, scorer.model, [pairs[i] for i in kept], cfg.progress)
+        run.scores["rauq"] = list(nan)
+        for i, v in zip(kept, values):
+            run.scores["rauq"][i] = v
+    if rescore:
+        return
     if cfg.paragrad_tied:
         _log(f"{run.name}: tied-head ParaGrad (a backward through every layer and position)")
         run.scores["paragrad_tied"] = _timed(run, "tied backward", tied_paragrads, scorer, pairs, results)
@@ -140,7 +162,6 @@ def score_all(cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[s
         for key in ("semgrad", "hybridgrad"):
             run.scores[f"{key}[{label}]"] = [math.nan if isinstance(r, ItemError) else getattr(r, key) for r in res]
 
-    kept = [i for i in range(n) if i not in run.excluded]
     if cfg.cheap_baselines:  # the gradient pass's own statistics of the same answer tokens
         stats = [(np.array(results[i].token_logprobs), np.array(results[i].token_entropies)) for i in kept]
     else:
@@ -199,6 +220,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.judge not in judges.JUDGES:
         raise SemgradError(f"unknown judge {cfg.judge!r}; choose one of {', '.join(judges.JUDGES)}")
     metrics.parse_target(cfg.flag_target)
+    if cfg.rescore and not cfg.from_items:
+        raise SemgradError("--rescore re-scores the answers of --from-items ITEMS; give both")
     names = [dataset_name(d) for d in cfg.datasets]
     if len(set(names)) != len(names):
         raise SemgradError(f"two datasets share the name {names}; give files in differently named folders")
@@ -265,9 +288,24 @@ def from_items(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
     profile = resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, cfg.profile)
     band = profile.band_range(config.num_hidden_layers)
     _log(f"read {sum(r.n for r in runs)} answers and their scores from {cfg.from_items}")
+    if cfg.rescore:
+        rescore_all(cfg, model_dir, runs)
     compared = sorted({k.split("[", 1)[1][:-1] for r in runs for k in r.scores if k.startswith("semgrad[")})
     described = [(profile.name, profile.t_star.token, profile.t_star.offset, f"{band.start}..{band.stop - 1}")]
     return Setup(profile, model_dir.name, described, cfg.dtype, compared)
+
+
+def rescore_all(cfg: EvalConfig, model_dir: Path, runs: list[DatasetRun]) -> None:
+    """The gradient pass (with the probe's features) and RAUQ again over the answers read from items."""
+    from ..scoring.scorer import Scorer
+
+    scorer = Scorer.from_pretrained(model_dir, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False)
+    for run in runs:
+        run.prompts = [scorer.prompt_ids(paper_messages(q)) for q, _ in run.rows]
+        run.eos_ids = scorer.eos_ids
+        for key in ("gradient pass", "RAUQ forward"):
+            run.seconds.pop(key, None)
+        score_all(cfg, scorer, run, [], None, rescore=True)
 
 
 def flag_threshold(cfg: EvalConfig, runs: list[DatasetRun], key: str) -> dict[str, Any] | None:
@@ -285,7 +323,7 @@ def flag_threshold(cfg: EvalConfig, runs: list[DatasetRun], key: str) -> dict[st
 
 def fit_and_analyse(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup, methods) -> tuple[FittedConfidence | None, dict[str, Any] | None]:
     """The confidence model on every judged answer and its held-out analysis; (None, None) with too few answers."""
-    answers, raw = answer_table(runs, cfg.judge, setup.profile.score, methods)
+    answers, raw, kept = answer_table(runs, cfg.judge, methods)
     if not enough_to_fit(answers):
         _log(f"no confidence fitted: it needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers")
         return None, None
@@ -294,6 +332,12 @@ def fit_and_analyse(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup, metho
            "items": cfg.from_items or "this run", "date": datetime.date.today().isoformat()}
     _log(f"fitting the confidence on {len(answers)} answers (nested {FOLDS}-fold cross-validation)")
     fitted = fit_confidence(answers, setup.profile.score, target_kind, target_value, how)
+    start = 0
+    for r, keep in zip(runs, kept):
+        r.heldout_confidence = [math.nan] * r.n
+        for i, c in zip(keep, fitted.heldout[start : start + len(keep)]):
+            r.heldout_confidence[i] = float(c)
+        start += len(keep)
     return fitted, analyse(answers, raw, fitted)
 
 
@@ -343,6 +387,9 @@ def write_results(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup) -> dict
     write_roc_png(runs, methods, cfg.judge, all_metrics, Path(f"{stem}_roc.png"),
                   f"ROC of wrong-answer detection, {setup.model_name}, judge: {cfg.judge}")
     write_items(Path(f"{stem}_items.jsonl.gz"), runs)
+    if any(v for r in runs for v in r.vectors):
+        write_vectors(Path(f"{stem}_vectors.npz"), runs)
+        files.append(f"{stem}_vectors.npz")
     if threshold is not None:
         calibration = dict(setup.profile.calibration or {})
         calibration["flag_threshold"] = {k: v for k, v in threshold.items() if k != "score"}

@@ -5,7 +5,7 @@ Conventions, everywhere in this module:
   (the positive class), 0 for a correct one;
 - ties are broken neither way: every metric is the expectation over a random
   order of tied scores (AUROC counts a tied wrong/correct pair as ½).
-Plain numpy; no scikit-learn.
+AUROC, AUPRC and the ROC curve are scikit-learn's.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve as sk_roc_curve
 
 from ..errors import SemgradError
 
@@ -38,49 +39,29 @@ def _tied_groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def auroc(scores: Sequence[float], wrong: Sequence[int | bool]) -> float:
-    """P(score of a wrong answer > score of a correct one) + ½ P(tie): the Mann–Whitney U over pairs.
-    NaN when one class is empty."""
+    """P(score of a wrong answer > score of a correct one) + ½ P(tie) (scikit-learn's ``roc_auc_score``); NaN when
+    one class is empty."""
     s, y = _arrays(scores, wrong)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    # average ranks (1-based, ties get the mean rank of their group)
-    order = np.argsort(s, kind="stable")
-    sorted_s = s[order]
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    group_rank = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(len(s))
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
 
 
 def roc_curve(scores: Sequence[float], wrong: Sequence[int | bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate, thresholds): flag ``score >= threshold``, one point per distinct
-    score from the highest down, starting at (0, 0) with threshold +inf."""
+    score from the highest down, starting at (0, 0) with threshold +inf (scikit-learn's, every point kept)."""
     s, y = _arrays(scores, wrong)
-    order, starts, sizes = _tied_groups(s)
-    ys = y[order]
-    tp = np.cumsum(ys)[starts + sizes - 1]
-    fp = (starts + sizes) - tp
-    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, s[order][starts]]
+    fpr, tpr, thresholds = sk_roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def auprc(scores: Sequence[float], wrong: Sequence[int | bool]) -> float:
-    """Average precision of flagging wrong answers: Σ_k (R_k − R_{k−1}) P_k over the distinct score thresholds
-    (flag ``score >= threshold``), as scikit-learn's ``average_precision_score``. NaN without wrong answers."""
+    """Average precision of flagging wrong answers (scikit-learn's ``average_precision_score``). NaN without
+    wrong answers."""
     s, y = _arrays(scores, wrong)
-    n_pos = int(y.sum())
-    if n_pos == 0:
+    if not y.any():
         return float("nan")
-    order, starts, sizes = _tied_groups(s)
-    flagged = starts + sizes
-    tp = np.cumsum(y[order])[flagged - 1]
-    recall = tp / n_pos
-    precision = tp / flagged
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(y, s))
 
 
 def rejection_curve(scores: Sequence[float], quality: Sequence[float]) -> np.ndarray:

@@ -28,6 +28,7 @@ METHODS = [
     ("max_nll", "Max token NLL", "single pass"),
     ("mean_entropy", "Mean token entropy", "single pass"),
     ("exgrad", "ExGrad", "single pass"),
+    ("rauq", "RAUQ (attention, unsupervised)", "single pass"),
     ("p_true", "P(True)", "single pass"),
     ("lexical_similarity", "Lexical similarity (K samples)", "sampling"),
     ("semantic_entropy", "Semantic entropy (K samples)", "sampling"),
@@ -45,6 +46,8 @@ def method_seconds(run: DatasetRun, key: str) -> float | None:
         total = s.get(f"gradient pass [{key.split('[', 1)[1][:-1]}]")
     elif key in ("mean_nll", "max_nll", "mean_entropy"):
         total = s.get("forward pass")
+    elif key == "rauq":
+        total = s.get("RAUQ forward")
     elif key == "p_true":
         total = s.get("P(True) pass")
     elif key == "lexical_similarity":

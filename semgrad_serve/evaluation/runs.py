@@ -48,6 +48,10 @@ class DatasetRun:
     eos_ids: list[int] = field(default_factory=list)  # the model's EOS ids, to tell answers that ended on one
     answer_tokens: list[int] = field(default_factory=list)  # per answer: its tokens, the EOS token that ended it not counted
     ended_on_eos: list[bool] = field(default_factory=list)  # per answer: whether it ended on an EOS token
+    # per answer: the confidence probe's inputs from its scoring pass (``scoring/probe_features.py``), {} where none
+    features: list[dict[str, float]] = field(default_factory=list)
+    vectors: list[dict[str, list[float]]] = field(default_factory=list)
+    heldout_confidence: list[float] = field(default_factory=list)  # per answer, from nested cross-validation; NaN: none
 
     @property
     def n(self) -> int:

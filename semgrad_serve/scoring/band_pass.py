@@ -39,6 +39,7 @@ class BandPass:
     probes: torch.Tensor  # [n_band, B, d] zero leaves at the band inputs at t*
     targets: torch.Tensor  # [ΣT] answer token ids
     offsets: torch.Tensor  # [B + 1] row offsets of each item's answer in the packed rows
+    t_star_hidden: torch.Tensor  # [B, d] the residual stream entering the band's last layer at t* (no graph)
 
 
 def pad_prefix_kv(prefixes: Sequence[torch.Tensor], length: int) -> torch.Tensor:
@@ -140,6 +141,8 @@ def band_pass(
             with torch.no_grad():
                 x_pre, own = context_step(w, i, x_pre, pre_rope, pre_masks, past)
             past = own if past is None else (torch.cat((past[0], own[0]), dim=2), torch.cat((past[1], own[1]), dim=2))
+        if i == band.stop - 1:
+            t_star_hidden = x_suf[:, 0].detach()
         if i in band:
             x_suf = x_suf + probes[i - band.start][:, None, :] * at_t_star
         with torch.set_grad_enabled(grad_on and i >= band.start):
@@ -151,4 +154,4 @@ def band_pass(
     answer_hidden = norm(w, x_suf[to_device(rows_b, dev), to_device(rows_s, dev)], w.final_norm)
     targets = to_device(torch.tensor([tok for it in items for tok in it.answer_ids], dtype=torch.long), dev)
     offsets = to_device(torch.tensor([0, *answer_lengths]).cumsum(0), dev)
-    return BandPass(answer_hidden, probes, targets, offsets)
+    return BandPass(answer_hidden, probes, targets, offsets, t_star_hidden)

@@ -29,7 +29,7 @@ from ..model.weights import DecoderWeights
 from . import head
 from .band_pass import band_pass
 from .claim_budget import DEFAULT_SEED_BUDGET, seed_bytes, seeds_per_backward
-from .items import ClaimScores, PreparedItem, ScoreResult, hybrid
+from .items import ClaimScores, PreparedItem, ScoreResult, TStarFeatures, hybrid
 from .shared_prefix import SharedPrefix
 
 # Answer rows whose logits [rows, V] are formed at once: bounds the head's memory (256 MiB of float32),
@@ -105,12 +105,14 @@ def score_batch(
     band_inputs: Sequence[torch.Tensor] | None = None,
     logits: Sequence[torch.Tensor | None] | None = None,
     seed_budget: int = DEFAULT_SEED_BUDGET,
+    t_star_features: bool = False,
 ) -> list[ScoreResult]:
     """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``,
     ``band_inputs``: see ``band_pass``). ``logits``: per item, the logits [≥ answer length, V] predicting its
     answer tokens where already computed (vLLM's), or None. ``exgrad=False`` skips the ExGrad baseline, a
     second pass over the V×d head gradient. Items with ``claims`` also get their claims' scores (one more pass
-    over their head gradient), their backward seeds in groups of at most ``seed_budget`` bytes."""
+    over their head gradient), their backward seeds in groups of at most ``seed_budget`` bytes.
+    ``t_star_features``: each result also carries ``TStarFeatures`` (one more read-back)."""
     fwd = band_pass(w, items, band, shared, prefix_kv, band_inputs)
     if logits is not None and len(logits) != len(items):
         raise ValueError("logits need one entry per item")
@@ -188,6 +190,14 @@ def score_batch(
     if not all(map(math.isfinite, entropies)):
         raise ValueError(NON_FINITE_LOGITS)
 
+    at_t_star = [None] * len(items)
+    if t_star_features:
+        grads = probe_grads if claims is None else probe_grads[0]  # [n_band, B, d] of the whole answers
+        n_band, d = grads.shape[0], grads.shape[2]
+        layers = grads.abs().sum(-1, dtype=torch.float64) / d
+        flat = torch.cat((layers.T, grads[-1].double(), fwd.t_star_hidden.double()), dim=1).cpu().tolist()
+        at_t_star = [TStarFeatures(row[:n_band], row[n_band : n_band + d], row[n_band + d :]) for row in flat]
+
     results, first_claim = [], 0
     for b, item in enumerate(items):
         s, e = bounds[b], bounds[b + 1]
@@ -220,6 +230,7 @@ def score_batch(
                 prompt_tokens=len(item.prompt_ids),
                 answer_tokens=len(item.answer_ids),
                 claims=scored_claims,
+                t_star_features=at_t_star[b],
             )
         )
     return results

@@ -71,6 +71,17 @@ class ClaimScores:
 
 
 @dataclass(frozen=True)
+class TStarFeatures:
+    """What the scoring pass finds at t* besides SemGrad, kept where asked for (the confidence probe's inputs):
+    per band layer the mean |∂loss/∂h| at t* (SemGrad is their mean), and at the band's last layer the gradient
+    ∂loss/∂h and the residual stream h itself at t*."""
+
+    semgrad_layers: list[float]
+    gradient: list[float]
+    hidden: list[float]
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     """All scores of one answer (higher = more uncertain) and what they were computed from."""
 
@@ -90,6 +101,7 @@ class ScoreResult:
     stop_token: bool = False  # the answer's last token is the model's end-of-turn / EOS token, and was scored
     paragrad_tied: float | None = None  # the authors' tied-head ParaGrad (``tied_head.py``), where asked for
     claims: list[ClaimScores] | None = None  # per claim, where the item had claims
+    t_star_features: TStarFeatures | None = None  # where asked for (``score_batch(..., t_star_features=True)``)
 
     def scores(self) -> dict[str, float]:
         """The scores that were computed, by name (``SCORE_NAMES`` order)."""

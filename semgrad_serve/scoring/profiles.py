@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ..errors import ItemError, SemgradError
 from .confidence import ConfidenceModel
-from .items import DEFAULT_SCORE, FLAG_SCORES
+from .items import DEFAULT_SCORE, FLAG_SCORES, ScoreResult
 
 PROFILE_FILE_IN_MODEL_DIR = "semgrad_profile.json"
 
@@ -68,15 +68,16 @@ class ModelProfile:
             raise SemgradError(f"profile {self.name!r}: band {self.band} is outside 0..{n_layers - 1}")
         return range(first, last + 1)
 
-    def assess(self, scores: dict[str, float], length: int) -> dict[str, Any]:
+    def assess(self, scores: dict[str, float], length: int, result: ScoreResult | None = None) -> dict[str, Any]:
         """The configured ``score`` and ``threshold``, the ``confidence`` (P(correct); None without a confidence model),
         its ``min_confidence`` and ``flagged``: ``confidence < min_confidence`` with a confidence model, else
-        ``score > threshold`` (None without a threshold). ``length``: answer tokens, the stop token not counted."""
+        ``score > threshold`` (None without a threshold). ``length``: answer tokens, the stop token not counted;
+        ``result``: the whole scored answer, which a probe reads (None for a claim: a probe's claim calibrator)."""
         value = scores[self.score]
         if self.confidence is None:
             flagged = None if self.threshold is None else bool(value > self.threshold)
             return {"score": value, "threshold": self.threshold, "confidence": None, "min_confidence": None, "flagged": flagged}
-        p = self.confidence.confidence(value, length, scores["mean_entropy"])
+        p = self.confidence.confidence_of(scores, length, result)
         return {"score": value, "threshold": self.threshold, "confidence": p,
                 "min_confidence": self.confidence.operating_point.min_confidence, "flagged": self.confidence.flagged(p)}
 

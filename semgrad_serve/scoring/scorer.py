@@ -37,6 +37,9 @@ class Scorer:
     An answer is scored as given: it counts its stop token when it ends on one of the model's EOS ids
     (the SPEC's convention: generation that ended on EOS includes it, one cut at the token limit has none)."""
 
+    t_star_features: bool = False  # results carry ``TStarFeatures`` where True (set from the profile's probe)
+    seed_budget: int = DEFAULT_SEED_BUDGET  # bytes one backward's claim seeds may take (``claim_budget.py``)
+
     def __init__(
         self,
         weights: DecoderWeights,
@@ -72,6 +75,8 @@ class Scorer:
         self.prefix_cache = PrefixCache()
         self.exgrad = exgrad
         self.seed_budget = seed_budget
+        # results carry ``TStarFeatures`` where True: the profile's confidence probe reads them
+        self.t_star_features = profile.confidence is not None and profile.confidence.needs_t_star
 
     @classmethod
     def from_pretrained(
@@ -98,7 +103,9 @@ class Scorer:
     def report(self, result: ScoreResult) -> dict[str, Any]:
         """A result as JSON-ready dict, with the profile's configured score, threshold, confidence and flag
         (``ModelProfile.assess``), and its claims' reports where it has claims."""
-        report = {**result.to_dict(), **self.profile.assess(result.scores(), result.answer_tokens - result.stop_token)}
+        assessed = self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)
+        report = {**result.to_dict(), **assessed}
+        del report["t_star_features"]  # the probe's inputs, not for the user
         if result.claims is None:
             del report["claims"]
         else:
@@ -198,7 +205,8 @@ class Scorer:
         try:
             shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
             results = score_batch(
-                self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits, self.seed_budget
+                self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits,
+                seed_budget=self.seed_budget, t_star_features=self.t_star_features,
             )
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
