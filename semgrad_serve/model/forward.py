@@ -13,8 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .decoder import KeyValue, context_step, layer_forward, rotary, window_masks
-from .tensor_parallel import embed
+from .decoder import KeyValue, context_step, embed_tokens, layer_forward, long_rope, rotary, window_masks
 from .weights import DecoderWeights
 
 
@@ -48,14 +47,15 @@ def common_prefix_length(seqs: Sequence[Sequence[int]], limit: int | None = None
     return n
 
 
-def prefix_keys_values(w: DecoderWeights, ids: Sequence[int]) -> tuple[KeyValue, ...]:
-    """Keys/values [1, kv_heads, len(ids), head_dim] of ``ids`` (positions 0..) at every layer, with no graph."""
+def prefix_keys_values(w: DecoderWeights, ids: Sequence[int], long: bool = False) -> tuple[KeyValue, ...]:
+    """Keys/values [1, kv_heads, len(ids), head_dim] of ``ids`` (positions 0..) at every layer, with no graph;
+    ``long``: of sequences that take LongRoPE's long frequencies."""
     pos = torch.arange(len(ids), device=w.device)[None]
-    rope = rotary(w, pos, w.dtype)
+    rope = rotary(w, pos, w.dtype, torch.tensor([long], device=w.device))
     masks = window_masks(w, range(w.n_layers), pos, pos, None)
     kvs = []
     with torch.no_grad():
-        x = embed(to_device(torch.tensor([list(ids)]), w.device), w.embed, w.tp)
+        x = embed_tokens(w, to_device(torch.tensor([list(ids)]), w.device))
         for i in range(w.n_layers):
             x, kv = context_step(w, i, x, rope, masks)
             kvs.append(kv)
@@ -76,23 +76,27 @@ def padded_forward(
     prefix: Sequence[KeyValue] | None = None,
     n_layers: int | None = None,
     each_state: Callable[[torch.Tensor], None] | None = None,
+    long: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The residual stream [B, width, d] after the first ``n_layers`` layers (default: all) of ``seqs``, right-padded,
     at positions ``start``, ``start`` + 1, ..., with no graph. ``prefix``: the keys/values of positions [0, start)
     at every layer (``prefix_keys_values``), which every sequence follows. ``each_state`` is handed the embedding
-    output and each layer's output in turn."""
+    output and each layer's output in turn. ``long`` [B]: which sequences take LongRoPE's long frequencies
+    (default: by each sequence's own length)."""
     n_layers = w.n_layers if n_layers is None else n_layers
     ids = right_padded(seqs, w.device)
     batch, width = ids.shape
     pos = torch.arange(start, start + width, device=w.device).expand(batch, width)
     keys = pos if prefix is None else torch.cat((torch.arange(start, device=w.device).expand(batch, start), pos), dim=1)
     past = expand_prefix(prefix, batch, w.n_layers)
+    if long is None:
+        long = long_rope(w, [start + len(s) for s in seqs])
     with torch.no_grad():
-        x = embed(ids, w.embed, w.tp)
+        x = embed_tokens(w, ids)
         if each_state is not None:
             each_state(x)
         if n_layers > 0:
-            rope = rotary(w, pos, w.dtype)
+            rope = rotary(w, pos, w.dtype, long)
             masks = window_masks(w, range(n_layers), pos, keys, None)
             for i, layer in enumerate(w.layers[:n_layers]):
                 x, _ = layer_forward(w, layer, x, rope, masks, past=past[i])

@@ -26,9 +26,8 @@ from typing import Sequence
 
 import torch
 
-from ..model.decoder import context_step, layer_forward, rms_norm, rotary, window_masks
+from ..model.decoder import context_step, embed_tokens, layer_forward, long_rope, norm, rotary, window_masks
 from ..model.forward import expand_prefix, padded_forward, right_padded, to_device
-from ..model.tensor_parallel import embed
 from ..model.weights import DecoderWeights
 from .items import PreparedItem
 from .shared_prefix import SharedPrefix
@@ -92,6 +91,7 @@ def band_pass(
     s_len_h = [it.length - t for it, t in zip(items, t_star_h)]
     t_star = to_device(torch.tensor(t_star_h), dev)
     batch, n_max = len(items), max(it.length for it in items)
+    long = long_rope(w, [it.length + 1 for it in items])  # transformers' choice for prompt + whole answer
     # keys/values of the shared positions [0, c) per layer, the same for every item
     shared_kv = expand_prefix(None if shared is None else shared.keys_values, batch, n_layers)
     shared_pos = torch.arange(c, device=dev).expand(batch, c)
@@ -104,21 +104,23 @@ def band_pass(
 
     if prefix_kv is None:
         first = band.start  # layers below the band run on every position, without a graph
-        x = padded_forward(w, [s[c:] for s in seqs], c, None if shared is None else shared.keys_values, n_layers=first)
+        x = padded_forward(
+            w, [s[c:] for s in seqs], c, None if shared is None else shared.keys_values, n_layers=first, long=long
+        )
         x_suf = x.gather(1, (suf_pos - c).clamp(max=n_max - c - 1)[..., None].expand(-1, -1, x.shape[-1]))
         x_pre = x[:, : p_max - c]
-        pre_rope = rotary(w, pre_pos, dtype)
+        pre_rope = rotary(w, pre_pos, dtype, long)
         pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
     elif band_inputs is None:
         first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
-        x_suf = embed(right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max), w.embed, w.tp)
+        x_suf = embed_tokens(w, right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max))
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
     else:
         first = band.start  # only the band runs, on the suffix, from the given residual stream
         x_suf = pad_rows([x[:n].to(device=dev, dtype=dtype) for x, n in zip(band_inputs, s_len_h)], s_max)
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
 
-    suf_rope = rotary(w, suf_pos, dtype)
+    suf_rope = rotary(w, suf_pos, dtype, long)
     suf_masks = window_masks(
         w,
         range(first, n_layers),
@@ -146,7 +148,7 @@ def band_pass(
     answer_lengths = [len(it.answer_ids) for it in items]
     rows_b = torch.repeat_interleave(torch.arange(batch), torch.tensor(answer_lengths))
     rows_s = torch.cat([torch.arange(s - t, s) for s, t in zip(s_len_h, answer_lengths)])
-    answer_hidden = rms_norm(x_suf[to_device(rows_b, dev), to_device(rows_s, dev)], w.final_norm, w.norm_eps)
+    answer_hidden = norm(w, x_suf[to_device(rows_b, dev), to_device(rows_s, dev)], w.final_norm)
     targets = to_device(torch.tensor([tok for it in items for tok in it.answer_ids], dtype=torch.long), dev)
     offsets = to_device(torch.tensor([0, *answer_lengths]).cumsum(0), dev)
     return BandPass(answer_hidden, probes, targets, offsets)

@@ -79,13 +79,14 @@ class ClaimRows:
 
 def head_logits(w: DecoderWeights, h: torch.Tensor, bounds: list[int], given: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
     """Logits [rows, V] of the answer rows ``h`` of consecutive items (``bounds``: their row offsets): given ones
-    copied (never the given tensors themselves: token_stats overwrites its input), the others formed."""
+    (vLLM's, soft-capped as the model caps them) copied (never the given tensors themselves: token_stats
+    overwrites its input), the others formed."""
     if given is None or all(g is None for g in given):
-        return h @ w.head.T
+        return head.logits(w, h)
     parts = []
     for b, g in enumerate(given):
         lo, hi = bounds[b] - bounds[0], bounds[b + 1] - bounds[0]
-        parts.append(h[lo:hi] @ w.head.T if g is None else g[: hi - lo].to(device=h.device, dtype=h.dtype))
+        parts.append(head.logits(w, h[lo:hi]) if g is None else g[: hi - lo].to(device=h.device, dtype=h.dtype))
     return torch.cat(parts)
 
 

@@ -45,11 +45,30 @@ def vocab_parallel_token_stats(logits: torch.Tensor, targets: torch.Tensor, tp: 
     return TokenStats(logp.masked_fill(bad, math.nan), entropy.masked_fill(bad, math.nan), nll_grad)
 
 
+def logits(w: DecoderWeights, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of final-normed states: the head's product (this rank's rows), soft-capped where the model caps
+    its logits (Gemma-2: c·tanh(z / c), as transformers computes it)."""
+    z = hidden @ w.head.T
+    if w.final_softcap is None:
+        return z
+    return torch.tanh(z / w.final_softcap) * w.final_softcap
+
+
 def token_stats(w: DecoderWeights, kernels: Kernels, logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
-    """Log-probs, entropies and ``softmax − onehot`` of answer rows (unchecked; the logits' memory may be reused)."""
+    """Log-probs, entropies and ``softmax − onehot`` of answer rows (unchecked; the logits' memory may be reused).
+    Where the model soft-caps its logits l = c·tanh(z / c), ``softmax − onehot`` (the NLL's gradient w.r.t. l)
+    is multiplied by the cap's derivative dl/dz = 1 − (l / c)², so that it is the gradient w.r.t. the head's
+    product z = W h̃, from which the head gradient and the gradient into h̃ follow as without a cap."""
+    derivative = None
+    if w.final_softcap is not None:
+        derivative = 1 - (logits.to(accumulation_dtype(logits.dtype)) / w.final_softcap).square()
     if w.tp is None:
-        return kernels.token_stats(logits, targets, check=False, overwrite=True)
-    return vocab_parallel_token_stats(logits, targets, w.tp)
+        stats = kernels.token_stats(logits, targets, check=False, overwrite=True)
+    else:
+        stats = vocab_parallel_token_stats(logits, targets, w.tp)
+    if derivative is None:
+        return stats
+    return TokenStats(stats.logp, stats.entropy, stats.nll_grad * derivative.to(stats.nll_grad.dtype))
 
 
 def head_grad_l1(

@@ -50,6 +50,9 @@ class PrefixCache:
         self.entry: SharedPrefix | None = None
 
     def for_batch(self, w: DecoderWeights, items: Sequence[PreparedItem]) -> SharedPrefix | None:
+        long_after = w.long_rope_after
+        if long_after is not None and any(it.length + 1 > long_after for it in items):
+            return None  # LongRoPE's long frequencies: the prefix's keys/values are not those of short sequences
         if self.entry is not None and all(self.entry.fits(it) for it in items):
             return self.entry
         if len(items) < 2:

@@ -14,8 +14,9 @@ import torch
 
 from ..errors import SemgradError
 from ..kernels import Kernels
-from ..model.decoder import layer_forward, rms_norm, rotary, window_masks
+from ..model.decoder import layer_forward, long_rope, norm, rotary, scale_embedding, window_masks
 from ..model.weights import DecoderWeights
+from . import head
 from .items import PreparedItem
 
 UNTIED = "paragrad_tied needs a model whose output head is its input embedding; this model's head is its own matrix"
@@ -33,13 +34,13 @@ def paragrad_tied(w: DecoderWeights, item: PreparedItem, paragrad: float, kernel
     ids = torch.tensor(item.prompt_ids + item.answer_ids, device=w.device)
     x0 = w.embed[ids][None].requires_grad_(True)
     positions = torch.arange(len(ids), device=w.device)[None]
-    rope = rotary(w, positions, w.dtype)
+    rope = rotary(w, positions, w.dtype, long_rope(w, [len(ids)]))
     masks = window_masks(w, range(w.n_layers), positions, positions, None)
-    x = x0
+    x = scale_embedding(w, x0)
     for layer in w.layers:
         x, _ = layer_forward(w, layer, x, rope, masks)
-    hidden = rms_norm(x[0, n - 1 : n + n_answer - 1], w.final_norm, w.norm_eps)
-    stats = kernels.token_stats(hidden.detach() @ w.head.T, ids[n:])
+    hidden = norm(w, x[0, n - 1 : n + n_answer - 1], w.final_norm)
+    stats = head.token_stats(w, kernels, head.logits(w, hidden.detach()), ids[n:])
     logits_grad = stats.nll_grad * (stats.entropy / n_answer)[:, None]  # g_t = (w_t/T)(softmax − onehot)
     (x0_grad,) = torch.autograd.grad(hidden, x0, grad_outputs=logits_grad.to(w.dtype) @ w.head)
     rows, where = torch.unique(ids, return_inverse=True)
