@@ -97,8 +97,8 @@ def test_vllm_layout_errors_name_the_problem() -> None:
     del layout.model.layers[2].mlp
     with pytest.raises(SemgradError, match="module layout"):
         from_vllm_model(layout, model.config)
-    with pytest.raises(SemgradError, match="'gemma2' is not supported"):
-        from_vllm_model(layout, SimpleNamespace(model_type="gemma2"))
+    with pytest.raises(SemgradError, match="'deepseek_v3' is not supported: multi-head latent attention"):
+        from_vllm_model(layout, SimpleNamespace(model_type="deepseek_v3"))
 
 
 # -- the scoring service and its client ---------------------------------------------------------------
@@ -440,3 +440,23 @@ def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
     assert capture_state(SimpleNamespace(kv_connector="SemgradCaptureConnector", kv_connector_module_path=CAPTURE_CONNECTOR_MODULE))
     with pytest.raises(SemgradError, match="drop --kv-transfer-config"):
         capture_state(SimpleNamespace(kv_connector="LMCacheConnectorV1", kv_connector_module_path=None))
+
+
+def test_tensor_parallelism_is_refused_for_families_without_a_sharded_check() -> None:
+    from semgrad_serve.serving.config import check_tensor_parallel
+
+    check_tensor_parallel("gemma3_text", 1)
+    check_tensor_parallel("qwen3", 2)
+    with pytest.raises(SemgradError, match="qwen3_moe models does not support tensor parallelism yet"):
+        check_tensor_parallel("qwen3_moe", 2)
+
+
+def test_long_rope_reuse_only_where_vllm_rotated_as_transformers() -> None:
+    """vLLM 0.32 takes LongRoPE's long frequencies for every sequence when its context is longer than the original
+    (4096 here), transformers for a sequence longer than 4096 tokens: reuse only where both chose the same."""
+    from semgrad_serve.serving.worker import rope_agrees
+
+    long_rope = SimpleNamespace(long_rope_after=4096)
+    assert rope_agrees(long_rope, 4096, 4096) and not rope_agrees(long_rope, 4096, 4097)  # vLLM short throughout
+    assert not rope_agrees(long_rope, 8192, 4096) and rope_agrees(long_rope, 8192, 4097)  # vLLM long throughout
+    assert rope_agrees(SimpleNamespace(long_rope_after=None), 8192, 100)

@@ -14,12 +14,20 @@ import os
 from typing import Any
 
 from ..errors import ItemError, SemgradError
+from ..model.weights import DecoderWeights
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
 from ..scoring.scorer import Scorer
 from . import rank_sync
 from .captures import STORE, Given
-from .config import CAPTURE_CONNECTOR_MODULE, PIPELINE_REFUSED, TEST_FAULT_MARKER, TEST_FAULTS_ENV, log
+from .config import (
+    CAPTURE_CONNECTOR_MODULE,
+    PIPELINE_REFUSED,
+    TEST_FAULT_MARKER,
+    TEST_FAULTS_ENV,
+    check_tensor_parallel,
+    log,
+)
 from .scoring_service import Pair, ScoreFn, ScoringService, generation_cores, scoring_cores
 from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
@@ -78,6 +86,14 @@ def records_band_inputs(vllm_config: Any) -> bool:
     return bool(eager) and vllm_config.speculative_config is None
 
 
+def rope_agrees(weights: DecoderWeights, max_model_len: int, n_tokens: int) -> bool:
+    """Whether vLLM rotated a sequence of ``n_tokens`` (prompt + answer) as the scoring forward does. With LongRoPE,
+    vLLM takes the long frequencies for every sequence when its context is longer than the original one,
+    transformers only for a sequence longer than that; where they differ, nothing vLLM computed is reused."""
+    after = weights.long_rope_after
+    return after is None or (max_model_len > after) == (n_tokens > after)
+
+
 def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     """The test seam: ``score`` that fails, as a broken scoring pass would, for a batch holding a prompt whose
     text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone)."""
@@ -108,6 +124,7 @@ class SemgradWorkerExtension:
         capture = capture_state(vllm_config.kv_transfer_config)
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
+        check_tensor_parallel(config.model_type, parallel.tensor_parallel_size)
         groups = rank_sync.scoring_groups() if parallel.tensor_parallel_size > 1 else None
         weights = from_vllm_model(self.model_runner.model, config, groups)  # type: ignore[attr-defined]
         tokenizer = AutoTokenizer.from_pretrained(
@@ -128,6 +145,7 @@ class SemgradWorkerExtension:
             RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
         def score(pairs: list[Pair], given: list[Given], claims: list[bool]) -> list[dict[str, Any]]:
+            given = [g if rope_agrees(weights, model_config.max_model_len, len(p) + len(a)) else Given() for (p, a), g in zip(pairs, given)]
             results = scorer.score(
                 pairs,
                 batch_size=max(len(pairs), 1),
