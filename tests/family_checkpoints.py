@@ -82,12 +82,14 @@ FAMILIES: dict[str, Callable[[int], tuple[Callable[[Any], torch.nn.Module], Any]
 }
 
 
-def save_family_checkpoint(family: str, target: Path, seed: int = 0) -> Path:
-    """A random float32 model of ``family`` (a ``model_type``) saved in ``target``, with the default model's
-    tokenizer and chat template; returns ``target``."""
+def save_family_checkpoint(family: str, target: Path, seed: int = 0, **config_changes: Any) -> Path:
+    """A random float32 model of ``family`` (a ``model_type``; ``config_changes``: config fields) saved in
+    ``target``, with the default model's tokenizer and chat template; returns ``target``."""
     source = resolve_model(None)
     vocab = len(json.loads((source / "tokenizer.json").read_text())["model"]["vocab"])
     cls, config = FAMILIES[family](vocab)
+    for field, value in config_changes.items():  # by attribute: the config's own aliases apply (num_experts)
+        setattr(config, field, value)
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32)
     with torch.no_grad():  # norms start at their identity (1, or 0 for Gemma's 1 + w): make a swapped norm show
