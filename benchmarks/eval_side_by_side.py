@@ -27,7 +27,7 @@ ROWS = [
     ("p_true", "P(True)"),
 ]
 DATASETS = ("sciq", "truthfulqa")
-# The paper's AUROC (%), average over its three 4-12B models (../shared/SPEC.md); None: not reported.
+# The paper's AUROC (%), average over its three 4-12B models (docs/spec.md); None: not reported.
 PAPER = {
     "semgrad": (74.50, 70.25),
     "paragrad": (75.02, 66.95),
@@ -76,7 +76,7 @@ def main() -> None:
         "",
         f"Runs: {', '.join(f'`{p}`' for p in args.runs)}; judge: {', '.join(judges)}. Greedy answers to the paper's prompt, "
         "full SciQ (1000) and TruthfulQA (817) test files. Paper: average over Llama-3.1-8B, Qwen3-4B and Mistral-Nemo, "
-        "BEM judge (../shared/SPEC.md).",
+        "BEM judge (docs/spec.md).",
         "",
         table(runs),
         "",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one command, on a machine with an NVIDIA GPU and a CUDA torch:
 # builds the native kernels (CUDA included), runs the CUDA tests, and writes
-# benchmarks/results/{kernels_cuda,kernels_cuda_bf16,scoring_cuda}.md naming the device.
+# benchmarks/results/{kernels_cuda,kernels_cuda_bf16,scoring_cuda,gpu_decode_cuda}.md naming the device.
 #   bash benchmarks/gpu.sh [RESULTS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +16,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" benchmarks/kernels.py --device cuda --out "$out/kernels_cuda.md"
 "$python" benchmarks/kernels.py --device cuda --dtype bfloat16 --out "$out/kernels_cuda_bf16.md"
 "$python" benchmarks/scoring_gpu.py --out "$out/scoring_cuda.md"
+"$python" benchmarks/gpu_decode.py --out "$out/gpu_decode_cuda.md"

@@ -1,6 +1,6 @@
 """How well each offline judge agrees with hand labels (``benchmarks/hand_labels/*.jsonl``).
 
-    python benchmarks/judge_check.py [--data ../shared/data] [--items benchmarks/results/eval_smollm2-135m_items.jsonl.gz]
+    python benchmarks/judge_check.py [--data data] [--items benchmarks/results/eval_smollm2-135m_items.jsonl.gz]
 
 For each dataset: agreement (share of labelled answers where the judge says what the reviewer said), Cohen's kappa
 (agreement beyond what the two shares of "correct" give by chance), the judge's recall and precision on the
@@ -40,7 +40,7 @@ def cell(said: np.ndarray, hand: np.ndarray) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data", default=str(ROOT / "data"))
     parser.add_argument("--items", default=str(ROOT / "benchmarks/results/eval_smollm2-135m_items.jsonl.gz"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/eval_judge_check.md"))
     args = parser.parse_args()

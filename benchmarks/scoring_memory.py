@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 from semgrad_serve.scoring.items import DEFAULT_BATCH_TOKENS
 
-DATA = ROOT.parent / "shared" / "data" / "sciq" / "test.jsonl"
+DATA = ROOT / "data" / "sciq" / "test.jsonl"
 ANSWER_TOKENS = 24
 
 

@@ -47,7 +47,7 @@ from semgrad_serve.serving.config import ScoringSettings
 
 from launch_server import RunningServer, free_port, plain_vllm_command, running_server, serve_command
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 RAG_FACTS = 70  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question
 # name -> (prompt template, max_tokens): the paper's short-answer QA, open answers of a paragraph, and
 # retrieval-augmented questions (each its own long context, short answers).

@@ -28,7 +28,9 @@ fi
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
-if command -v nvidia-smi >/dev/null 2>&1; then variant=cuda; torch_req=torch; else variant=cpu; torch_req=torch==2.13.0; fi
+# vLLM 0.32.0 (both builds, as setup.py pins them) requires torch 2.13.0: the kernels must be built against that one.
+if command -v nvidia-smi >/dev/null 2>&1; then variant=cuda; else variant=cpu; fi
+torch_req=torch==2.13.0
 echo "bootstrap: installing semgrad-serve[$variant] into .venv" >&2
 
 "${pip[@]}" install -q --upgrade pip setuptools wheel

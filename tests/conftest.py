@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 if TYPE_CHECKING:
     from launch_server import RunningServer
 
-# The project's QA data lives beside the repository (../shared/data), never in it.
-DATA_DIR = Path(os.environ.get("SEMGRAD_SERVE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+# The project's QA data ships in the repository (data/, sources and licences in its README).
+DATA_DIR = Path(os.environ.get("SEMGRAD_SERVE_DATA", Path(__file__).resolve().parents[1] / "data"))
 
 # Relative agreement of float32 scores of the same item scored beside different batch-mates (or alone):
 # padding changes the float32 rounding of every matmul, and for a confident token 1 - p(y_t) sits near
@@ -30,9 +30,9 @@ FLOAT32_BATCH_REL = 5e-4
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared QA data (``{sciq,truthfulqa}/{test,paraphrase}.jsonl``); a clear failure where it is missing."""
+    """The QA data (``{sciq,truthfulqa}/{test,paraphrase}.jsonl``); a clear failure where it is missing."""
     if not (DATA_DIR / "sciq" / "test.jsonl").is_file():
-        pytest.fail(f"the shared QA data is not at {DATA_DIR}: check out ../shared beside the repository or set SEMGRAD_SERVE_DATA")
+        pytest.fail(f"the QA data is not at {DATA_DIR}: it ships in the repository's data/ (or set SEMGRAD_SERVE_DATA)")
     return DATA_DIR
 
 

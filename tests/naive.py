@@ -33,6 +33,9 @@ def _forward(
     out = model.model(inputs_embeds=embeds, output_hidden_states=True)
     answer_rows = slice(n_prompt - 1, n_prompt + len(answer) - 1)
     logits = (out.last_hidden_state[0] @ head.T)[answer_rows] if all_logits else out.last_hidden_state[0, answer_rows] @ head.T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # as the model's *ForCausalLM caps them (Gemma-2)
+        logits = torch.tanh(logits / cap) * cap
     logp, entropy = token_logprobs(logits, answer)
     return out.hidden_states, head, logp, entropy.detach()
 

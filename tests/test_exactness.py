@@ -16,7 +16,7 @@ from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import PrefixCache
 
 from naive import naive_scores
-from tiny_models import FAMILY_PARAMS, random_items, tiny_model
+from tiny_models import FAMILY_PARAMS, GIVEN_STATE_PARAMS, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
 
@@ -65,7 +65,7 @@ def test_custom_band_and_t_star_at_prompt_start() -> None:
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", GIVEN_STATE_PARAMS)
 def test_shared_prefix_matches_naive(family: str) -> None:
     """Items that share a prompt prefix run from its end, its keys/values computed once, with the same scores;
     the prefix (9 tokens) is longer than the sliding windows (5, 6) of the windowed families."""
@@ -212,7 +212,7 @@ def prefix_keys_values(weights, prompt: list[int], t_star: int) -> torch.Tensor:
     return torch.stack([torch.stack((k[0], v[0])) for k, v in kvs])
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", GIVEN_STATE_PARAMS)
 def test_given_prefix_keys_values_match_naive(family: str) -> None:
     """Items whose keys/values before t* are given (as read from vLLM's KV cache) run only from t* on,
     through every layer, with the same scores; mixed with items that recompute them, in any order."""
@@ -246,7 +246,7 @@ def generation_states(model, prompt: list[int], answer: list[int], t_star: int, 
     return out.hidden_states[band.start][0, t_star:], out.logits[0, len(prompt) - 1 :]
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", GIVEN_STATE_PARAMS)
 def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
     """Items given their band's inputs (the residual stream vLLM computed), the band layers' prefix keys/values and,
     for some, the answer's logits run only the band and form only the missing logits, with the same scores; a

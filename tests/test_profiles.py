@@ -98,6 +98,11 @@ def test_profile_resolution_order(tmp_path) -> None:
     assert resolve_profile(other, "<|start_header_id|>", None, None).t_star.token == "<|start_header_id|>"
     mistral = resolve_profile(other, "[INST] x [/INST]", None, None)
     assert (mistral.t_star.token, mistral.t_star.offset) == ("[/INST]", -1)
+    gemma_template = "{{ '<start_of_turn>' + role + '\\n' }}...{{ '<start_of_turn>model\\n' }}"
+    gemma = SimpleNamespace(model_type="gemma3_text", num_hidden_layers=26, hidden_size=1152, vocab_size=262144)
+    assert resolve_profile(gemma, gemma_template, None, None).name == "gemma"
+    phi = SimpleNamespace(model_type="phi3", num_hidden_layers=32, hidden_size=3072, vocab_size=32064)
+    assert resolve_profile(phi, "{{'<|user|>' + m}}{{'<|end|>'}}{{'<|assistant|>'}}", None, None).name == "phi3"
     (tmp_path / "semgrad_profile.json").write_text(json.dumps({"name": "mine", "t_star": {"token": "<a>"}}))
     assert resolve_profile(smol, "<|im_start|>", tmp_path, None).name == "mine"
     explicit = tmp_path / "explicit.json"
@@ -113,8 +118,22 @@ def test_builtin_profiles_are_valid() -> None:
 
 
 def test_unsupported_family_is_named() -> None:
-    with pytest.raises(SemgradError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(SemgradError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral"):
         check_family(SimpleNamespace(model_type="gpt2"))
+    with pytest.raises(SemgradError, match=r"'deepseek_v3' is not supported: multi-head latent attention"):
+        check_family(SimpleNamespace(model_type="deepseek_v3"))
+    with pytest.raises(SemgradError, match=r"'gemma3' is not supported: multimodal .*\(gemma3_text\)"):
+        check_family(SimpleNamespace(model_type="gemma3"))
+
+
+def test_gemma_and_phi_t_star_opens_the_models_turn() -> None:
+    """By analogy with Llama-3's and ChatML's rules: the last token that opens the assistant's turn."""
+    by_name = {p.name: p for p in builtin_profiles()}
+    # <bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n as ids, with the two rule tokens 7 and 9
+    gemma_ids = [2, 7, 11, 12, 13, 8, 14, 7, 15, 14]
+    assert by_name["gemma"].t_star.locate(gemma_ids, 7) == 7
+    phi_ids = [9, 11, 12, 8, 14, 9, 13, 14, 5, 14]  # <|user|>\nHi<|end|>\n ... <|assistant|>\n
+    assert by_name["phi3"].t_star.locate(phi_ids, 5) == 8
 
 
 def test_threshold_fitted_in_another_dtype_warns(default_scorer) -> None:

@@ -26,6 +26,7 @@ from ..serving.config import (
     check_tensor_parallel,
     server_url,
 )
+from ..serving.runner_check import V2_RUNNER_ENV
 from .common import add_model_arguments
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
@@ -167,12 +168,14 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
 
 
 def server_env(settings: ScoringSettings, cpu_workers: int = 0) -> dict[str, str]:
-    """This process's environment plus the plugin allowlist and the scoring settings. With ``cpu_workers``
+    """This process's environment plus the plugin allowlist, vLLM's V1 model runner (unless the user chose one)
+    and the scoring settings. With ``cpu_workers``
     (vLLM's CPU workers: the tensor-parallel size on CPU, 0 on a GPU), the cores vLLM reserves beside its
     workers and, with more than one worker, each worker's core binding, unless the user set them."""
     env = dict(os.environ)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*plugins, PLUGIN_NAME]))
+    env.setdefault(V2_RUNNER_ENV, "0")  # the runner scoring was tested on; V2 is vLLM's GPU default (docs/gpu.md)
     if cpu_workers and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env:
         # vLLM reserves one more core per worker when a KV connector is configured (for NIXL's transfers); the
         # capture connector moves nothing, and on a 2-core machine that reserve leaves none, so vLLM's threads

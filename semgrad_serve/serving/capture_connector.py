@@ -16,6 +16,10 @@ score the answer) are touched:
   the scoring thread), and the request is
   reported finished in the same step, so vLLM frees its blocks one step after
   the request ended, whatever happens to scoring later.
+
+A cache whose layout is not known, or that holds quantized keys/values (an FP8
+cache: they would move the scores), is never read: those answers are scored by
+recomputing the prompt, and a warning says so once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from vllm.v1.request import RequestStatus
 
 from .captures import KV_PARAM, STORE
 from .config import log
-from .kv_layout import copy_blocks, layout_for, unpack
+from .kv_layout import copy_blocks, layout_for, quantized_cache, unpack
 from .step_recorder import RECORDER, Recorded
 
 if TYPE_CHECKING:
@@ -79,6 +83,7 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         self._caches: list[torch.Tensor] = []  # worker side: per-layer caches, in layer order
         self._layout: str | None = None
         self._layout_known = False
+        self._unreadable: str | None = None  # why the caches are not read (quantized), found at registration
 
     # -- scheduler side ----------------------------------------------------------------------------
 
@@ -113,6 +118,10 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         from vllm.model_executor.models.utils import extract_layer_index
 
         self._caches = [kv_caches[name] for name in sorted(kv_caches, key=extract_layer_index)]
+        self._unreadable = quantized_cache(self._caches)
+        if self._unreadable is not None:
+            log.warning("SemGrad: %s, which would change the scores; answers are scored by recomputing the prompt "
+                        "(scores unchanged)", self._unreadable)
 
     def _cache_layout(self) -> str | None:
         """The layout of the registered caches, found once from the attention layers."""
@@ -138,8 +147,10 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         for request_id in connector_metadata.forget:
             RECORDER.forget(request_id)
         for order in connector_metadata.orders:
-            layout = self._cache_layout() if self._caches else None
+            layout = self._cache_layout() if self._caches and self._unreadable is None else None
             read = None if layout is None else (lambda n, first, o=order: self._copy(o, n, first))
+            if read is None:  # what was recorded for it cannot be used without the prompt's keys/values
+                RECORDER.forget(order.request_id)
             STORE.add(
                 order.key,
                 order.prompt_ids,

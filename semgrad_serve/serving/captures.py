@@ -152,7 +152,7 @@ class CaptureStore:
         output_ids: tuple[int, ...],
     ) -> Capture:
         if read is None:
-            return Capture(prompt_ids, None, reason="the KV cache layout of this attention backend is not known")
+            return Capture(prompt_ids, None, reason="the KV cache is not read (its layout is not known, or it is quantized)")
         n = self.prefix_length(prompt_ids) if self.prefix_length is not None else None
         if n is None:
             return Capture(prompt_ids, None, reason="no t* in the prompt")

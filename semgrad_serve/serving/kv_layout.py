@@ -14,10 +14,20 @@ backend:
 ``copy_blocks`` copies a request's blocks as they are (cheap: it runs between
 engine steps), ``unpack`` turns them into ``[n_layers, 2, kv_heads, n, head_dim]``,
 the form ``Scorer.score`` takes (on the scoring thread).
+
+A quantized cache (``--kv-cache-dtype fp8`` and the like) is never read for
+scoring: its keys/values move scores by 7-41% (``benchmarks/fp8_kv_scores.py``),
+so the server recomputes the prompt (``quantized_cache`` says when). vLLM
+allocates such a cache as bytes; with ``fp8``/``fp8_e4m3`` every GPU backend
+stores, per element, the platform's FP8 type (e4m3) of value / scale, with one
+scale for the keys and one for the values of each layer (the attention layer's
+``_k_scale``/``_v_scale``; vLLM 0.32 refuses any other granularity), which
+``dequantize`` reverses.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -27,6 +37,38 @@ CPU_TRANSPOSED_K = "cpu_transposed_k"
 # CPU_ATTN kernels whose cache layout is known (checked against vLLM's own writer in the tests);
 # AMX packs keys differently, so a server using it scores by recompute.
 CPU_ISAS = ("vec", "vec16")
+
+# Cache element types holding keys/values as vLLM's attention computed them; any other (uint8, int8, FP8) is quantized.
+FULL_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def quantized_cache(caches: Sequence[torch.Tensor]) -> str | None:
+    """Why the per-layer caches cannot be read for scoring (they hold quantized keys/values), or None."""
+    quantized = sorted({str(c.dtype).removeprefix("torch.") for c in caches if c.dtype not in FULL_PRECISION})
+    return f"the KV cache holds quantized keys/values ({', '.join(quantized)})" if quantized else None
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """How a layer's FP8 cache holds its keys/values: ``dtype`` elements (the cache's bytes viewed so) that times
+    ``k_scale`` / ``v_scale`` are the keys / values vLLM attends to."""
+
+    dtype: torch.dtype
+    k_scale: float
+    v_scale: float
+
+
+def dequantize(kv: torch.Tensor, quants: Sequence[KVQuant], dtype: torch.dtype) -> torch.Tensor:
+    """Keys/values [n_layers, 2, kv_heads, n, head_dim] in ``dtype`` from ``unpack``'s bytes of a quantized cache
+    (``quants``: per layer, in the same order)."""
+    if len(quants) != kv.shape[0]:
+        raise ValueError(f"{len(quants)} quantization scales for {kv.shape[0]} layers")
+    out = torch.empty(kv.shape, dtype=dtype, device=kv.device)
+    for layer, (stored, quant) in enumerate(zip(kv, quants)):
+        values = stored.view(quant.dtype).to(torch.float32)
+        out[layer, 0] = values[0] * quant.k_scale
+        out[layer, 1] = values[1] * quant.v_scale
+    return out
 
 
 def layout_for(backend_name: str, cpu_isa: str | None = None) -> str | None:

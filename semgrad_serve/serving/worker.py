@@ -28,6 +28,7 @@ from .config import (
     check_tensor_parallel,
     log,
 )
+from .runner_check import check_runner
 from .scoring_service import Pair, ScoreFn, ScoringService, generation_cores, scoring_cores
 from .step_recorder import RECORDER
 from .weights import from_vllm_model, keep_dense_cpu_weights
@@ -77,12 +78,15 @@ def capture_state(kv_transfer_config: Any) -> bool:
 
 
 def records_band_inputs(vllm_config: Any) -> bool:
-    """Whether the band's inputs can be recorded while generating: the model runs eagerly (a captured CUDA
-    graph or compiled graph would not call the hook) and without speculative decoding (rejected draft tokens
-    would be recorded)."""
-    from vllm.config import CompilationMode
+    """Whether the band's inputs can be recorded while generating: the model runs eagerly (a compiled graph or
+    a replayed CUDA graph, which vLLM captures even uncompiled, would not call the hook) and without
+    speculative decoding (rejected draft tokens would be recorded)."""
+    from vllm.config import CompilationMode, CUDAGraphMode
 
-    eager = vllm_config.model_config.enforce_eager or vllm_config.compilation_config.mode == CompilationMode.NONE
+    compilation = vllm_config.compilation_config
+    eager = vllm_config.model_config.enforce_eager or (
+        compilation.mode == CompilationMode.NONE and compilation.cudagraph_mode == CUDAGraphMode.NONE
+    )
     return bool(eager) and vllm_config.speculative_config is None
 
 
@@ -118,6 +122,8 @@ class SemgradWorkerExtension:
         from transformers import AutoTokenizer
 
         vllm_config = self.vllm_config  # type: ignore[attr-defined]
+        check_runner(vllm_config, self.model_runner)  # type: ignore[attr-defined]
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]  # unwrapped from any CUDA graph wrapper
         parallel = vllm_config.parallel_config
         if parallel.pipeline_parallel_size != 1:
             raise SemgradError(PIPELINE_REFUSED)
@@ -126,7 +132,7 @@ class SemgradWorkerExtension:
         config = model_config.hf_config
         check_tensor_parallel(config.model_type, parallel.tensor_parallel_size)
         groups = rank_sync.scoring_groups() if parallel.tensor_parallel_size > 1 else None
-        weights = from_vllm_model(self.model_runner.model, config, groups)  # type: ignore[attr-defined]
+        weights = from_vllm_model(model, config, groups)
         tokenizer = AutoTokenizer.from_pretrained(
             model_config.tokenizer,
             revision=model_config.tokenizer_revision,
@@ -139,7 +145,6 @@ class SemgradWorkerExtension:
         band = scorer.band
         record = capture and records_band_inputs(vllm_config)
         if record:
-            model = self.model_runner.model  # type: ignore[attr-defined]
             # under tensor parallelism the logits are gathered to rank 0 only, and each rank's head forms its own
             logits_processor = model.logits_processor if groups is None else None
             RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
