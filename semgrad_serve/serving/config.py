@@ -34,9 +34,9 @@ PIPELINE_REFUSED = (
     "split the model with --tensor-parallel-size instead"
 )
 DATA_PARALLEL_REFUSED = "SemGrad scoring runs in one vLLM engine: data-parallel size must be 1; start one server per replica"
-# Families whose sharded scoring is checked against unsharded scores (tests/test_serving_tensor_parallel.py);
-# the others are served by one worker until theirs is.
-TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Families whose sharded scoring is checked against unsharded scores (tests/test_serving_tensor_parallel.py,
+# tests/test_serving_families.py); the others are served by one worker until theirs is.
+TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def check_tensor_parallel(family: str, size: int) -> None:
