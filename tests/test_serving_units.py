@@ -408,7 +408,8 @@ def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
         (["serve", "--", "--kv-transfer-config", "{}"], "runs its own KV connector"),
         (["serve", "--", "--pipeline-parallel-size", "2"], "does not support pipeline parallelism"),
         (["serve", "--", "-pp=2"], "does not support pipeline parallelism"),
-        (["serve", "--", "--data-parallel-size", "2"], "one server per replica"),
+        (["serve", "--", "--api-server-count", "2"], "needs one API server"),
+        (["serve", "--data-parallel-size", "0"], "--data-parallel-size must be at least 1"),
         (["serve", "--", "--tensor-parallel-size", "2"], "9 attention heads do not split over 2 ranks"),  # vLLM's spelling
         (["serve", "--", "-tp=x"], "-tp needs a whole number, got 'x'"),
         (["serve", "--tensor-parallel-size", "0"], "at least 1"),
@@ -419,19 +420,6 @@ def test_serve_mistakes_print_one_line(argv: list[str], message: str, capsys) ->
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-def test_data_parallel_is_refused_at_start_up() -> None:
-    """With --data-parallel-size > 1 scoring would reach only engine 0: the plugin refuses to start."""
-    from semgrad_serve.serving.plugin import SemgradPlugin
-
-    class NoRpc:
-        async def collective_rpc(self, *args: object, **kwargs: object) -> list:
-            pytest.fail("no worker is asked to set up")
-
-    state = SimpleNamespace()
-    with pytest.raises(SemgradError, match="data-parallel size must be 1"):
-        asyncio.run(SemgradPlugin().init_state(NoRpc(), state, SimpleNamespace(data_parallel_size=2)))
 
 
 def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:

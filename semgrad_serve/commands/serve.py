@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..errors import SemgradError
 from ..serving.config import (
+    API_SERVERS_REFUSED,
     CAPTURE_KV_TRANSFER_CONFIG,
-    DATA_PARALLEL_REFUSED,
     PAGE_PATH,
     PIPELINE_REFUSED,
     PLUGIN_NAME,
@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
         help="split the model over N workers (GPUs, or CPU core groups), scoring on each worker's shards (default: 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+        help="run N vLLM engines, each scoring the answers it generates (default: 1; see docs/scale-out.md)",
     )  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
     parser.add_argument(
@@ -76,7 +80,7 @@ def _check_model(model_dir: Path, profile: str | None, tensor_parallel: int = 1)
 REFUSED_OPTIONS = {
     ("--kv-transfer-config",): "SemGrad scoring runs its own KV connector, which cannot be combined with another",
     ("--pipeline-parallel-size", "-pp"): PIPELINE_REFUSED,
-    ("--data-parallel-size", "-dp"): DATA_PARALLEL_REFUSED,
+    ("--api-server-count", "-asc"): API_SERVERS_REFUSED,
 }
 
 
@@ -94,32 +98,47 @@ def vllm_options(args: argparse.Namespace) -> list[str]:
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     for name, value in _named_options(extra):
         for names, why in REFUSED_OPTIONS.items():
-            if name in names and not (names[0].endswith("-parallel-size") and value == "1"):
+            if name in names and not (names[0].endswith(("-parallel-size", "-count")) and value == "1"):
                 raise SemgradError(f"{name}: {why}")
     return extra
 
 
-def tensor_parallel_size(args: argparse.Namespace) -> int:
-    """``--tensor-parallel-size``: semgrad-serve's own option, or vLLM's after ``--`` (which wins, as vLLM reads it last)."""
-    size = args.tensor_parallel_size
+def _parallel_size(args: argparse.Namespace, names: tuple[str, str], own: int) -> int:
+    """A parallel size: semgrad-serve's own option (``own``), or vLLM's after ``--`` (which wins, as vLLM reads it
+    last)."""
+    size = own
     for name, value in _named_options(vllm_options(args)):
-        if name in ("--tensor-parallel-size", "-tp"):
+        if name in names:
             try:
                 size = int(value)
             except ValueError:
                 raise SemgradError(f"{name} needs a whole number, got {value!r}") from None
     if size < 1:
-        raise SemgradError("--tensor-parallel-size must be at least 1")
+        raise SemgradError(f"{names[0]} must be at least 1")
     return size
 
 
-def cpu_thread_binding(tensor_parallel: int, cores: list[int]) -> str:
-    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tensor_parallel`` CPU workers: the cores split into that many
-    consecutive groups, "0-3|4-7" (vLLM's CPU workers refuse to start without one binding each)."""
-    if len(cores) < tensor_parallel:
-        raise SemgradError(f"--tensor-parallel-size {tensor_parallel} on CPU needs a core per worker; this machine gives {len(cores)}")
-    per = len(cores) // tensor_parallel
-    groups = [cores[r * per : (r + 1) * per] for r in range(tensor_parallel)]
+def tensor_parallel_size(args: argparse.Namespace) -> int:
+    """``--tensor-parallel-size`` (see ``_parallel_size``)."""
+    return _parallel_size(args, ("--tensor-parallel-size", "-tp"), args.tensor_parallel_size)
+
+
+def data_parallel_size(args: argparse.Namespace) -> int:
+    """``--data-parallel-size``: vLLM engines in the server, each with its workers and scoring service."""
+    return _parallel_size(args, ("--data-parallel-size", "-dp"), args.data_parallel_size)
+
+
+def cpu_thread_binding(workers: int, cores: list[int]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` CPU workers (tensor-parallel size × data-parallel size): the
+    cores split into that many consecutive groups, "0-3|4-7" (vLLM's CPU workers refuse to start without one
+    binding each; with several engines, engine ``e`` takes the groups ``e*tp .. e*tp+tp-1``)."""
+    if len(cores) < workers:
+        raise SemgradError(
+            f"{workers} CPU workers (tensor-parallel × data-parallel size) on CPU needs a core per worker; "
+            f"this machine gives {len(cores)}"
+        )
+    per = len(cores) // workers
+    groups = [cores[r * per : (r + 1) * per] for r in range(workers)]
     return "|".join(",".join(map(str, g)) for g in groups)
 
 
@@ -162,6 +181,7 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
         "--worker-extension-cls", WORKER_EXTENSION,
         "--kv-transfer-config", CAPTURE_KV_TRANSFER_CONFIG,
         "--tensor-parallel-size", str(args.tensor_parallel_size),
+        "--data-parallel-size", str(args.data_parallel_size),
         *(CPU_DEFAULTS if on_cpu else gpu_memory_option(model_dir, dtype, gpu_bytes)),
         *extra,
     ]  # fmt: skip
@@ -169,8 +189,8 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
 
 def server_env(settings: ScoringSettings, cpu_workers: int = 0) -> dict[str, str]:
     """This process's environment plus the plugin allowlist, vLLM's V1 model runner (unless the user chose one)
-    and the scoring settings. With ``cpu_workers``
-    (vLLM's CPU workers: the tensor-parallel size on CPU, 0 on a GPU), the cores vLLM reserves beside its
+    and the scoring settings. With ``cpu_workers`` (vLLM's CPU workers: tensor-parallel × data-parallel size on
+    CPU, 0 on a GPU), the cores vLLM reserves beside its
     workers and, with more than one worker, each worker's core binding, unless the user set them."""
     env = dict(os.environ)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
@@ -195,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
         raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
     tensor_parallel = tensor_parallel_size(args)
+    workers = tensor_parallel * data_parallel_size(args)
     model_dir = resolve_model(args.model).resolve()
     _check_model(model_dir, profile, tensor_parallel)
     import torch
@@ -203,4 +224,4 @@ def run(args: argparse.Namespace) -> int:
     command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
     url = server_url(args.host, args.port)
     print(f"semgrad-serve: starting vLLM on {url}/v1 with SemGrad scoring; the page: {url}{PAGE_PATH}", file=sys.stderr, flush=True)
-    os.execve(sys.executable, command, server_env(settings, tensor_parallel if on_cpu else 0))
+    os.execve(sys.executable, command, server_env(settings, workers if on_cpu else 0))

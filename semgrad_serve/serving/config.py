@@ -33,7 +33,10 @@ PIPELINE_REFUSED = (
     "SemGrad scoring does not support pipeline parallelism (--pipeline-parallel-size > 1): "
     "split the model with --tensor-parallel-size instead"
 )
-DATA_PARALLEL_REFUSED = "SemGrad scoring runs in one vLLM engine: data-parallel size must be 1; start one server per replica"
+API_SERVERS_REFUSED = (
+    "SemGrad scoring needs one API server, which connects to every engine's scoring service: "
+    "use --api-server-count 1 (semgrad-serve serve does)"
+)
 # Families whose sharded scoring is checked against unsharded scores (tests/test_serving_tensor_parallel.py,
 # tests/test_serving_families.py); the others are served by one worker until theirs is.
 TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")

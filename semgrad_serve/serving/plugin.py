@@ -18,8 +18,8 @@ from starlette.datastructures import State
 
 from ..errors import SemgradError
 from .config import (
+    API_SERVERS_REFUSED,
     CAPTURE_KV_TRANSFER_CONFIG,
-    DATA_PARALLEL_REFUSED,
     PAGE_PATH,
     PLUGIN_NAME,
     WORKER_EXTENSION,
@@ -27,11 +27,11 @@ from .config import (
     log,
     server_url,
 )
+from .data_parallel import EngineRouter, connect, engines_info, setup_engines
 from .page_routes import page_router
 from .recent import RecentAnswers
 from .responses_route import router as responses_router
 from .routes import router
-from .scoring_client import ScoringClient
 
 
 class SemgradPlugin:
@@ -49,20 +49,21 @@ class SemgradPlugin:
         if engine_client is None:  # vLLM's render-only server has no engine to score with
             return
         settings = ScoringSettings.from_env()
-        if getattr(args, "data_parallel_size", 1) != 1:
-            raise SemgradError(DATA_PARALLEL_REFUSED)
+        if (getattr(args, "api_server_count", None) or 1) > 1:
+            raise SemgradError(API_SERVERS_REFUSED)
         api_cores = sorted(os.sched_getaffinity(0))
+        setup_args = (settings.profile, settings.max_batch, api_cores)
         try:
-            infos = await engine_client.collective_rpc("semgrad_setup", args=(settings.profile, settings.max_batch, api_cores))
+            infos = await setup_engines(engine_client, setup_args, getattr(args, "data_parallel_size", None) or 1)
         except Exception as exc:
             if "semgrad_setup" in str(exc) and "attribute" in str(exc):
                 raise SemgradError(
                     f"the SemGrad plugin needs its worker extension: start vLLM with --worker-extension-cls {WORKER_EXTENSION}"
                 ) from None
             raise SemgradError(f"SemGrad scoring cannot start: {exc}") from None
-        info = infos[0]  # rank 0's, whose scoring service takes the answers (under tensor parallelism, for every rank)
-        state.semgrad_client = ScoringClient(info.pop("address"), info.pop("authkey"), info["capture"])
-        state.semgrad_info = info
+        # per engine, rank 0's, whose scoring service takes the answers (under tensor parallelism, for every rank)
+        state.semgrad_engines = EngineRouter(connect(infos))
+        state.semgrad_info = info = engines_info(infos)
         state.semgrad_recent = RecentAnswers(settings.recent)
         log.info("SemGrad scoring ready: %s", info)
         url = server_url(getattr(args, "host", None), getattr(args, "port", 8000))

@@ -96,7 +96,7 @@ async def _scored_events(events: AsyncIterator[str], response: _Response) -> Asy
 
 @router.post("/v1/responses", dependencies=[Depends(validate_json_request)], response_model=None)
 async def create_responses(request: ResponsesRequest, raw_request: Request) -> Response:
-    setup = scoring_setup(request, raw_request)
+    setup = scoring_setup(request, raw_request, routable=False)  # vLLM's Responses route picks its own engine
     if not isinstance(setup, tuple):
         return setup if setup is not None else await vllm_responses.create_responses(request, raw_request)
     client, options = setup

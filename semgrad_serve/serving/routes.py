@@ -38,6 +38,7 @@ from ..model.stop_token import eos_ids, received_tokens
 from ..model.tokens import has_visible_text, token_texts
 from ..scoring.items import NOTHING_TO_SCORE
 from .captures import KV_PARAM
+from .data_parallel import EngineRouter
 from .recent import TOKEN_FIELDS, RecentAnswers, chat_question, prompt_question
 from .scoring_client import ScoringClient
 
@@ -238,23 +239,30 @@ def with_body(response: JSONResponse, body: dict[str, Any]) -> JSONResponse:
     return response
 
 
-def bad_options(exc: SemgradError) -> JSONResponse:
-    """The 400 response to a request whose ``"semgrad"`` options are wrong, with their one-line message."""
-    error = create_error_response(str(exc), param=OPT_OUT_FIELD)
+def bad_options(exc: SemgradError, param: str | None = OPT_OUT_FIELD) -> JSONResponse:
+    """The 400 response to a request whose ``"semgrad"`` options (or ``param``) are wrong, with their one-line
+    message."""
+    error = create_error_response(str(exc), param=param)
     return JSONResponse(content=error.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
 
 
 def scoring_setup(
-    request: ChatCompletionRequest | CompletionRequest | ResponsesRequest, raw_request: Request
+    request: ChatCompletionRequest | CompletionRequest | ResponsesRequest, raw_request: Request, routable: bool = True
 ) -> tuple[ScoringClient, ScoringOptions] | JSONResponse | None:
-    """The scoring client and the request's options; a 400 response for bad options; None where the request
-    goes to vLLM unscored (scoring off for it, or not running in this server)."""
-    client: ScoringClient | None = getattr(raw_request.app.state, "semgrad_client", None)
+    """The scoring client of the engine that generates the request, and the request's options; a 400 response for
+    bad options; None where the request goes to vLLM unscored (scoring off for it, or not running in this server).
+    ``routable``: vLLM's route sends the request to the engine named in its headers (``data_parallel.py``)."""
+    engines: EngineRouter | None = getattr(raw_request.app.state, "semgrad_engines", None)
     try:
         options = scoring_options(request)
     except SemgradError as exc:
         return bad_options(exc)
-    return None if client is None or options is None else (client, options)
+    if engines is None or options is None:
+        return None
+    try:
+        return engines.route(raw_request, routable), options
+    except SemgradError as exc:  # a header naming an engine this server does not run
+        return bad_options(exc, param=None)
 
 
 async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request) -> Response | None:

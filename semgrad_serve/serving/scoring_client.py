@@ -9,6 +9,7 @@ completions still go out.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import threading
 import time
@@ -25,15 +26,22 @@ SERVICE_GONE = "scoring failed: the scoring service in the vLLM worker is not re
 class ScoringClient:
     """Sends (prompt ids, answer ids) pairs to the scoring service and resolves their futures."""
 
-    def __init__(self, address: str, authkey: str, capture: bool) -> None:
+    def __init__(self, address: str, authkey: str, capture: bool, engine: int = 0) -> None:
         self.capture = capture  # whether the worker captures prompt keys/values (else it recomputes them)
+        self.engine = engine  # the data-parallel engine whose worker runs the service (``data_parallel.py``)
         self._conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(authkey))
         self._send_lock = threading.Lock()
         self._jobs = itertools.count()
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, int]] = {}
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
         threading.Thread(target=self._read, name="semgrad-results", daemon=True).start()
+
+    def recomputing(self) -> "ScoringClient":
+        """This client, over the same connection, for requests whose prompt is not captured (no key)."""
+        view = copy.copy(self)
+        view.capture = False
+        return view
 
     def new_key(self) -> str | None:
         """A fresh capture key for a request's ``kv_transfer_params``; None where nothing is captured."""
@@ -48,14 +56,14 @@ class ScoringClient:
         future: asyncio.Future = loop.create_future()
         job = next(self._jobs)
         with self._lock:
-            if self._closed:
+            if self._closed.is_set():
                 return [{"error": SERVICE_GONE}] * len(pairs)
             self._waiting[job] = (loop, future, len(pairs))
         start = time.perf_counter()
         if not self._send(("score", job, key, [(list(p), list(a)) for p, a in pairs], claims)):
             self._fail(job)
         results = await future
-        metrics.record_answers(results, time.perf_counter() - start)
+        metrics.record_answers(results, time.perf_counter() - start, self.engine)
         return results
 
     def drop(self, key: str | None) -> None:
@@ -94,7 +102,7 @@ class ScoringClient:
                 loop.call_soon_threadsafe(_resolve, future, reports)
         log.error("SemGrad: the scoring service closed its connection; answers are returned unscored")
         with self._lock:
-            self._closed = True
+            self._closed.set()
             jobs = list(self._waiting)
         for job in jobs:
             self._fail(job)
