@@ -539,3 +539,23 @@ def test_passes_merge_into_one_report_per_answer() -> None:
     split_job(one, lambda pair, claims: [None])
     assert len(one.pieces) == 1 and one.pieces[0].answers == [0, 1] and not one.long
     assert isinstance(one.pieces[0], Piece)
+
+
+def test_tensor_parallelism_is_refused_for_families_without_a_sharded_check() -> None:
+    from semgrad_serve.serving.config import check_tensor_parallel
+
+    check_tensor_parallel("gemma3_text", 1)
+    check_tensor_parallel("qwen3", 2)
+    with pytest.raises(SemgradError, match="qwen3_moe models does not support tensor parallelism yet"):
+        check_tensor_parallel("qwen3_moe", 2)
+
+
+def test_long_rope_reuse_only_where_vllm_rotated_as_transformers() -> None:
+    """vLLM 0.32 takes LongRoPE's long frequencies for every sequence when its context is longer than the original
+    (4096 here), transformers for a sequence longer than 4096 tokens: reuse only where both chose the same."""
+    from semgrad_serve.serving.worker import rope_agrees
+
+    long_rope = SimpleNamespace(long_rope_after=4096)
+    assert rope_agrees(long_rope, 4096, 4096) and not rope_agrees(long_rope, 4096, 4097)  # vLLM short throughout
+    assert not rope_agrees(long_rope, 8192, 4096) and rope_agrees(long_rope, 8192, 4097)  # vLLM long throughout
+    assert rope_agrees(SimpleNamespace(long_rope_after=None), 8192, 100)

@@ -25,6 +25,7 @@ from ..serving.config import (
     PLUGIN_NAME,
     WORKER_EXTENSION,
     ScoringSettings,
+    check_tensor_parallel,
     server_url,
 )
 from ..serving.runner_check import V2_RUNNER_ENV
@@ -81,6 +82,7 @@ def _check_model(model_dir: Path, profile: str | None, tensor_parallel: int = 1)
 
     config = AutoConfig.from_pretrained(model_dir)
     check_family(config)
+    check_tensor_parallel(config.model_type, tensor_parallel)
     heads = config.num_attention_heads
     if heads % tensor_parallel:
         raise SemgradError(f"--tensor-parallel-size {tensor_parallel}: the model's {heads} attention heads do not split over {tensor_parallel} ranks")

@@ -37,6 +37,18 @@ API_SERVERS_REFUSED = (
     "SemGrad scoring needs one API server, which connects to every engine's scoring service: "
     "use --api-server-count 1 (semgrad-serve serve does)"
 )
+# Families whose sharded scoring is checked against unsharded scores (tests/test_serving_tensor_parallel.py,
+# tests/test_serving_families.py); the others are served by one worker until theirs is.
+TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def check_tensor_parallel(family: str, size: int) -> None:
+    """Refuse, in one line, tensor parallelism for a family whose sharded scoring is not checked."""
+    if size > 1 and family not in TENSOR_PARALLEL_FAMILIES:
+        raise SemgradError(
+            f"SemGrad scoring of {family} models does not support tensor parallelism yet (supported for "
+            f"{', '.join(TENSOR_PARALLEL_FAMILIES)}): serve it with --tensor-parallel-size 1"
+        )
 
 
 def server_url(host: str | None, port: int) -> str:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ..errors import ItemError, SemgradError
+from ..model.weights import DecoderWeights
 from ..scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
 from ..scoring.items import FLAG_SCORES, ScoreResult
 from ..scoring.profiles import resolve_profile
@@ -29,6 +30,7 @@ from .config import (
     TEST_FAULTS_ENV,
     TEST_SLOW_MARKER,
     TEST_SLOW_S,
+    check_tensor_parallel,
     log,
 )
 from .runner_check import check_runner
@@ -91,6 +93,14 @@ def records_band_inputs(vllm_config: Any) -> bool:
         compilation.mode == CompilationMode.NONE and compilation.cudagraph_mode == CUDAGraphMode.NONE
     )
     return bool(eager) and vllm_config.speculative_config is None
+
+
+def rope_agrees(weights: DecoderWeights, max_model_len: int, n_tokens: int) -> bool:
+    """Whether vLLM rotated a sequence of ``n_tokens`` (prompt + answer) as the scoring forward does. With LongRoPE,
+    vLLM takes the long frequencies for every sequence when its context is longer than the original one,
+    transformers only for a sequence longer than that; where they differ, nothing vLLM computed is reused."""
+    after = weights.long_rope_after
+    return after is None or (max_model_len > after) == (n_tokens > after)
 
 
 def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
@@ -162,6 +172,7 @@ class SemgradWorkerExtension:
         secret = secret_from_env()  # the connector trusts only keys minted under it (``capture_keys.py``)
         model_config = self.model_config  # type: ignore[attr-defined]
         config = model_config.hf_config
+        check_tensor_parallel(config.model_type, parallel.tensor_parallel_size)
         groups = rank_sync.scoring_groups() if parallel.tensor_parallel_size > 1 else None
         weights = from_vllm_model(model, config, groups)
         tokenizer = AutoTokenizer.from_pretrained(
@@ -181,6 +192,7 @@ class SemgradWorkerExtension:
             RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
         def score(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
+            given = [g if rope_agrees(weights, model_config.max_model_len, len(p) + len(a)) else Given() for (p, a), g in zip(pairs, given)]
             results = scorer.score(
                 pairs,
                 batch_size=max(len(pairs), 1),
