@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # a vLLM engine per family
 CHILD = r"""
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-from semgrad_serve.serving.weights import keep_dense_cpu_weights, from_vllm_model, PackedExperts
+from semgrad_serve.serving.weights import keep_dense_cpu_weights, from_vllm_model
 keep_dense_cpu_weights()
 from vllm import LLM
 from semgrad_serve.scoring.scorer import Scorer
@@ -33,7 +33,7 @@ if __name__ == "__main__":
     served = Scorer(weights, offline.tokenizer, offline.profile, exgrad=False)
     pairs = [(offline.prompt_ids([{"role": "user", "content": "word " * n + "?"}]), [(n * 37 + k) % 49152 for k in range(7)])
              for n in (5, 40, 70)]
-    out = {"packed": any(isinstance(l.moe.gate_up, PackedExperts) for l in weights.layers if l.moe is not None),
+    out = {"packed": any(l.moe.gate_up.dim() == 4 for l in weights.layers if l.moe is not None),
            "served": [served.report(r) for r in served.score(pairs)], "offline": [offline.report(r) for r in offline.score(pairs)]}
     print("RESULT " + json.dumps(out, default=str))
 """

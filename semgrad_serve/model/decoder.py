@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .expert_layout import expert_linear
 from .tensor_parallel import copy_to_ranks, embed, reduce_from_ranks
 from .weights import DecoderWeights, LayerWeights, MoEWeights
 
@@ -192,7 +193,8 @@ def mixture_of_experts(w: DecoderWeights, moe: MoEWeights, h: torch.Tensor) -> t
     out = torch.zeros_like(x)
     for expert in chosen.unique().tolist():
         tokens, slot = torch.where(chosen == expert)
-        y = _gated_mlp(w, (moe.gate_up[expert],), moe.down[expert], x[tokens])
+        gate, up = expert_linear(x[tokens], moe.gate_up[expert]).chunk(2, dim=-1)
+        y = expert_linear(_activation(w, gate) * up, moe.down[expert])
         out = out.index_add(0, tokens, y * top[tokens, slot, None])
     if moe.shared_down is not None:
         shared = _gated_mlp(w, moe.shared_gate_up, moe.shared_down, x)

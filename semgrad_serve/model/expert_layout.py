@@ -32,15 +32,3 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight.T
     blocks = torch.matmul(x, weight.transpose(1, 2))  # [out / b, T, b]; weight.transpose(1, 2) is [in, b] per block
     return blocks.transpose(0, 1).flatten(1)
-
-
-def expert_rows(weight: torch.Tensor) -> int:
-    """The output size of one expert's ``weight``, dense or row-blocked."""
-    return weight.shape[0] if weight.dim() == 2 else weight.shape[0] * weight.shape[1]
-
-
-def dense_experts(weight: torch.Tensor) -> torch.Tensor:
-    """A dense [E, out, in] copy of stacked experts in either layout (for checks and offline use, not serving)."""
-    if weight.dim() == 3:
-        return weight
-    return weight.flatten(1, 2)

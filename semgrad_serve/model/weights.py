@@ -47,8 +47,10 @@ class MoEWeights:
     by sigmoid(``shared_gate`` · x). Experts as one tensor each, as vLLM's fused experts and transformers hold them."""
 
     router: torch.Tensor  # [E, d]
-    gate_up: torch.Tensor  # [E, 2I, d]: each expert's gate rows, then its up rows
-    down: torch.Tensor  # [E, d, I]
+    # Each expert's matrix dense ([E, out, in]) or in vLLM's CPU row blocks ([E, out / b, b, in], a view of its
+    # packing): ``expert_layout.expert_linear`` multiplies either without a copy.
+    gate_up: torch.Tensor  # out = 2I: each expert's gate rows, then its up rows
+    down: torch.Tensor  # out = d, in = I
     top_k: int
     renormalise: bool
     shared_gate_up: tuple[torch.Tensor, ...] = ()  # the shared expert's gate/up (fused or separate); () = none

@@ -18,9 +18,10 @@ guards the completions: the recent answers are other people's questions.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,7 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from .config import PAGE_PATH
 from .recent import RecentAnswers
 from .routes import REQUEST_OPTIONS
-from .scoring_client import ScoringClient
+
+if TYPE_CHECKING:
+    from .data_parallel import EngineRouter
 
 page_router = APIRouter()
 
@@ -72,11 +75,16 @@ async def info(raw_request: Request) -> JSONResponse:
     if setup is None:
         return _unavailable()
     recent: RecentAnswers | None = getattr(state, "semgrad_recent", None)
-    client: ScoringClient | None = getattr(state, "semgrad_client", None)
-    stats = await client.store_stats(STATS_TIMEOUT_S) if client is not None else None
+    engines: EngineRouter | None = getattr(state, "semgrad_engines", None)
+    clients = engines.clients if engines is not None else []
+    stats = await asyncio.gather(*(client.store_stats(STATS_TIMEOUT_S) for client in clients))
+    per_engine = [asdict(s) if s is not None else None for s in stats]
+    # the server's whole capture store: every engine's summed; None where an engine did not answer
+    total = None if not stats or None in stats else {k: sum(e[k] for e in per_engine) for k in per_engine[0]}
     return JSONResponse({
         **setup, "request_options": list(REQUEST_OPTIONS), "recent_capacity": recent.capacity if recent is not None else 0,
-        "captures": asdict(stats) if stats is not None else None,
+        "captures": total,
+        "engines": [{**e, "captures": c} for e, c in zip(setup.get("engines", []), per_engine)],
     })  # fmt: skip
 
 

@@ -83,23 +83,6 @@ def _norm(module: Any) -> torch.Tensor | None:
     return None if module is None else module.weight.detach()
 
 
-class PackedExperts:
-    """Stacked experts in vLLM's CPU packing, indexed by expert as the scoring forward indexes a dense
-    [E, out, in] tensor: ``[e]`` forms that one expert's dense matrix from its row blocks (a copy that lives for
-    one band pass), so the whole stack is never copied."""
-
-    def __init__(self, packed: torch.Tensor, block: int) -> None:
-        self.blocked = row_blocked(packed, block)  # [E, out / block, block, in], a view of vLLM's tensor
-        self.shape = packed.shape
-        self.dtype, self.device = packed.dtype, packed.device
-
-    def __getitem__(self, expert: int) -> torch.Tensor:
-        return self.blocked[expert].flatten(0, 1)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-
 def _cpu_packing_block(isa: str, dtype: torch.dtype) -> int | None:
     """The row block of vLLM's CPU MoE packing for kernel ``isa``, found by packing a probe with vLLM's own
     packer; None where it is not row blocks of ``CPU_EXPERT_BLOCK``."""
@@ -113,8 +96,9 @@ def _cpu_packing_block(isa: str, dtype: torch.dtype) -> int | None:
     return CPU_EXPERT_BLOCK if torch.equal(row_blocked(packed, CPU_EXPERT_BLOCK).flatten(1, 2), probe) else None
 
 
-def _experts(routed: Any, name: str) -> tuple[Any, Any]:
-    """(gate_up, down) of vLLM's fused experts as they lie: dense tensors, or ``PackedExperts`` on CPU."""
+def _experts(routed: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up, down) of vLLM's fused experts as they lie: dense [E, out, in] tensors, or on CPU views of vLLM's
+    row-blocked packing [E, out / b, b, in] (``model/expert_layout.py``); never a copy."""
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
 
     method = routed.quant_method
@@ -129,7 +113,7 @@ def _experts(routed: Any, name: str) -> tuple[Any, Any]:
         isa = getattr(kernel, "isa", None)
         block = None if isa is None else _cpu_packing_block(isa, w13.dtype)
         if block is not None:
-            return PackedExperts(w13, block), PackedExperts(w2, block)
+            return row_blocked(w13, block), row_blocked(w2, block)
         raise SemgradError(f"vLLM's CPU MoE kernel ({isa}) packs the experts of {name} in a layout SemGrad does not read")
     kind = "quantized experts" if backend is None else f"its {backend.value} MoE kernel's expert layout"
     raise SemgradError(f"SemGrad scoring does not read {kind} ({name}); start vLLM with --moe-backend triton on a GPU")
@@ -152,8 +136,8 @@ def _moe(config: Any, block: Any, name: str) -> MoEWeights:
     shared_gate = getattr(block, "shared_expert_gate", None)
     return MoEWeights(
         router=_dense(block.gate, f"{name} router"),
-        gate_up=gate_up,  # type: ignore[arg-type]  # dense, or indexed per expert like a dense tensor
-        down=down,  # type: ignore[arg-type]
+        gate_up=gate_up,
+        down=down,
         top_k=top_k,
         renormalise=renormalise,
         shared_gate_up=() if shared is None else (_dense(shared.gate_up_proj, f"{name} shared expert gate_up_proj"),),
