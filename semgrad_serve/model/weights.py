@@ -312,6 +312,22 @@ def _weight(module: torch.nn.Module | None) -> torch.Tensor | None:
     return None if module is None else module.weight.detach()
 
 
+def layer_norms(layer: Any, gemma: bool) -> dict[str, torch.Tensor | None]:
+    """A decoder layer's norms as ``LayerWeights`` names them, from a transformers or vLLM layer module (both name
+    them alike): Gemma's four (its ``post_attention_layernorm`` is on the attention output, its
+    ``pre_feedforward_layernorm`` before the MLP), or the two of the Llama layout; q/k norms where the attention has
+    them."""
+    attn = layer.self_attn
+    return {
+        "input_norm": layer.input_layernorm.weight.detach(),
+        "q_norm": _weight(getattr(attn, "q_norm", None)),
+        "k_norm": _weight(getattr(attn, "k_norm", None)),
+        "post_norm": (layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm).weight.detach(),
+        "attn_out_norm": layer.post_attention_layernorm.weight.detach() if gemma else None,
+        "mlp_out_norm": _weight(getattr(layer, "post_feedforward_layernorm", None)),
+    }
+
+
 def _hf_attention(attn: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     """(qkv, qkv bias) of a transformers attention module: Phi-3's fused ``qkv_proj`` or the three projections."""
     projs = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
@@ -354,19 +370,14 @@ def from_hf_model(model: torch.nn.Module) -> DecoderWeights:
         gate_up, down = ((), None) if sparse else _hf_dense_mlp(mlp)
         layers.append(
             LayerWeights(
-                input_norm=layer.input_layernorm.weight.detach(),
                 qkv=qkv,
                 qkv_bias=qkv_bias,
-                q_norm=_weight(getattr(attn, "q_norm", None)),
-                k_norm=_weight(getattr(attn, "k_norm", None)),
                 o_proj=attn.o_proj.weight.detach(),
-                post_norm=(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm).weight.detach(),
                 gate_up=gate_up,
                 down=down,
                 window=window,
-                attn_out_norm=layer.post_attention_layernorm.weight.detach() if gemma else None,
-                mlp_out_norm=_weight(getattr(layer, "post_feedforward_layernorm", None)),
                 moe=_hf_moe(config, mlp) if sparse else None,
+                **layer_norms(layer, gemma),
             )
         )
     return build_decoder_weights(

@@ -35,6 +35,7 @@ from ..model.weights import (
     MoEWeights,
     build_decoder_weights,
     check_family,
+    layer_norms,
     layer_windows,
     moe_layers,
     moe_routing,
@@ -77,10 +78,6 @@ def _bias(module: Any, weight: torch.Tensor) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     # vLLM's CPU small-GEMM path converts biases to float32; the scoring forward wants the weight's dtype.
     return None if bias is None else bias.detach().to(weight.dtype)
-
-
-def _norm(module: Any) -> torch.Tensor | None:
-    return None if module is None else module.weight.detach()
 
 
 def _cpu_packing_block(isa: str, dtype: torch.dtype) -> int | None:
@@ -157,19 +154,14 @@ def _layer(config: Any, layer: Any, i: int, window: int | None, sparse: bool) ->
         mlp = layer.mlp
         gate_up, down, moe = (_dense(mlp.gate_up_proj, f"layer {i} gate_up_proj"),), _dense(mlp.down_proj, f"layer {i} down_proj"), None
     return LayerWeights(
-        input_norm=layer.input_layernorm.weight.detach(),
         qkv=(qkv,),
         qkv_bias=(_bias(attn.qkv_proj, qkv),),
-        q_norm=_norm(getattr(attn, "q_norm", None)),
-        k_norm=_norm(getattr(attn, "k_norm", None)),
         o_proj=_dense(attn.o_proj, f"layer {i} o_proj"),
-        post_norm=(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm).weight.detach(),
         gate_up=gate_up,
         down=down,
         window=window,
-        attn_out_norm=layer.post_attention_layernorm.weight.detach() if gemma else None,
-        mlp_out_norm=_norm(getattr(layer, "post_feedforward_layernorm", None)),
         moe=moe,
+        **layer_norms(layer, gemma),
     )
 
 
