@@ -70,7 +70,12 @@ def test_info_shows_each_engine_and_its_scoring_cores(dp_server: RunningServer) 
     cores = sorted(os.sched_getaffinity(0))
     groups = [{int(c) for c in g.split(",")} for g in cpu_thread_binding(ENGINES, cores).split("|")]
     # each engine's scoring thread runs beside its own generation, on the cores the other engine generates on
-    assert info["engines"] == [{"engine": e, "scoring_cores": sorted((set(cores) - groups[e]) or cores)} for e in range(ENGINES)]
+    engines = [{k: v for k, v in e.items() if k != "captures"} for e in info["engines"]]
+    assert engines == [{"engine": e, "scoring_cores": sorted((set(cores) - groups[e]) or cores)} for e in range(ENGINES)]
+    # each engine's capture store, and the server's as their sum
+    stores = [e["captures"] for e in info["engines"]]
+    assert all(s is not None and s["captures"] >= 0 and s["bytes"] >= 0 for s in stores), stores
+    assert info["captures"] == {k: sum(s[k] for s in stores) for k in stores[0]}
 
 
 def test_answers_spread_over_both_engines_each_scored_equal_to_offline(dp_server: RunningServer, default_scorer) -> None:
