@@ -26,7 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, profile: bool = True
     ``--device``. ``serve``: ``--dtype`` takes vLLM's values and vLLM places the model (no ``--device``)."""
     parser.add_argument("--model", metavar="DIR|NAME",
                         help=f"local Hugging Face model directory, or a packaged model's name: {', '.join(PACKAGED)} "
-                        f"(default: {DEFAULT_MODEL}, embedded; the others are opt-in, see the README)")
+                        f"(default: {DEFAULT_MODEL}, embedded; the others are opt-in, see docs/scoring.md)")
     if serve:
         parser.add_argument("--dtype", choices=SERVE_DTYPES,
                             help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto on GPU)")
