@@ -32,7 +32,7 @@ setup(
     packages=find_packages(include=["semgrad_serve", "semgrad_serve.*"]),
     package_data={
         "semgrad_serve.scoring": ["profiles/*.json"],
-        "semgrad_serve.serving": ["page/*.html", "page/*.css", "page/*.js"],
+        "semgrad_serve.serving.api_server": ["page/*.html", "page/*.css", "page/*.js"],
     },
     install_requires=[
         "torch>=2.6",
@@ -54,7 +54,7 @@ setup(
     entry_points={
         "console_scripts": ["semgrad-serve=semgrad_serve.cli:main"],
         # vLLM's endpoint plugin (loaded when VLLM_PLUGINS names "semgrad"): scores on every completion.
-        "vllm.endpoint_plugins": ["semgrad=semgrad_serve.serving.plugin:SemgradPlugin"],
+        "vllm.endpoint_plugins": ["semgrad=semgrad_serve.serving.api_server.plugin:SemgradPlugin"],
     },
     **native_extension(),
 )

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from semgrad_serve.model.forward import prefix_keys_values
 from semgrad_serve.scoring.scorer import Scorer
-from semgrad_serve.serving.kv_layout import KVQuant, dequantize
+from semgrad_serve.serving.worker.kv_layout import KVQuant, dequantize
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa" / "test.jsonl"
 FP8 = torch.float8_e4m3fn

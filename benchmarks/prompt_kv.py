@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import shared_prefix
-from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack
+from semgrad_serve.serving.worker.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack
 
 ANSWER = "The warehouse in district three stores twenty-one crates of item thirty-nine, according to the notes."
 BLOCK_SIZE = 128

@@ -24,7 +24,7 @@ from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
-from semgrad_serve.serving.scoring_memory import scoring_reserve_bytes
+from semgrad_serve.serving.worker.scoring_memory import scoring_reserve_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 
-from semgrad_serve.serving.config import ScoringSettings
+from semgrad_serve.serving.settings import ScoringSettings
 
 from launch_server import RunningServer, free_port, plain_vllm_command, running_server, serve_command
 

@@ -51,7 +51,7 @@ def served(tmp_path_factory) -> Iterator["RunningServer"]:
     """One real ``semgrad-serve serve`` for the whole session (default model, float32, CPU settings, the scoring
     fault hook on), shared by test_serving.py and test_serving_page.py: a start costs about a minute."""
     from semgrad_serve.errors import SemgradError
-    from semgrad_serve.serving.config import TEST_FAULTS_ENV
+    from semgrad_serve.serving.settings import TEST_FAULTS_ENV
 
     from launch_server import free_port, running_server, serve_command
 

@@ -16,9 +16,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.request import RequestStatus
 
 from semgrad_serve.serving import capture_keys
-from semgrad_serve.serving.captures import KV_PARAM, CaptureStore, StoreStats
-from semgrad_serve.serving.kv_layout import TOKEN_MAJOR
-from semgrad_serve.serving.request_guard import RequestGuard, refusal
+from semgrad_serve.serving.api_server.request_guard import RequestGuard, refusal
+from semgrad_serve.serving.messages import KV_PARAM, StoreStats
+from semgrad_serve.serving.worker.captures import CaptureStore
+from semgrad_serve.serving.worker.kv_layout import TOKEN_MAJOR
 
 
 def test_a_key_verifies_only_under_the_secret_it_was_minted_with() -> None:
@@ -37,7 +38,7 @@ def test_a_key_verifies_only_under_the_secret_it_was_minted_with() -> None:
 
 def test_serve_gives_vllm_a_fresh_secret_or_keeps_the_users(monkeypatch) -> None:
     from semgrad_serve.commands.serve import server_env
-    from semgrad_serve.serving.config import ScoringSettings
+    from semgrad_serve.serving.settings import ScoringSettings
 
     monkeypatch.delenv(capture_keys.SECRET_ENV, raising=False)
     first, second = (server_env(ScoringSettings())[capture_keys.SECRET_ENV] for _ in range(2))
@@ -84,7 +85,7 @@ def test_a_capture_whose_key_was_dropped_first_is_not_taken(monkeypatch) -> None
     """The API server dropped the key (its client left) before the request's last step: the connector copies
     nothing, forgets what was recorded and still releases the blocks; the store stays empty, its figures say
     so, and a key dropped long ago is forgotten (bounded in age)."""
-    from semgrad_serve.serving import capture_connector, step_recorder
+    from semgrad_serve.serving.worker import capture_connector, step_recorder
 
     store = CaptureStore(ttl_s=60)
     store.prefix_length = lambda ids: 2
@@ -188,8 +189,8 @@ def test_the_guard_refuses_with_vllms_400_and_hands_other_bodies_on_unchanged() 
 
 
 def test_the_api_server_reads_the_workers_store_figures_over_the_scoring_socket() -> None:
-    from semgrad_serve.serving.scoring_client import ScoringClient
-    from semgrad_serve.serving.scoring_service import ScoringService
+    from semgrad_serve.serving.api_server.scoring_client import ScoringClient
+    from semgrad_serve.serving.worker.scoring_service import ScoringService
 
     store = CaptureStore()
     store.prefix_length = lambda ids: 2

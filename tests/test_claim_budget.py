@@ -7,8 +7,8 @@ import pytest
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.scoring.claim_budget import claim_windows, seed_bytes, seeds_per_backward
-from semgrad_serve.serving.config import ScoringSettings
-from semgrad_serve.serving.worker import claim_plan, over_limit, over_limit_error
+from semgrad_serve.serving.settings import ScoringSettings
+from semgrad_serve.serving.worker.extension import claim_plan, over_limit, over_limit_error
 
 
 def test_claim_windows_cut_consecutive_runs() -> None:

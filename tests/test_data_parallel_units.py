@@ -13,11 +13,11 @@ from starlette.requests import Request
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 
 from semgrad_serve.errors import SemgradError
-from semgrad_serve.serving import metrics
+from semgrad_serve.serving.api_server import prometheus_metrics as metrics
+from semgrad_serve.serving.api_server.data_parallel import DP_RANK_HEADER, EngineRouter, connect
 from semgrad_serve.serving.capture_keys import SECRET_ENV, fingerprint
-from semgrad_serve.serving.captures import CaptureStore
-from semgrad_serve.serving.data_parallel import DP_RANK_HEADER, EngineRouter, connect
-from semgrad_serve.serving.scoring_service import ScoringService
+from semgrad_serve.serving.worker.captures import CaptureStore
+from semgrad_serve.serving.worker.scoring_service import ScoringService
 
 ENGINES = 2
 
@@ -68,7 +68,7 @@ def raw_request(headers: dict[str, str] | None = None) -> Request:
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> tuple[SimpleNamespace, list]:
     """The plugin started against two engines: its app state, and the (engine, prompts) of each batch scored."""
-    from semgrad_serve.serving.plugin import SemgradPlugin
+    from semgrad_serve.serving.api_server.plugin import SemgradPlugin
 
     monkeypatch.setenv(SECRET_ENV, SECRET.decode())
 
@@ -144,7 +144,7 @@ def test_one_engine_needs_no_header() -> None:
 
 
 def test_an_engine_on_another_machine_and_several_api_servers_are_refused(tmp_path: Path) -> None:
-    from semgrad_serve.serving.plugin import SemgradPlugin
+    from semgrad_serve.serving.api_server.plugin import SemgradPlugin
 
     with pytest.raises(SemgradError, match="cannot reach the scoring service of engine 0 .*must run on the API server's machine"):
         connect([{"capture": True, "address": str(tmp_path / "nothing"), "authkey": "00"}], SECRET)

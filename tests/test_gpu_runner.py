@@ -13,10 +13,18 @@ from vllm.v1.request import RequestStatus
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.serving.capture_keys import SECRET_ENV, mint
-from semgrad_serve.serving.captures import KV_PARAM, CaptureStore
-from semgrad_serve.serving.config import ScoringSettings
-from semgrad_serve.serving.kv_layout import TOKEN_MAJOR, KVQuant, copy_blocks, dequantize, quantized_cache, unpack
-from semgrad_serve.serving.runner_check import V2_REFUSED, V2_RUNNER_ENV, check_runner
+from semgrad_serve.serving.messages import KV_PARAM
+from semgrad_serve.serving.settings import ScoringSettings
+from semgrad_serve.serving.worker.captures import CaptureStore
+from semgrad_serve.serving.worker.kv_layout import (
+    TOKEN_MAJOR,
+    KVQuant,
+    copy_blocks,
+    dequantize,
+    quantized_cache,
+    unpack,
+)
+from semgrad_serve.serving.worker.runner_check import V2_REFUSED, V2_RUNNER_ENV, check_runner
 
 V1_RUNNER = SimpleNamespace(model=None, input_batch=None, query_start_loc=None, requests={})
 
@@ -41,7 +49,7 @@ def test_serve_selects_vllms_v1_runner_unless_the_user_chose(monkeypatch) -> Non
 
 def test_extension_refuses_model_runner_v2_at_setup() -> None:
     """semgrad_setup refuses V2 first, in one line, before it reads anything of the runner."""
-    from semgrad_serve.serving.worker import SemgradWorkerExtension
+    from semgrad_serve.serving.worker.extension import SemgradWorkerExtension
 
     worker = SemgradWorkerExtension()
     worker.vllm_config = SimpleNamespace(use_v2_model_runner=True)  # type: ignore[attr-defined]
@@ -75,7 +83,7 @@ def test_check_runner_accepts_v1_and_names_what_another_runner_lacks() -> None:
     ],
 )
 def test_band_inputs_are_recorded_only_where_the_hooks_run(eager, mode, graphs, speculative, expected) -> None:
-    from semgrad_serve.serving.worker import records_band_inputs
+    from semgrad_serve.serving.worker.extension import records_band_inputs
 
     config = SimpleNamespace(
         model_config=SimpleNamespace(enforce_eager=eager),
@@ -145,8 +153,8 @@ SECRET = b"capture-secret-of-these-tests"
 def test_connector_never_reads_a_quantized_cache(monkeypatch) -> None:
     """With an FP8 cache the finished request is still released in the same step, but its capture holds no
     keys/values (scoring recomputes the prompt, as offline) and what was recorded for it is dropped."""
-    from semgrad_serve.serving import capture_connector
-    from semgrad_serve.serving.capture_connector import SemgradCaptureConnector
+    from semgrad_serve.serving.worker import capture_connector
+    from semgrad_serve.serving.worker.capture_connector import SemgradCaptureConnector
 
     monkeypatch.setenv(SECRET_ENV, SECRET.decode())  # the API server's and the engine's capture secret
     key = mint(SECRET)

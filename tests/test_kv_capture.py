@@ -11,8 +11,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.request import RequestStatus
 
 from semgrad_serve.serving import capture_keys
-from semgrad_serve.serving.captures import KV_PARAM, CaptureStore
-from semgrad_serve.serving.kv_layout import CPU_TRANSPOSED_K, TOKEN_MAJOR, layout_for, read_prefix
+from semgrad_serve.serving.messages import KV_PARAM
+from semgrad_serve.serving.worker.captures import CaptureStore
+from semgrad_serve.serving.worker.kv_layout import CPU_TRANSPOSED_K, TOKEN_MAJOR, layout_for, read_prefix
 
 
 def paged(n: int, heads: int, d: int, block_size: int, dtype: torch.dtype, seed: int = 0):
@@ -86,7 +87,7 @@ def minted(name: str) -> str:
 
 
 def make_connector(role: KVConnectorRole, secret: bytes | None = SECRET):
-    from semgrad_serve.serving.capture_connector import SemgradCaptureConnector
+    from semgrad_serve.serving.worker.capture_connector import SemgradCaptureConnector
 
     config = SimpleNamespace(kv_transfer_config=SimpleNamespace(is_kv_producer=True))
     connector = SemgradCaptureConnector(config, role, None)
@@ -108,7 +109,7 @@ def test_connector_holds_only_finished_scored_requests_for_one_step(monkeypatch)
     """Scheduler side: scored requests that ended (aborted too: stop strings end requests that way) are held
     and handed to the worker; unscored and failed ones are freed at once. Worker side: the prompt up to t* is
     copied before the step's forward, and every handed request is released in the same step."""
-    from semgrad_serve.serving import capture_connector
+    from semgrad_serve.serving.worker import capture_connector
 
     scheduler = make_connector(KVConnectorRole.SCHEDULER)
     assert scheduler.request_finished(finished("r0", RequestStatus.FINISHED_STOPPED, None, [1, 2]), [0]) == (False, None)
@@ -198,7 +199,7 @@ def test_step_recorder_keeps_watched_band_inputs_and_logits() -> None:
     the prompt's last position on, over chunked prefill and decode steps; a preempted request's recomputed rows
     overwrite; a position never run leaves no band inputs, a missing logits row no logits; a full logits budget
     records no more logits; the prompt logprobs' logits call after the sampling one is not recorded."""
-    from semgrad_serve.serving.step_recorder import StepRecorder
+    from semgrad_serve.serving.worker.step_recorder import StepRecorder
 
     recorder, d = StepRecorder(), 4
     runner = FakeRunner({"r1": [5] * 12, "r2": [6] * 12, "r3": [7] * 12, "r4": [1] * 12})
@@ -246,7 +247,7 @@ def test_connector_captures_band_layers_only_where_band_inputs_were_recorded(mon
     the band layers' keys/values only; each choice of a request (n > 1) gives its own answer its own band
     inputs and logits; a request whose recording is incomplete gets every layer's keys/values; one that ended
     without a capture is forgotten."""
-    from semgrad_serve.serving import capture_connector, step_recorder
+    from semgrad_serve.serving.worker import capture_connector, step_recorder
 
     recorder = step_recorder.StepRecorder()
     monkeypatch.setattr(capture_connector, "RECORDER", recorder)

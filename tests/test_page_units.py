@@ -11,7 +11,7 @@ import pytest
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.model.tokens import token_texts
-from semgrad_serve.serving.recent import MAX_TEXT, RecentAnswers, chat_question, prompt_question
+from semgrad_serve.serving.api_server.recent_answers import MAX_TEXT, RecentAnswers, chat_question, prompt_question
 
 # -- the recent-answers ring ---------------------------------------------------------------------------
 
@@ -74,7 +74,7 @@ def request(**extra) -> SimpleNamespace:
 
 
 def test_semgrad_request_field_turns_scoring_off_or_asks_for_tokens() -> None:
-    from semgrad_serve.serving.routes import ScoringOptions, scoring_options, scoring_wanted
+    from semgrad_serve.serving.api_server.chat_routes import ScoringOptions, scoring_options, scoring_wanted
 
     assert scoring_options(request()) == ScoringOptions(tokens=False)
     assert scoring_options(request(semgrad=True)) == ScoringOptions()
@@ -137,7 +137,7 @@ class FakeClient:
 
 
 def choices_for(default_scorer, options, recent) -> object:
-    from semgrad_serve.serving.routes import StopTokens, _Choices
+    from semgrad_serve.serving.api_server.chat_routes import StopTokens, _Choices
 
     stop = StopTokens.__new__(StopTokens)
     stop.tokenizer, stop.eos_ids = default_scorer.tokenizer, {2}
@@ -145,7 +145,7 @@ def choices_for(default_scorer, options, recent) -> object:
 
 
 def test_a_streamed_choice_gets_tokens_only_when_asked_and_is_kept_in_the_ring(default_scorer) -> None:
-    from semgrad_serve.serving.routes import ScoringOptions, _scored_stream
+    from semgrad_serve.serving.api_server.chat_routes import ScoringOptions, _scored_stream
 
     tokenizer = default_scorer.tokenizer
     prompt = default_scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
@@ -190,7 +190,7 @@ def test_a_streamed_choice_gets_tokens_only_when_asked_and_is_kept_in_the_ring(d
 
 
 def test_the_page_loads_nothing_from_elsewhere() -> None:
-    from semgrad_serve.serving.page_routes import ASSETS, CSP, asset
+    from semgrad_serve.serving.api_server.page_routes import ASSETS, CSP, asset
 
     html = asset("semgrad.html").decode()
     for name in ASSETS:
@@ -205,7 +205,7 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
 def test_an_answer_that_shows_nothing_is_not_sent_to_score(default_scorer) -> None:
     """The stop token alone, or whitespace and it: "nothing to score", without asking the scoring service."""
     from semgrad_serve.scoring.items import NOTHING_TO_SCORE
-    from semgrad_serve.serving.routes import ScoringOptions
+    from semgrad_serve.serving.api_server.chat_routes import ScoringOptions
 
     prompt = default_scorer.prompt_ids([{"role": "user", "content": "Say nothing."}])
     choices = choices_for(default_scorer, ScoringOptions(), None)

@@ -16,8 +16,8 @@ import pytest
 
 from semgrad_serve.errors import ItemError
 from semgrad_serve.scoring.items import NOTHING_TO_SCORE
-from semgrad_serve.serving.config import TEST_FAULT_MARKER
-from semgrad_serve.serving.worker import REPORTED
+from semgrad_serve.serving.settings import TEST_FAULT_MARKER
+from semgrad_serve.serving.worker.extension import REPORTED
 
 MODEL = "smollm2-135m-instruct"  # the served name of the default model
 REQUEST_TIMEOUT_S = 180

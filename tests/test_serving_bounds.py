@@ -24,10 +24,10 @@ from test_serving import EOS, MODEL, REQUEST_TIMEOUT_S, ask, assert_equals_offli
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.scoring.items import NOTHING_TO_SCORE
-from semgrad_serve.serving.config import TEST_FAULTS_ENV, TEST_SLOW_MARKER
-from semgrad_serve.serving.invocations_route import NOT_AUTHORIZED
-from semgrad_serve.serving.unscored_routes import NOTE_HEADER, UNSCORED
-from semgrad_serve.serving.worker import over_limit_error
+from semgrad_serve.serving.api_server.invocations_route import NOT_AUTHORIZED
+from semgrad_serve.serving.api_server.unscored_routes import NOTE_HEADER, UNSCORED
+from semgrad_serve.serving.settings import TEST_FAULTS_ENV, TEST_SLOW_MARKER
+from semgrad_serve.serving.worker.extension import over_limit_error
 
 from launch_server import RunningServer, free_port, running_server, serve_command
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from test_serving import MODEL, REQUEST_TIMEOUT_S, ask, kv_usage_after_probe, semgrad_of
 
-from semgrad_serve.serving.captures import KV_PARAM
+from semgrad_serve.serving.messages import KV_PARAM
 
 pytestmark = pytest.mark.slow  # starts the vLLM server
 

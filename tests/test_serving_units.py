@@ -20,8 +20,8 @@ from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
-from semgrad_serve.serving.captures import CaptureStore
-from semgrad_serve.serving.config import (
+from semgrad_serve.serving.api_server.scoring_client import SERVICE_GONE, ScoringClient
+from semgrad_serve.serving.settings import (
     CAPTURE_KV_TRANSFER_CONFIG,
     MAX_BATCH_ENV,
     PLUGIN_NAME,
@@ -29,9 +29,9 @@ from semgrad_serve.serving.config import (
     WORKER_EXTENSION,
     ScoringSettings,
 )
-from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
-from semgrad_serve.serving.scoring_service import ScoringService, generation_cores, scoring_cores
-from semgrad_serve.serving.weights import from_vllm_model
+from semgrad_serve.serving.worker.captures import CaptureStore
+from semgrad_serve.serving.worker.scoring_service import ScoringService, generation_cores, scoring_cores
+from semgrad_serve.serving.worker.vllm_weights import from_vllm_model
 
 from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
@@ -303,7 +303,7 @@ def test_a_cancelled_job_is_not_scored() -> None:
 def test_a_failing_request_does_not_sink_its_batch() -> None:
     """Two failing requests (one by the test seam the server tests use) in a batch of five: the batch is
     retried one request at a time and the others are scored."""
-    from semgrad_serve.serving.worker import with_test_faults
+    from semgrad_serve.serving.worker.extension import with_test_faults
 
     marked = SimpleNamespace(decode=lambda ids: TEST_FAULT_MARKER if 4 in ids else "a prompt")
     fake, store = FakeScore(), SignalledStore()
@@ -318,7 +318,7 @@ def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatc
     """An answer waits for its request's capture (it arrives one engine step after the request ends) and
     runs over it; one whose capture never comes is recomputed once the wait is over; a capture of another
     prompt or one without keys/values means recompute; a dropped capture is gone."""
-    from semgrad_serve.serving import scoring_service
+    from semgrad_serve.serving.worker import scoring_service
 
     monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", math.inf)
     store = SignalledStore()
@@ -349,7 +349,7 @@ def test_a_choice_waits_for_its_own_capture_not_another_choices(monkeypatch) -> 
     """n > 1: the choices of a request share a capture key but end in different engine steps. An answer whose
     choice is not captured yet waits, even though another choice's capture is there; a stop string's shorter
     answer is its choice's too."""
-    from semgrad_serve.serving import scoring_service
+    from semgrad_serve.serving.worker import scoring_service
 
     monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", math.inf)
     store = SignalledStore()
@@ -411,7 +411,7 @@ def test_settings_from_environment() -> None:
 
 
 def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> None:
-    from semgrad_serve.serving.worker import REPORTED, answer_report
+    from semgrad_serve.serving.worker.extension import REPORTED, answer_report
 
     scorer = default_scorer
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
@@ -511,8 +511,8 @@ def test_serve_mistakes_print_one_line(argv: list[str], message: str, capsys) ->
 
 
 def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
-    from semgrad_serve.serving.config import CAPTURE_CONNECTOR_MODULE
-    from semgrad_serve.serving.worker import capture_state
+    from semgrad_serve.serving.settings import CAPTURE_CONNECTOR_MODULE
+    from semgrad_serve.serving.worker.extension import capture_state
 
     assert capture_state(None) is False
     assert capture_state(SimpleNamespace(kv_connector=None, kv_connector_module_path=None)) is False
@@ -524,7 +524,7 @@ def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
 def test_passes_merge_into_one_report_per_answer() -> None:
     """An answer's first pass gives its report and later passes add their claims; a failed pass makes its answer's
     report that error, and the answer's later passes do not undo it."""
-    from semgrad_serve.serving.scoring_service import Job, Piece, merge, split_job
+    from semgrad_serve.serving.worker.scoring_service import Job, Piece, merge, split_job
 
     job = Job(1, None, [([1], [2]), ([3], [4])], claims=True)
     split_job(job, lambda pair, claims: [range(0, 1), range(1, 2)] if pair[0] == [1] else [range(0, 1), range(1, 3)])
@@ -542,7 +542,7 @@ def test_passes_merge_into_one_report_per_answer() -> None:
 
 
 def test_tensor_parallelism_is_refused_for_families_without_a_sharded_check() -> None:
-    from semgrad_serve.serving.config import check_tensor_parallel
+    from semgrad_serve.serving.settings import check_tensor_parallel
 
     check_tensor_parallel("gemma3_text", 1)
     check_tensor_parallel("qwen3", 2)
@@ -553,7 +553,7 @@ def test_tensor_parallelism_is_refused_for_families_without_a_sharded_check() ->
 def test_long_rope_reuse_only_where_vllm_rotated_as_transformers() -> None:
     """vLLM 0.32 takes LongRoPE's long frequencies for every sequence when its context is longer than the original
     (4096 here), transformers for a sequence longer than 4096 tokens: reuse only where both chose the same."""
-    from semgrad_serve.serving.worker import rope_agrees
+    from semgrad_serve.serving.worker.extension import rope_agrees
 
     long_rope = SimpleNamespace(long_rope_after=4096)
     assert rope_agrees(long_rope, 4096, 4096) and not rope_agrees(long_rope, 4096, 4097)  # vLLM short throughout

@@ -23,8 +23,8 @@ from semgrad_serve.model.weights import DecoderWeights, from_hf_model
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
-from semgrad_serve.serving import rank_sync
-from semgrad_serve.serving.captures import Given
+from semgrad_serve.serving.worker import rank_sync
+from semgrad_serve.serving.worker.captures import Given
 
 from test_claims import claimed_items
 from test_exactness import deeper_half, generation_states, prefix_keys_values

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # a vLLM engine per family
 CHILD = r"""
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-from semgrad_serve.serving.weights import keep_dense_cpu_weights, from_vllm_model
+from semgrad_serve.serving.worker.vllm_weights import keep_dense_cpu_weights, from_vllm_model
 keep_dense_cpu_weights()
 from vllm import LLM
 from semgrad_serve.scoring.scorer import Scorer

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import SemgradError
 from ..serving.capture_keys import SECRET_ENV, new_secret
-from ..serving.config import (
+from ..serving.settings import (
     API_SERVERS_REFUSED,
     CAPTURE_KV_TRANSFER_CONFIG,
     PAGE_PATH,
@@ -28,7 +28,7 @@ from ..serving.config import (
     check_tensor_parallel,
     server_url,
 )
-from ..serving.runner_check import V2_RUNNER_ENV
+from ..serving.worker.runner_check import V2_RUNNER_ENV
 from .common import add_model_arguments
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
@@ -183,7 +183,7 @@ def gpu_memory_option(model_dir: Path, dtype: str, total_bytes: int) -> list[str
     from transformers import AutoConfig
 
     from ..scoring.items import DEFAULT_BATCH_TOKENS
-    from ..serving.scoring_memory import scoring_reserve_bytes
+    from ..serving.worker.scoring_memory import scoring_reserve_bytes
 
     config = AutoConfig.from_pretrained(model_dir)
     # "auto": the checkpoint's dtype, which the config holds as a name or a torch.dtype

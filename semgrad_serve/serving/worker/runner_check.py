@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import SemgradError
+from ...errors import SemgradError
 
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # vLLM's switch; "0" selects the V1 model runner
 # What the worker extension and the step recorder read from vLLM's V1 model runner.

@@ -32,9 +32,10 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.request import RequestStatus
 
-from .capture_keys import secret_from_env, verify
-from .captures import KV_PARAM, STORE
-from .config import log
+from ..capture_keys import secret_from_env, verify
+from ..messages import KV_PARAM
+from ..settings import log
+from .captures import STORE
 from .kv_layout import copy_blocks, layout_for, quantized_cache, unpack
 from .step_recorder import RECORDER, Recorded
 

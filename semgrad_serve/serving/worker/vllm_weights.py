@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from ..errors import SemgradError
-from ..model.expert_layout import row_blocked
-from ..model.tensor_parallel import TensorParallel
-from ..model.weights import (
+from ...errors import SemgradError
+from ...model.expert_layout import row_blocked
+from ...model.tensor_parallel import TensorParallel
+from ...model.weights import (
     GEMMA_FAMILIES,
     DecoderWeights,
     LayerWeights,

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.datastructures import State
 
-from ..errors import SemgradError
-from .capture_keys import SECRET_ENV, fingerprint, secret_from_env
-from .config import (
+from ...errors import SemgradError
+from ..capture_keys import SECRET_ENV, fingerprint, secret_from_env
+from ..settings import (
     API_SERVERS_REFUSED,
     CAPTURE_KV_TRANSFER_CONFIG,
     PAGE_PATH,
@@ -29,13 +29,13 @@ from .config import (
     log,
     server_url,
 )
+from .chat_routes import router
 from .data_parallel import EngineRouter, connect, engines_info, setup_engines
 from .invocations_route import api_tokens, router as invocations_router
 from .page_routes import page_router
-from .recent import RecentAnswers
+from .recent_answers import RecentAnswers
 from .request_guard import RequestGuard
 from .responses_route import router as responses_router
-from .routes import router
 from .unscored_routes import note_unscored_routes
 
 

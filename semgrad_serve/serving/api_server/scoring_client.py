@@ -16,10 +16,10 @@ import time
 from multiprocessing.connection import Client
 from typing import Any, Sequence
 
-from . import metrics
-from .capture_keys import mint
-from .captures import StoreStats
-from .config import log
+from ..capture_keys import mint
+from ..messages import StoreStats
+from ..settings import log
+from . import prometheus_metrics as metrics
 
 SERVICE_GONE = "scoring failed: the scoring service in the vLLM worker is not reachable"
 

@@ -14,16 +14,14 @@ import os
 import time
 from typing import Any
 
-from ..errors import ItemError, SemgradError
-from ..model.weights import DecoderWeights
-from ..scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
-from ..scoring.items import FLAG_SCORES, ScoreResult
-from ..scoring.profiles import resolve_profile
-from ..scoring.scorer import Scorer
-from . import rank_sync
-from .capture_keys import fingerprint, secret_from_env
-from .captures import STORE, Given
-from .config import (
+from ...errors import ItemError, SemgradError
+from ...model.weights import DecoderWeights
+from ...scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
+from ...scoring.items import FLAG_SCORES, ScoreResult
+from ...scoring.profiles import resolve_profile
+from ...scoring.scorer import Scorer
+from ..capture_keys import fingerprint, secret_from_env
+from ..settings import (
     CAPTURE_CONNECTOR_MODULE,
     PIPELINE_REFUSED,
     TEST_FAULT_MARKER,
@@ -33,10 +31,12 @@ from .config import (
     check_tensor_parallel,
     log,
 )
+from . import rank_sync
+from .captures import STORE, Given
 from .runner_check import check_runner
 from .scoring_service import Pair, PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
 from .step_recorder import RECORDER
-from .weights import from_vllm_model, keep_dense_cpu_weights
+from .vllm_weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
 

@@ -23,7 +23,7 @@ import json
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, MutableMapping
 
-from .captures import KV_PARAM
+from ..messages import KV_PARAM
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -14,7 +14,8 @@ import time
 from collections import deque
 from typing import Any, Iterable
 
-DEFAULT_CAPACITY = 200
+from ..settings import RECENT_ANSWERS
+
 MAX_TEXT = 4000  # characters kept of a question or an answer
 TOKEN_FIELDS = ("token_texts", "token_entropies", "token_logprobs")
 
@@ -54,7 +55,7 @@ def prompt_question(prompt: Any, index: int, n: int) -> str:
 class RecentAnswers:
     """A ring of the last ``capacity`` scored answers, newest first."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, capacity: int = RECENT_ANSWERS) -> None:
         if capacity < 0:
             raise ValueError("the number of recent answers kept must be at least 0")
         self.capacity = capacity

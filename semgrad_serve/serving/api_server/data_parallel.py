@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from starlette.requests import Request
 
-from ..errors import SemgradError
+from ...errors import SemgradError
 from .scoring_client import ScoringClient
 
 DP_RANK_HEADER = "x-data-parallel-rank"  # vLLM's header naming the engine of a request (``_get_data_parallel_rank``)

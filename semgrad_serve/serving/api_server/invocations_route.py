@@ -20,7 +20,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
-from .routes import create_chat_completion, create_completion
+from .chat_routes import create_chat_completion, create_completion
 
 router = APIRouter()
 

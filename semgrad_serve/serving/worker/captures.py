@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..messages import StoreStats
 from .step_recorder import Recorded
 
-KV_PARAM = "semgrad_capture"  # the key's name in a request's kv_transfer_params
 DEFAULT_BUDGET_BYTES = 2 << 30  # most bytes of keys/values held at once; beyond it answers score by recompute
 TTL_S = 300.0  # a capture nobody claimed or dropped is discarded after this long
 MAX_DONE_KEYS = 1 << 16  # most dropped keys remembered (each refused for TTL_S), oldest forgotten first
@@ -103,16 +103,6 @@ class Given:
 
 # Given t*, the band's first layer and what one choice's run recorded from t* on, or None.
 BandInputs = Callable[[int], "tuple[int, Recorded] | None"]
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    """What a worker's capture store holds (sent to the API server for ``/v1/semgrad/info``)."""
-
-    captures: int  # entries, with keys/values or without
-    bytes: int  # of keys/values, band inputs and logits held
-    budget_bytes: int
-    done_keys: int  # dropped keys remembered, whose late captures are refused
 
 
 class CaptureStore:

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from .config import PAGE_PATH
-from .recent import RecentAnswers
-from .routes import REQUEST_OPTIONS
+from ..settings import PAGE_PATH
+from .chat_routes import REQUEST_OPTIONS
+from .recent_answers import RecentAnswers
 
 if TYPE_CHECKING:
     from .data_parallel import EngineRouter

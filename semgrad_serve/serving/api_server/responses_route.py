@@ -23,12 +23,12 @@ from vllm.entrypoints.openai.responses import api_router as vllm_responses
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
-from ..model.stop_token import tokens_of_text
-from ..model.tokens import has_visible_text
-from ..scoring.items import NOTHING_TO_SCORE
-from .captures import KV_PARAM
-from .recent import chat_question
-from .routes import ScoringOptions, StopTokens, scoring_setup, unless_gone, with_body
+from ...model.stop_token import tokens_of_text
+from ...model.tokens import has_visible_text
+from ...scoring.items import NOTHING_TO_SCORE
+from ..messages import KV_PARAM
+from .chat_routes import ScoringOptions, StopTokens, scoring_setup, unless_gone, with_body
+from .recent_answers import chat_question
 from .scoring_client import ScoringClient
 
 router = APIRouter()

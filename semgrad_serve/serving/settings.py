@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import SemgradError
-from .recent import DEFAULT_CAPACITY as RECENT_DEFAULT
 
 # Under vLLM's logger, so that our messages share its format and level.
 log = logging.getLogger("vllm.semgrad")
 
 PLUGIN_NAME = "semgrad"  # the endpoint plugin's entry point name, allowlisted through VLLM_PLUGINS
-WORKER_EXTENSION = "semgrad_serve.serving.worker.SemgradWorkerExtension"
-CAPTURE_CONNECTOR_MODULE = "semgrad_serve.serving.capture_connector"
+WORKER_EXTENSION = "semgrad_serve.serving.worker.extension.SemgradWorkerExtension"
+CAPTURE_CONNECTOR_MODULE = "semgrad_serve.serving.worker.capture_connector"
 # vLLM's --kv-transfer-config that makes finished scored requests hand their prompt keys/values to scoring
 CAPTURE_KV_TRANSFER_CONFIG = json.dumps(
     {"kv_connector": "SemgradCaptureConnector", "kv_connector_module_path": CAPTURE_CONNECTOR_MODULE, "kv_role": "kv_both"}
@@ -40,6 +39,8 @@ API_SERVERS_REFUSED = (
 # Families whose sharded scoring is checked against unsharded scores (tests/test_serving_tensor_parallel.py,
 # tests/test_serving_families.py); the others are served by one worker until theirs is.
 TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+RECENT_ANSWERS = 200  # answers the page's recent list keeps by default
 
 
 def check_tensor_parallel(family: str, size: int) -> None:
@@ -82,7 +83,7 @@ class ScoringSettings:
 
     profile: str | None = None
     max_batch: int = 16
-    recent: int = RECENT_DEFAULT
+    recent: int = RECENT_ANSWERS
     max_claims: int = 64
     claims_per_pass: int = 16
     claim_memory_mib: int = 256

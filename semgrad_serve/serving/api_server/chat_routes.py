@@ -34,13 +34,13 @@ from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect, validate_json_request
 
-from ..errors import SemgradError
-from ..model.stop_token import eos_ids, received_tokens
-from ..model.tokens import has_visible_text, token_texts
-from ..scoring.items import NOTHING_TO_SCORE
-from .captures import KV_PARAM
+from ...errors import SemgradError
+from ...model.stop_token import eos_ids, received_tokens
+from ...model.tokens import has_visible_text, token_texts
+from ...scoring.items import NOTHING_TO_SCORE
+from ..messages import KV_PARAM
 from .data_parallel import EngineRouter
-from .recent import TOKEN_FIELDS, RecentAnswers, chat_question, prompt_question
+from .recent_answers import TOKEN_FIELDS, RecentAnswers, chat_question, prompt_question
 from .scoring_client import ScoringClient
 
 router = APIRouter()

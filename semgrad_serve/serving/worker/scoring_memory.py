@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..scoring.batch import HEAD_CHUNK_ELEMENTS
+from ...scoring.batch import HEAD_CHUNK_ELEMENTS
 
 # Activations the band's graph keeps per token and layer, in hidden-size units: the layer input, two
 # norms, q, the attention output and o-projection, the residual sum, and slack for the kernels' workspaces.

@@ -52,9 +52,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..settings import log
 from . import rank_sync
 from .captures import CaptureStore, Given
-from .config import log
 
 CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
 SCORING_NICE = 10  # the scoring thread's nice value (Linux: per thread)
