@@ -61,18 +61,26 @@ def measure(size: int, model_dir: Path, args: argparse.Namespace, log: Path) -> 
     with running_server(serve_command(port, *serve_args), port, log, env) as server:
         time.sleep(5)
         idle = tree_rss(server.pid)
-        asyncio.run(run_load(server.url, model_dir.name, qa.take(args.concurrency), max_tokens, args.concurrency, True, Phase()))
+        asyncio.run(
+            run_load(server.url, model_dir.name, qa.take(args.concurrency), max_tokens, args.concurrency, True, Phase())
+        )
         phase = Phase()
         for _ in range(args.rounds):
             with CoreBusy() as busy:
-                asyncio.run(run_load(server.url, model_dir.name, qa.take(args.requests), max_tokens, args.concurrency, True, phase))
+                asyncio.run(
+                    run_load(
+                        server.url, model_dir.name, qa.take(args.requests), max_tokens, args.concurrency, True, phase
+                    )
+                )
             phase.busy.append(busy.shares)
         print(f"dp={size} qa: {phase.tokens_per_s:.1f} tok/s", file=sys.stderr)
         hol = {"idle": asyncio.run(head_of_line(server.url, model_dir.name, [], args.hol_probes, None))}
         for in_flight in HOL_IN_FLIGHT:
             name = f"rag x{in_flight}, scoring on"
             background = rag.take(in_flight * args.hol_probes)
-            hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, True, in_flight))
+            hol[name] = asyncio.run(
+                head_of_line(server.url, model_dir.name, background, args.hol_probes, True, in_flight)
+            )
             print(f"dp={size} head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
         load = f"{load_before:.1f} → {os.getloadavg()[0]:.1f}"
         return {"qa": phase, "hol": hol, "idle_rss": idle, "engines": engine_answers(server.url), "load": load}
@@ -114,8 +122,10 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
         f"- idle memory: {two['idle_rss'] / one['idle_rss']:.2f}x "
         f"(+{(two['idle_rss'] - one['idle_rss']) / (1 << 20):.0f} MiB: a second engine core and worker, each with the weights)",
         "- answers scored per engine over the whole run (warm-up and head-of-line included): "
-        + "; ".join(f"{size} engine(s): " + ", ".join(f"engine {e}: {n:.0f}" for e, n in sorted(r["engines"].items()))
-                    for size, r in results.items()),  # fmt: skip
+        + "; ".join(
+            f"{size} engine(s): " + ", ".join(f"engine {e}: {n:.0f}" for e, n in sorted(r["engines"].items()))
+            for size, r in results.items()
+        ),  # fmt: skip
         "",
         "## Reading the numbers",
         "",
@@ -141,7 +151,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="the servers' --max-batch (default: %(default)s)")
     parser.add_argument("--hol-probes", type=int, default=6, help="short requests per head-of-line phase (default: 6)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="vLLM KV cache size per engine (default: 0.5)")
-    parser.add_argument("--sizes", type=int, nargs=2, default=[1, 2], help="data-parallel sizes, in the order run (default: 1 2)")
+    parser.add_argument(
+        "--sizes", type=int, nargs=2, default=[1, 2], help="data-parallel sizes, in the order run (default: 1 2)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_parallel_cpu.md")
     args = parser.parse_args()
 

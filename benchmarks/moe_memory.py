@@ -63,7 +63,9 @@ def serve(command: list[str], port: int, log: Path, model: str, answers: int) ->
         scored = 0
         for i in range(answers):
             messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-            response = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=1.0, seed=i)
+            response = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=24, temperature=1.0, seed=i
+            )
             semgrad = (response.choices[0].model_extra or {}).get("semgrad")
             scored += semgrad is not None and "error" not in semgrad
         time.sleep(2)
@@ -89,7 +91,13 @@ def main() -> None:
             )  # fmt: skip
             expert_bytes = layers * experts * 3 * args.hidden * args.moe_intermediate * 4
             port = free_port()
-            plain = serve(plain_vllm_command(port, model_dir, "float32", KV_BYTES), port, Path(tmp) / f"{name}-plain.log", name, args.answers)
+            plain = serve(
+                plain_vllm_command(port, model_dir, "float32", KV_BYTES),
+                port,
+                Path(tmp) / f"{name}-plain.log",
+                name,
+                args.answers,
+            )
             port = free_port()
             command = serve_command(port, "--model", str(model_dir), "--", "--kv-cache-memory-bytes", str(KV_BYTES))
             ours = serve(command, port, Path(tmp) / f"{name}-semgrad.log", name, args.answers)

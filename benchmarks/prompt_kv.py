@@ -35,7 +35,10 @@ BLOCK_SIZE = 128
 
 
 def context(n_facts: int) -> str:
-    return " ".join(f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}." for i in range(n_facts))
+    return " ".join(
+        f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}."
+        for i in range(n_facts)
+    )
 
 
 def timed(fn, repeats: int) -> float:
@@ -71,7 +74,9 @@ def paged_cache(kv: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the server's scoring thread)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default: 1, as the server's scoring thread)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prompt_kv_cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,7 +102,10 @@ def main() -> None:
         gaps = {}
         for path, given in (("cache", dict(prefix_kv=[kv])), ("band", reuse)):
             result = scorer.score(one, **given)[0]
-            gaps[path] = max(abs(getattr(result, k) - getattr(recomputed, k)) / abs(getattr(recomputed, k)) for k in ("semgrad", "paragrad", "hybridgrad"))
+            gaps[path] = max(
+                abs(getattr(result, k) - getattr(recomputed, k)) / abs(getattr(recomputed, k))
+                for k in ("semgrad", "paragrad", "hybridgrad")
+            )
         with torch.enable_grad():
             t_recompute = timed(partial(scorer.score, one), args.repeats)
             t_cache = timed(partial(scorer.score, one, prefix_kv=[kv]), args.repeats)

@@ -19,7 +19,9 @@ from semgrad_serve.serving.messages import KV_PARAM
 pytestmark = pytest.mark.slow  # starts the vLLM server
 
 FIELD = f"kv_transfer_params.{KV_PARAM}"
-PROMPT_3000_WORDS = " ".join(("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000))  # 3000 tokens
+PROMPT_3000_WORDS = " ".join(
+    ("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000)
+)  # 3000 tokens
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +43,15 @@ def worker_rss_mib(pid: int) -> float:
 
 
 def reused(client: openai.OpenAI, question: str, **extra: Any) -> list[str]:
-    response = client.chat.completions.create(model=MODEL, messages=ask(question), max_tokens=8, temperature=0, extra_body=extra or None)
+    response = client.chat.completions.create(
+        model=MODEL, messages=ask(question), max_tokens=8, temperature=0, extra_body=extra or None
+    )
     return semgrad_of(response.choices[0])["reused"]
 
 
-def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_holding_nothing(served, client, base_url) -> None:
+def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_holding_nothing(
+    served, client, base_url
+) -> None:
     assert reused(client, "What is the capital of France?")[:1] == ["prompt_kv"]
     idle, before = kv_usage_after_probe(client, base_url), captures(base_url)
     assert (before["captures"], before["bytes"]) == (0, 0)
@@ -55,7 +61,9 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
     for i in range(12):  # the load of the issue: unscored, one token, 3000-word prompts
         forged["kv_transfer_params"][KV_PARAM] = f"foreign-{i}"
         with pytest.raises(openai.BadRequestError, match=FIELD) as refused:
-            client.chat.completions.create(model=MODEL, messages=ask(f"{i} {PROMPT_3000_WORDS}"), max_tokens=1, extra_body=forged)
+            client.chat.completions.create(
+                model=MODEL, messages=ask(f"{i} {PROMPT_3000_WORDS}"), max_tokens=1, extra_body=forged
+            )
         assert refused.value.body["param"] == FIELD
     with pytest.raises(openai.BadRequestError, match=FIELD):
         client.completions.create(model=MODEL, prompt=PROMPT_3000_WORDS, max_tokens=1, extra_body=forged)
@@ -83,7 +91,9 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
 
     # The same key on a scored request is refused too: it can neither displace nor collide with the server's key.
     with pytest.raises(openai.BadRequestError, match=FIELD):
-        client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"kv_transfer_params": {KV_PARAM: "x"}})
+        client.chat.completions.create(
+            model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"kv_transfer_params": {KV_PARAM: "x"}}
+        )
     # Other kv_transfer_params go through, beside the server's own key.
     assert reused(client, "Name a planet.", kv_transfer_params={"note": "mine"})[:1] == ["prompt_kv"]
     assert reused(client, "What is the capital of Italy?")[:1] == ["prompt_kv"]
@@ -92,7 +102,9 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
 def test_a_request_whose_client_left_leaves_no_capture(client, base_url) -> None:
     """A stream abandoned after its first chunk: its route is done with the key before vLLM ends the request,
     so its capture, taken one engine step later, is refused instead of kept until it expires."""
-    stream = client.chat.completions.create(model=MODEL, messages=ask("Write a long story."), max_tokens=200, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask("Write a long story."), max_tokens=200, stream=True
+    )
     next(iter(stream))
     stream.close()
     time.sleep(2)  # vLLM aborts the request and the connector hands over its capture

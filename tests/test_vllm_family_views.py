@@ -46,7 +46,9 @@ def test_vllm_modules_score_as_transformers(family: str, tmp_path: Path) -> None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     script = tmp_path / "view.py"
     script.write_text(CHILD)
-    run = subprocess.run([sys.executable, str(script), str(model_dir)], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(script), str(model_dir)], capture_output=True, text=True, env=env, timeout=600
+    )
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
