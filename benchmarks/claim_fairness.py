@@ -157,9 +157,10 @@ def main() -> None:
         r = asyncio.run(measure(server.url, worker(server.pid), args.long_tokens, args.burst))
     during = r["during_s"]
     lines = [
-        f"\n## {args.label}: {args.repo.resolve()} (commit {os.popen(f'git -C {args.repo} rev-parse --short HEAD').read().strip()})\n",
-        f"`python benchmarks/claim_fairness.py --repo {args.repo} --label {args.label} --long-tokens {args.long_tokens}`, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+        f"\n## {args.label}: {args.repo.resolve()} (commit "
+        f"{os.popen(f'git -C {args.repo} rev-parse --short HEAD').read().strip()})\n",
+        f"`python benchmarks/claim_fairness.py --repo {args.repo} --label {args.label} --long-tokens "
+        f"{args.long_tokens}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
         "| measure | value |",
         "|---|---|",
         f"| short scored request, idle (median of 5) | {r['idle_s']:.2f} s |",
@@ -167,8 +168,8 @@ def main() -> None:
         f"max {max(during):.2f} s ({max(during) / r['idle_s']:.1f}x idle) |"
         if during
         else "| short requests while scored | none |",
-        f"| long claims request ({args.long_tokens} tokens), total | {r['long_s']:.1f} s (generated in {r['generation_s']:.1f} s, "
-        f"then scored) |",
+        f"| long claims request ({args.long_tokens} tokens), total | {r['long_s']:.1f} s (generated in "
+        f"{r['generation_s']:.1f} s, then scored) |",
         f"| its claims: listed / scored | {r['claims']} / {r['claims_scored']} |",
         f"| worker RSS before / peak while scored | {r['rss_before'] / MIB:.0f} / {r['rss_peak'] / MIB:.0f} MiB "
         f"(+{(r['rss_peak'] - r['rss_before']) / MIB:.0f}) |",

@@ -98,7 +98,8 @@ def main() -> None:
         "",
         f"- machine: {psutil.cpu_count()} cores; default model, float32; {time.strftime('%Y-%m-%d %H:%M')}",
         f"- load: serving.py's qa load, {args.requests} requests per mode and round, {args.concurrency} in flight, "
-        f"{args.rounds} alternating off/on rounds after a warm-up, every round prompts of its own; one server per layout",
+        f"{args.rounds} alternating off/on rounds after a warm-up, every round prompts of its own; one server per "
+        "layout",
         "",
         "| layout | generation bound to (vLLM's log) | output tok/s off | on | on/off | busy share per core off / on |",
         "|---|---|---|---|---|---|",
@@ -114,7 +115,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "- With no reserved core vLLM runs generation on two OpenMP threads, one per core: scoring off is faster, and the",
+        "- With no reserved core vLLM runs generation on two OpenMP threads, one per core: scoring off is faster, and "
+        "the",
         "  scoring thread, pinned beside the API server, shares a core with one of generation's threads.",
         "",
     ]

@@ -52,8 +52,8 @@ def measure(size: int, model_dir: Path, args: argparse.Namespace, log: Path) -> 
     """One server with ``size`` engines: its qa phase, head-of-line latencies, idle memory and per-engine answers."""
     port = free_port()
     serve_args = ["--model", str(model_dir), "--dtype", args.dtype, "--max-batch", str(args.max_batch),
-                  "--data-parallel-size", str(size), "--", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30))),
-                  "--max-model-len", "4096"]  # fmt: skip
+                  "--data-parallel-size", str(size), "--", "--kv-cache-memory-bytes",
+                  str(int(args.kv_cache_gib * (1 << 30))), "--max-model-len", "4096"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     qa, rag = Prompts("qa"), Prompts("rag")
     max_tokens = LOADS["qa"][1]
@@ -91,8 +91,9 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
     lines = ["# Data-parallel serving: one engine vs two (CPU, scoring on)", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "## qa load, scoring on", "",
-              "| engines | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 (ms) "
-              "| busy share per core | answers scored (all reused) | idle RSS (MiB) | 1-min load average, start → end |",
+              "| engines | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 "
+              "(ms) | busy share per core | answers scored (all reused) | idle RSS (MiB) | 1-min load average, start "
+              "→ end |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for size, r in results.items():
         p: Phase = r["qa"]
@@ -104,7 +105,8 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
             f"| {p.scored}/{len(p.latencies)} ({p.reused_all}) | {r['idle_rss'] / (1 << 20):.0f} | {r['load']} |"
         )
     lines += ["", "## Head-of-line: short unscored requests (8 tokens) sent one at a time", "",
-              "| while | 1 engine p50 / p99 (s) | 2 engines p50 / p99 (s) | p50 2 / 1 |", "|---|---|---|---|"]  # fmt: skip
+              "| while | 1 engine p50 / p99 (s) | 2 engines p50 / p99 (s) | p50 2 / 1 |",
+              "|---|---|---|---|"]  # fmt: skip
     for name in one["hol"]:
         a, b = one["hol"][name], two["hol"][name]
         lines.append(
@@ -120,7 +122,8 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
         f"{qa2.percentile(0.5) / qa1.percentile(0.5):.2f}x, p99 {qa2.percentile(0.99) / qa1.percentile(0.99):.2f}x; "
         f"time per output token p50 {percentile(qa2.tpots, 0.5) / percentile(qa1.tpots, 0.5):.2f}x",
         f"- idle memory: {two['idle_rss'] / one['idle_rss']:.2f}x "
-        f"(+{(two['idle_rss'] - one['idle_rss']) / (1 << 20):.0f} MiB: a second engine core and worker, each with the weights)",
+        f"(+{(two['idle_rss'] - one['idle_rss']) / (1 << 20):.0f} MiB: a second engine core and worker, each with the "
+        "weights)",
         "- answers scored per engine over the whole run (warm-up and head-of-line included): "
         + "; ".join(
             f"{size} engine(s): " + ", ".join(f"engine {e}: {n:.0f}" for e, n in sorted(r["engines"].items()))
@@ -171,8 +174,8 @@ def main() -> None:
         "software": f"torch {torch.__version__}, vllm {vllm.__version__}",
         "model": f"{model_dir.name}, {args.dtype}, enforce_eager, KV cache {args.kv_cache_gib:g} GiB per engine",
         "load": f"qa: {args.rounds} rounds of {args.requests} TruthfulQA questions (`{LOADS['qa'][0]!r}`, max_tokens "
-        f"{LOADS['qa'][1]}), {args.concurrency} in flight, greedy, streaming, scoring on, scoring batch ≤ {args.max_batch}; "
-        f"head-of-line: {args.hol_probes} probes per phase",
+        f"{LOADS['qa'][1]}), {args.concurrency} in flight, greedy, streaming, scoring on, scoring batch ≤ "
+        f"{args.max_batch}; head-of-line: {args.hol_probes} probes per phase",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "order": f"data-parallel size {args.sizes[0]}, then {args.sizes[1]}, one server at a time",
         "machine load": f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "

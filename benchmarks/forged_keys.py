@@ -144,14 +144,14 @@ def main() -> None:
     report = "\n".join([
         f"# Worker memory around {REQUESTS} forged-capture-key requests (CPU, default model, float32)",
         "",
-        f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} unscored chat "
-        "requests (`max_tokens` 1, 3000-word prompts), each with its own `kv_transfer_params.semgrad_capture`; the "
-        "vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe request) and "
-        "what a scored request after them reused; last, what one unscored request with `vllm_xargs: {\"kv_transfer_params\": "
-        "\"x\"}` got, and the server's health after it.",
+        f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} unscored "
+        "chat requests (`max_tokens` 1, 3000-word prompts), each with its own `kv_transfer_params.semgrad_capture`; "
+        "the vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe request) "
+        "and what a scored request after them reused; last, what one unscored request with `vllm_xargs: "
+        "{\"kv_transfer_params\": \"x\"}` got, and the server's health after it.",
         "",
-        "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: reused "
-        "| string vllm_xargs.kv_transfer_params |",
+        "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: "
+        "reused | string vllm_xargs.kv_transfer_params |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",

@@ -133,7 +133,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                    "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])}  # fmt: skip
             command = serve_command(port, "--dtype", "float32", "--max-batch", "8", "--",
-                                    "--kv-cache-memory-bytes", str(args.kv_cache_mib << 20), "--max-model-len", "4096")  # fmt: skip
+                                    "--kv-cache-memory-bytes", str(args.kv_cache_mib << 20),
+                                    "--max-model-len", "4096")  # fmt: skip
             replicas.append(stack.enter_context(running_server(command, port, work / f"replica{i}.log", env)))
         proxy_port = free_port()
         for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):

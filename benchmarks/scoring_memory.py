@@ -157,10 +157,13 @@ def main() -> None:
         [
             "# Scoring cost: naive full autograd (paper's procedure) vs semgrad-serve",
             "",
-            f"Default model (SmolLM2-135M-Instruct, float32), {ANSWER_TOKENS}-token answers, CPU: {cpu}, {os.cpu_count()} cores.",
+            f"Default model (SmolLM2-135M-Instruct, float32), {ANSWER_TOKENS}-token answers, CPU: {cpu}, "
+            f"{os.cpu_count()} cores.",
             "Memory: extra resident-set peak above the loaded model and a short warm-up, in a fresh process.",
-            f"Naive = the paper's procedure, one item at a time; ours at batch {args.batch} = `Scorer.score(items, batch_size={args.batch})`:",
-            f"one forward and one backward per batch of at most {args.batch} items and {DEFAULT_BATCH_TOKENS} tokens (so 2 items per batch at 2k tokens).",
+            f"Naive = the paper's procedure, one item at a time; ours at batch {args.batch} = `Scorer.score(items, "
+            f"batch_size={args.batch})`:",
+            f"one forward and one backward per batch of at most {args.batch} items and {DEFAULT_BATCH_TOKENS} tokens "
+            "(so 2 items per batch at 2k tokens).",
             "",
             *lines,
             "",

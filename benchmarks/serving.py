@@ -374,8 +374,8 @@ def report(
         "",
         *(f"- {k}: {v}" for k, v in info.items()),
         "",
-        "| load | scoring | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 (ms) "
-        "| busy share per core | peak RSS (MiB) | answers scored (all reused) |",
+        "| load | scoring | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 "
+        "(ms) | busy share per core | peak RSS (MiB) | answers scored (all reused) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
@@ -392,10 +392,12 @@ def report(
         ratio = on.tokens_per_s / off.tokens_per_s
         target = TARGETS[load]
         summary.append(
-            f"- **{load}**: output tok/s on/off = **{ratio:.2f}x** (target ≥ {target}x: {'met' if ratio >= target else 'NOT met'}); "
-            f"E2E p50 on/off = {on.percentile(0.5) / off.percentile(0.5):.2f}x, p99 = {on.percentile(0.99) / off.percentile(0.99):.2f}x; "
-            f"time per output token p99 on/off = {percentile(on.tpots, 0.99) / percentile(off.tpots, 0.99):.2f}x; "
-            f"extra peak memory while scoring = {(on.peak_rss - off.peak_rss) / mib:+.0f} MiB"
+            f"- **{load}**: output tok/s on/off = **{ratio:.2f}x** (target ≥ {target}x: "
+            f"{'met' if ratio >= target else 'NOT met'}); E2E p50 on/off = "
+            f"{on.percentile(0.5) / off.percentile(0.5):.2f}x, p99 = "
+            f"{on.percentile(0.99) / off.percentile(0.99):.2f}x; time per output token p99 on/off = "
+            f"{percentile(on.tpots, 0.99) / percentile(off.tpots, 0.99):.2f}x; extra peak memory while scoring = "
+            f"{(on.peak_rss - off.peak_rss) / mib:+.0f} MiB"
             + (f"; plain vLLM (no SemGrad) {plain[load]:.1f} tok/s: on/plain = {on.tokens_per_s / plain[load]:.2f}x, "
                f"off/plain = {off.tokens_per_s / plain[load]:.2f}x" if load in plain else "")
         )  # fmt: skip
@@ -409,7 +411,8 @@ def report(
             "| while | p50 (s) | p99 (s) | p50 / idle |",
             "|---|---|---|---|",
             *(
-                f"| {name} | {percentile(v, 0.5):.2f} | {percentile(v, 0.99):.2f} | {percentile(v, 0.5) / percentile(idle, 0.5):.2f}x |"
+                f"| {name} | {percentile(v, 0.5):.2f} | {percentile(v, 0.99):.2f} | "
+                f"{percentile(v, 0.5) / percentile(idle, 0.5):.2f}x |"
                 for name, v in hol.items()
             ),
             "",
@@ -418,15 +421,17 @@ def report(
             on, off = hol[hol_phase(in_flight, True)], hol[hol_phase(in_flight, False)]
             lines.append(
                 f"- {in_flight} rag request(s) in flight with scoring on slow an unrelated unscored request by "
-                f"**{percentile(on, 0.5) / percentile(off, 0.5):.2f}x** against the same requests with scoring off (p50; p99 "
-                f"{percentile(on, 0.99) / percentile(off, 0.99):.2f}x), and **{percentile(on, 0.5) / percentile(idle, 0.5):.2f}x** "
-                f"against an idle server (target ≤ 2x; with scoring off {percentile(off, 0.5) / percentile(idle, 0.5):.2f}x)."
+                f"**{percentile(on, 0.5) / percentile(off, 0.5):.2f}x** against the same requests with scoring off "
+                f"(p50; p99 {percentile(on, 0.99) / percentile(off, 0.99):.2f}x), and "
+                f"**{percentile(on, 0.5) / percentile(idle, 0.5):.2f}x** against an idle server (target ≤ 2x; with "
+                f"scoring off {percentile(off, 0.5) / percentile(idle, 0.5):.2f}x)."
             )
     lines += ["", "## Memory", ""]
     if memory["plain"] is not None:
         lines.append(
             f"- idle RSS: plain vLLM {memory['plain'] / mib:.0f} MiB, with SemGrad {memory['ours'] / mib:.0f} MiB "
-            f"(+{(memory['ours'] - memory['plain']) / mib:.0f} MiB: on CPU the dense weights vLLM would free are kept for autograd)"
+            f"(+{(memory['ours'] - memory['plain']) / mib:.0f} MiB: on CPU the dense weights vLLM would free are kept "
+            "for autograd)"
         )
     else:
         lines.append(f"- idle RSS with SemGrad: {memory['ours'] / mib:.0f} MiB (plain vLLM baseline not measured)")
@@ -502,16 +507,16 @@ def main() -> None:
         "",
         f"- {delta['semgrad_answers_scored_total']:.0f} answers scored in {batches:.0f} batches "
         f"(mean batch {delta['semgrad_scoring_batch_size_sum'] / max(batches, 1):.1f}); mean scoring latency "
-        f"{delta['semgrad_scoring_latency_seconds_sum'] / max(delta['semgrad_scoring_latency_seconds_count'], 1):.2f} s "
-        "(answer finished → scores, queueing included); warm-up and head-of-line requests included.",
+        f"{delta['semgrad_scoring_latency_seconds_sum'] / max(delta['semgrad_scoring_latency_seconds_count'], 1):.2f} "
+        "s (answer finished → scores, queueing included); warm-up and head-of-line requests included.",
     ]
     info = {
         "machine": f"{cpu_name()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / (1 << 30):.0f} GiB",
         "software": f"torch {torch.__version__}, vllm {vllm.__version__}",
         "model": f"{model_dir.name}, {args.dtype}, enforce_eager, KV cache {args.kv_cache_gib:g} GiB",
-        "load": f"{args.requests} requests per load, mode and round (TruthfulQA questions; rag: SciQ questions, each after "
-        f"{RAG_FACTS} notes of other SciQ questions and answers, ~1.5k prompt tokens); {args.concurrency} in flight; greedy; "
-        f"streaming; {args.rounds} alternating off/on rounds; scoring batch ≤ {args.max_batch}",
+        "load": f"{args.requests} requests per load, mode and round (TruthfulQA questions; rag: SciQ questions, each "
+        f"after {RAG_FACTS} notes of other SciQ questions and answers, ~1.5k prompt tokens); {args.concurrency} in "
+        f"flight; greedy; streaming; {args.rounds} alternating off/on rounds; scoring batch ≤ {args.max_batch}",
         "loads": "; ".join(
             f"{name}: `{template!r}`, max_tokens {n}" for name, (template, n) in LOADS.items() if name in args.loads
         ),

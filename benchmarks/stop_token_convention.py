@@ -85,7 +85,8 @@ def main() -> int:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Answers (wrong) and the Spearman rank correlation of each score between the conventions:", ""]
     lines += [
-        "| dataset | answers | short answers | SemGrad ρ all / short | ParaGrad ρ all / short | HybridGrad ρ all / short |",
+        "| dataset | answers | short answers | SemGrad ρ all / short | ParaGrad ρ all / short | HybridGrad ρ all / "
+        "short |",
         "|---|---|---|---|---|---|",
     ]
     for d in datasets:

@@ -105,14 +105,16 @@ def report(results: dict[str, list[dict]], info: dict[str, str]) -> str:
         f"- TPOT p99 on/off = **{tpot:.2f}x** (target ≤ 2x: {'met' if tpot <= 2 else 'NOT met'})",
         *(
             [
-                f"- output tok/s on / plain vLLM (the same model and settings without SemGrad, one round after the others) "
-                f"= **{mean('on', 'output_throughput') / mean('plain', 'output_throughput'):.2f}x**"
+                "- output tok/s on / plain vLLM (the same model and settings without SemGrad, one round after the "
+                f"others) = **{mean('on', 'output_throughput') / mean('plain', 'output_throughput'):.2f}x**"
             ]
             if plain
             else []
         ),
-        f"- failed requests: off {sum(r.get('failed', 0) for r in results['off'])}, on {sum(r.get('failed', 0) for r in results['on'])}",
-        "- Each figure is the mean over rounds; E2E with scoring on ends when the final chunk, which carries the scores, arrives.",
+        f"- failed requests: off {sum(r.get('failed', 0) for r in results['off'])}, on "
+        f"{sum(r.get('failed', 0) for r in results['on'])}",
+        "- Each figure is the mean over rounds; E2E with scoring on ends when the final chunk, which carries the "
+        "scores, arrives.",
         "",
     ]
     return "\n".join(lines)

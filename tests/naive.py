@@ -112,7 +112,8 @@ def naive_t_star_features(
 
 
 def naive_paragrad_tied(model: torch.nn.Module, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> float:
-    """mean |∂loss/∂E| of a tied model's shared matrix E, head and embedding lookup both differentiated (authors' code)."""
+    """mean |∂loss/∂E| of a tied model's shared matrix E, head and embedding lookup both differentiated (authors'
+    code)."""
     device = model.lm_head.weight.device
     ids = torch.tensor([list(prompt_ids) + list(answer_ids)], device=device)
     _, shared, logp, entropy = _forward(

@@ -190,7 +190,10 @@ def test_eval_bad_dataset_files(tmp_path, capsys, lines, message):
     "options,message",
     [
         (["--samples", "1"], "--samples must be 0 (no sampling baselines) or at least 2"),
-        (["--flag-target", "f1:0.5"], "flag target 'f1:0.5': write precision:VALUE or recall:VALUE with 0 < VALUE ≤ 1"),
+        (
+            ["--flag-target", "f1:0.5"],
+            "flag target 'f1:0.5': write precision:VALUE or recall:VALUE with 0 < VALUE ≤ 1",
+        ),
     ],
 )
 def test_eval_bad_options(tmp_path, capsys, options, message):

@@ -122,7 +122,8 @@ def test_score_claims(tmp_path, default_scorer) -> None:
             "confidence",
         ):  # float32; the shared scorer may reuse a cached prefix
             assert got[key] == pytest.approx(want[key], rel=FLOAT32_BATCH_REL), key
-        # the profile's calibrator on the claim's own score, length (the stop token, in the last claim, not counted) and entropy
+        # the profile's calibrator on the claim's own score, length (the stop token, in the last claim, not counted)
+        # and entropy
         length = (
             got["token_end"] - got["token_start"] - (got["token_end"] == row["answer_tokens"] and row["stop_token"])
         )

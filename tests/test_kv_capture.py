@@ -202,7 +202,8 @@ class FakeRunner:
         """One step of (request, computed before, new tokens) rows. The stream entering the layer is
         position + 1000 * request number (split into hidden + residual as vLLM's layers pass it on), and the
         logits row of a request is its last position + 1000 * request number + the vocabulary index / 10.
-        ``prompt_logprobs``: then the logits of every scheduled position, as vLLM computes prompt logprobs after sampling."""
+        ``prompt_logprobs``: then the logits of every scheduled position, as vLLM computes prompt logprobs after
+        sampling."""
         batch = self.input_batch
         batch.req_id_to_index = {rid: i for i, (rid, _, _) in enumerate(scheduled)}
         batch.num_reqs, batch.num_computed_tokens_cpu = len(scheduled), [c for _, c, _ in scheduled]

@@ -109,7 +109,8 @@ def test_choose_threshold_is_the_best_rule_meeting_the_target(kind, value):
     precision, recall = wrong[flags].mean(), wrong[flags].sum() / wrong.sum()
     assert got.met and got.flagged == flags.sum()
     assert got.precision == pytest.approx(precision) and got.recall == pytest.approx(recall)
-    # brute force over every distinct rule "score > t": recall → highest t meeting it; precision → most flags meeting it
+    # brute force over every distinct rule "score > t": recall → highest t meeting it; precision → most flags
+    # meeting it
     rules = []
     for t in sorted(set(scores)):
         for cut in (t - 1e-9,):

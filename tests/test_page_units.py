@@ -223,7 +223,8 @@ def test_an_answer_that_shows_nothing_is_not_sent_to_score(default_scorer) -> No
     choices = choices_for(default_scorer, ScoringOptions(), None)
     choices.client.score = None  # any call would fail
     body = {"prompt_token_ids": prompt, "choices": [
-        {"index": i, "message": {"content": text}, "token_ids": default_scorer.answer_ids(text), "finish_reason": "stop", "stop_reason": None}
+        {"index": i, "message": {"content": text}, "token_ids": default_scorer.answer_ids(text),
+         "finish_reason": "stop", "stop_reason": None}
         for i, text in enumerate(("", " \n "))
     ]}  # fmt: skip
     finished = choices.collect(body)

@@ -293,8 +293,9 @@ def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client
 def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default_scorer) -> None:
     messages = ask("What is the capital of France?")
     for include in (False, True):
-        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True,
-                                                stop=["France"], extra_body={"include_stop_str_in_output": include})  # fmt: skip
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
+                                                stream=True, stop=["France"],
+                                                extra_body={"include_stop_str_in_output": include})  # fmt: skip
         chunks = [c for chunk in stream for c in chunk.choices]
         text, semgrad = "".join(c.delta.content or "" for c in chunks), semgrad_of(chunks[-1])
         assert text.endswith("France" if include else "of ") and not semgrad["stop_token"]
@@ -305,8 +306,8 @@ def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default
 def test_an_answer_that_shows_nothing_is_not_scored(client, default_scorer) -> None:
     """A stop string at the start of the answer: nothing reaches the user, so nothing is scored, and the offline
     scorer says the same of the empty answer that is left."""
-    (choice,) = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=16,
-                                               temperature=0, stop=["The"]).choices  # fmt: skip
+    (choice,) = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"),
+                                               max_tokens=16, temperature=0, stop=["The"]).choices  # fmt: skip
     assert choice.message.content == "" and semgrad_of(choice) == {"error": NOTHING_TO_SCORE}
     prompt = default_scorer.prompt_ids(ask("What is the capital of France?"))
     assert str(default_scorer.score([(prompt, [])])[0]) == NOTHING_TO_SCORE
@@ -331,17 +332,21 @@ def assert_claims_equal_offline(semgrad: dict[str, Any], scorer, prompt_ids: lis
 
 
 def test_claims_when_asked_equal_the_offline_claims(client, default_scorer) -> None:
-    """``"semgrad": {"claims": true}``: each sentence's scores, equal to ``score --claims``'s; not there unless asked."""
+    """``"semgrad": {"claims": true}``: each sentence's scores, equal to ``score --claims``'s; not there unless
+    asked."""
     messages = ask("Tell me about Paris in three sentences.")
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, temperature=0,
-                                              extra_body={"return_token_ids": True, "semgrad": {"claims": True}})  # fmt: skip
+                                              extra_body={"return_token_ids": True,
+                                                          "semgrad": {"claims": True}})  # fmt: skip
     (choice,) = response.choices
     semgrad, answer_ids = semgrad_of(choice), choice.model_extra["token_ids"]
     assert tuple(semgrad) == REPORTED + ("claims", "stop_token")
     assert_claims_equal_offline(semgrad, default_scorer, response.model_extra["prompt_token_ids"], answer_ids)
     assert " ".join(c["text"] for c in semgrad["claims"]) == choice.message.content.strip()
-    stream = client.completions.create(model=MODEL, prompt="The water cycle is", max_tokens=60, temperature=0, stream=True,
-                                       extra_body={"return_token_ids": True, "semgrad": {"claims": True, "tokens": True}})  # fmt: skip
+    stream = client.completions.create(model=MODEL, prompt="The water cycle is", max_tokens=60, temperature=0,
+                                       stream=True,
+                                       extra_body={"return_token_ids": True,
+                                                   "semgrad": {"claims": True, "tokens": True}})  # fmt: skip
     chunks = [c for chunk in stream for c in chunk.choices]
     prompt_ids = next(c.model_extra["prompt_token_ids"] for c in chunks if c.model_extra.get("prompt_token_ids"))
     answer_ids = [t for c in chunks for t in c.model_extra.get("token_ids") or []]
@@ -361,7 +366,8 @@ def test_responses_are_scored(client, default_scorer) -> None:
     question = "Tell me about Paris in three sentences."
     prompt_ids = default_scorer.prompt_ids(ask(question))
     whole = client.responses.create(model=MODEL, input=question, max_output_tokens=80, temperature=0,
-                                    extra_body={"enable_response_messages": True, "semgrad": {"claims": True}})  # fmt: skip
+                                    extra_body={"enable_response_messages": True,
+                                                "semgrad": {"claims": True}})  # fmt: skip
     semgrad = whole.model_extra["semgrad"]
     answer_ids = whole.model_extra["output_messages"][0]["tokens"]
     assert whole.model_extra["input_messages"][0]["tokens"] == prompt_ids
@@ -384,8 +390,8 @@ def test_responses_are_scored(client, default_scorer) -> None:
     assert text and "city" not in text and not stopped.model_extra["semgrad"]["stop_token"]
     received = default_scorer.answer_ids(text.rstrip(), stop_token=False)
     assert_equals_offline(stopped.model_extra["semgrad"], default_scorer, prompt_ids, received)
-    nothing = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=16, temperature=0,
-                                      extra_body={"stop": ["The"]})  # fmt: skip
+    nothing = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=16,
+                                      temperature=0, extra_body={"stop": ["The"]})  # fmt: skip
     assert nothing.model_extra["semgrad"] == {"error": NOTHING_TO_SCORE}
     assert (
         "semgrad"

@@ -49,8 +49,8 @@ def bounded(tmp_path_factory) -> Iterator[RunningServer]:
         TEST_FAULTS_ENV: "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
     }
-    args = ["--dtype", "float32", "--max-claims", str(MAX_CLAIMS), "--claims-per-pass", "1", "--claim-memory", "1", "--",
-            "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY]  # fmt: skip
+    args = ["--dtype", "float32", "--max-claims", str(MAX_CLAIMS), "--claims-per-pass", "1", "--claim-memory", "1",
+            "--", "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY]  # fmt: skip
     try:
         port = free_port()
         with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
@@ -77,7 +77,8 @@ def test_claims_are_scored_in_passes_up_to_the_limit(client, bounded, default_sc
     passes' reports were put together right), the fourth with the limit's error; the whole answer as without."""
     before = len(log_lines(bounded, r"scoring job \d+ in 3 passes"))
     response = client.chat.completions.create(model=MODEL, messages=FOUR_SENTENCES, max_tokens=100, temperature=0,
-                                              extra_body={"return_token_ids": True, "semgrad": {"claims": True}})  # fmt: skip
+                                              extra_body={"return_token_ids": True,
+                                                          "semgrad": {"claims": True}})  # fmt: skip
     (choice,) = response.choices
     prompt_ids, answer_ids = response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
     semgrad = semgrad_of(choice)
@@ -207,7 +208,8 @@ def test_unscored_generating_routes_say_so(bounded) -> None:
     assert messages.json()["semgrad"] == {"error": UNSCORED["/v1/messages"]}
     assert messages.headers[NOTE_HEADER] == UNSCORED["/v1/messages"]
     batch = httpx.post(f"{bounded.url}/v1/chat/completions/batch", headers=headers(), timeout=REQUEST_TIMEOUT_S,
-                       json={"model": MODEL, "max_tokens": 8, "messages": [ask("Name a planet."), ask("Name a color.")]})  # fmt: skip
+                       json={"model": MODEL, "max_tokens": 8,
+                             "messages": [ask("Name a planet."), ask("Name a color.")]})  # fmt: skip
     assert batch.status_code == 200, batch.text
     assert batch.headers[NOTE_HEADER] == UNSCORED["/v1/chat/completions/batch"]
     assert batch.json()["semgrad"] == {"error": UNSCORED["/v1/chat/completions/batch"]}

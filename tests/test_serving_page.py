@@ -183,7 +183,8 @@ def browser() -> Iterator[Any]:
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_path):
         pytest.fail(
-            "the page test needs Debian's chromium and chromium-driver: run scripts/bootstrap.sh as root, or apt-get install chromium chromium-driver"
+            "the page test needs Debian's chromium and chromium-driver: run scripts/bootstrap.sh as root, or apt-get "
+            "install chromium chromium-driver"
         )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -452,12 +453,15 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     synthetic = {
         **without_tokens(sg), "flagged": True, "confidence": 0.31,
         "claims": [
-            {"text": "Herman Melville wrote Moby-Dick.", "token_start": 0, "token_end": 8, "semgrad": 3e-5, "paragrad": 1e-5, "hybridgrad": 2e-5, "confidence": 0.86, "flagged": False},
-            {"text": "It came out in 1852.", "token_start": 8, "token_end": 15, "semgrad": 2e-4, "paragrad": 1e-4, "hybridgrad": 1.5e-4, "confidence": 0.12, "flagged": True},
+            {"text": "Herman Melville wrote Moby-Dick.", "token_start": 0, "token_end": 8,
+             "semgrad": 3e-5, "paragrad": 1e-5, "hybridgrad": 2e-5, "confidence": 0.86, "flagged": False},
+            {"text": "It came out in 1852.", "token_start": 8, "token_end": 15,
+             "semgrad": 2e-4, "paragrad": 1e-4, "hybridgrad": 1.5e-4, "confidence": 0.12, "flagged": True},
         ],
     }  # fmt: skip
     card_id = driver.execute_script("return window.semgradPage.showAnswer(arguments[0], arguments[1], arguments[2])",
-                                    "(synthetic)", "Herman Melville wrote Moby-Dick. It came out in 1852.", synthetic)  # fmt: skip
+                                    "(synthetic)", "Herman Melville wrote Moby-Dick. It came out in 1852.",
+                                    synthetic)  # fmt: skip
     card = driver.find_element(By.ID, card_id)
     assert card.find_element(By.CSS_SELECTOR, ".badge").text == "Flagged"
     meter = card.find_element(By.CSS_SELECTOR, ".meter")

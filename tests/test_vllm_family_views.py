@@ -31,10 +31,12 @@ if __name__ == "__main__":
     model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
     weights = from_vllm_model(model, llm.llm_engine.model_config.hf_config)
     served = Scorer(weights, offline.tokenizer, offline.profile, exgrad=False)
-    pairs = [(offline.prompt_ids([{"role": "user", "content": "word " * n + "?"}]), [(n * 37 + k) % 49152 for k in range(7)])
+    pairs = [(offline.prompt_ids([{"role": "user", "content": "word " * n + "?"}]),
+              [(n * 37 + k) % 49152 for k in range(7)])
              for n in (5, 40, 70)]
     out = {"packed": any(l.moe.gate_up.dim() == 4 for l in weights.layers if l.moe is not None),
-           "served": [served.report(r) for r in served.score(pairs)], "offline": [offline.report(r) for r in offline.score(pairs)]}
+           "served": [served.report(r) for r in served.score(pairs)],
+           "offline": [offline.report(r) for r in offline.score(pairs)]}
     print("RESULT " + json.dumps(out, default=str))
 """
 

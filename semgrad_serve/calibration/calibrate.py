@@ -73,7 +73,8 @@ class Calibration:
             "positions": self.table.offsets,
             "position_tokens": self.labels,
             "t_star_position": self.t_star_offset,
-            "t_star_rule": "template position (same token in every prompt) with the highest mean SPS over the upper half of layers",
+            "t_star_rule": "template position (same token in every prompt) with the highest mean SPS over the upper "
+            "half of layers",
             "band_rule": "span of hidden-state indices 1..L-1 whose SPS at t* is at least half height",
             "upper_half_mean_sps": [round(float(x), 4) for x in sps[rows].mean(0)],
             "sps": [[round(float(x), 4) for x in row] for row in sps],
@@ -167,8 +168,9 @@ def plot_heatmap(cal: Calibration, path: str | Path, title: str = "") -> None:
     fig.text(
         0.01,
         0.01,
-        f"SPS = S_within − S_across (cosine). t* = last {_pretty(rule.token)}{'' if rule.offset == 0 else f' {rule.offset:+d}'} "
-        f"(position {cal.t_star_offset}); band = hidden states {first}..{last} (red box).",
+        "SPS = S_within − S_across (cosine). t* = last "
+        f"{_pretty(rule.token)}{'' if rule.offset == 0 else f' {rule.offset:+d}'} (position {cal.t_star_offset}); band "
+        f"= hidden states {first}..{last} (red box).",
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.03, 1, 1))

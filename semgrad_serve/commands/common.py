@@ -33,7 +33,8 @@ def add_model_arguments(
         parser.add_argument(
             "--dtype",
             choices=SERVE_DTYPES,
-            help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto on GPU)",
+            help="weights and scoring dtype (default: float32 on CPU, where scores then equal `score`'s; vLLM's auto "
+            "on GPU)",
         )
     else:
         parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype (default: float32)")
@@ -83,7 +84,8 @@ def device_from_args(args: argparse.Namespace) -> str:
 
 def scorer_from_args(args: argparse.Namespace) -> Scorer:
     """The scorer of ``add_model_arguments``' options. Checked before the model loads: the profile file and the
-    model directory's files or packaged model's name first (without importing torch), then the device and the kernels."""
+    model directory's files or packaged model's name first (without importing torch), then the device and the
+    kernels."""
     from ..scoring.profiles import ModelProfile
 
     profile = ModelProfile.load(args.profile) if args.profile is not None else None

@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--judge",
         choices=JUDGES,
         default=DEFAULT_JUDGE,
-        help=f"correctness judge for the main table, the threshold and the calibrator (default: {DEFAULT_JUDGE}, the one that "
-        "agreed best with hand labels on SciQ and TruthfulQA); all are computed and reported "
+        help=f"correctness judge for the main table, the threshold and the calibrator (default: {DEFAULT_JUDGE}, the "
+        "one that agreed best with hand labels on SciQ and TruthfulQA); all are computed and reported "
         f"(thresholds: ROUGE-L {DEFAULT_THRESHOLDS['rouge']}, embedding cosine {DEFAULT_THRESHOLDS['embedding']})",
     )
     parser.add_argument(
@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from-items",
         metavar="ITEMS.jsonl.gz",
         help="generate and score nothing: re-judge, re-measure and re-fit the per-answer records of an earlier run "
-        "(its PREFIX_items.jsonl.gz; its settings come from the PREFIX.json beside it); same --dataset files and --limit",
+        "(its PREFIX_items.jsonl.gz; its settings come from the PREFIX.json beside it); same --dataset files and "
+        "--limit",
     )
     parser.add_argument("--rescore", action="store_true",
                         help="with --from-items: run the gradient pass (the confidence probe's features) and RAUQ "
@@ -94,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cheap-baselines",
         action="store_true",
-        help="take the NLL and entropy baselines from the gradient pass (the same numbers, no second forward; their cost is "
-        "then not measured) and skip P(True): for larger models on a CPU, where each extra forward takes hours",
+        help="take the NLL and entropy baselines from the gradient pass (the same numbers, no second forward; their "
+        "cost is then not measured) and skip P(True): for larger models on a CPU, where each extra forward takes hours",
     )
     add_convention_arguments(parser)
 

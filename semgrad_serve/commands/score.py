@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_BATCH_TOKENS,
         metavar="N",
-        help=f"most tokens per backward pass, padding included; a longer item goes alone (default: {DEFAULT_BATCH_TOKENS})",
+        help="most tokens per backward pass, padding included; a longer item goes alone (default: "
+        f"{DEFAULT_BATCH_TOKENS})",
     )
 
 

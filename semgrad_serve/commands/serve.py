@@ -56,15 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-claims", type=int, default=ScoringSettings.max_claims, metavar="N",
-        help="most claims (sentences) scored per answer that asks for claims; the rest get an error (default: %(default)s)",
+        help="most claims (sentences) scored per answer that asks for claims; the rest get an error (default: "
+        "%(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--claims-per-pass", type=int, default=ScoringSettings.claims_per_pass, metavar="N",
-        help="most claims of an answer scored in one pass; a client that leaves stops its scoring after a pass (default: %(default)s)",
+        help="most claims of an answer scored in one pass; a client that leaves stops its scoring after a pass "
+        "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--claim-memory", type=int, default=ScoringSettings.claim_memory_mib, metavar="MIB",
-        help="memory budget of one backward over claims, in MiB: claims beyond it wait for a backward of their own (default: %(default)s)",
+        help="memory budget of one backward over claims, in MiB: claims beyond it wait for a backward of their own "
+        "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--recent", type=int, default=ScoringSettings.recent, metavar="N",
@@ -94,7 +97,8 @@ def _check_model(model_dir: Path, profile: str | None, tensor_parallel: int = 1)
     heads = config.num_attention_heads
     if heads % tensor_parallel:
         raise SemgradError(
-            f"--tensor-parallel-size {tensor_parallel}: the model's {heads} attention heads do not split over {tensor_parallel} ranks"
+            f"--tensor-parallel-size {tensor_parallel}: the model's {heads} attention heads do not split over "
+            f"{tensor_parallel} ranks"
         )
     if explicit is None:
         resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, None)

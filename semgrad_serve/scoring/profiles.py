@@ -90,12 +90,13 @@ class ModelProfile:
                 "min_confidence": self.confidence.operating_point.min_confidence, "flagged": self.confidence.flagged(p)}
 
     def dtype_mismatch(self, dtype: str) -> str | None:
-        """A warning when scores in ``dtype`` would meet a threshold or confidence model fitted in another dtype, else None."""
+        """A warning when scores in ``dtype`` would meet a threshold or confidence model fitted in another dtype, else
+        None."""
         if (self.threshold is None and self.confidence is None) or dtype == self.dtype:
             return None
         return (
-            f"profile {self.name!r}: its threshold and confidence were fitted on {self.dtype} scores and these are {dtype}; "
-            f"flags may shift: refit it with `semgrad-serve eval --dtype {dtype}` or score in {self.dtype}"
+            f"profile {self.name!r}: its threshold and confidence were fitted on {self.dtype} scores and these are "
+            f"{dtype}; flags may shift: refit it with `semgrad-serve eval --dtype {dtype}` or score in {self.dtype}"
         )
 
     def to_json(self) -> str:
