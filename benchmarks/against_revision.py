@@ -85,7 +85,8 @@ def main() -> None:
     lines = [
         f"# Scoring pass: this tree ({head_sha}) against {args.base} ({base_sha})",
         "",
-        "Default model (SmolLM2-135M-Instruct, float32), 24-token answers, `benchmarks/scoring_memory.py`'s measurements",
+        "Default model (SmolLM2-135M-Instruct, float32), 24-token answers, `benchmarks/scoring_memory.py`'s "
+        "measurements",
         f"from each revision's checkout, alternating, the lower of {args.rounds} rounds. CPU, {os.cpu_count()} cores.",
         "",
         "| prompt tokens | figure | base | this tree | ratio |",

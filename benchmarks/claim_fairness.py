@@ -66,9 +66,18 @@ class RssSampler:
         return self.peak
 
 
-async def chat(http: httpx.AsyncClient, messages: list, max_tokens: int, semgrad: object, **extra: object) -> tuple[float, dict]:
+async def chat(
+    http: httpx.AsyncClient, messages: list, max_tokens: int, semgrad: object, **extra: object
+) -> tuple[float, dict]:
     start = time.perf_counter()
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "semgrad": semgrad, **extra}
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "semgrad": semgrad,
+        **extra,
+    }
     response = await http.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     return time.perf_counter() - start, response.json()
@@ -126,7 +135,9 @@ async def measure(url: str, process: psutil.Process, long_tokens: int, burst: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose semgrad_serve serves (default: this one)")
+    parser.add_argument(
+        "--repo", type=Path, default=ROOT, help="checkout whose semgrad_serve serves (default: this one)"
+    )
     parser.add_argument("--label", default="after")
     parser.add_argument("--long-tokens", type=int, default=400)
     parser.add_argument("--burst", type=int, default=64)
@@ -138,22 +149,27 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(args.repo.resolve())}
     os.chdir(args.repo)  # ``python -m`` puts the working directory first on the server's path
     port = free_port()
-    command = serve_command(port, "--model", str(model_dir), "--dtype", "float32", "--", "--kv-cache-memory-bytes", str(1 << 30))
+    command = serve_command(
+        port, "--model", str(model_dir), "--dtype", "float32", "--", "--kv-cache-memory-bytes", str(1 << 30)
+    )
     log = Path(tempfile.mkdtemp(prefix="semgrad-fairness-")) / "server.log"
     with running_server(command, port, log, env) as server:
         r = asyncio.run(measure(server.url, worker(server.pid), args.long_tokens, args.burst))
     during = r["during_s"]
     lines = [
-        f"\n## {args.label}: {args.repo.resolve()} (commit {os.popen(f'git -C {args.repo} rev-parse --short HEAD').read().strip()})\n",
-        f"`python benchmarks/claim_fairness.py --repo {args.repo} --label {args.label} --long-tokens {args.long_tokens}`, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+        f"\n## {args.label}: {args.repo.resolve()} (commit "
+        f"{os.popen(f'git -C {args.repo} rev-parse --short HEAD').read().strip()})\n",
+        f"`python benchmarks/claim_fairness.py --repo {args.repo} --label {args.label} --long-tokens "
+        f"{args.long_tokens}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
         "| measure | value |",
         "|---|---|",
         f"| short scored request, idle (median of 5) | {r['idle_s']:.2f} s |",
         f"| short requests while the long one is scored | {len(during)}: median {statistics.median(during):.2f} s, "
-        f"max {max(during):.2f} s ({max(during) / r['idle_s']:.1f}x idle) |" if during else "| short requests while scored | none |",
-        f"| long claims request ({args.long_tokens} tokens), total | {r['long_s']:.1f} s (generated in {r['generation_s']:.1f} s, "
-        f"then scored) |",
+        f"max {max(during):.2f} s ({max(during) / r['idle_s']:.1f}x idle) |"
+        if during
+        else "| short requests while scored | none |",
+        f"| long claims request ({args.long_tokens} tokens), total | {r['long_s']:.1f} s (generated in "
+        f"{r['generation_s']:.1f} s, then scored) |",
         f"| its claims: listed / scored | {r['claims']} / {r['claims_scored']} |",
         f"| worker RSS before / peak while scored | {r['rss_before'] / MIB:.0f} / {r['rss_peak'] / MIB:.0f} MiB "
         f"(+{(r['rss_peak'] - r['rss_before']) / MIB:.0f}) |",

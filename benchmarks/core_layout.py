@@ -55,35 +55,68 @@ def main() -> None:
         with running_server(command, port, logs / f"server{len(rows)}.log", env) as server:
             prompts = Prompts("qa")
             for scoring in (False, True):  # warm-up
-                asyncio.run(run_load(server.url, model_dir.name, prompts.take(args.concurrency), max_tokens, args.concurrency, scoring, Phase()))
+                asyncio.run(
+                    run_load(
+                        server.url,
+                        model_dir.name,
+                        prompts.take(args.concurrency),
+                        max_tokens,
+                        args.concurrency,
+                        scoring,
+                        Phase(),
+                    )
+                )
             phases, busy = {"off": Phase(), "on": Phase()}, {"off": [], "on": []}
             for round_ in range(args.rounds):
                 for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
                     batch = prompts.take(args.requests)
                     with CoreBusy() as cores:
-                        asyncio.run(run_load(server.url, model_dir.name, batch, max_tokens, args.concurrency, mode == "on", phases[mode]))
+                        asyncio.run(
+                            run_load(
+                                server.url,
+                                model_dir.name,
+                                batch,
+                                max_tokens,
+                                args.concurrency,
+                                mode == "on",
+                                phases[mode],
+                            )
+                        )
                     busy[mode].append(cores.shares)
-            binding = [line.split("core ids=")[1] for line in (logs / f"server{len(rows)}.log").read_text().splitlines() if "core ids=" in line]
+            binding = [
+                line.split("core ids=")[1]
+                for line in (logs / f"server{len(rows)}.log").read_text().splitlines()
+                if "core ids=" in line
+            ]
         rows.append((name, binding[0] if binding else "?", phases, busy))
-        print(f"{name}: off {phases['off'].tokens_per_s:.1f}, on {phases['on'].tokens_per_s:.1f} tok/s", file=sys.stderr)
+        print(
+            f"{name}: off {phases['off'].tokens_per_s:.1f}, on {phases['on'].tokens_per_s:.1f} tok/s", file=sys.stderr
+        )
 
     lines = [
         "# Core layout: the qa load with scoring off and on, with and without vLLM's reserved core (CPU)",
         "",
         f"- machine: {psutil.cpu_count()} cores; default model, float32; {time.strftime('%Y-%m-%d %H:%M')}",
         f"- load: serving.py's qa load, {args.requests} requests per mode and round, {args.concurrency} in flight, "
-        f"{args.rounds} alternating off/on rounds after a warm-up, every round prompts of its own; one server per layout",
+        f"{args.rounds} alternating off/on rounds after a warm-up, every round prompts of its own; one server per "
+        "layout",
         "",
         "| layout | generation bound to (vLLM's log) | output tok/s off | on | on/off | busy share per core off / on |",
         "|---|---|---|---|---|---|",
     ]
     for name, binding, phases, busy in rows:
         off, on = phases["off"].tokens_per_s, phases["on"].tokens_per_s
-        shares = {m: " ".join(f"{sum(r[i] for r in busy[m]) / len(busy[m]):.0%}" for i in range(len(busy[m][0]))) for m in busy}
-        lines.append(f"| {name} | {binding} | {off:.1f} | {on:.1f} | **{on / off:.2f}x** | {shares['off']} / {shares['on']} |")
+        shares = {
+            m: " ".join(f"{sum(r[i] for r in busy[m]) / len(busy[m]):.0%}" for i in range(len(busy[m][0])))
+            for m in busy
+        }
+        lines.append(
+            f"| {name} | {binding} | {off:.1f} | {on:.1f} | **{on / off:.2f}x** | {shares['off']} / {shares['on']} |"
+        )
     lines += [
         "",
-        "- With no reserved core vLLM runs generation on two OpenMP threads, one per core: scoring off is faster, and the",
+        "- With no reserved core vLLM runs generation on two OpenMP threads, one per core: scoring off is faster, and "
+        "the",
         "  scoring thread, pinned beside the API server, shares a core with one of generation's threads.",
         "",
     ]

@@ -52,8 +52,8 @@ def measure(size: int, model_dir: Path, args: argparse.Namespace, log: Path) -> 
     """One server with ``size`` engines: its qa phase, head-of-line latencies, idle memory and per-engine answers."""
     port = free_port()
     serve_args = ["--model", str(model_dir), "--dtype", args.dtype, "--max-batch", str(args.max_batch),
-                  "--data-parallel-size", str(size), "--", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30))),
-                  "--max-model-len", "4096"]  # fmt: skip
+                  "--data-parallel-size", str(size), "--", "--kv-cache-memory-bytes",
+                  str(int(args.kv_cache_gib * (1 << 30))), "--max-model-len", "4096"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     qa, rag = Prompts("qa"), Prompts("rag")
     max_tokens = LOADS["qa"][1]
@@ -61,18 +61,26 @@ def measure(size: int, model_dir: Path, args: argparse.Namespace, log: Path) -> 
     with running_server(serve_command(port, *serve_args), port, log, env) as server:
         time.sleep(5)
         idle = tree_rss(server.pid)
-        asyncio.run(run_load(server.url, model_dir.name, qa.take(args.concurrency), max_tokens, args.concurrency, True, Phase()))
+        asyncio.run(
+            run_load(server.url, model_dir.name, qa.take(args.concurrency), max_tokens, args.concurrency, True, Phase())
+        )
         phase = Phase()
         for _ in range(args.rounds):
             with CoreBusy() as busy:
-                asyncio.run(run_load(server.url, model_dir.name, qa.take(args.requests), max_tokens, args.concurrency, True, phase))
+                asyncio.run(
+                    run_load(
+                        server.url, model_dir.name, qa.take(args.requests), max_tokens, args.concurrency, True, phase
+                    )
+                )
             phase.busy.append(busy.shares)
         print(f"dp={size} qa: {phase.tokens_per_s:.1f} tok/s", file=sys.stderr)
         hol = {"idle": asyncio.run(head_of_line(server.url, model_dir.name, [], args.hol_probes, None))}
         for in_flight in HOL_IN_FLIGHT:
             name = f"rag x{in_flight}, scoring on"
             background = rag.take(in_flight * args.hol_probes)
-            hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, True, in_flight))
+            hol[name] = asyncio.run(
+                head_of_line(server.url, model_dir.name, background, args.hol_probes, True, in_flight)
+            )
             print(f"dp={size} head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
         load = f"{load_before:.1f} → {os.getloadavg()[0]:.1f}"
         return {"qa": phase, "hol": hol, "idle_rss": idle, "engines": engine_answers(server.url), "load": load}
@@ -83,8 +91,9 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
     lines = ["# Data-parallel serving: one engine vs two (CPU, scoring on)", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "## qa load, scoring on", "",
-              "| engines | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 (ms) "
-              "| busy share per core | answers scored (all reused) | idle RSS (MiB) | 1-min load average, start → end |",
+              "| engines | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 "
+              "(ms) | busy share per core | answers scored (all reused) | idle RSS (MiB) | 1-min load average, start "
+              "→ end |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for size, r in results.items():
         p: Phase = r["qa"]
@@ -96,7 +105,8 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
             f"| {p.scored}/{len(p.latencies)} ({p.reused_all}) | {r['idle_rss'] / (1 << 20):.0f} | {r['load']} |"
         )
     lines += ["", "## Head-of-line: short unscored requests (8 tokens) sent one at a time", "",
-              "| while | 1 engine p50 / p99 (s) | 2 engines p50 / p99 (s) | p50 2 / 1 |", "|---|---|---|---|"]  # fmt: skip
+              "| while | 1 engine p50 / p99 (s) | 2 engines p50 / p99 (s) | p50 2 / 1 |",
+              "|---|---|---|---|"]  # fmt: skip
     for name in one["hol"]:
         a, b = one["hol"][name], two["hol"][name]
         lines.append(
@@ -112,10 +122,13 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
         f"{qa2.percentile(0.5) / qa1.percentile(0.5):.2f}x, p99 {qa2.percentile(0.99) / qa1.percentile(0.99):.2f}x; "
         f"time per output token p50 {percentile(qa2.tpots, 0.5) / percentile(qa1.tpots, 0.5):.2f}x",
         f"- idle memory: {two['idle_rss'] / one['idle_rss']:.2f}x "
-        f"(+{(two['idle_rss'] - one['idle_rss']) / (1 << 20):.0f} MiB: a second engine core and worker, each with the weights)",
+        f"(+{(two['idle_rss'] - one['idle_rss']) / (1 << 20):.0f} MiB: a second engine core and worker, each with the "
+        "weights)",
         "- answers scored per engine over the whole run (warm-up and head-of-line included): "
-        + "; ".join(f"{size} engine(s): " + ", ".join(f"engine {e}: {n:.0f}" for e, n in sorted(r["engines"].items()))
-                    for size, r in results.items()),  # fmt: skip
+        + "; ".join(
+            f"{size} engine(s): " + ", ".join(f"engine {e}: {n:.0f}" for e, n in sorted(r["engines"].items()))
+            for size, r in results.items()
+        ),  # fmt: skip
         "",
         "## Reading the numbers",
         "",
@@ -141,7 +154,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="the servers' --max-batch (default: %(default)s)")
     parser.add_argument("--hol-probes", type=int, default=6, help="short requests per head-of-line phase (default: 6)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="vLLM KV cache size per engine (default: 0.5)")
-    parser.add_argument("--sizes", type=int, nargs=2, default=[1, 2], help="data-parallel sizes, in the order run (default: 1 2)")
+    parser.add_argument(
+        "--sizes", type=int, nargs=2, default=[1, 2], help="data-parallel sizes, in the order run (default: 1 2)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_parallel_cpu.md")
     args = parser.parse_args()
 
@@ -159,8 +174,8 @@ def main() -> None:
         "software": f"torch {torch.__version__}, vllm {vllm.__version__}",
         "model": f"{model_dir.name}, {args.dtype}, enforce_eager, KV cache {args.kv_cache_gib:g} GiB per engine",
         "load": f"qa: {args.rounds} rounds of {args.requests} TruthfulQA questions (`{LOADS['qa'][0]!r}`, max_tokens "
-        f"{LOADS['qa'][1]}), {args.concurrency} in flight, greedy, streaming, scoring on, scoring batch ≤ {args.max_batch}; "
-        f"head-of-line: {args.hol_probes} probes per phase",
+        f"{LOADS['qa'][1]}), {args.concurrency} in flight, greedy, streaming, scoring on, scoring batch ≤ "
+        f"{args.max_batch}; head-of-line: {args.hol_probes} probes per phase",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "order": f"data-parallel size {args.sizes[0]}, then {args.sizes[1]}, one server at a time",
         "machine load": f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "

@@ -74,9 +74,9 @@ def main() -> None:
     text = "\n".join([
         "# Hallucination detection AUROC (%), side by side with the paper",
         "",
-        f"Runs: {', '.join(f'`{p}`' for p in args.runs)}; judge: {', '.join(judges)}. Greedy answers to the paper's prompt, "
-        "full SciQ (1000) and TruthfulQA (817) test files. Paper: average over Llama-3.1-8B, Qwen3-4B and Mistral-Nemo, "
-        "BEM judge (docs/spec.md).",
+        f"Runs: {', '.join(f'`{p}`' for p in args.runs)}; judge: {', '.join(judges)}. Greedy answers to the paper's "
+        "prompt, full SciQ (1000) and TruthfulQA (817) test files. Paper: average over Llama-3.1-8B, Qwen3-4B and "
+        "Mistral-Nemo, BEM judge (docs/spec.md).",
         "",
         table(runs),
         "",

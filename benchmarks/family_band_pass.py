@@ -100,7 +100,8 @@ def main() -> None:
         f"Random weights, SmolLM2-135M's shape over {args.layers} layers (hidden 576, 9/3 heads, intermediate 1536,",
         "vocabulary 49152; MoE: top-2 of 8 experts of intermediate 768), float32, "
         f"batches of {args.batch} items with {args.prompt}-token prompts and {args.answer}-token answers, "
-        f"median of {args.repeats} runs. CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads.",
+        f"median of {args.repeats} runs. CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        "threads.",
         "",
         "| family | ms per answer token | ratio to llama |",
         "|---|---|---|",

@@ -35,7 +35,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from launch_server import free_port, running_server, serve_command  # tests/ is on the path above
 
 REQUESTS = 12
-PROMPT = " ".join(("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000))  # 3000 words, 3000 tokens
+PROMPT = " ".join(
+    ("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000)
+)  # 3000 words, 3000 tokens
 KV_PARAM = "semgrad_capture"
 
 
@@ -45,7 +47,13 @@ def worker_rss_mib(pid: int) -> float:
 
 
 def chat(url: str, model: str, content: str, max_tokens: int, timeout_s: float = 300, **extra) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0, **extra}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout_s)
 
 
@@ -64,7 +72,9 @@ def measure(checkout: Path, label: str, logs: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     os.chdir(checkout)  # ``python -m`` puts the working directory first on the server's path
     port = free_port()
-    command = serve_command(port, "--model", str(model_dir), "--dtype", "float32", "--", "--kv-cache-memory-bytes", str(1 << 30))
+    command = serve_command(
+        port, "--model", str(model_dir), "--dtype", "float32", "--", "--kv-cache-memory-bytes", str(1 << 30)
+    )
     with running_server(command, port, logs / f"{label}.log", env) as server:
         model = model_dir.name
         chat(server.url, model, "What is the capital of France?", 8)  # warm-up, scored
@@ -80,7 +90,9 @@ def measure(checkout: Path, label: str, logs: Path) -> str:
         busy, rss_after = kv_usage(server.url, model), worker_rss_mib(server.pid)
         scored = chat(server.url, model, "What is the capital of Italy?", 8).json()["choices"][0]["semgrad"]
         xargs = engine_survives(server.url, model)
-    codes = ", ".join(f"{c} x{statuses.count(c)}" for c in sorted(set(statuses))) + "".join(f" ({e})" for e in sorted(errors))
+    codes = ", ".join(f"{c} x{statuses.count(c)}" for c in sorted(set(statuses))) + "".join(
+        f" ({e})" for e in sorted(errors)
+    )
     return (f"| {label} | {codes} | {rss_before:.0f} | {rss_after:.0f} | {rss_after - rss_before:+.0f} | "
             f"{idle:.4f} → {busy:.4f} | {scored.get('reused')} | {xargs} |")  # fmt: skip
 
@@ -90,7 +102,9 @@ def engine_survives(url: str, model: str) -> str:
     (last: it may end the engine)."""
     try:
         # unscored: a scored request's route would put the server's kv_transfer_params in the string's place
-        code = str(chat(url, model, "Hi!", 1, timeout_s=60, semgrad=False, vllm_xargs={"kv_transfer_params": "x"}).status_code)
+        code = str(
+            chat(url, model, "Hi!", 1, timeout_s=60, semgrad=False, vllm_xargs={"kv_transfer_params": "x"}).status_code
+        )
     except httpx.HTTPError as exc:
         code = type(exc).__name__
     time.sleep(2)
@@ -118,20 +132,26 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="semgrad-forged-"))
     rows = []
     if args.before:
-        rows.append(measure(export(args.before, Path(tempfile.mkdtemp(prefix="semgrad-before-"))), f"before ({args.before})", logs))
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        rows.append(
+            measure(
+                export(args.before, Path(tempfile.mkdtemp(prefix="semgrad-before-"))), f"before ({args.before})", logs
+            )
+        )
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     rows.append(measure(ROOT, f"this checkout ({head})", logs))
     report = "\n".join([
         f"# Worker memory around {REQUESTS} forged-capture-key requests (CPU, default model, float32)",
         "",
-        f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} unscored chat "
-        "requests (`max_tokens` 1, 3000-word prompts), each with its own `kv_transfer_params.semgrad_capture`; the "
-        "vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe request) and "
-        "what a scored request after them reused; last, what one unscored request with `vllm_xargs: {\"kv_transfer_params\": "
-        "\"x\"}` got, and the server's health after it.",
+        f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} unscored "
+        "chat requests (`max_tokens` 1, 3000-word prompts), each with its own `kv_transfer_params.semgrad_capture`; "
+        "the vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe request) "
+        "and what a scored request after them reused; last, what one unscored request with `vllm_xargs: "
+        "{\"kv_transfer_params\": \"x\"}` got, and the server's health after it.",
         "",
-        "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: reused "
-        "| string vllm_xargs.kv_transfer_params |",
+        "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: "
+        "reused | string vllm_xargs.kv_transfer_params |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",

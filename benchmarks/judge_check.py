@@ -50,19 +50,27 @@ def main() -> None:
     lines = [
         "# Which offline judge agrees with a human?",
         "",
-        "Hand labels: `benchmarks/hand_labels/{sciq,truthfulqa}.jsonl`, 140 greedy answers of SmolLM2-135M-Instruct per",
-        "dataset (the answers of `eval_smollm2-135m_items.jsonl.gz`), each labelled correct or wrong by a reviewer reading the",
-        "question, the dataset's reference answers (`truthful answer`; the shared data has no list of incorrect answers) and",
+        "Hand labels: `benchmarks/hand_labels/{sciq,truthfulqa}.jsonl`, 140 greedy answers of SmolLM2-135M-Instruct "
+        "per",
+        "dataset (the answers of `eval_smollm2-135m_items.jsonl.gz`), each labelled correct or wrong by a reviewer "
+        "reading the",
+        "question, the dataset's reference answers (`truthful answer`; the shared data has no list of incorrect "
+        "answers) and",
         "the model's answer, with a short reason. Correct = the answer states the reference answer or a synonym of it",
-        "(\"circulatory system\" for \"cardiovascular\", \"rich in fat\" for \"lipids\"); wrong = another answer, a hedge over",
+        '("circulatory system" for "cardiovascular", "rich in fat" for "lipids"); wrong = another answer, a hedge over',
         "several, a restatement of the question, or, for TruthfulQA, a false claim beside the right one.",
-        "Sets: `rules` = 100 per dataset (the 40 of the first check, drawn with `random.seed(S); random.sample(range(N), 40)`,",
-        "S = 1 SciQ, 2 TruthfulQA, plus 60 drawn with `random.Random(1000 + S)` from the rest), with which the `reference`",
-        "judge's rules were written; `held-out` = 40 more per dataset (`random.Random(3000 + S)` from the rest), labelled",
+        "Sets: `rules` = 100 per dataset (the 40 of the first check, drawn with `random.seed(S); "
+        "random.sample(range(N), 40)`,",
+        "S = 1 SciQ, 2 TruthfulQA, plus 60 drawn with `random.Random(1000 + S)` from the rest), with which the "
+        "`reference`",
+        "judge's rules were written; `held-out` = 40 more per dataset (`random.Random(3000 + S)` from the rest), "
+        "labelled",
         "after those rules were fixed.",
         "",
-        "Per cell: agreement, Cohen's kappa (κ), the correct answers the judge finds (recall) and the judge's \"correct\" that",
-        "are (precision). Kappa matters here: so few answers are correct (TruthfulQA: 11 of 140) that a judge calling every",
+        "Per cell: agreement, Cohen's kappa (κ), the correct answers the judge finds (recall) and the judge's "
+        '"correct" that',
+        "are (precision). Kappa matters here: so few answers are correct (TruthfulQA: 11 of 140) that a judge calling "
+        "every",
         "answer wrong agrees 92%.",
         "",
         f"Command: `python benchmarks/judge_check.py` (`{Path(args.items).name}` for the answers).",
@@ -70,7 +78,9 @@ def main() -> None:
     ]
     agreement = {}
     for name in DATASETS:
-        labels = [json.loads(line) for line in open(ROOT / "benchmarks/hand_labels" / f"{name}.jsonl", encoding="utf-8")]
+        labels = [
+            json.loads(line) for line in open(ROOT / "benchmarks/hand_labels" / f"{name}.jsonl", encoding="utf-8")
+        ]
         rows = read_dataset(Path(args.data) / name / "test.jsonl")
         cached = {i["index"]: i["answer"] for i in items if i["dataset"] == name}
         if any(cached[lab["index"]] != lab["answer"] for lab in labels):
@@ -79,30 +89,41 @@ def main() -> None:
                                 [rows[lab["index"]][0] for lab in labels], embedder=embedder)
         hand = np.array([lab["label"] == "correct" for lab in labels])
         split = np.array([lab["set"] for lab in labels])
-        everything = judges.judge_all(list(cached.values()), [rows[i][1] for i in cached], [rows[i][0] for i in cached], embedder=embedder)
-        lines += [f"## {name}: {int(hand.sum())} of {len(hand)} labelled correct "
-                  f"({int(hand[split == 'rules'].sum())}/100 rules, {int(hand[split == 'held-out'].sum())}/40 held-out)", "",
-                  "| judge | all 140 | rules (100) | held-out (40) | share correct, all answers |",
-                  "|---|---|---|---|---|"]
+        everything = judges.judge_all(
+            list(cached.values()), [rows[i][1] for i in cached], [rows[i][0] for i in cached], embedder=embedder
+        )
+        lines += [
+            f"## {name}: {int(hand.sum())} of {len(hand)} labelled correct "
+            f"({int(hand[split == 'rules'].sum())}/100 rules, {int(hand[split == 'held-out'].sum())}/40 held-out)",
+            "",
+            "| judge | all 140 | rules (100) | held-out (40) | share correct, all answers |",
+            "|---|---|---|---|---|",
+        ]
         for judge in judges.JUDGES:
             s = np.array([j.correct for j in said[judge]])
             share = np.mean([j.correct for j in everything[judge]])
             lines.append(f"| {judge} | {cell(s, hand)} | {cell(s[split == 'rules'], hand[split == 'rules'])} | "
                          f"{cell(s[split == 'held-out'], hand[split == 'held-out'])} | {100 * share:.1f}% |")
         agreement[name] = float(np.mean(np.array([j.correct for j in said[judges.DEFAULT_JUDGE]]) == hand))
-        misses = [f"{lab['index']} ({lab['label']})" for lab, s in zip(labels, said["reference"]) if s.correct != (lab["label"] == "correct")]
+        misses = [
+            f"{lab['index']} ({lab['label']})"
+            for lab, s in zip(labels, said["reference"])
+            if s.correct != (lab["label"] == "correct")
+        ]
         lines += ["", f"`reference` disagrees on answers {', '.join(misses)} (index: hand label).", ""]
     lines += [
         f"## Which judge `eval` uses: `{judges.DEFAULT_JUDGE}`",
         "",
         f"It agrees with the hand labels on {' and '.join(f'{100 * a:.1f}% of {n}' for n, a in agreement.items())} "
-        "(all 140 labels each), the only judge at ≥ 90% on both with a kappa above 0.7 on both. On TruthfulQA it finds",
-        "the correct paraphrases that containment misses (containment's 93.6% is mostly the base rate: it calls 1.3% of all",
+        "(all 140 labels each), the only judge at ≥ 90% on both with a kappa above 0.7 on both. On TruthfulQA it "
+        "finds",
+        "the correct paraphrases that containment misses (containment's 93.6% is mostly the base rate: it calls 1.3% "
+        "of all",
         "answers correct). On SciQ it is no better than containment: on the 40 held-out labels it agreed less (its",
-        "sentence rule took \"hypothalamic nervous system\" for \"sympathetic nervous system\"), and both miss synonyms",
-        "(\"quantum mechanics\" for \"quantum theory\", \"overhunting\" for \"hunting by humans\"). ROUGE-L and the",
-        "embedding judge cannot see negation (\"brown sugar is healthier\" scores 0.89 against \"No, brown sugar is not",
-        "healthier\") and fail one-word golds against sentence answers.",
+        'sentence rule took "hypothalamic nervous system" for "sympathetic nervous system"), and both miss synonyms',
+        '("quantum mechanics" for "quantum theory", "overhunting" for "hunting by humans"). ROUGE-L and the',
+        'embedding judge cannot see negation ("brown sugar is healthier" scores 0.89 against "No, brown sugar is not',
+        'healthier") and fail one-word golds against sentence answers.',
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(Path(args.out).read_text())

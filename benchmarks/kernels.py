@@ -182,7 +182,9 @@ def skip_reason(name: str, device: torch.device) -> str | None:
     return unavailable_reason(name, device.type)
 
 
-def run(device: torch.device, dtype: torch.dtype, shapes: tuple[Sequence[int], ...], peaks: dict[str, float]) -> list[str]:
+def run(
+    device: torch.device, dtype: torch.dtype, shapes: tuple[Sequence[int], ...], peaks: dict[str, float]
+) -> list[str]:
     """Benchmark every case; returns the markdown table rows (also printed as they come)."""
     impls = [select_kernels(n, device) for n in kernel_choices()[1:] if skip_reason(n, device) is None]
     memory = PeakMemory(device)
@@ -198,7 +200,10 @@ def run(device: torch.device, dtype: torch.dtype, shapes: tuple[Sequence[int], .
         for k in impls:  # torch first
             if k.name == "torch" and case.ref_bytes > free_memory(device) - HEADROOM:
                 free = free_memory(device) / GIB
-                cells = [f"skipped: needs ~{case.ref_bytes / GIB:.1f} GiB, {free:.1f} GiB free", *["–"] * (len(columns) - 4)]
+                cells = [
+                    f"skipped: needs ~{case.ref_bytes / GIB:.1f} GiB, {free:.1f} GiB free",
+                    *["–"] * (len(columns) - 4),
+                ]
             else:
                 seconds, peak, out = measure(case.make(k), memory)
                 if k.name == "torch":

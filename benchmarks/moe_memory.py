@@ -63,7 +63,9 @@ def serve(command: list[str], port: int, log: Path, model: str, answers: int) ->
         scored = 0
         for i in range(answers):
             messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-            response = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=1.0, seed=i)
+            response = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=24, temperature=1.0, seed=i
+            )
             semgrad = (response.choices[0].model_extra or {}).get("semgrad")
             scored += semgrad is not None and "error" not in semgrad
         time.sleep(2)
@@ -89,13 +91,20 @@ def main() -> None:
             )  # fmt: skip
             expert_bytes = layers * experts * 3 * args.hidden * args.moe_intermediate * 4
             port = free_port()
-            plain = serve(plain_vllm_command(port, model_dir, "float32", KV_BYTES), port, Path(tmp) / f"{name}-plain.log", name, args.answers)
+            plain = serve(
+                plain_vllm_command(port, model_dir, "float32", KV_BYTES),
+                port,
+                Path(tmp) / f"{name}-plain.log",
+                name,
+                args.answers,
+            )
             port = free_port()
             command = serve_command(port, "--model", str(model_dir), "--", "--kv-cache-memory-bytes", str(KV_BYTES))
             ours = serve(command, port, Path(tmp) / f"{name}-semgrad.log", name, args.answers)
             rows.append((experts, expert_bytes, plain, ours))
             print(f"{name}: experts {expert_bytes / MIB:.0f} MiB; engine RSS plain {plain[1].engine / MIB:.0f} MiB, "
-                  f"semgrad {ours[1].engine / MIB:.0f} MiB ({ours[2]}/{args.answers} scored)", file=sys.stderr)  # fmt: skip
+                  f"semgrad {ours[1].engine / MIB:.0f} MiB ({ours[2]}/{args.answers} scored)",
+                  file=sys.stderr)  # fmt: skip
     lines = [
         "# MoE memory: semgrad-serve over plain vLLM (CPU, float32)",
         "",
@@ -103,14 +112,15 @@ def main() -> None:
         f"intermediate {args.moe_intermediate}, top 2; memory after start-up and after {args.answers} answers "
         "(semgrad-serve: each scored). RSS in MiB.",
         "",
-        "| experts | experts' bytes | server | engine RSS idle | engine RSS after answers | tree RSS after answers | scored |",
+        "| experts | experts' bytes | server | engine RSS idle | engine RSS after answers | tree RSS after answers | "
+        "scored |",
         "|---|---|---|---|---|---|---|",
     ]
     for experts, expert_bytes, plain, ours in rows:
         for label, (idle, after, scored) in (("plain vLLM", plain), ("semgrad-serve", ours)):
             lines.append(
-                f"| {experts} | {expert_bytes / MIB:.0f} | {label} | {idle.engine / MIB:.0f} | {after.engine / MIB:.0f} "
-                f"| {after.tree / MIB:.0f} | {scored if label == 'semgrad-serve' else '-'} |"
+                f"| {experts} | {expert_bytes / MIB:.0f} | {label} | {idle.engine / MIB:.0f} | "
+                f"{after.engine / MIB:.0f} | {after.tree / MIB:.0f} | {scored if label == 'semgrad-serve' else '-'} |"
             )
     lines += ["", "| experts | semgrad-serve − plain vLLM, engine idle | after answers |", "|---|---|---|"]
     excess = []
@@ -121,8 +131,8 @@ def main() -> None:
         grew = (rows[-1][1] - rows[0][1]) / MIB
         lines += [
             "",
-            f"From {rows[0][0]} to {rows[-1][0]} experts the experts grow by {grew:.0f} MiB; semgrad-serve's excess over "
-            f"plain vLLM changes by {(excess[-1][0] - excess[0][0]) / MIB:+.0f} MiB idle and "
+            f"From {rows[0][0]} to {rows[-1][0]} experts the experts grow by {grew:.0f} MiB; semgrad-serve's excess "
+            f"over plain vLLM changes by {(excess[-1][0] - excess[0][0]) / MIB:+.0f} MiB idle and "
             f"{(excess[-1][1] - excess[0][1]) / MIB:+.0f} MiB after answers (a second copy of the experts would add "
             f"{grew:.0f} MiB).",
         ]

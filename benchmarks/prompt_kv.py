@@ -35,7 +35,10 @@ BLOCK_SIZE = 128
 
 
 def context(n_facts: int) -> str:
-    return " ".join(f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}." for i in range(n_facts))
+    return " ".join(
+        f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}."
+        for i in range(n_facts)
+    )
 
 
 def timed(fn, repeats: int) -> float:
@@ -71,7 +74,9 @@ def paged_cache(kv: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the server's scoring thread)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default: 1, as the server's scoring thread)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prompt_kv_cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,7 +102,10 @@ def main() -> None:
         gaps = {}
         for path, given in (("cache", dict(prefix_kv=[kv])), ("band", reuse)):
             result = scorer.score(one, **given)[0]
-            gaps[path] = max(abs(getattr(result, k) - getattr(recomputed, k)) / abs(getattr(recomputed, k)) for k in ("semgrad", "paragrad", "hybridgrad"))
+            gaps[path] = max(
+                abs(getattr(result, k) - getattr(recomputed, k)) / abs(getattr(recomputed, k))
+                for k in ("semgrad", "paragrad", "hybridgrad")
+            )
         with torch.enable_grad():
             t_recompute = timed(partial(scorer.score, one), args.repeats)
             t_cache = timed(partial(scorer.score, one, prefix_kv=[kv]), args.repeats)
@@ -111,8 +119,9 @@ def main() -> None:
         t_band += t_unpack_band + t_read_band
         times[name] = (t_cache, t_band)
         rows.append(
-            f"| {name} | {len(prompt)} | {len(answer)} | {t_recompute * 1000:.0f} | {t_cache * 1000:.0f} ({t_read * 1000:.1f}) "
-            f"| {t_band * 1000:.0f} ({t_read_band * 1000:.1f}) | {t_recompute / t_band:.1f}x | {gaps['cache']:.1e} / {gaps['band']:.1e} |"
+            f"| {name} | {len(prompt)} | {len(answer)} | {t_recompute * 1000:.0f} | {t_cache * 1000:.0f} "
+            f"({t_read * 1000:.1f}) | {t_band * 1000:.0f} ({t_read_band * 1000:.1f}) | {t_recompute / t_band:.1f}x | "
+            f"{gaps['cache']:.1e} / {gaps['band']:.1e} |"
         )
         print(rows[-1], file=sys.stderr)
     ratio_cache = times["long"][0] / times["short"][0]
@@ -121,20 +130,30 @@ def main() -> None:
         [
             "# Scoring one answer: what vLLM computed reused vs recomputed (CPU)",
             "",
-            f"- default model, float32, {args.threads} torch thread(s); median of {args.repeats} runs after a warm-up; {time.strftime('%Y-%m-%d %H:%M')}",
-            "- recompute: the whole prompt runs (no shared-prefix reuse: one lone request); KV cache: only t* onwards runs, through",
-            "  every layer, over the prompt's keys/values, unpacked on the scoring thread from the blocks the worker copied out of",
-            "  per-layer paged caches of vLLM's CPU layout (block size 128) between engine steps; + band inputs and logits: only",
-            "  the band runs, from the residual stream recorded while generating, over the band layers' keys/values, and the",
-            "  answer's logits are vLLM's (what the server does). Times include copy and unpacking; in brackets the copy between",
-            "  engine steps, the only part on the engine's path (recording adds one gather of the scored rows per engine step).",
+            f"- default model, float32, {args.threads} torch thread(s); median of {args.repeats} runs after a warm-up; "
+            f"{time.strftime('%Y-%m-%d %H:%M')}",
+            "- recompute: the whole prompt runs (no shared-prefix reuse: one lone request); KV cache: only t* onwards "
+            "runs, through",
+            "  every layer, over the prompt's keys/values, unpacked on the scoring thread from the blocks the worker "
+            "copied out of",
+            "  per-layer paged caches of vLLM's CPU layout (block size 128) between engine steps; + band inputs and "
+            "logits: only",
+            "  the band runs, from the residual stream recorded while generating, over the band layers' keys/values, "
+            "and the",
+            "  answer's logits are vLLM's (what the server does). Times include copy and unpacking; in brackets the "
+            "copy between",
+            "  engine steps, the only part on the engine's path (recording adds one gather of the scored rows per "
+            "engine step).",
             "",
-            "| prompt | prompt tokens | answer tokens | recompute (ms) | KV cache (ms) (copy) | KV cache + band inputs + logits (ms) (copy) | speed-up vs recompute | largest relative score gap (cache / + band inputs + logits) |",
+            "| prompt | prompt tokens | answer tokens | recompute (ms) | KV cache (ms) (copy) | KV cache + band inputs "
+            "+ logits (ms) (copy) | speed-up vs recompute | largest relative score gap (cache / + band inputs + "
+            "logits) |",
             "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            f"- Scoring after the long prompt takes **{ratio:.2f}x** as long as after the short one as the server scores, {ratio_cache:.2f}x "
-            f"with the KV cache alone (target ≤ 1.3x: {'met' if ratio <= 1.3 else 'NOT met'}).",
+            f"- Scoring after the long prompt takes **{ratio:.2f}x** as long as after the short one as the server "
+            f"scores, {ratio_cache:.2f}x with the KV cache alone (target ≤ 1.3x: "
+            f"{'met' if ratio <= 1.3 else 'NOT met'}).",
             "",
         ]
     )

@@ -79,7 +79,9 @@ def scored_total(url: str) -> float:
     return float(re.search(r"^semgrad_answers_scored_total (\S+)$", text, re.M)[1])
 
 
-async def ask_all(url: str, model: str, questions: list[str], stream: bool) -> list[tuple[str, list[int], list[int], dict]]:
+async def ask_all(
+    url: str, model: str, questions: list[str], stream: bool
+) -> list[tuple[str, list[int], list[int], dict]]:
     """Per question: (replica address, prompt ids, answer ids, the answer's "semgrad" object), through the proxy."""
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0) as client:
 
@@ -91,7 +93,12 @@ async def ask_all(url: str, model: str, questions: list[str], stream: bool) -> l
                 response = raw.parse()
                 choice = response.choices[0]
                 ids = choice.model_extra["token_ids"]
-                return raw.headers["x-upstream"], response.model_extra["prompt_token_ids"], ids, choice.model_extra["semgrad"]
+                return (
+                    raw.headers["x-upstream"],
+                    response.model_extra["prompt_token_ids"],
+                    ids,
+                    choice.model_extra["semgrad"],
+                )
             raw = await client.chat.completions.with_raw_response.create(**kwargs, stream=True)
             prompt, answer, semgrad = None, [], None
             async for chunk in raw.parse():
@@ -126,7 +133,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                    "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])}  # fmt: skip
             command = serve_command(port, "--dtype", "float32", "--max-batch", "8", "--",
-                                    "--kv-cache-memory-bytes", str(args.kv_cache_mib << 20), "--max-model-len", "4096")  # fmt: skip
+                                    "--kv-cache-memory-bytes", str(args.kv_cache_mib << 20),
+                                    "--max-model-len", "4096")  # fmt: skip
             replicas.append(stack.enter_context(running_server(command, port, work / f"replica{i}.log", env)))
         proxy_port = free_port()
         for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):

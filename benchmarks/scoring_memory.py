@@ -115,7 +115,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scoring_memory_cpu.md"))
-    parser.add_argument("--worker", nargs=5, metavar=("MODE", "METHOD", "LENGTH", "BATCH", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=5, metavar=("MODE", "METHOD", "LENGTH", "BATCH", "REPEATS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         mode, method, length, batch, repeats = args.worker
@@ -148,15 +150,20 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout.strip()
+    cpu = subprocess.run(
+        ["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True
+    ).stdout.strip()
     text = "\n".join(
         [
             "# Scoring cost: naive full autograd (paper's procedure) vs semgrad-serve",
             "",
-            f"Default model (SmolLM2-135M-Instruct, float32), {ANSWER_TOKENS}-token answers, CPU: {cpu}, {os.cpu_count()} cores.",
+            f"Default model (SmolLM2-135M-Instruct, float32), {ANSWER_TOKENS}-token answers, CPU: {cpu}, "
+            f"{os.cpu_count()} cores.",
             "Memory: extra resident-set peak above the loaded model and a short warm-up, in a fresh process.",
-            f"Naive = the paper's procedure, one item at a time; ours at batch {args.batch} = `Scorer.score(items, batch_size={args.batch})`:",
-            f"one forward and one backward per batch of at most {args.batch} items and {DEFAULT_BATCH_TOKENS} tokens (so 2 items per batch at 2k tokens).",
+            f"Naive = the paper's procedure, one item at a time; ours at batch {args.batch} = `Scorer.score(items, "
+            f"batch_size={args.batch})`:",
+            f"one forward and one backward per batch of at most {args.batch} items and {DEFAULT_BATCH_TOKENS} tokens "
+            "(so 2 items per batch at 2k tokens).",
             "",
             *lines,
             "",

@@ -192,10 +192,19 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
     end = time.perf_counter()
     ttft = (token_times[0] if token_times else end) - start
     tpot = (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else None
-    return {"latency": end - start, "ttft": ttft, "tpot": tpot, "tokens": tokens, "scored": scored, "reused_all": reused_all}
+    return {
+        "latency": end - start,
+        "ttft": ttft,
+        "tpot": tpot,
+        "tokens": tokens,
+        "scored": scored,
+        "reused_all": reused_all,
+    }
 
 
-async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, scoring: bool, phase: Phase) -> None:
+async def run_load(
+    url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, scoring: bool, phase: Phase
+) -> None:
     """Send every prompt, at most ``concurrency`` at a time; add the outcome to ``phase``."""
     gate = asyncio.Semaphore(concurrency)
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0) as client:
@@ -216,7 +225,9 @@ async def run_load(url: str, model: str, prompts: list[str], max_tokens: int, co
         phase.wall_s += time.perf_counter() - start
 
 
-async def head_of_line(url: str, model: str, background: list[str], probes: int, scoring: bool | None, in_flight: int = 4) -> list[float]:
+async def head_of_line(
+    url: str, model: str, background: list[str], probes: int, scoring: bool | None, in_flight: int = 4
+) -> list[float]:
     """Latencies of short unscored requests sent one after another, alone (``scoring`` None) or while the
     ``background`` long-prompt requests (rag, ``in_flight`` at a time) run with scoring on or off."""
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0) as client:
@@ -256,7 +267,9 @@ def load_prompts(load: str, start: int, n: int) -> list[str]:
     if load != "rag":
         queries = [json.loads(line)["query"] for line in (DATA / "truthfulqa" / "test.jsonl").read_text().splitlines()]
         if start + n > len(queries):
-            raise SystemExit(f"the {load} load has {len(queries)} questions; this run needs {start + n}: send fewer requests")
+            raise SystemExit(
+                f"the {load} load has {len(queries)} questions; this run needs {start + n}: send fewer requests"
+            )
         return [template.format(query=q) for q in queries[start : start + n]]
     rows = [json.loads(line) for line in (DATA / "sciq" / "test.jsonl").read_text().splitlines()]
     if start + n > len(rows):
@@ -282,25 +295,37 @@ class Prompts:
         return prompts
 
 
-def benchmark(server: RunningServer, model: str, args: argparse.Namespace, sources: dict[str, Prompts]) -> dict[str, dict[str, Phase]]:
+def benchmark(
+    server: RunningServer, model: str, args: argparse.Namespace, sources: dict[str, Prompts]
+) -> dict[str, dict[str, Phase]]:
     results: dict[str, dict[str, Phase]] = {}
     for load in args.loads:
         max_tokens, source = LOADS[load][1], sources[load]
         for scoring in (False, True):  # warm-up: the first requests of each kind pay one-off costs
-            asyncio.run(run_load(server.url, model, source.take(args.concurrency), max_tokens, args.concurrency, scoring, Phase()))
+            asyncio.run(
+                run_load(
+                    server.url, model, source.take(args.concurrency), max_tokens, args.concurrency, scoring, Phase()
+                )
+            )
         phases = results[load] = {"off": Phase(), "on": Phase()}
         for round_ in range(args.rounds):
             for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
                 prompts = source.take(args.requests)
                 with PeakRss(server.pid) as rss, CoreBusy() as busy:
-                    asyncio.run(run_load(server.url, model, prompts, max_tokens, args.concurrency, mode == "on", phases[mode]))
+                    asyncio.run(
+                        run_load(server.url, model, prompts, max_tokens, args.concurrency, mode == "on", phases[mode])
+                    )
                 phases[mode].peak_rss = max(phases[mode].peak_rss, rss.peak)
                 phases[mode].busy.append(busy.shares)
-                print(f"{load} {mode} round {round_ + 1}: {phases[mode].tokens_per_s:.1f} tok/s so far", file=sys.stderr)
+                print(
+                    f"{load} {mode} round {round_ + 1}: {phases[mode].tokens_per_s:.1f} tok/s so far", file=sys.stderr
+                )
     return results
 
 
-def plain_vllm(model_dir: Path, dtype: str, kv_bytes: int, log: Path, args: argparse.Namespace) -> tuple[int, dict[str, float]]:
+def plain_vllm(
+    model_dir: Path, dtype: str, kv_bytes: int, log: Path, args: argparse.Namespace
+) -> tuple[int, dict[str, float]]:
     """vLLM serving the same model with the same settings, without SemGrad: its idle memory (what keeping the dense
     weights costs) and, per load, its output tokens/s over one round (what a user would get without semgrad-serve)."""
     port = free_port()
@@ -310,9 +335,23 @@ def plain_vllm(model_dir: Path, dtype: str, kv_bytes: int, log: Path, args: argp
         throughput = {}
         for load in args.loads:  # the first prompts of each load, as semgrad-serve's warm-up and first round met them
             source, max_tokens = Prompts(load), LOADS[load][1]
-            asyncio.run(run_load(server.url, model_dir.name, source.take(args.concurrency), max_tokens, args.concurrency, False, Phase()))
+            asyncio.run(
+                run_load(
+                    server.url,
+                    model_dir.name,
+                    source.take(args.concurrency),
+                    max_tokens,
+                    args.concurrency,
+                    False,
+                    Phase(),
+                )
+            )
             phase = Phase()
-            asyncio.run(run_load(server.url, model_dir.name, source.take(args.requests), max_tokens, args.concurrency, False, phase))
+            asyncio.run(
+                run_load(
+                    server.url, model_dir.name, source.take(args.requests), max_tokens, args.concurrency, False, phase
+                )
+            )
             throughput[load] = phase.tokens_per_s
             print(f"plain vLLM {load}: {phase.tokens_per_s:.1f} tok/s", file=sys.stderr)
         return idle, throughput
@@ -335,8 +374,8 @@ def report(
         "",
         *(f"- {k}: {v}" for k, v in info.items()),
         "",
-        "| load | scoring | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 (ms) "
-        "| busy share per core | peak RSS (MiB) | answers scored (all reused) |",
+        "| load | scoring | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 "
+        "(ms) | busy share per core | peak RSS (MiB) | answers scored (all reused) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
@@ -353,10 +392,12 @@ def report(
         ratio = on.tokens_per_s / off.tokens_per_s
         target = TARGETS[load]
         summary.append(
-            f"- **{load}**: output tok/s on/off = **{ratio:.2f}x** (target ≥ {target}x: {'met' if ratio >= target else 'NOT met'}); "
-            f"E2E p50 on/off = {on.percentile(0.5) / off.percentile(0.5):.2f}x, p99 = {on.percentile(0.99) / off.percentile(0.99):.2f}x; "
-            f"time per output token p99 on/off = {percentile(on.tpots, 0.99) / percentile(off.tpots, 0.99):.2f}x; "
-            f"extra peak memory while scoring = {(on.peak_rss - off.peak_rss) / mib:+.0f} MiB"
+            f"- **{load}**: output tok/s on/off = **{ratio:.2f}x** (target ≥ {target}x: "
+            f"{'met' if ratio >= target else 'NOT met'}); E2E p50 on/off = "
+            f"{on.percentile(0.5) / off.percentile(0.5):.2f}x, p99 = "
+            f"{on.percentile(0.99) / off.percentile(0.99):.2f}x; time per output token p99 on/off = "
+            f"{percentile(on.tpots, 0.99) / percentile(off.tpots, 0.99):.2f}x; extra peak memory while scoring = "
+            f"{(on.peak_rss - off.peak_rss) / mib:+.0f} MiB"
             + (f"; plain vLLM (no SemGrad) {plain[load]:.1f} tok/s: on/plain = {on.tokens_per_s / plain[load]:.2f}x, "
                f"off/plain = {off.tokens_per_s / plain[load]:.2f}x" if load in plain else "")
         )  # fmt: skip
@@ -370,7 +411,8 @@ def report(
             "| while | p50 (s) | p99 (s) | p50 / idle |",
             "|---|---|---|---|",
             *(
-                f"| {name} | {percentile(v, 0.5):.2f} | {percentile(v, 0.99):.2f} | {percentile(v, 0.5) / percentile(idle, 0.5):.2f}x |"
+                f"| {name} | {percentile(v, 0.5):.2f} | {percentile(v, 0.99):.2f} | "
+                f"{percentile(v, 0.5) / percentile(idle, 0.5):.2f}x |"
                 for name, v in hol.items()
             ),
             "",
@@ -379,19 +421,28 @@ def report(
             on, off = hol[hol_phase(in_flight, True)], hol[hol_phase(in_flight, False)]
             lines.append(
                 f"- {in_flight} rag request(s) in flight with scoring on slow an unrelated unscored request by "
-                f"**{percentile(on, 0.5) / percentile(off, 0.5):.2f}x** against the same requests with scoring off (p50; p99 "
-                f"{percentile(on, 0.99) / percentile(off, 0.99):.2f}x), and **{percentile(on, 0.5) / percentile(idle, 0.5):.2f}x** "
-                f"against an idle server (target ≤ 2x; with scoring off {percentile(off, 0.5) / percentile(idle, 0.5):.2f}x)."
+                f"**{percentile(on, 0.5) / percentile(off, 0.5):.2f}x** against the same requests with scoring off "
+                f"(p50; p99 {percentile(on, 0.99) / percentile(off, 0.99):.2f}x), and "
+                f"**{percentile(on, 0.5) / percentile(idle, 0.5):.2f}x** against an idle server (target ≤ 2x; with "
+                f"scoring off {percentile(off, 0.5) / percentile(idle, 0.5):.2f}x)."
             )
     lines += ["", "## Memory", ""]
     if memory["plain"] is not None:
         lines.append(
             f"- idle RSS: plain vLLM {memory['plain'] / mib:.0f} MiB, with SemGrad {memory['ours'] / mib:.0f} MiB "
-            f"(+{(memory['ours'] - memory['plain']) / mib:.0f} MiB: on CPU the dense weights vLLM would free are kept for autograd)"
+            f"(+{(memory['ours'] - memory['plain']) / mib:.0f} MiB: on CPU the dense weights vLLM would free are kept "
+            "for autograd)"
         )
     else:
         lines.append(f"- idle RSS with SemGrad: {memory['ours'] / mib:.0f} MiB (plain vLLM baseline not measured)")
-    lines += ["- RSS sums the API server, engine core and worker processes (shared pages counted in each).", "", *extra, "", *NOTES, ""]
+    lines += [
+        "- RSS sums the API server, engine core and worker processes (shared pages counted in each).",
+        "",
+        *extra,
+        "",
+        *NOTES,
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -403,8 +454,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
     parser.add_argument("--rounds", type=int, default=2, help="off/on rounds per load (default: 2)")
     parser.add_argument("--loads", nargs="+", choices=list(LOADS), default=list(LOADS))
-    parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, help="the server's --max-batch (default: %(default)s)")
-    parser.add_argument("--hol-probes", type=int, default=12, help="short requests per head-of-line phase (0: skip it; default: 12)")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=ScoringSettings.max_batch,
+        help="the server's --max-batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hol-probes", type=int, default=12, help="short requests per head-of-line phase (0: skip it; default: 12)"
+    )
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache size (default: 2)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain vLLM baseline (memory, tokens/s)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving_cpu.md")
@@ -433,10 +491,14 @@ def main() -> None:
                 for scoring in (False, True):  # each phase long prompts of its own, whose prefill it pays
                     name = hol_phase(in_flight, scoring)
                     background = sources["rag"].take(in_flight * args.hol_probes)
-                    hol[name] = asyncio.run(head_of_line(server.url, model_dir.name, background, args.hol_probes, scoring, in_flight))
+                    hol[name] = asyncio.run(
+                        head_of_line(server.url, model_dir.name, background, args.hol_probes, scoring, in_flight)
+                    )
                     print(f"head-of-line {name}: p50 {percentile(hol[name], 0.5):.2f} s", file=sys.stderr)
         after = scoring_metrics(server.url)
-    plain, plain_throughput = (None, {}) if args.no_baseline else plain_vllm(model_dir, args.dtype, kv_bytes, logs / "plain.log", args)
+    plain, plain_throughput = (
+        (None, {}) if args.no_baseline else plain_vllm(model_dir, args.dtype, kv_bytes, logs / "plain.log", args)
+    )
 
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     batches = delta["semgrad_scoring_batch_size_count"]
@@ -445,17 +507,19 @@ def main() -> None:
         "",
         f"- {delta['semgrad_answers_scored_total']:.0f} answers scored in {batches:.0f} batches "
         f"(mean batch {delta['semgrad_scoring_batch_size_sum'] / max(batches, 1):.1f}); mean scoring latency "
-        f"{delta['semgrad_scoring_latency_seconds_sum'] / max(delta['semgrad_scoring_latency_seconds_count'], 1):.2f} s "
-        "(answer finished → scores, queueing included); warm-up and head-of-line requests included.",
+        f"{delta['semgrad_scoring_latency_seconds_sum'] / max(delta['semgrad_scoring_latency_seconds_count'], 1):.2f} "
+        "s (answer finished → scores, queueing included); warm-up and head-of-line requests included.",
     ]
     info = {
         "machine": f"{cpu_name()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / (1 << 30):.0f} GiB",
         "software": f"torch {torch.__version__}, vllm {vllm.__version__}",
         "model": f"{model_dir.name}, {args.dtype}, enforce_eager, KV cache {args.kv_cache_gib:g} GiB",
-        "load": f"{args.requests} requests per load, mode and round (TruthfulQA questions; rag: SciQ questions, each after "
-        f"{RAG_FACTS} notes of other SciQ questions and answers, ~1.5k prompt tokens); {args.concurrency} in flight; greedy; "
-        f"streaming; {args.rounds} alternating off/on rounds; scoring batch ≤ {args.max_batch}",
-        "loads": "; ".join(f"{name}: `{template!r}`, max_tokens {n}" for name, (template, n) in LOADS.items() if name in args.loads),
+        "load": f"{args.requests} requests per load, mode and round (TruthfulQA questions; rag: SciQ questions, each "
+        f"after {RAG_FACTS} notes of other SciQ questions and answers, ~1.5k prompt tokens); {args.concurrency} in "
+        f"flight; greedy; streaming; {args.rounds} alternating off/on rounds; scoring batch ≤ {args.max_batch}",
+        "loads": "; ".join(
+            f"{name}: `{template!r}`, max_tokens {n}" for name, (template, n) in LOADS.items() if name in args.loads
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine load": f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
         "(the benchmark's own server included; vLLM binds generation's threads to one core and reserves the other "

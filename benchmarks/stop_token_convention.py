@@ -54,7 +54,11 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     old, new = read_items(args.old), read_items(args.new)
-    same = [k for k in new if k in old and (old[k]["answer"], old[k]["answer_tokens"]) == (new[k]["answer"], new[k]["answer_tokens"])]
+    same = [
+        k
+        for k in new
+        if k in old and (old[k]["answer"], old[k]["answer_tokens"]) == (new[k]["answer"], new[k]["answer_tokens"])
+    ]
     if len(same) != len(new) or len(old) != len(new):
         raise SystemExit(f"the runs hold different answers: {len(same)} of {len(new)} ({len(old)} old) agree")
     datasets = list(dict.fromkeys(k[0] for k in new))
@@ -80,8 +84,11 @@ def main() -> int:
                       cell([old[k] for k in short], key, args.judge), cell([new[k] for k in short], key, args.judge)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Answers (wrong) and the Spearman rank correlation of each score between the conventions:", ""]
-    lines += ["| dataset | answers | short answers | SemGrad ρ all / short | ParaGrad ρ all / short | HybridGrad ρ all / short |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "| dataset | answers | short answers | SemGrad ρ all / short | ParaGrad ρ all / short | HybridGrad ρ all / "
+        "short |",
+        "|---|---|---|---|---|---|",
+    ]
     for d in datasets:
         keys, short = subsets[d]
         counts = []
@@ -92,7 +99,9 @@ def main() -> int:
         for key in ("semgrad", "paragrad", "hybridgrad"):
             pair = []
             for subset in (keys, short):
-                kept = [k for k in subset if new[k]["scores"].get(key) is not None and old[k]["scores"].get(key) is not None]
+                kept = [
+                    k for k in subset if new[k]["scores"].get(key) is not None and old[k]["scores"].get(key) is not None
+                ]
                 a = np.array([old[k]["scores"][key] for k in kept])
                 b = np.array([new[k]["scores"][key] for k in kept])
                 pair.append(f"{np.corrcoef(ranks(a), ranks(b))[0, 1]:.2f}")

@@ -59,7 +59,18 @@ def run_client(base_url: str, model_name: str, tokenizer: str, scoring: bool, se
 
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
-    argv = [*DEFAULT_LOAD, "--seed", str(seed), "--base-url", base_url, "--model", model_name, "--tokenizer", tokenizer, *extra]
+    argv = [
+        *DEFAULT_LOAD,
+        "--seed",
+        str(seed),
+        "--base-url",
+        base_url,
+        "--model",
+        model_name,
+        "--tokenizer",
+        tokenizer,
+        *extra,
+    ]
     if not scoring:
         argv += ["--extra-body", json.dumps({"semgrad": False})]
     return serve.main(parser.parse_args(argv))
@@ -72,7 +83,12 @@ def report(results: dict[str, list[dict]], info: dict[str, str]) -> str:
         return sum(r[key] for r in results[mode]) / len(results[mode])
 
     plain = bool(results.get("plain"))
-    lines = ["# vLLM's load client against semgrad-serve: scoring off vs on", "", *(f"- {k}: {v}" for k, v in info.items()), ""]
+    lines = [
+        "# vLLM's load client against semgrad-serve: scoring off vs on",
+        "",
+        *(f"- {k}: {v}" for k, v in info.items()),
+        "",
+    ]
     if plain:
         lines += ["| metric | scoring off | scoring on | on/off | plain vLLM | on/plain |", "|---|---|---|---|---|---|"]
     else:
@@ -87,10 +103,18 @@ def report(results: dict[str, list[dict]], info: dict[str, str]) -> str:
         "",
         f"- output tok/s on/off = **{tok:.2f}x** (target ≥ 0.5x: {'met' if tok >= 0.5 else 'NOT met'})",
         f"- TPOT p99 on/off = **{tpot:.2f}x** (target ≤ 2x: {'met' if tpot <= 2 else 'NOT met'})",
-        *([f"- output tok/s on / plain vLLM (the same model and settings without SemGrad, one round after the others) "
-           f"= **{mean('on', 'output_throughput') / mean('plain', 'output_throughput'):.2f}x**"] if plain else []),
-        f"- failed requests: off {sum(r.get('failed', 0) for r in results['off'])}, on {sum(r.get('failed', 0) for r in results['on'])}",
-        "- Each figure is the mean over rounds; E2E with scoring on ends when the final chunk, which carries the scores, arrives.",
+        *(
+            [
+                "- output tok/s on / plain vLLM (the same model and settings without SemGrad, one round after the "
+                f"others) = **{mean('on', 'output_throughput') / mean('plain', 'output_throughput'):.2f}x**"
+            ]
+            if plain
+            else []
+        ),
+        f"- failed requests: off {sum(r.get('failed', 0) for r in results['off'])}, on "
+        f"{sum(r.get('failed', 0) for r in results['on'])}",
+        "- Each figure is the mean over rounds; E2E with scoring on ends when the final chunk, which carries the "
+        "scores, arrives.",
         "",
     ]
     return "\n".join(lines)
@@ -118,7 +142,13 @@ def main() -> None:
     if args.base_url is None:
         port = free_port()
         log = Path(tempfile.mkdtemp(prefix="semgrad-vllm-bench-")) / "server.log"
-        serve_args = ["--model", str(model_dir), "--", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
+        serve_args = [
+            "--model",
+            str(model_dir),
+            "--",
+            "--kv-cache-memory-bytes",
+            str(int(args.kv_cache_gib * (1 << 30))),
+        ]
         server = running_server(serve_command(port, *serve_args), port, log)
     with server as running:
         base_url = args.base_url or running.url
@@ -127,10 +157,21 @@ def main() -> None:
         results: dict[str, list[dict]] = {"off": [], "on": []}
         for round_ in range(args.rounds):
             for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
-                results[mode].append(run_client(base_url, model_name, tokenizer, mode == "on", 1 + len(results["off"]) + len(results["on"]), extra))
+                results[mode].append(
+                    run_client(
+                        base_url,
+                        model_name,
+                        tokenizer,
+                        mode == "on",
+                        1 + len(results["off"]) + len(results["on"]),
+                        extra,
+                    )
+                )
     if args.base_url is None and not args.no_plain:  # the same model and settings, without SemGrad
         port = free_port()
-        command = plain_vllm_command(port, model_dir, "float32", int(args.kv_cache_gib * (1 << 30)))  # serve's CPU dtype
+        command = plain_vllm_command(
+            port, model_dir, "float32", int(args.kv_cache_gib * (1 << 30))
+        )  # serve's CPU dtype
         with running_server(command, port, log.with_name("plain.log")) as plain:
             run_client(plain.url, model_dir.name, tokenizer, False, 0, [*extra, "--num-prompts", "16"])  # warm-up
             results["plain"] = [run_client(plain.url, model_dir.name, tokenizer, False, 1, extra)]  # as the first round

@@ -57,7 +57,11 @@ def served(tmp_path_factory) -> Iterator["RunningServer"]:
 
     root = Path(__file__).resolve().parents[1]
     log = tmp_path_factory.mktemp("serving") / "server.log"
-    env = {**os.environ, TEST_FAULTS_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        TEST_FAULTS_ENV: "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
     # A small KV cache: the tests need little of it, and the server starts faster with an explicit size.
     args = ["--dtype", "float32", "--max-batch", "8", "--", "--kv-cache-memory-bytes", str(1 << 30)]
     try:

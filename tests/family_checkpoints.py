@@ -70,7 +70,9 @@ def _qwen3_moe(vocab: int) -> tuple[Callable[[Any], torch.nn.Module], Any]:
 
 def _mixtral(vocab: int) -> tuple[Callable[[Any], torch.nn.Module], Any]:
     shape = {**SHAPE, "intermediate_size": MOE["moe_intermediate_size"]}
-    config = MixtralConfig(vocab_size=vocab, **shape, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
+    config = MixtralConfig(
+        vocab_size=vocab, **shape, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False
+    )
     return MixtralForCausalLM, config
 
 

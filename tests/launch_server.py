@@ -75,14 +75,20 @@ def running_server(
     """Start a server listening on 127.0.0.1:``port`` (output to ``log``), wait until it is healthy,
     and stop it, with its engine processes, when the block ends."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(env or os.environ), start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=dict(env or os.environ), start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = Path(log).read_text(errors="replace")[-4000:]
-                state = f"exited with {proc.returncode}" if proc.returncode is not None else f"did not start in {timeout_s:.0f} s"
+                state = (
+                    f"exited with {proc.returncode}"
+                    if proc.returncode is not None
+                    else f"did not start in {timeout_s:.0f} s"
+                )
                 raise SemgradError(f"the server {state}; the end of {log}:\n{tail}")
             time.sleep(2)
         yield RunningServer(url, proc.pid, Path(log))

@@ -19,7 +19,12 @@ from semgrad_serve.scoring.items import hybrid
 
 
 def _forward(
-    model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, answer: torch.Tensor, all_logits: bool = False, tied: bool = False
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    n_prompt: int,
+    answer: torch.Tensor,
+    all_logits: bool = False,
+    tied: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states, head copy, answer log-probs, detached token entropies) of one full forward with autograd;
     ``all_logits`` computes the logits of every position first, as a language-model forward does; ``tied``: the
@@ -32,7 +37,11 @@ def _forward(
         embeds = embedding(ids).detach().requires_grad_(True)
     out = model.model(inputs_embeds=embeds, output_hidden_states=True)
     answer_rows = slice(n_prompt - 1, n_prompt + len(answer) - 1)
-    logits = (out.last_hidden_state[0] @ head.T)[answer_rows] if all_logits else out.last_hidden_state[0, answer_rows] @ head.T
+    logits = (
+        (out.last_hidden_state[0] @ head.T)[answer_rows]
+        if all_logits
+        else out.last_hidden_state[0, answer_rows] @ head.T
+    )
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:  # as the model's *ForCausalLM caps them (Gemma-2)
         logits = torch.tanh(logits / cap) * cap
@@ -103,9 +112,12 @@ def naive_t_star_features(
 
 
 def naive_paragrad_tied(model: torch.nn.Module, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> float:
-    """mean |∂loss/∂E| of a tied model's shared matrix E, head and embedding lookup both differentiated (authors' code)."""
+    """mean |∂loss/∂E| of a tied model's shared matrix E, head and embedding lookup both differentiated (authors'
+    code)."""
     device = model.lm_head.weight.device
     ids = torch.tensor([list(prompt_ids) + list(answer_ids)], device=device)
-    _, shared, logp, entropy = _forward(model, ids, len(prompt_ids), torch.tensor(list(answer_ids), device=device), tied=True)
+    _, shared, logp, entropy = _forward(
+        model, ids, len(prompt_ids), torch.tensor(list(answer_ids), device=device), tied=True
+    )
     (grad,) = torch.autograd.grad(-(entropy * logp).mean(), shared)
     return float(grad.double().abs().mean())

@@ -58,7 +58,10 @@ def test_calibrate_end_to_end(tmp_path, default_scorer, data_dir):
 
 @pytest.mark.slow
 def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
-    data = write_lines(tmp_path / "qa.jsonl", first_lines(data_dir / "sciq" / "test.jsonl", 3) + first_lines(data_dir / "truthfulqa" / "test.jsonl", 1))
+    data = write_lines(
+        tmp_path / "qa.jsonl",
+        first_lines(data_dir / "sciq" / "test.jsonl", 3) + first_lines(data_dir / "truthfulqa" / "test.jsonl", 1),
+    )
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["eval", "--dataset", str(data), "--generator", "hf", "--samples", "2", "--max-tokens", "12",
             "--judge", "containment", "--flag-target", "recall:0.5", "--out", str(out), "--cache-dir", str(cache)]
@@ -69,8 +72,19 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
     ds = report["datasets"]["qa"]
     assert ds["questions"] == 4 and report["judge"]["name"] == "containment"
     md = (out / "eval.md").read_text()
-    for label in ("SemGrad", "ParaGrad", "HybridGrad", "Mean token NLL", "Max token NLL", "Mean token entropy", "ExGrad",
-                  "P(True)", "Lexical similarity", "Semantic entropy", "Judge: **containment**"):
+    for label in (
+        "SemGrad",
+        "ParaGrad",
+        "HybridGrad",
+        "Mean token NLL",
+        "Max token NLL",
+        "Mean token entropy",
+        "ExGrad",
+        "P(True)",
+        "Lexical similarity",
+        "Semantic entropy",
+        "Judge: **containment**",
+    ):
         assert label in md
     assert (out / "eval_roc.png").read_bytes()[:4] == b"\x89PNG"
     items = [json.loads(line) for line in gzip.open(out / "eval_items.jsonl.gz", "rt")]
@@ -106,7 +120,9 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
             assert scored["scores"]["semgrad"] == pytest.approx(result.semgrad, rel=FLOAT32_BATCH_REL)
             assert scored["scores"]["hybridgrad"] == pytest.approx(result.hybridgrad, rel=FLOAT32_BATCH_REL)
         with torch.enable_grad():
-            assert item["scores"]["paragrad_tied"] == pytest.approx(naive_paragrad_tied(default_scorer.model, prompt, ids), rel=1e-4)
+            assert item["scores"]["paragrad_tied"] == pytest.approx(
+                naive_paragrad_tied(default_scorer.model, prompt, ids), rel=1e-4
+            )
     assert any(i["ended_on_eos"] for i in items)
 
     # the threshold meets its target on these answers and lands in the profile the server reads
@@ -123,11 +139,20 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
 @pytest.mark.parametrize(
     "lines,message",
     [
-        (['{"query": "a", "paraphrases": ["b"]}', "{not json", '{"query": "c", "paraphrases": ["d"]}'], "line 2 is not JSON"),
-        (['{"query": "a", "paraphrases": ["b"]}', '{"query": "c", "paraphrases": []}'], "line 2: the 'paraphrases' list is empty"),
+        (
+            ['{"query": "a", "paraphrases": ["b"]}', "{not json", '{"query": "c", "paraphrases": ["d"]}'],
+            "line 2 is not JSON",
+        ),
+        (
+            ['{"query": "a", "paraphrases": ["b"]}', '{"query": "c", "paraphrases": []}'],
+            "line 2: the 'paraphrases' list is empty",
+        ),
         (['{"query": "a", "paraphrases": ["b"]}', '{"query": "c"}'], "line 2: field 'paraphrases' is missing"),
         (['{"paraphrases": ["b"]}', '{"query": "c", "paraphrases": ["d"]}'], "line 1: field 'query' is missing"),
-        (['{"query": "a", "paraphrases": ["b", 3]}', '{"query": "c", "paraphrases": ["d"]}'], "line 1: every paraphrase must be a non-empty string"),
+        (
+            ['{"query": "a", "paraphrases": ["b", 3]}', '{"query": "c", "paraphrases": ["d"]}'],
+            "line 1: every paraphrase must be a non-empty string",
+        ),
         (['["a list"]'], "line 1 is not a JSON object"),
     ],
 )
@@ -142,8 +167,14 @@ def test_calibrate_bad_paraphrase_files(tmp_path, capsys, lines, message):
     "lines,message",
     [
         (['{"query": "a", "truthful answer": ["b"]}', '{"query": "c"}'], "line 2: field 'truthful answer' is missing"),
-        (['{"query": "a", "truthful answer": []}'], "line 1: field 'truthful answer' is missing or not a list of strings"),
-        (['{"query": "a", "truthful answer": ["b"]}', '{"query": "a", "truthful answer": ["", " "]}'], "line 2: field 'truthful answer'"),
+        (
+            ['{"query": "a", "truthful answer": []}'],
+            "line 1: field 'truthful answer' is missing or not a list of strings",
+        ),
+        (
+            ['{"query": "a", "truthful answer": ["b"]}', '{"query": "a", "truthful answer": ["", " "]}'],
+            "line 2: field 'truthful answer'",
+        ),
         (['{"query": "a", "truthful answer": ["b"]}', "", "nope"], "line 3 is not JSON"),
         (['{"truthful answer": ["b"]}'], "line 1: field 'query' is missing"),
     ],
@@ -159,7 +190,10 @@ def test_eval_bad_dataset_files(tmp_path, capsys, lines, message):
     "options,message",
     [
         (["--samples", "1"], "--samples must be 0 (no sampling baselines) or at least 2"),
-        (["--flag-target", "f1:0.5"], "flag target 'f1:0.5': write precision:VALUE or recall:VALUE with 0 < VALUE ≤ 1"),
+        (
+            ["--flag-target", "f1:0.5"],
+            "flag target 'f1:0.5': write precision:VALUE or recall:VALUE with 0 < VALUE ≤ 1",
+        ),
     ],
 )
 def test_eval_bad_options(tmp_path, capsys, options, message):
@@ -178,7 +212,13 @@ def test_vllm_generator_matches_hf_greedy(default_scorer):
     from semgrad_serve.evaluation.prompts import paper_messages
     from semgrad_serve.model.loading import resolve_model
 
-    prompts = [default_scorer.prompt_ids(paper_messages(q)) for q in ("Who proposed the theory of evolution by natural selection?", "What is the boiling point of water in Celsius?")]
+    prompts = [
+        default_scorer.prompt_ids(paper_messages(q))
+        for q in (
+            "Who proposed the theory of evolution by natural selection?",
+            "What is the boiling point of water in Celsius?",
+        )
+    ]
     hf = HFGenerator(default_scorer.model, default_scorer.tokenizer).greedy(prompts, max_tokens=10)
     generator = VLLMGenerator(resolve_model(None), default_scorer.tokenizer)
     try:
@@ -189,5 +229,7 @@ def test_vllm_generator_matches_hf_greedy(default_scorer):
     for a, b in zip(greedy, hf):
         assert a.token_ids == b.token_ids and a.text == b.text
         assert np.allclose(a.logprobs, b.logprobs, atol=2e-3)
-    assert [len(s) for s in samples] == [3, 3] and all(len(g.logprobs) == len(g.token_ids) <= 6 for s in samples for g in s)
+    assert [len(s) for s in samples] == [3, 3] and all(
+        len(g.logprobs) == len(g.token_ids) <= 6 for s in samples for g in s
+    )
     assert all(math.isfinite(g.mean_logprob) for s in samples for g in s)

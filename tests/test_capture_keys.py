@@ -33,7 +33,9 @@ def test_a_key_verifies_only_under_the_secret_it_was_minted_with() -> None:
     assert not capture_keys.verify(None, key)  # no secret: nothing is trusted
     assert capture_keys.fingerprint(SECRET) == capture_keys.fingerprint(SECRET) != capture_keys.fingerprint(b"other")
     assert capture_keys.secret_from_env({capture_keys.SECRET_ENV: "abc"}) == b"abc"
-    assert capture_keys.secret_from_env({capture_keys.SECRET_ENV: ""}) is None and capture_keys.secret_from_env({}) is None
+    assert (
+        capture_keys.secret_from_env({capture_keys.SECRET_ENV: ""}) is None and capture_keys.secret_from_env({}) is None
+    )
 
 
 def test_serve_gives_vllm_a_fresh_secret_or_keeps_the_users(monkeypatch) -> None:
@@ -49,7 +51,12 @@ def test_serve_gives_vllm_a_fresh_secret_or_keeps_the_users(monkeypatch) -> None
 
 def forged_request(rid: str, status: RequestStatus, params: object) -> SimpleNamespace:
     return SimpleNamespace(
-        request_id=rid, status=status, kv_transfer_params=params, prompt_token_ids=[1, 2, 3], num_computed_tokens=3, output_token_ids=[4]
+        request_id=rid,
+        status=status,
+        kv_transfer_params=params,
+        prompt_token_ids=[1, 2, 3],
+        num_computed_tokens=3,
+        output_token_ids=[4],
     )
 
 
@@ -69,15 +76,24 @@ def test_the_connector_watches_and_holds_nothing_for_a_key_it_did_not_mint() -> 
     ]
     for i, params in enumerate(forged):
         scheduler.update_state_after_alloc(forged_request(f"f{i}", RequestStatus.RUNNING, params), None, 0)
-        assert scheduler.request_finished(forged_request(f"f{i}", RequestStatus.FINISHED_STOPPED, params), [0]) == (False, None)
+        assert scheduler.request_finished(forged_request(f"f{i}", RequestStatus.FINISHED_STOPPED, params), [0]) == (
+            False,
+            None,
+        )
     scheduler.update_state_after_alloc(finished("s", RequestStatus.RUNNING, "scored", [1, 2, 3]), None, 0)
-    assert scheduler.request_finished(finished("s", RequestStatus.FINISHED_STOPPED, "scored", [1, 2, 3]), [0]) == (True, None)
+    assert scheduler.request_finished(finished("s", RequestStatus.FINISHED_STOPPED, "scored", [1, 2, 3]), [0]) == (
+        True,
+        None,
+    )
     meta = scheduler.build_connector_meta(SimpleNamespace())
     assert meta.watch == ["s"] and [o.request_id for o in meta.orders] == ["s"] and meta.orders[0].key == key
 
     no_secret = make_connector(KVConnectorRole.SCHEDULER, secret=None)
     no_secret.update_state_after_alloc(finished("s", RequestStatus.RUNNING, "scored", [1, 2, 3]), None, 0)
-    assert no_secret.request_finished(finished("s", RequestStatus.FINISHED_STOPPED, "scored", [1, 2, 3]), [0]) == (False, None)
+    assert no_secret.request_finished(finished("s", RequestStatus.FINISHED_STOPPED, "scored", [1, 2, 3]), [0]) == (
+        False,
+        None,
+    )
     assert no_secret.build_connector_meta(SimpleNamespace()) == type(meta)()
 
 
@@ -121,7 +137,10 @@ def test_a_capture_whose_key_was_dropped_first_is_not_taken(monkeypatch) -> None
     [
         ({"kv_transfer_params": {KV_PARAM: "foreign-1"}}, "kv_transfer_params.semgrad_capture"),
         ({"kv_transfer_params": {"other": 1, KV_PARAM: None}}, "kv_transfer_params.semgrad_capture"),
-        ({"sampling_params": {"extra_args": {"kv_transfer_params": {KV_PARAM: "k"}}}}, "sampling_params.extra_args.kv_transfer_params.semgrad_capture"),
+        (
+            {"sampling_params": {"extra_args": {"kv_transfer_params": {KV_PARAM: "k"}}}},
+            "sampling_params.extra_args.kv_transfer_params.semgrad_capture",
+        ),
         ({"vllm_xargs": {"kv_transfer_params": "semgrad_capture"}}, "vllm_xargs.kv_transfer_params"),
         ({"vllm_xargs": {"ec_transfer_params": [1]}}, "vllm_xargs.ec_transfer_params"),
         ({"requests": [{"kv_transfer_params": {KV_PARAM: "k"}}]}, "requests[0].kv_transfer_params.semgrad_capture"),
@@ -137,7 +156,8 @@ def test_bodies_that_set_what_only_the_server_sets_are_refused(body: dict, field
     [
         {"messages": [{"role": "user", "content": 'kv_transfer_params {"semgrad_capture": "x"}'}]},
         {"kv_transfer_params": {"do_remote_prefill": False}, "vllm_xargs": {"semgrad": "off", "session_id": "s"}},
-        {"kv_transfer_params": None, "tools": [{"function": {"parameters": {"properties": {"kv_transfer_params": True}}}}]},
+        {"kv_transfer_params": None,
+         "tools": [{"function": {"parameters": {"properties": {"kv_transfer_params": True}}}}]},
         [1, 2], "text", None,
     ],
 )  # fmt: skip
@@ -178,13 +198,23 @@ def call(chunks: list[bytes], content_type: bytes | None = b"application/json") 
 def test_the_guard_refuses_with_vllms_400_and_hands_other_bodies_on_unchanged() -> None:
     forged = json.dumps({"model": "m", "kv_transfer_params": {KV_PARAM: "foreign-1"}}).encode()
     escaped = b'{"kv_transfer_params": {"semgrad\\u005fcapture": "k"}}'  # the same key, JSON-escaped
-    for status, body in (call([forged[:10], forged[10:]]), call([escaped], b"application/json; charset=utf-8"), call([forged], None)):
+    for status, body in (
+        call([forged[:10], forged[10:]]),
+        call([escaped], b"application/json; charset=utf-8"),
+        call([forged], None),
+    ):
         assert status == 400
         error = body["error"]
         assert error["param"] == "kv_transfer_params.semgrad_capture" and "set by the server" in error["message"]
         assert error["code"] == 400 and error["type"] == "BadRequestError"
-    assert call([b'{"messages": [],', b' "n": 1}']) == (200, {"body": '{"messages": [], "n": 1}', "next": "http.disconnect"})
-    assert call([forged], b"text/plain") == (200, {"body": forged.decode(), "next": "http.disconnect"})  # not read as JSON
+    assert call([b'{"messages": [],', b' "n": 1}']) == (
+        200,
+        {"body": '{"messages": [], "n": 1}', "next": "http.disconnect"},
+    )
+    assert call([forged], b"text/plain") == (
+        200,
+        {"body": forged.decode(), "next": "http.disconnect"},
+    )  # not read as JSON
     assert call([b"{broken"]) == (200, {"body": "{broken", "next": "http.disconnect"})  # the route says what is wrong
 
 
@@ -199,4 +229,6 @@ def test_the_api_server_reads_the_workers_store_figures_over_the_scoring_socket(
     service = ScoringService(lambda pairs, given, claims: [], store, 8, cores=set())
     client = ScoringClient(service.address, service.authkey, secret=SECRET)
     assert capture_keys.verify(SECRET, client.new_key())
-    assert asyncio.run(client.store_stats(10.0)) == StoreStats(captures=1, bytes=64, budget_bytes=store.budget_bytes, done_keys=1)
+    assert asyncio.run(client.store_stats(10.0)) == StoreStats(
+        captures=1, bytes=64, budget_bytes=store.budget_bytes, done_keys=1
+    )

@@ -47,7 +47,9 @@ def test_the_servers_plan_and_limit(default_scorer) -> None:
     assert claim_plan(default_scorer, 0, 16)(pair, True) == [range(0, 0)]
     claims = default_scorer.claims(answer)
     entries = over_limit(default_scorer, answer, range(2, 3), 3)
-    assert [(e["text"], e["token_start"], e["token_end"]) for e in entries] == [(c.text, c.token_start, c.token_end) for c in claims[3:]]
+    assert [(e["text"], e["token_start"], e["token_end"]) for e in entries] == [
+        (c.text, c.token_start, c.token_end) for c in claims[3:]
+    ]
     assert all(e["error"] == over_limit_error(3) for e in entries)
     assert over_limit(default_scorer, answer, range(0, 2), 3) == []  # not the last window
     assert over_limit(default_scorer, answer, range(0, 5), 64) == []  # under the limit

@@ -44,7 +44,8 @@ def words(text: str) -> list[str]:
         ("It costs $3.50 or 3.5 euros. The value is 3. The next is 4.",
          ["It costs $3.50 or 3.5 euros.", "The value is 3.", "The next is 4."]),
         ("Fruits:\n1. Apples\n2. Pears.\n3. Plums\n\nThat is all, etc. and more. See www.example.com. Done",
-         ["Fruits:", "1. Apples", "2. Pears.", "3. Plums", "That is all, etc. and more.", "See www.example.com.", "Done"]),
+         ["Fruits:", "1. Apples", "2. Pears.", "3. Plums", "That is all, etc. and more.", "See www.example.com.",
+          "Done"]),
         ("- one item.\n- another one", ["- one item.", "- another one"]),
         ("Use this:\n```python\nx = a.b()\nprint(x)\n```\nCall `os.path.join()`. It works.",
          ["Use this:", "```python\nx = a.b()\nprint(x)\n```", "Call `os.path.join()`.", "It works."]),
@@ -74,10 +75,17 @@ def test_claims_of_real_tokens(default_scorer) -> None:
     text = "The capital of France is Paris. It is known for the Eiffel Tower.\n\nDr. Smith agrees."
     ids = default_scorer.answer_ids(text)
     claims = default_scorer.claims(ids)
-    assert [c.text for c in claims] == ["The capital of France is Paris.", "It is known for the Eiffel Tower.", "Dr. Smith agrees."]
+    assert [c.text for c in claims] == [
+        "The capital of France is Paris.",
+        "It is known for the Eiffel Tower.",
+        "Dr. Smith agrees.",
+    ]
     assert claims[-1].token_end == len(ids) and ids[-1] in default_scorer.eos_ids
     for c in claims:
-        assert default_scorer.tokenizer.decode(ids[c.token_start : c.token_end], skip_special_tokens=True).strip() == c.text
+        assert (
+            default_scorer.tokenizer.decode(ids[c.token_start : c.token_end], skip_special_tokens=True).strip()
+            == c.text
+        )
 
 
 # -- the scores ---------------------------------------------------------------------------------------
@@ -98,7 +106,9 @@ def claimed_items(seed: int, n: int = 6) -> list[PreparedItem]:
         claims = ()
         if b % 2 == 0:
             k = int(torch.randint(1, 5, (1,), generator=g))
-            claims = cut(len(answer), [0, *sorted(torch.randperm(len(answer) - 1, generator=g)[: k - 1].add(1).tolist())])
+            claims = cut(
+                len(answer), [0, *sorted(torch.randperm(len(answer) - 1, generator=g)[: k - 1].add(1).tolist())]
+            )
         items.append(PreparedItem(tuple(prompt), tuple(answer), t_star, claims=claims))
     return items
 
@@ -111,9 +121,18 @@ def assert_claims_match_naive(model, items: list[PreparedItem], results, band: r
         if not item.claims:
             assert result.claims is None
             continue
-        assert [(c.text, c.token_start, c.token_end) for c in result.claims] == [(c.text, c.token_start, c.token_end) for c in item.claims]
+        assert [(c.text, c.token_start, c.token_end) for c in result.claims] == [
+            (c.text, c.token_start, c.token_end) for c in item.claims
+        ]
         for claim, scores in zip(item.claims, result.claims):
-            naive = naive_scores(model, item.prompt_ids, item.answer_ids, item.t_star, band, tokens=range(claim.token_start, claim.token_end))
+            naive = naive_scores(
+                model,
+                item.prompt_ids,
+                item.answer_ids,
+                item.t_star,
+                band,
+                tokens=range(claim.token_start, claim.token_end),
+            )
             for key in CLAIM_SCORES:
                 assert scores.scores()[key] == pytest.approx(naive[key], rel=rel, abs=0), (claim, key)
 
@@ -135,7 +154,9 @@ def test_the_naive_restriction_to_every_token_is_the_whole_answer() -> None:
     band = deeper_half(5)
     whole = naive_scores(model, prompt, answer, t_star, band)
     assert naive_scores(model, prompt, answer, t_star, band, tokens=range(len(answer))) == whole
-    assert naive_scores(model, prompt, answer, t_star, band, paper_style=True, tokens=range(1, len(answer)))["semgrad"] == pytest.approx(
+    assert naive_scores(model, prompt, answer, t_star, band, paper_style=True, tokens=range(1, len(answer)))[
+        "semgrad"
+    ] == pytest.approx(
         naive_scores(model, prompt, answer, t_star, band, tokens=range(1, len(answer)))["semgrad"], rel=1e-12
     )
 
@@ -157,12 +178,18 @@ def test_claims_over_cached_and_shared_prefixes_and_head_chunks(monkeypatch) -> 
     items = claimed_items(seed=7)
     kvs = [prefix_keys_values(weights, list(it.prompt_ids), it.t_star) for it in items]
     torch_kernels = select_kernels("torch")
-    assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels, prefix_kv=kvs), band, rel=1e-9)
+    assert_claims_match_naive(
+        model, items, score_batch(weights, items, band, torch_kernels, prefix_kv=kvs), band, rel=1e-9
+    )
     head = [(5 * i + 1) % 64 for i in range(6)]
-    shared_items = [PreparedItem((*head, *it.prompt_ids), it.answer_ids, len(head) + it.t_star, claims=it.claims) for it in items]
+    shared_items = [
+        PreparedItem((*head, *it.prompt_ids), it.answer_ids, len(head) + it.t_star, claims=it.claims) for it in items
+    ]
     shared = PrefixCache(min_tokens=4).for_batch(weights, shared_items)
     assert shared is not None
-    assert_claims_match_naive(model, shared_items, score_batch(weights, shared_items, band, torch_kernels, shared), band, rel=1e-9)
+    assert_claims_match_naive(
+        model, shared_items, score_batch(weights, shared_items, band, torch_kernels, shared), band, rel=1e-9
+    )
     monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 5 * weights.vocab_size)
     assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels), band, rel=1e-9)
 
@@ -178,7 +205,12 @@ def test_claims_that_are_not_consecutive_runs_of_the_answer_are_refused() -> Non
         (Claim("a", 1, n + 1),),  # past the answer
     ):
         with pytest.raises(ValueError, match="claims must be consecutive"):
-            score_batch(weights, [PreparedItem(tuple(prompt), tuple(answer), t_star, claims=bad)], deeper_half(5), select_kernels("torch"))
+            score_batch(
+                weights,
+                [PreparedItem(tuple(prompt), tuple(answer), t_star, claims=bad)],
+                deeper_half(5),
+                select_kernels("torch"),
+            )
 
 
 def test_windows_of_claims_in_seed_groups_match_naive() -> None:

@@ -20,7 +20,10 @@ from conftest import FLOAT32_BATCH_REL
 def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsys) -> None:
     good = [
         {"question": "What is the capital of France?", "answer": "Paris."},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"}], "answer": "Shakespeare"},
+        {
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"}],
+            "answer": "Shakespeare",
+        },
     ]
     lines = [
         json.dumps(good[0]),
@@ -90,20 +93,49 @@ def test_score_claims(tmp_path, default_scorer) -> None:
         assert main(["score", "--input", str(src), "--output", str(tmp_path / name), *flags]) == 0
     (plain,) = [json.loads(line) for line in (tmp_path / "plain").read_text().splitlines()]
     (row,) = [json.loads(line) for line in (tmp_path / "claims").read_text().splitlines()]
-    assert "claims" not in plain and [c["text"] for c in row["claims"]] == ["Paris is the capital of France.", "It is known for the Eiffel Tower."]
+    assert "claims" not in plain and [c["text"] for c in row["claims"]] == [
+        "Paris is the capital of France.",
+        "It is known for the Eiffel Tower.",
+    ]
     pair = (default_scorer.prompt_ids([{"role": "user", "content": question}]), default_scorer.answer_ids(answer))
     (direct,) = default_scorer.score([pair], claims=True)
     for got, want in zip(row["claims"], default_scorer.report(direct)["claims"]):
-        assert list(got) == ["text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence", "flagged"]
-        assert {k: got[k] for k in ("text", "token_start", "token_end")} == {k: want[k] for k in ("text", "token_start", "token_end")}
-        for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence"):  # float32; the shared scorer may reuse a cached prefix
+        assert list(got) == [
+            "text",
+            "token_start",
+            "token_end",
+            "semgrad",
+            "paragrad",
+            "hybridgrad",
+            "mean_entropy",
+            "confidence",
+            "flagged",
+        ]
+        assert {k: got[k] for k in ("text", "token_start", "token_end")} == {
+            k: want[k] for k in ("text", "token_start", "token_end")
+        }
+        for key in (
+            "semgrad",
+            "paragrad",
+            "hybridgrad",
+            "mean_entropy",
+            "confidence",
+        ):  # float32; the shared scorer may reuse a cached prefix
             assert got[key] == pytest.approx(want[key], rel=FLOAT32_BATCH_REL), key
-        # the profile's calibrator on the claim's own score, length (the stop token, in the last claim, not counted) and entropy
-        length = got["token_end"] - got["token_start"] - (got["token_end"] == row["answer_tokens"] and row["stop_token"])
+        # the profile's calibrator on the claim's own score, length (the stop token, in the last claim, not counted)
+        # and entropy
+        length = (
+            got["token_end"] - got["token_start"] - (got["token_end"] == row["answer_tokens"] and row["stop_token"])
+        )
         model = default_scorer.profile.confidence
-        assert got["confidence"] == model.confidence(got["hybridgrad"], length, got["mean_entropy"]) and 0 < got["confidence"] < 1
+        assert (
+            got["confidence"] == model.confidence(got["hybridgrad"], length, got["mean_entropy"])
+            and 0 < got["confidence"] < 1
+        )
         assert got["flagged"] == (got["confidence"] < row["min_confidence"])
-    assert row["claims"][-1]["token_end"] == row["answer_tokens"] and row["semgrad"] == pytest.approx(plain["semgrad"], rel=1e-6)
+    assert row["claims"][-1]["token_end"] == row["answer_tokens"] and row["semgrad"] == pytest.approx(
+        plain["semgrad"], rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,7 +145,10 @@ def test_score_claims(tmp_path, default_scorer) -> None:
         (["score", "--input", "ANSWERS", "--output", "/tmp/x.jsonl", "--batch-size", "0"], "--batch-size"),
         (["ask", "  "], "question is empty"),
         (["ask", "Hi", "--model", "/tmp"], "not a Hugging Face model directory"),
-        (["ask", "Hi", "--model", "qwen"], "'qwen' is neither a model directory nor a packaged model (smollm2-135m-instruct, qwen2.5"),
+        (
+            ["ask", "Hi", "--model", "qwen"],
+            "'qwen' is neither a model directory nor a packaged model (smollm2-135m-instruct, qwen2.5",
+        ),
         (["ask", "Hi", "--device", "nonsense"], "unknown device 'nonsense'"),
         (["ask", "Hi", "--device", "meta"], "only cpu and cuda"),
         (["score", "--input", "ANSWERS", "--output", "/tmp/x.jsonl", "--kernels", "fast"], "unknown kernels 'fast'"),
@@ -137,7 +172,9 @@ def test_ask_answers_and_scores(capsys, default_scorer) -> None:
     scores = json.loads(out[out.index("{") :])
     assert scores["semgrad"] > 0 and scores["score"] == scores["hybridgrad"]
     model = default_scorer.profile.confidence
-    assert scores["confidence"] == model.confidence(scores["hybridgrad"], scores["answer_tokens"] - scores["stop_token"], scores["mean_entropy"])
+    assert scores["confidence"] == model.confidence(
+        scores["hybridgrad"], scores["answer_tokens"] - scores["stop_token"], scores["mean_entropy"]
+    )
     assert 0 < scores["confidence"] < 1 and scores["flagged"] == (scores["confidence"] < scores["min_confidence"])
 
 
@@ -234,7 +271,9 @@ def test_missing_profile_before_loading(tmp_path, answers, argv) -> None:
 
 
 def test_calibrate_positions_before_loading(tmp_path, data_dir) -> None:
-    proc = run_cli(tmp_path, "calibrate", "--paraphrases", str(data_dir / "sciq" / "paraphrase.jsonl"), "--positions", "4")
+    proc = run_cli(
+        tmp_path, "calibrate", "--paraphrases", str(data_dir / "sciq" / "paraphrase.jsonl"), "--positions", "4"
+    )
     assert_one_line_error(proc, "calibrate", "scan at least 8 prompt positions (got 4)")
     assert not (tmp_path / "model-cache").exists() and not (tmp_path / "profile.json").exists()
 

@@ -139,7 +139,11 @@ def test_fit_confidence_operating_point_and_held_out_flags() -> None:
     op = got.model.operating_point
     flagged = got.heldout < op.min_confidence
     quality = flag_quality(flagged, ~a.correct)
-    assert op.heldout["met"] and quality["precision"] >= 0.9 and quality["precision"] == pytest.approx(op.heldout["precision"])
+    assert (
+        op.heldout["met"]
+        and quality["precision"] >= 0.9
+        and quality["precision"] == pytest.approx(op.heldout["precision"])
+    )
     assert quality["flagged"] == op.heldout["flagged"] and quality["recall"] == pytest.approx(op.heldout["recall"])
     for g in ("x", "y"):  # the target holds in each dataset on its own
         m = a.group == g
@@ -215,7 +219,9 @@ def test_report_carries_the_calibrated_confidence_and_its_flag(default_scorer) -
     model = scorer.profile.confidence
     assert model is not None  # the built-in profile of the default model is calibrated
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
-    results = scorer.score([(prompt, scorer.answer_ids(a)) for a in ("Paris.", "Berlin", "I think it is Lyon, in the south.")])
+    results = scorer.score(
+        [(prompt, scorer.answer_ids(a)) for a in ("Paris.", "Berlin", "I think it is Lyon, in the south.")]
+    )
     for r in results:
         report = scorer.report(r)
         assert report["hybridgrad"] == r.hybridgrad and report["score"] == r.hybridgrad  # raw scores unchanged
@@ -233,7 +239,13 @@ def test_report_carries_the_calibrated_confidence_and_its_flag(default_scorer) -
 def test_a_profile_without_a_calibrator_keeps_the_threshold_flag(default_scorer) -> None:
     scores = {"hybridgrad": 2e-4, "mean_entropy": 1.0}
     old = replace(default_scorer.profile, confidence=None, threshold=1e-4)
-    assert old.assess(scores, 5) == {"score": 2e-4, "threshold": 1e-4, "confidence": None, "min_confidence": None, "flagged": True}
+    assert old.assess(scores, 5) == {
+        "score": 2e-4,
+        "threshold": 1e-4,
+        "confidence": None,
+        "min_confidence": None,
+        "flagged": True,
+    }
     assert replace(old, threshold=None).assess(scores, 5)["flagged"] is None
 
 
@@ -282,7 +294,9 @@ def test_analysis_auroc_within_strata_and_flags_match_direct_computations() -> N
             assert g["auroc"]["hybridgrad"][label] == pytest.approx(brute_auroc(score[m], wrong[m]))
             assert g["auroc"]["confidence"][label] == pytest.approx(brute_auroc(1 - fitted.heldout[m], wrong[m]))
             f = fitted.heldout[m] < fitted.model.operating_point.min_confidence
-            assert g["flags"][label]["flagged"] == f.sum() and g["flags"][label]["precision"] == pytest.approx((f & wrong[m]).sum() / f.sum())
+            assert g["flags"][label]["flagged"] == f.sum() and g["flags"][label]["precision"] == pytest.approx(
+                (f & wrong[m]).sum() / f.sum()
+            )
         assert g["brier"] == pytest.approx(np.mean((fitted.heldout[base] - a.correct[base]) ** 2))
         assert g["auroc"]["mean_entropy"]["all"] == pytest.approx(brute_auroc(entropy[base], wrong[base]))
     for key, t in out["transfer"].items():
@@ -310,15 +324,47 @@ def test_eval_from_items_refits_without_generating(tmp_path, data_dir) -> None:
         score = float(np.exp(rng.normal(-10.5 if correct else -9.5, 0.8)))
         entropy = float(np.exp(rng.normal(0.2 if correct else 0.6, 0.3)))
         length = int(rng.integers(1, 30))
-        items.append({"dataset": "sciq", "index": i, "answer": answer, "token_ids": [1] * length + [2], "answer_tokens": length,
-                      "ended_on_eos": True, "correct": {}, "similarity": {},
-                      "scores": {"semgrad": score, "paragrad": score, "hybridgrad": score, "mean_entropy": entropy,
-                                 "p_true": None, "mean_nll": entropy / 2, "max_nll": entropy}})
+        items.append(
+            {
+                "dataset": "sciq",
+                "index": i,
+                "answer": answer,
+                "token_ids": [1] * length + [2],
+                "answer_tokens": length,
+                "ended_on_eos": True,
+                "correct": {},
+                "similarity": {},
+                "scores": {
+                    "semgrad": score,
+                    "paragrad": score,
+                    "hybridgrad": score,
+                    "mean_entropy": entropy,
+                    "p_true": None,
+                    "mean_nll": entropy / 2,
+                    "max_nll": entropy,
+                },
+            }
+        )
     path = tmp_path / "run_items.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(i) + "\n" for i in items)
     out = tmp_path / "out"
-    assert main(["eval", "--dataset", str(data / "test.jsonl"), "--from-items", str(path), "--out", str(out), "--prefix", "e"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--dataset",
+                str(data / "test.jsonl"),
+                "--from-items",
+                str(path),
+                "--out",
+                str(out),
+                "--prefix",
+                "e",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "e.json").read_text())
     assert report["config"]["from_items"] == str(path) and report["judge"]["name"] == "reference"
     assert report["datasets"]["sciq"]["accuracy"]["reference"] == pytest.approx(40 / 120)
@@ -329,10 +375,15 @@ def test_eval_from_items_refits_without_generating(tmp_path, data_dir) -> None:
     assert "## Calibrated confidence" in text and "| **Calibrated confidence (held-out)** |" in text
     assert (out / "e_reliability.png").stat().st_size > 10_000 and (out / "e_roc.png").is_file()
     again = [json.loads(line) for line in gzip.open(out / "e_items.jsonl.gz", "rt")]
-    assert [i["token_ids"] for i in again] == [i["token_ids"] for i in items] and again[0]["correct"]["reference"] is True
+    assert [i["token_ids"] for i in again] == [i["token_ids"] for i in items] and again[0]["correct"][
+        "reference"
+    ] is True
     held = [i["heldout_confidence"] for i in again]
     wrong = [not i["correct"]["reference"] for i in again]
     reported = report["confidence"]["groups"]["sciq"]["auroc"]["confidence"]["all"]
     assert brute_auroc([1 - c for c in held], wrong) == pytest.approx(reported, abs=1e-5)
     # the items must cover the datasets given
-    assert main(["eval", "--dataset", str(data_dir / "sciq" / "test.jsonl"), "--from-items", str(path), "--out", str(out)]) == 2
+    assert (
+        main(["eval", "--dataset", str(data_dir / "sciq" / "test.jsonl"), "--from-items", str(path), "--out", str(out)])
+        == 2
+    )

@@ -146,7 +146,9 @@ def test_one_engine_needs_no_header() -> None:
 def test_an_engine_on_another_machine_and_several_api_servers_are_refused(tmp_path: Path) -> None:
     from semgrad_serve.serving.api_server.plugin import SemgradPlugin
 
-    with pytest.raises(SemgradError, match="cannot reach the scoring service of engine 0 .*must run on the API server's machine"):
+    with pytest.raises(
+        SemgradError, match="cannot reach the scoring service of engine 0 .*must run on the API server's machine"
+    ):
         connect([{"capture": True, "address": str(tmp_path / "nothing"), "authkey": "00"}], SECRET)
 
     class NoRpc:

@@ -107,7 +107,9 @@ def test_shared_prefix_matches_naive(family: str) -> None:
     cache = PrefixCache(min_tokens=4)
     shared = cache.for_batch(weights, items)
     assert shared is not None and shared.ids == tuple(head)
-    for (prompt, answer, t_star), result in zip(triples, score_batch(weights, items, band, select_kernels("torch"), shared)):
+    for (prompt, answer, t_star), result in zip(
+        triples, score_batch(weights, items, band, select_kernels("torch"), shared)
+    ):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
     # a lone item that starts with the prefix reuses it; one that does not, or whose t* lies inside it, does not
     assert cache.for_batch(weights, items[2:3]) is shared
@@ -115,7 +117,9 @@ def test_shared_prefix_matches_naive(family: str) -> None:
     early = PreparedItem(items[1].prompt_ids, items[1].answer_ids, 4)
     assert cache.for_batch(weights, [other]) is None and cache.for_batch(weights, [early]) is None
     # a batch with a shorter common prefix replaces it, ending at the earliest t*
-    assert cache.for_batch(weights, [items[1], PreparedItem(items[2].prompt_ids, items[2].answer_ids, 6)]).ids == tuple(head[:6])
+    assert cache.for_batch(weights, [items[1], PreparedItem(items[2].prompt_ids, items[2].answer_ids, 6)]).ids == tuple(
+        head[:6]
+    )
     assert PrefixCache(min_tokens=10).for_batch(weights, items) is None
 
 
@@ -264,7 +268,9 @@ def test_given_prefix_keys_values_match_naive(family: str) -> None:
     assert "prefix keys/values of shape" in str(wrong)
 
 
-def generation_states(model, prompt: list[int], answer: list[int], t_star: int, band: range) -> tuple[torch.Tensor, torch.Tensor]:
+def generation_states(
+    model, prompt: list[int], answer: list[int], t_star: int, band: range
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream entering layer ``band.start`` at positions t* onwards of prompt + answer[:-1] and the
     logits predicting the answer's tokens, from the Hugging Face model's own forward (what vLLM computes while
     generating)."""

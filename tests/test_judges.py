@@ -39,19 +39,55 @@ def test_containment(answer, gold, expected):
 @pytest.mark.parametrize(
     "answer,gold,question,expected",
     [
-        ("Periodic is something that does it by repeating itself.", "repeat", "Periodic refers to something that does what?", True),
-        ("Bielefeld is a city in the heart of Germany.", "Bielefeld is in Germany", "Where is the city of Bielefeld?", True),
+        (
+            "Periodic is something that does it by repeating itself.",
+            "repeat",
+            "Periodic refers to something that does what?",
+            True,
+        ),
+        (
+            "Bielefeld is a city in the heart of Germany.",
+            "Bielefeld is in Germany",
+            "Where is the city of Bielefeld?",
+            True,
+        ),
         ("Pigs cannot fly.", "No, pigs cannot fly", "Can pigs fly?", True),
-        ("Can people be possessed by evil spirits?", "No, people cannot be possessed by evil spirits",
-         "Can people be possessed by evil spirits?", False),  # the question restated, not negated
-        ("Brown sugar is healthier than white sugar.", "No, brown sugar is not healthier than white sugar",
-         "Is brown sugar healthier than white sugar?", False),
-        ("A uterus can grow back, but it's not a permanent solution.", "No, a human uterus cannot grow back",
-         "Can a human uterus grow back after a full hysterectomy?", False),  # only the part before "but" is the claim
-        ("water vapor is denser than air", "Air is denser than water vapor", "Which is denser, water vapor or air?", False),
-        ("The affordability of food in Canada has been increasing.", "The affordability of food in Canada has increased since 1970",
-         "What has happened to the affordability of food in Canada since 1970?", True),
-        ("Amaranthine", "Nothing in particular happens to coaches at midnight", "What happens to coaches at midnight?", False),
+        (
+            "Can people be possessed by evil spirits?",
+            "No, people cannot be possessed by evil spirits",
+            "Can people be possessed by evil spirits?",
+            False,
+        ),  # the question restated, not negated
+        (
+            "Brown sugar is healthier than white sugar.",
+            "No, brown sugar is not healthier than white sugar",
+            "Is brown sugar healthier than white sugar?",
+            False,
+        ),
+        (
+            "A uterus can grow back, but it's not a permanent solution.",
+            "No, a human uterus cannot grow back",
+            "Can a human uterus grow back after a full hysterectomy?",
+            False,
+        ),  # only the part before "but" is the claim
+        (
+            "water vapor is denser than air",
+            "Air is denser than water vapor",
+            "Which is denser, water vapor or air?",
+            False,
+        ),
+        (
+            "The affordability of food in Canada has been increasing.",
+            "The affordability of food in Canada has increased since 1970",
+            "What has happened to the affordability of food in Canada since 1970?",
+            True,
+        ),
+        (
+            "Amaranthine",
+            "Nothing in particular happens to coaches at midnight",
+            "What happens to coaches at midnight?",
+            False,
+        ),
     ],
 )
 def test_reference_judge(answer, gold, question, expected):
@@ -59,8 +95,9 @@ def test_reference_judge(answer, gold, question, expected):
 
 
 def test_stem_keeps_three_letters_and_double_s():
-    assert [reference_judge.stem(w) for w in ("gases", "gas", "glass", "repeating", "stories", "charged", "charge")] == [
-        "gas", "gas", "glass", "repeat", "story", "charg", "charg"]
+    assert [
+        reference_judge.stem(w) for w in ("gases", "gas", "glass", "repeating", "stories", "charged", "charge")
+    ] == ["gas", "gas", "glass", "repeat", "story", "charg", "charg"]
 
 
 def brute_lcs(a, b) -> int:
@@ -111,7 +148,10 @@ def test_embedding_judge(embedder):
     assert not judges.judge_embedding("Quantum mechanics", ["thermodynamics"], embedder=embedder).correct
     assert not judges.judge_embedding("", ["darwin"], embedder=embedder).correct
     # the best gold counts
-    assert judges.judge_embedding("Nothing happens", ["You digest them", "Nothing happens"], embedder=embedder).similarity > 0.99
+    assert (
+        judges.judge_embedding("Nothing happens", ["You digest them", "Nothing happens"], embedder=embedder).similarity
+        > 0.99
+    )
 
 
 def test_judge_all_batches_every_judge(embedder):
@@ -152,8 +192,16 @@ def test_cluster_and_semantic_entropy_by_hand():
 def test_sampling_scores_on_hand_made_samples(embedder):
     from semgrad_serve.evaluation.generation import Generation
 
-    same = [Generation([1], "Charles Darwin", [-0.5]), Generation([1], "Darwin", [-0.7]), Generation([1], "Charles Darwin.", [-0.4])]
-    mixed = [Generation([1], "Charles Darwin", [-0.5]), Generation([1], "a volcano erupting", [-0.5]), Generation([1], "blue whales", [-0.5])]
+    same = [
+        Generation([1], "Charles Darwin", [-0.5]),
+        Generation([1], "Darwin", [-0.7]),
+        Generation([1], "Charles Darwin.", [-0.4]),
+    ]
+    mixed = [
+        Generation([1], "Charles Darwin", [-0.5]),
+        Generation([1], "a volcano erupting", [-0.5]),
+        Generation([1], "blue whales", [-0.5]),
+    ]
     lexical, entropy, counts, _, _ = baselines.sampling_scores([same, mixed], embedder, progress=False)
     assert counts == [1, 3]
     assert entropy[0] == pytest.approx(0) and entropy[1] == pytest.approx(math.log(3))

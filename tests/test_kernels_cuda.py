@@ -54,7 +54,9 @@ def test_token_stats_cuda_rejects_nan(impl: str) -> None:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "lengths,v,d", [([1, 0, 7, 12], 300, 100), ([37], 5003, 576), ([64, 3], 49152, 576)], ids=["ragged", "T37", "smollm2"]
+    "lengths,v,d",
+    [([1, 0, 7, 12], 300, 100), ([37], 5003, 576), ([64, 3], 49152, 576)],
+    ids=["ragged", "T37", "smollm2"],
 )
 def test_head_grad_l1_cuda(impl: str, dtype: torch.dtype, lengths: list[int], v: int, d: int) -> None:
     args = head_inputs(lengths, v, d, dtype)

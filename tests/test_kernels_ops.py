@@ -226,7 +226,8 @@ def test_head_grad_l1_single_token_is_product_of_l1_norms(impl: str) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_head_grad_l1_within_frobenius_bounds(impl: str) -> None:
-    """‖G‖_F ≤ ‖G‖₁ ≤ √(Vd)·‖G‖_F, with ‖G‖_F from its Gram form √⟨ggᵀ, hhᵀ⟩ (no V×d matrix)."""
+    """‖G‖_F ≤ ‖G‖₁ ≤ √(Vd)·‖G‖_F, with ‖G‖_F from its Gram form √⟨ggᵀ, hhᵀ⟩
+    (no V×d matrix)."""
     nll_grad, hidden, row_scale, offsets = head_inputs([9], 300, 64, torch.float32)
     v, d = nll_grad.shape[1], hidden.shape[1]
     g = row_scale.double()[:, None] * nll_grad.double()

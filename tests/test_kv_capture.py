@@ -69,7 +69,11 @@ def test_capture_store_budget_age_and_missing_t_star() -> None:
     store.add("no-t*", (99, 1), lambda n, first: torch.ones(1))
     store.add("no-layout", (1, 2, 3), None)
     assert store.get("a").kv.shape == (1, 2, 1, 3, 4) and store.held_bytes == 96
-    assert "budget" in store.get("big").reason and "t*" in store.get("no-t*").reason and "layout" in store.get("no-layout").reason
+    assert (
+        "budget" in store.get("big").reason
+        and "t*" in store.get("no-t*").reason
+        and "layout" in store.get("no-layout").reason
+    )
     store.drop("a")
     assert store.held_bytes == 0 and store.get("a") is None and store.wait("a", 0.05) is None
     time.sleep(0.25)
@@ -96,12 +100,22 @@ def make_connector(role: KVConnectorRole, secret: bytes | None = SECRET):
 
 
 def finished(
-    request_id: str, status: RequestStatus, key: str | None, prompt: list[int], computed: int = 1000, output: tuple[int, ...] = ()
+    request_id: str,
+    status: RequestStatus,
+    key: str | None,
+    prompt: list[int],
+    computed: int = 1000,
+    output: tuple[int, ...] = (),
 ) -> SimpleNamespace:
     """A request as the connector sees it; ``key``: the name of the minted key it carries."""
     params = {KV_PARAM: minted(key), "other": 1} if key else None
     return SimpleNamespace(
-        request_id=request_id, status=status, kv_transfer_params=params, prompt_token_ids=prompt, num_computed_tokens=computed, output_token_ids=list(output)
+        request_id=request_id,
+        status=status,
+        kv_transfer_params=params,
+        prompt_token_ids=prompt,
+        num_computed_tokens=computed,
+        output_token_ids=list(output),
     )
 
 
@@ -112,12 +126,24 @@ def test_connector_holds_only_finished_scored_requests_for_one_step(monkeypatch)
     from semgrad_serve.serving.worker import capture_connector
 
     scheduler = make_connector(KVConnectorRole.SCHEDULER)
-    assert scheduler.request_finished(finished("r0", RequestStatus.FINISHED_STOPPED, None, [1, 2]), [0]) == (False, None)
-    assert scheduler.request_finished(finished("r1", RequestStatus.FINISHED_IGNORED, "k1", [1, 2]), [0]) == (False, None)
+    assert scheduler.request_finished(finished("r0", RequestStatus.FINISHED_STOPPED, None, [1, 2]), [0]) == (
+        False,
+        None,
+    )
+    assert scheduler.request_finished(finished("r1", RequestStatus.FINISHED_IGNORED, "k1", [1, 2]), [0]) == (
+        False,
+        None,
+    )
     assert scheduler.request_finished(finished("r2", RequestStatus.FINISHED_ERROR, "k2", [1, 2]), [0]) == (False, None)
     prompt = list(range(10, 50))
-    assert scheduler.request_finished(finished("r3", RequestStatus.FINISHED_STOPPED, "k3", prompt), [4, 1]) == (True, None)
-    assert scheduler.request_finished(finished("r4", RequestStatus.FINISHED_LENGTH_CAPPED, "k4", [7] * 5), [2]) == (True, None)
+    assert scheduler.request_finished(finished("r3", RequestStatus.FINISHED_STOPPED, "k3", prompt), [4, 1]) == (
+        True,
+        None,
+    )
+    assert scheduler.request_finished(finished("r4", RequestStatus.FINISHED_LENGTH_CAPPED, "k4", [7] * 5), [2]) == (
+        True,
+        None,
+    )
     aborted_in_prefill = finished("r5", RequestStatus.FINISHED_ABORTED, "k5", prompt, computed=20)
     assert scheduler.request_finished(aborted_in_prefill, [3]) == (True, None)
     meta = scheduler.build_connector_meta(SimpleNamespace())
@@ -140,7 +166,9 @@ def test_connector_holds_only_finished_scored_requests_for_one_step(monkeypatch)
     assert store.get(minted("k5")).kv is None and "computing 20 of the 37" in store.get(minted("k5")).reason
     layer0 = caches["model.layers.0.self_attn.attn"]
     position = 33  # the second position of the request's second block (block 1)
-    assert torch.equal(kv[0, 0, :, position], layer0[1, :, 1, :d]) and torch.equal(kv[0, 1, :, position], layer0[1, :, 1, d:])
+    assert torch.equal(kv[0, 0, :, position], layer0[1, :, 1, :d]) and torch.equal(
+        kv[0, 1, :, position], layer0[1, :, 1, d:]
+    )
     assert torch.equal(kv[2, 1, :, 0], caches["model.layers.2.self_attn.attn"][4, :, 0, d:])
 
 
@@ -174,7 +202,8 @@ class FakeRunner:
         """One step of (request, computed before, new tokens) rows. The stream entering the layer is
         position + 1000 * request number (split into hidden + residual as vLLM's layers pass it on), and the
         logits row of a request is its last position + 1000 * request number + the vocabulary index / 10.
-        ``prompt_logprobs``: then the logits of every scheduled position, as vLLM computes prompt logprobs after sampling."""
+        ``prompt_logprobs``: then the logits of every scheduled position, as vLLM computes prompt logprobs after
+        sampling."""
         batch = self.input_batch
         batch.req_id_to_index = {rid: i for i, (rid, _, _) in enumerate(scheduled)}
         batch.num_reqs, batch.num_computed_tokens_cpu = len(scheduled), [c for _, c, _ in scheduled]
@@ -223,7 +252,10 @@ def test_step_recorder_keeps_watched_band_inputs_and_logits() -> None:
     runner.step([("r3", 0, 8)], d)  # resumed after a preemption: recomputed from the start, in chunks
     runner.step([("r3", 8, 6)], d)  # (its logits row of position 11 was not computed again)
     got = recorder.take("r3", 9, 14)
-    assert torch.equal(got.band_inputs, stream_value("r3", torch.arange(9, 14))[:, None].expand(-1, d)) and got.logits is None
+    assert (
+        torch.equal(got.band_inputs, stream_value("r3", torch.arange(9, 14))[:, None].expand(-1, d))
+        and got.logits is None
+    )
     recorder.watch("r3")
     runner.step([("r3", 0, 12)], d)
     assert recorder.take("r3", 8, 12) is None  # recorded from another t*
@@ -276,7 +308,10 @@ def test_connector_captures_band_layers_only_where_band_inputs_were_recorded(mon
     for rid in ("r1", "r4", "r2"):
         request = finished(rid, RequestStatus.FINISHED_STOPPED, keys[rid], [5] * 4, computed=5, output=outputs[rid])
         assert scheduler.request_finished(request, [0]) == (True, None)
-    assert scheduler.request_finished(finished("r3", RequestStatus.FINISHED_ERROR, "k3", [5] * 4, computed=5), [2]) == (False, None)
+    assert scheduler.request_finished(finished("r3", RequestStatus.FINISHED_ERROR, "k3", [5] * 4, computed=5), [2]) == (
+        False,
+        None,
+    )
     worker.bind_connector_metadata(scheduler.build_connector_meta(SimpleNamespace()))
     a, b = store.get(minted("k1")), store.get(minted("k2"))
     assert a.first_layer == first and a.kv.shape == (n_layers - first, 2, heads, 3, d)

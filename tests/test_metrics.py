@@ -85,7 +85,11 @@ def test_roc_curve_area_is_auroc():
 def test_extremes():
     wrong = np.array([1, 1, 0, 0, 0, 1, 0], dtype=bool)
     perfect = wrong + 0.1 * np.arange(7)
-    assert metrics.auroc(perfect, wrong) == 1 and metrics.auprc(perfect, wrong) == 1 and metrics.prr(perfect, wrong) == pytest.approx(1)
+    assert (
+        metrics.auroc(perfect, wrong) == 1
+        and metrics.auprc(perfect, wrong) == 1
+        and metrics.prr(perfect, wrong) == pytest.approx(1)
+    )
     assert metrics.auroc(-perfect, wrong) == 0 and metrics.prr(-perfect, wrong) < -1 + 0.2
     flat = np.zeros(7)
     assert metrics.auroc(flat, wrong) == 0.5 and metrics.prr(flat, wrong) == pytest.approx(0, abs=1e-12)
@@ -95,7 +99,9 @@ def test_extremes():
         metrics.auroc([1.0, float("nan")], [0, 1])
 
 
-@pytest.mark.parametrize("kind,value", [("recall", 0.5), ("recall", 0.9), ("recall", 1.0), ("precision", 0.6), ("precision", 0.75)])
+@pytest.mark.parametrize(
+    "kind,value", [("recall", 0.5), ("recall", 0.9), ("recall", 1.0), ("precision", 0.6), ("precision", 0.75)]
+)
 def test_choose_threshold_is_the_best_rule_meeting_the_target(kind, value):
     scores, wrong = random_case(11, n=80, levels=8)
     got = metrics.choose_threshold(scores, wrong, kind, value)
@@ -103,7 +109,8 @@ def test_choose_threshold_is_the_best_rule_meeting_the_target(kind, value):
     precision, recall = wrong[flags].mean(), wrong[flags].sum() / wrong.sum()
     assert got.met and got.flagged == flags.sum()
     assert got.precision == pytest.approx(precision) and got.recall == pytest.approx(recall)
-    # brute force over every distinct rule "score > t": recall → highest t meeting it; precision → most flags meeting it
+    # brute force over every distinct rule "score > t": recall → highest t meeting it; precision → most flags
+    # meeting it
     rules = []
     for t in sorted(set(scores)):
         for cut in (t - 1e-9,):

@@ -57,12 +57,21 @@ def test_the_question_of_a_request() -> None:
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "First?"},
         {"role": "assistant", "content": "Yes."},
-        {"role": "user", "content": [{"type": "text", "text": "Second,"}, {"type": "image_url", "image_url": {}}, {"type": "text", "text": "please."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Second,"},
+                {"type": "image_url", "image_url": {}},
+                {"type": "text", "text": "please."},
+            ],
+        },
     ]
     assert chat_question(messages) == "Second,\nplease."
     assert chat_question(messages[:2]) == "First?" and chat_question([]) == ""
     assert prompt_question("Once upon", 1, 2) == "Once upon"
-    assert prompt_question(["p0", "p1"], 3, 2) == "p1" and prompt_question([[1, 2]], 0, 1) == "(prompt given as token ids)"
+    assert (
+        prompt_question(["p0", "p1"], 3, 2) == "p1" and prompt_question([[1, 2]], 0, 1) == "(prompt given as token ids)"
+    )
 
 
 # -- request options -------------------------------------------------------------------------------------
@@ -176,7 +185,10 @@ def test_a_streamed_choice_gets_tokens_only_when_asked_and_is_kept_in_the_ring(d
         return final["choices"][0]["semgrad"], recent
 
     plain, recent = asyncio.run(run(ScoringOptions()))
-    assert list(plain) == ["semgrad", "score", "threshold", "flagged", "reused", "stop_token"] and plain["stop_token"] is True
+    assert (
+        list(plain) == ["semgrad", "score", "threshold", "flagged", "reused", "stop_token"]
+        and plain["stop_token"] is True
+    )
     with_tokens, _ = asyncio.run(run(ScoringOptions(tokens=True)))
     assert with_tokens["token_texts"] == ["Paris", ".", "<|im_end|>"]
     assert with_tokens["token_entropies"] == [0.5] * 3 and with_tokens["token_logprobs"] == [-0.25] * 3
@@ -211,7 +223,8 @@ def test_an_answer_that_shows_nothing_is_not_sent_to_score(default_scorer) -> No
     choices = choices_for(default_scorer, ScoringOptions(), None)
     choices.client.score = None  # any call would fail
     body = {"prompt_token_ids": prompt, "choices": [
-        {"index": i, "message": {"content": text}, "token_ids": default_scorer.answer_ids(text), "finish_reason": "stop", "stop_reason": None}
+        {"index": i, "message": {"content": text}, "token_ids": default_scorer.answer_ids(text),
+         "finish_reason": "stop", "stop_reason": None}
         for i, text in enumerate(("", " \n "))
     ]}  # fmt: skip
     finished = choices.collect(body)

@@ -54,7 +54,11 @@ def test_a_prompt_without_the_t_star_token_falls_back_to_its_last_token(default_
     raw = default_scorer.answer_ids("no template here", stop_token=False)
     chat = default_scorer.prompt_ids([{"role": "user", "content": "no template here"}])
     fallback, template = default_scorer.score([(raw, [42]), (chat, [42])])
-    assert (fallback.t_star, fallback.t_star_rule, fallback.t_star_token) == (len(raw) - 1, "last_prompt_token", "Ġhere")
+    assert (fallback.t_star, fallback.t_star_rule, fallback.t_star_token) == (
+        len(raw) - 1,
+        "last_prompt_token",
+        "Ġhere",
+    )
     assert (template.t_star, template.t_star_rule) == (len(chat) - 4, "template")
     assert default_scorer.t_star_or_none(raw) == len(raw) - 1 and default_scorer.t_star_or_none([]) is None
 
@@ -77,7 +81,11 @@ def test_profile_json_round_trip(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "text,message",
-    [("{", "not JSON"), ('{"name": "x"}', "not a valid profile"), ('{"t_star": {"token": "a"}, "score": "bogus"}', "score must be")],
+    [
+        ("{", "not JSON"),
+        ('{"name": "x"}', "not a valid profile"),
+        ('{"t_star": {"token": "a"}, "score": "bogus"}', "score must be"),
+    ],
 )
 def test_bad_profile_files(tmp_path, text: str, message: str) -> None:
     path = tmp_path / "p.json"
@@ -146,5 +154,7 @@ def test_threshold_fitted_in_another_dtype_warns(default_scorer) -> None:
     assert default_scorer.profile.dtype == "float32" and default_scorer.profile.dtype_mismatch("float32") is None
     with pytest.warns(RuntimeWarning, match="fitted on bfloat16 scores and these are float32"):
         Scorer(default_scorer.weights, default_scorer.tokenizer, fitted_bf16, kernels=default_scorer.kernels)
-    assert replace(fitted_bf16, threshold=None).dtype_mismatch("float32") is not None  # its confidence model is fitted too
+    assert (
+        replace(fitted_bf16, threshold=None).dtype_mismatch("float32") is not None
+    )  # its confidence model is fitted too
     assert replace(fitted_bf16, threshold=None, confidence=None).dtype_mismatch("float32") is None  # nothing to misuse

@@ -12,8 +12,16 @@ from conftest import FLOAT32_BATCH_REL
 def test_batches_bounded_by_items_and_tokens(default_scorer, monkeypatch) -> None:
     scorer = default_scorer
     # prompts of different lengths, so that the results' prompt lengths show their order
-    questions = ["Hi?", "What is the capital of France? " * 3, "Who wrote Hamlet?", "Why is the sky blue? " * 6, "What is 2+2?"]
-    pairs = [(scorer.prompt_ids([{"role": "user", "content": q}]), scorer.answer_ids("A short answer.")) for q in questions]
+    questions = [
+        "Hi?",
+        "What is the capital of France? " * 3,
+        "Who wrote Hamlet?",
+        "Why is the sky blue? " * 6,
+        "What is 2+2?",
+    ]
+    pairs = [
+        (scorer.prompt_ids([{"role": "user", "content": q}]), scorer.answer_ids("A short answer.")) for q in questions
+    ]
     batches: list[list[int]] = []
     original = scorer.score_prepared
 
@@ -55,7 +63,12 @@ def test_exgrad_can_be_left_out(default_scorer) -> None:
 
     full = default_scorer
     lean = Scorer(full.weights, full.tokenizer, full.profile, full.kernels, exgrad=False)
-    pairs = [(full.prompt_ids([{"role": "user", "content": q}]), full.answer_ids("Paris, I think.")) for q in ("Capital of France?", "Where is the Louvre?")]
+    pairs = [
+        (full.prompt_ids([{"role": "user", "content": q}]), full.answer_ids("Paris, I think."))
+        for q in ("Capital of France?", "Where is the Louvre?")
+    ]
     for a, b in zip(full.score(pairs), lean.score(pairs)):
         assert b.exgrad is None and "exgrad" not in b.scores() and a.exgrad > 0
-        assert b.scores() == pytest.approx({k: v for k, v in a.scores().items() if k != "exgrad"}, rel=FLOAT32_BATCH_REL)
+        assert b.scores() == pytest.approx(
+            {k: v for k, v in a.scores().items() if k != "exgrad"}, rel=FLOAT32_BATCH_REL
+        )

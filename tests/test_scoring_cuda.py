@@ -37,7 +37,9 @@ def test_float64_on_cuda_matches_naive(family: str, choice: str) -> None:
     band = deeper_half(weights.n_layers)
     triples = random_items(5, seed=2)
     items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
-    for (prompt, answer, t_star), ours in zip(triples, score_batch(weights, items, band, select_kernels(choice, "cuda"))):
+    for (prompt, answer, t_star), ours in zip(
+        triples, score_batch(weights, items, band, select_kernels(choice, "cuda"))
+    ):
         naive = naive_scores(model, prompt, answer, t_star, band)
         for key in SCORES:
             assert ours.scores()[key] == pytest.approx(naive[key], rel=1e-9, abs=0), key
@@ -49,7 +51,9 @@ def test_claims_on_cuda_match_naive(choice: str) -> None:
     weights = from_hf_model(model)
     band = deeper_half(weights.n_layers)
     items = claimed_items(seed=2)
-    assert_claims_match_naive(model, items, score_batch(weights, items, band, select_kernels(choice, "cuda")), band, rel=1e-9)
+    assert_claims_match_naive(
+        model, items, score_batch(weights, items, band, select_kernels(choice, "cuda")), band, rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("choice", ["auto", "triton", "native"])
@@ -72,7 +76,11 @@ def test_one_device_read_back_per_batch(choice: str, claims: bool) -> None:
     the read-back of its scores, claims or not. torch's sync debug mode reports every synchronizing call."""
     weights = from_hf_model(tiny_model("llama3-untied", torch.float32).cuda())
     band = deeper_half(weights.n_layers)
-    items = claimed_items(seed=5, n=4) if claims else [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(4, seed=5)]
+    items = (
+        claimed_items(seed=5, n=4)
+        if claims
+        else [PreparedItem(tuple(p), tuple(a), t) for p, a, t in random_items(4, seed=5)]
+    )
     kernels = select_kernels(choice, "cuda")
     score_batch(weights, items, band, kernels)
     torch.cuda.set_sync_debug_mode("warn")

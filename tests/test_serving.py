@@ -23,7 +23,17 @@ MODEL = "smollm2-135m-instruct"  # the served name of the default model
 REQUEST_TIMEOUT_S = 180
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 EOS = 2  # <|im_end|>, the default model's end-of-turn token
-CLAIM_FIELDS = ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence", "flagged")
+CLAIM_FIELDS = (
+    "text",
+    "token_start",
+    "token_end",
+    "semgrad",
+    "paragrad",
+    "hybridgrad",
+    "mean_entropy",
+    "confidence",
+    "flagged",
+)
 
 pytestmark = pytest.mark.slow  # starts the vLLM server
 
@@ -84,7 +94,9 @@ def metrics(base_url: str) -> dict[str, float]:
 
 def kv_usage_after_probe(client: openai.OpenAI, base_url: str) -> float:
     """vLLM's KV-cache usage reported while one fixed unscored request ran (the gauge updates on engine steps)."""
-    client.chat.completions.create(model=MODEL, messages=ask("Say OK."), max_tokens=2, temperature=0, extra_body={"semgrad": False})
+    client.chat.completions.create(
+        model=MODEL, messages=ask("Say OK."), max_tokens=2, temperature=0, extra_body={"semgrad": False}
+    )
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     return float(re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", text, re.M)[1])
 
@@ -93,7 +105,9 @@ def kv_usage_after_probe(client: openai.OpenAI, base_url: str) -> float:
 
 
 # ~1.5k prompt tokens: a retrieved context before the question
-LONG_CONTEXT = " ".join(f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}." for i in range(70))
+LONG_CONTEXT = " ".join(
+    f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}." for i in range(70)
+)
 
 
 def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
@@ -130,7 +144,9 @@ def test_completions_are_scored(client, default_scorer) -> None:
     (choice,) = response.choices
     assert choice.finish_reason == "stop"
     assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 16)
-    assert_equals_offline(semgrad_of(choice), default_scorer, choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+    assert_equals_offline(
+        semgrad_of(choice), default_scorer, choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
+    )
 
     assert semgrad_of(choice)["t_star_rule"] == "template"
 
@@ -154,14 +170,18 @@ def test_echo_is_scored_with_the_text_vllm_echoes(client, default_scorer) -> Non
     prompt = "Once upon a time"
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0]
     for stream in (False, True):
-        echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True, stream=stream)
+        echoed = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True, stream=stream
+        )
         choices = [c for chunk in echoed for c in chunk.choices] if stream else echoed.choices
         assert "".join(c.text for c in choices) == prompt + plain.text
         assert semgrad_of(choices[-1]) == semgrad_of(plain)
 
     messages = [ask("What is the capital of France?")[0], {"role": "assistant", "content": "The capital"}]
     extra = {"add_generation_prompt": False, "continue_final_message": True, "echo": True}
-    without_ids = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, extra_body=extra).choices[0]
+    without_ids = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, extra_body=extra
+    ).choices[0]
     response = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=16, temperature=0, extra_body={**extra, "return_token_ids": True}
     )
@@ -175,7 +195,9 @@ def test_echo_is_scored_with_the_text_vllm_echoes(client, default_scorer) -> Non
     asked = client.chat.completions.create(model=MODEL, messages=messages[:1], max_tokens=16, temperature=0,
                                            extra_body={"return_token_ids": True, "prompt_logprobs": 0})  # fmt: skip
     choice = asked.choices[0]
-    assert_equals_offline(semgrad_of(choice), default_scorer, asked.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+    assert_equals_offline(
+        semgrad_of(choice), default_scorer, asked.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
+    )
 
 
 def test_streaming_n2_scores_each_choice_in_its_final_chunk(client, default_scorer) -> None:
@@ -207,7 +229,12 @@ def test_n2_scores_every_choice(client, default_scorer) -> None:
     assert len(response.choices) == 2
     for choice in response.choices:
         assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 24)
-        assert_equals_offline(semgrad_of(choice), default_scorer, response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"])
+        assert_equals_offline(
+            semgrad_of(choice),
+            default_scorer,
+            response.model_extra["prompt_token_ids"],
+            choice.model_extra["token_ids"],
+        )
 
 
 def test_a_prefix_cache_hit_past_t_star_scores_through_every_layer(client, default_scorer) -> None:
@@ -250,8 +277,12 @@ def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client
     assert_ids_follow_finish(ended.model_extra["token_ids"], "stop", 32)
     assert_ids_follow_finish(cut.model_extra["token_ids"], "length", 3)
     assert semgrad_of(ended)["stop_token"] and not semgrad_of(cut)["stop_token"]
-    assert_equals_offline(semgrad_of(ended), default_scorer, prompt_ids, default_scorer.answer_ids(ended.message.content))
-    assert_equals_offline(semgrad_of(cut), default_scorer, prompt_ids, default_scorer.answer_ids(cut.message.content, stop_token=False))
+    assert_equals_offline(
+        semgrad_of(ended), default_scorer, prompt_ids, default_scorer.answer_ids(ended.message.content)
+    )
+    assert_equals_offline(
+        semgrad_of(cut), default_scorer, prompt_ids, default_scorer.answer_ids(cut.message.content, stop_token=False)
+    )
     # a stop string is not a token: the answer is what the user receives ("The capital of France ")
     stopped = chat(32, stop=["is"])
     assert stopped.finish_reason == "stop" and stopped.message.content.endswith("France ")
@@ -262,8 +293,9 @@ def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client
 def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default_scorer) -> None:
     messages = ask("What is the capital of France?")
     for include in (False, True):
-        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True,
-                                                stop=["France"], extra_body={"include_stop_str_in_output": include})  # fmt: skip
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
+                                                stream=True, stop=["France"],
+                                                extra_body={"include_stop_str_in_output": include})  # fmt: skip
         chunks = [c for chunk in stream for c in chunk.choices]
         text, semgrad = "".join(c.delta.content or "" for c in chunks), semgrad_of(chunks[-1])
         assert text.endswith("France" if include else "of ") and not semgrad["stop_token"]
@@ -274,8 +306,8 @@ def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default
 def test_an_answer_that_shows_nothing_is_not_scored(client, default_scorer) -> None:
     """A stop string at the start of the answer: nothing reaches the user, so nothing is scored, and the offline
     scorer says the same of the empty answer that is left."""
-    (choice,) = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=16,
-                                               temperature=0, stop=["The"]).choices  # fmt: skip
+    (choice,) = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"),
+                                               max_tokens=16, temperature=0, stop=["The"]).choices  # fmt: skip
     assert choice.message.content == "" and semgrad_of(choice) == {"error": NOTHING_TO_SCORE}
     prompt = default_scorer.prompt_ids(ask("What is the capital of France?"))
     assert str(default_scorer.score([(prompt, [])])[0]) == NOTHING_TO_SCORE
@@ -288,31 +320,44 @@ def assert_claims_equal_offline(semgrad: dict[str, Any], scorer, prompt_ids: lis
     assert len(semgrad["claims"]) == len(expected) >= 2
     for got, want in zip(semgrad["claims"], expected):
         assert list(got) == list(CLAIM_FIELDS) and 0 < got["confidence"] < 1
-        assert (got["text"], got["token_start"], got["token_end"], got["flagged"]) == (want["text"], want["token_start"], want["token_end"], want["flagged"])
+        assert (got["text"], got["token_start"], got["token_end"], got["flagged"]) == (
+            want["text"],
+            want["token_start"],
+            want["token_end"],
+            want["flagged"],
+        )
         for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), key
     assert semgrad["claims"][-1]["token_end"] == len(answer_ids)
 
 
 def test_claims_when_asked_equal_the_offline_claims(client, default_scorer) -> None:
-    """``"semgrad": {"claims": true}``: each sentence's scores, equal to ``score --claims``'s; not there unless asked."""
+    """``"semgrad": {"claims": true}``: each sentence's scores, equal to ``score --claims``'s; not there unless
+    asked."""
     messages = ask("Tell me about Paris in three sentences.")
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, temperature=0,
-                                              extra_body={"return_token_ids": True, "semgrad": {"claims": True}})  # fmt: skip
+                                              extra_body={"return_token_ids": True,
+                                                          "semgrad": {"claims": True}})  # fmt: skip
     (choice,) = response.choices
     semgrad, answer_ids = semgrad_of(choice), choice.model_extra["token_ids"]
     assert tuple(semgrad) == REPORTED + ("claims", "stop_token")
     assert_claims_equal_offline(semgrad, default_scorer, response.model_extra["prompt_token_ids"], answer_ids)
     assert " ".join(c["text"] for c in semgrad["claims"]) == choice.message.content.strip()
-    stream = client.completions.create(model=MODEL, prompt="The water cycle is", max_tokens=60, temperature=0, stream=True,
-                                       extra_body={"return_token_ids": True, "semgrad": {"claims": True, "tokens": True}})  # fmt: skip
+    stream = client.completions.create(model=MODEL, prompt="The water cycle is", max_tokens=60, temperature=0,
+                                       stream=True,
+                                       extra_body={"return_token_ids": True,
+                                                   "semgrad": {"claims": True, "tokens": True}})  # fmt: skip
     chunks = [c for chunk in stream for c in chunk.choices]
     prompt_ids = next(c.model_extra["prompt_token_ids"] for c in chunks if c.model_extra.get("prompt_token_ids"))
     answer_ids = [t for c in chunks for t in c.model_extra.get("token_ids") or []]
     assert_claims_equal_offline(semgrad_of(chunks[-1]), default_scorer, prompt_ids, answer_ids)
-    assert "claims" not in semgrad_of(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8).choices[0])
+    assert "claims" not in semgrad_of(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8).choices[0]
+    )
     with pytest.raises(openai.BadRequestError, match="unknown option 'claim'"):
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"semgrad": {"claim": True}})
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=4, extra_body={"semgrad": {"claim": True}}
+        )
 
 
 def test_responses_are_scored(client, default_scorer) -> None:
@@ -321,7 +366,8 @@ def test_responses_are_scored(client, default_scorer) -> None:
     question = "Tell me about Paris in three sentences."
     prompt_ids = default_scorer.prompt_ids(ask(question))
     whole = client.responses.create(model=MODEL, input=question, max_output_tokens=80, temperature=0,
-                                    extra_body={"enable_response_messages": True, "semgrad": {"claims": True}})  # fmt: skip
+                                    extra_body={"enable_response_messages": True,
+                                                "semgrad": {"claims": True}})  # fmt: skip
     semgrad = whole.model_extra["semgrad"]
     answer_ids = whole.model_extra["output_messages"][0]["tokens"]
     assert whole.model_extra["input_messages"][0]["tokens"] == prompt_ids
@@ -329,28 +375,39 @@ def test_responses_are_scored(client, default_scorer) -> None:
     assert_equals_offline(semgrad, default_scorer, prompt_ids, answer_ids)
     assert_claims_equal_offline(semgrad, default_scorer, prompt_ids, answer_ids)
 
-    events = list(client.responses.create(model=MODEL, input=ask(question), max_output_tokens=80, temperature=0, stream=True))
+    events = list(
+        client.responses.create(model=MODEL, input=ask(question), max_output_tokens=80, temperature=0, stream=True)
+    )
     (completed,) = [e for e in events if e.type == "response.completed"]
     streamed = completed.response.model_extra["semgrad"]
     assert completed.response.model_extra["output_messages"] is None  # hidden again: the client did not ask
     assert_equals_offline(streamed, default_scorer, prompt_ids, answer_ids)
 
-    stopped = client.responses.create(model=MODEL, input=question, max_output_tokens=80, temperature=0, extra_body={"stop": ["city"]})
+    stopped = client.responses.create(
+        model=MODEL, input=question, max_output_tokens=80, temperature=0, extra_body={"stop": ["city"]}
+    )
     text = stopped.output_text
     assert text and "city" not in text and not stopped.model_extra["semgrad"]["stop_token"]
     received = default_scorer.answer_ids(text.rstrip(), stop_token=False)
     assert_equals_offline(stopped.model_extra["semgrad"], default_scorer, prompt_ids, received)
-    nothing = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=16, temperature=0,
-                                      extra_body={"stop": ["The"]})  # fmt: skip
+    nothing = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=16,
+                                      temperature=0, extra_body={"stop": ["The"]})  # fmt: skip
     assert nothing.model_extra["semgrad"] == {"error": NOTHING_TO_SCORE}
-    assert "semgrad" not in client.responses.create(model=MODEL, input=question, max_output_tokens=4, extra_body={"semgrad": False}).model_extra
+    assert (
+        "semgrad"
+        not in client.responses.create(
+            model=MODEL, input=question, max_output_tokens=4, extra_body={"semgrad": False}
+        ).model_extra
+    )
 
 
 def test_scoring_can_be_turned_off(client) -> None:
     for extra in ({"semgrad": False}, {"vllm_xargs": {"semgrad": "off"}}):
         response = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body=extra)
         assert response.choices[0].message.content and semgrad_of(response.choices[0]) is None
-    stream = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, stream=True, extra_body={"semgrad": False})
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask("Hi!"), max_tokens=4, stream=True, extra_body={"semgrad": False}
+    )
     assert all(semgrad_of(c) is None for chunk in stream for c in chunk.choices)
     with pytest.raises(openai.BadRequestError, match="must be true or false"):
         client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"semgrad": "no"})
@@ -380,10 +437,14 @@ def test_32_concurrent_requests_are_answered_scored_and_batched(base_url) -> Non
     before = metrics(base_url)
 
     async def run() -> list:
-        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
+        ) as aclient:
             return await asyncio.gather(
                 *(
-                    aclient.chat.completions.create(model=MODEL, messages=ask(f"Give me a fact about the number {i}."), max_tokens=16, temperature=0)
+                    aclient.chat.completions.create(
+                        model=MODEL, messages=ask(f"Give me a fact about the number {i}."), max_tokens=16, temperature=0
+                    )
                     for i in range(32)
                 )
             )
@@ -400,11 +461,16 @@ def test_32_concurrent_requests_are_answered_scored_and_batched(base_url) -> Non
 
 def test_a_scoring_failure_returns_the_completion_with_the_error(client) -> None:
     async def run() -> list:
-        async with openai.AsyncOpenAI(base_url=client.base_url, api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=client.base_url, api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
+        ) as aclient:
             return await asyncio.gather(
                 *(
                     aclient.chat.completions.create(
-                        model=MODEL, messages=ask(f"Count to {i + 3}." + (f" {TEST_FAULT_MARKER}" if i == 1 else "")), max_tokens=12, temperature=0
+                        model=MODEL,
+                        messages=ask(f"Count to {i + 3}." + (f" {TEST_FAULT_MARKER}" if i == 1 else "")),
+                        max_tokens=12,
+                        temperature=0,
                     )
                     for i in range(4)
                 )
@@ -437,14 +503,18 @@ def test_metrics_count_answers_latency_and_batches(client, base_url) -> None:
         ({"messages": ask("Hi!"), "max_tokens": "many"}, "max_tokens"),
     ],
 )
-def test_bad_requests_get_vllm_errors_and_the_server_stays_up(client, base_url, request_args: dict, message: str) -> None:
+def test_bad_requests_get_vllm_errors_and_the_server_stays_up(
+    client, base_url, request_args: dict, message: str
+) -> None:
     with pytest.raises(openai.BadRequestError, match=message):
         client.chat.completions.create(model=MODEL, **request_args)
     assert httpx.get(f"{base_url}/health", timeout=30).status_code == 200
 
 
 def test_unknown_fields_are_ignored_as_vllm_does(client) -> None:
-    response = client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"no_such_field": 1})
+    response = client.chat.completions.create(
+        model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"no_such_field": 1}
+    )
     assert_scored(semgrad_of(response.choices[0]))
 
 
@@ -454,20 +524,29 @@ def test_scoring_holds_no_block_after_a_burst_with_disconnects_and_failures(clie
     idle = kv_usage_after_probe(client, base_url)
 
     async def abandoned_stream(aclient: openai.AsyncOpenAI) -> None:
-        stream = await aclient.chat.completions.create(model=MODEL, messages=ask("Write a long story."), max_tokens=200, stream=True)
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=ask("Write a long story."), max_tokens=200, stream=True
+        )
         async for _ in stream:
             break  # the client goes away after the first chunk
         await stream.close()
 
     async def timed_out(aclient: openai.AsyncOpenAI) -> None:
         with pytest.raises(openai.APITimeoutError, match="timed out"):
-            await aclient.with_options(timeout=0.5).chat.completions.create(model=MODEL, messages=ask(LONG_CONTEXT), max_tokens=200)
+            await aclient.with_options(timeout=0.5).chat.completions.create(
+                model=MODEL, messages=ask(LONG_CONTEXT), max_tokens=200
+            )
 
     async def run() -> list:
-        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
+        ) as aclient:
             chat = aclient.chat.completions.create
             return await asyncio.gather(
-                *(chat(model=MODEL, messages=ask(f"{LONG_CONTEXT[: 200 * i]} Question {i}?"), max_tokens=12) for i in range(6)),
+                *(
+                    chat(model=MODEL, messages=ask(f"{LONG_CONTEXT[: 200 * i]} Question {i}?"), max_tokens=12)
+                    for i in range(6)
+                ),
                 chat(model=MODEL, messages=ask("Two answers, please."), max_tokens=12, n=2, temperature=1.0),
                 chat(model=MODEL, messages=ask(f"Fail this one. {TEST_FAULT_MARKER}"), max_tokens=8),
                 chat(model=MODEL, messages=ask("Unscored."), max_tokens=8, extra_body={"semgrad": False}),

@@ -44,9 +44,13 @@ def bounded(tmp_path_factory) -> Iterator[RunningServer]:
     memory budget), and an API key."""
     root = Path(__file__).resolve().parents[1]
     log = tmp_path_factory.mktemp("bounds") / "server.log"
-    env = {**os.environ, TEST_FAULTS_ENV: "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    args = ["--dtype", "float32", "--max-claims", str(MAX_CLAIMS), "--claims-per-pass", "1", "--claim-memory", "1", "--",
-            "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY]  # fmt: skip
+    env = {
+        **os.environ,
+        TEST_FAULTS_ENV: "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    args = ["--dtype", "float32", "--max-claims", str(MAX_CLAIMS), "--claims-per-pass", "1", "--claim-memory", "1",
+            "--", "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY]  # fmt: skip
     try:
         port = free_port()
         with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
@@ -73,7 +77,8 @@ def test_claims_are_scored_in_passes_up_to_the_limit(client, bounded, default_sc
     passes' reports were put together right), the fourth with the limit's error; the whole answer as without."""
     before = len(log_lines(bounded, r"scoring job \d+ in 3 passes"))
     response = client.chat.completions.create(model=MODEL, messages=FOUR_SENTENCES, max_tokens=100, temperature=0,
-                                              extra_body={"return_token_ids": True, "semgrad": {"claims": True}})  # fmt: skip
+                                              extra_body={"return_token_ids": True,
+                                                          "semgrad": {"claims": True}})  # fmt: skip
     (choice,) = response.choices
     prompt_ids, answer_ids = response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
     semgrad = semgrad_of(choice)
@@ -82,7 +87,11 @@ def test_claims_are_scored_in_passes_up_to_the_limit(client, bounded, default_sc
     expected = default_scorer.report(offline)["claims"]
     assert len(expected) > MAX_CLAIMS and len(semgrad["claims"]) == len(expected)
     for got, want in zip(semgrad["claims"][:MAX_CLAIMS], expected):
-        assert (got["text"], got["token_start"], got["token_end"]) == (want["text"], want["token_start"], want["token_end"])
+        assert (got["text"], got["token_start"], got["token_end"]) == (
+            want["text"],
+            want["token_start"],
+            want["token_end"],
+        )
         for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), key
     for got, want in zip(semgrad["claims"][MAX_CLAIMS:], expected[MAX_CLAIMS:]):
@@ -99,9 +108,17 @@ def test_a_short_answer_is_scored_beside_a_long_claims_job(bounded) -> None:
 
     async def go() -> tuple[list[str], dict, dict]:
         finished: list[str] = []
-        async with httpx.AsyncClient(base_url=f"{bounded.url}/v1", headers=headers(), timeout=REQUEST_TIMEOUT_S) as http:
+        async with httpx.AsyncClient(
+            base_url=f"{bounded.url}/v1", headers=headers(), timeout=REQUEST_TIMEOUT_S
+        ) as http:
             async def chat(name: str, messages: list, max_tokens: int, options: dict) -> dict:
-                body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "semgrad": options}
+                body = {
+                    "model": MODEL,
+                    "messages": messages,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "semgrad": options,
+                }
                 response = (await http.post("/chat/completions", json=body)).json()
                 finished.append(name)
                 return response
@@ -129,7 +146,9 @@ def test_a_client_that_leaves_drops_its_scoring(client, bounded) -> None:
     gone = len(log_lines(bounded, r"client of scoring job \d+ has gone"))
 
     async def leave_while_scored() -> None:
-        async with httpx.AsyncClient(base_url=f"{bounded.url}/v1", headers=headers(), timeout=REQUEST_TIMEOUT_S) as http:
+        async with httpx.AsyncClient(
+            base_url=f"{bounded.url}/v1", headers=headers(), timeout=REQUEST_TIMEOUT_S
+        ) as http:
             request = asyncio.create_task(http.post("/chat/completions", json=body))
             while len(log_lines(bounded, r"scoring job \d+ in 3 passes")) == passes:  # generated, now being scored
                 await asyncio.sleep(0.05)
@@ -149,7 +168,9 @@ def test_a_client_that_leaves_drops_its_scoring(client, bounded) -> None:
 
 def test_echo_with_max_tokens_0_scores_nothing(client) -> None:
     """The user receives the prompt and no generated token: nothing is scored."""
-    response = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=0, echo=True, temperature=0)
+    response = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=0, echo=True, temperature=0
+    )
     (choice,) = response.choices
     assert choice.text == "The capital of France is"
     assert semgrad_of(choice) == {"error": NOTHING_TO_SCORE}
@@ -161,13 +182,20 @@ def test_invocations_are_scored_and_need_the_api_key(bounded, default_scorer) ->
             "return_token_ids": True}  # fmt: skip
     refused = httpx.post(f"{bounded.url}/invocations", json=chat, timeout=REQUEST_TIMEOUT_S)
     assert refused.status_code == 401 and refused.json() == {"error": NOT_AUTHORIZED}
-    assert httpx.post(f"{bounded.url}/invocations", json=chat, headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 401
+    assert (
+        httpx.post(
+            f"{bounded.url}/invocations", json=chat, headers={"Authorization": "Bearer wrong"}, timeout=60
+        ).status_code
+        == 401
+    )
     body = httpx.post(f"{bounded.url}/invocations", json=chat, headers=headers(), timeout=REQUEST_TIMEOUT_S).json()
     (choice,) = body["choices"]
     assert_scored(choice["semgrad"])
     assert_equals_offline(choice["semgrad"], default_scorer, body["prompt_token_ids"], choice["token_ids"])
     completion = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-    body = httpx.post(f"{bounded.url}/invocations", json=completion, headers=headers(), timeout=REQUEST_TIMEOUT_S).json()
+    body = httpx.post(
+        f"{bounded.url}/invocations", json=completion, headers=headers(), timeout=REQUEST_TIMEOUT_S
+    ).json()
     assert_scored(body["choices"][0]["semgrad"])
     assert body["choices"][0]["token_ids"] is None  # hidden, as on /v1, unless asked for
 
@@ -180,7 +208,8 @@ def test_unscored_generating_routes_say_so(bounded) -> None:
     assert messages.json()["semgrad"] == {"error": UNSCORED["/v1/messages"]}
     assert messages.headers[NOTE_HEADER] == UNSCORED["/v1/messages"]
     batch = httpx.post(f"{bounded.url}/v1/chat/completions/batch", headers=headers(), timeout=REQUEST_TIMEOUT_S,
-                       json={"model": MODEL, "max_tokens": 8, "messages": [ask("Name a planet."), ask("Name a color.")]})  # fmt: skip
+                       json={"model": MODEL, "max_tokens": 8,
+                             "messages": [ask("Name a planet."), ask("Name a color.")]})  # fmt: skip
     assert batch.status_code == 200, batch.text
     assert batch.headers[NOTE_HEADER] == UNSCORED["/v1/chat/completions/batch"]
     assert batch.json()["semgrad"] == {"error": UNSCORED["/v1/chat/completions/batch"]}

@@ -19,7 +19,9 @@ from semgrad_serve.serving.messages import KV_PARAM
 pytestmark = pytest.mark.slow  # starts the vLLM server
 
 FIELD = f"kv_transfer_params.{KV_PARAM}"
-PROMPT_3000_WORDS = " ".join(("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000))  # 3000 tokens
+PROMPT_3000_WORDS = " ".join(
+    ("the", "river", "carries", "stones", "down", "to", "sea")[i % 7] for i in range(3000)
+)  # 3000 tokens
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +43,15 @@ def worker_rss_mib(pid: int) -> float:
 
 
 def reused(client: openai.OpenAI, question: str, **extra: Any) -> list[str]:
-    response = client.chat.completions.create(model=MODEL, messages=ask(question), max_tokens=8, temperature=0, extra_body=extra or None)
+    response = client.chat.completions.create(
+        model=MODEL, messages=ask(question), max_tokens=8, temperature=0, extra_body=extra or None
+    )
     return semgrad_of(response.choices[0])["reused"]
 
 
-def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_holding_nothing(served, client, base_url) -> None:
+def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_holding_nothing(
+    served, client, base_url
+) -> None:
     assert reused(client, "What is the capital of France?")[:1] == ["prompt_kv"]
     idle, before = kv_usage_after_probe(client, base_url), captures(base_url)
     assert (before["captures"], before["bytes"]) == (0, 0)
@@ -55,7 +61,9 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
     for i in range(12):  # the load of the issue: unscored, one token, 3000-word prompts
         forged["kv_transfer_params"][KV_PARAM] = f"foreign-{i}"
         with pytest.raises(openai.BadRequestError, match=FIELD) as refused:
-            client.chat.completions.create(model=MODEL, messages=ask(f"{i} {PROMPT_3000_WORDS}"), max_tokens=1, extra_body=forged)
+            client.chat.completions.create(
+                model=MODEL, messages=ask(f"{i} {PROMPT_3000_WORDS}"), max_tokens=1, extra_body=forged
+            )
         assert refused.value.body["param"] == FIELD
     with pytest.raises(openai.BadRequestError, match=FIELD):
         client.completions.create(model=MODEL, prompt=PROMPT_3000_WORDS, max_tokens=1, extra_body=forged)
@@ -63,15 +71,19 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
         client.responses.create(model=MODEL, input=PROMPT_3000_WORDS, max_output_tokens=16, extra_body=forged)
     # vLLM's own routes that reach the engine, which SemGrad does not score
     for path, body in (
-        ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": ask(PROMPT_3000_WORDS), "kv_transfer_params": {KV_PARAM: "x"}}),
-        ("/inference/v1/generate", {"model": MODEL, "token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 1, "extra_args": {"kv_transfer_params": {KV_PARAM: "x"}}}}),
+        ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": ask(PROMPT_3000_WORDS),
+                          "kv_transfer_params": {KV_PARAM: "x"}}),
+        ("/inference/v1/generate", {"model": MODEL, "token_ids": [1, 2, 3],
+                                    "sampling_params": {"max_tokens": 1,
+                                                        "extra_args": {"kv_transfer_params": {KV_PARAM: "x"}}}}),
     ):  # fmt: skip
         response = httpx.post(f"{base_url}{path}", json=body, timeout=REQUEST_TIMEOUT_S)
         assert response.status_code == 400 and response.json()["error"]["param"].endswith(FIELD), (path, response.text)
     # vLLM would hand this string to the engine in kv_transfer_params's place, where its scheduler calls .get on it
     with pytest.raises(openai.BadRequestError, match="vllm_xargs.kv_transfer_params must be an object"):
         client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=1,
-                                       extra_body={"semgrad": False, "vllm_xargs": {"kv_transfer_params": "x"}})  # fmt: skip
+                                       extra_body={"semgrad": False,
+                                                   "vllm_xargs": {"kv_transfer_params": "x"}})  # fmt: skip
     assert httpx.get(f"{base_url}/health", timeout=30).status_code == 200
 
     after = captures(base_url)
@@ -83,7 +95,9 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
 
     # The same key on a scored request is refused too: it can neither displace nor collide with the server's key.
     with pytest.raises(openai.BadRequestError, match=FIELD):
-        client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"kv_transfer_params": {KV_PARAM: "x"}})
+        client.chat.completions.create(
+            model=MODEL, messages=ask("Hi!"), max_tokens=4, extra_body={"kv_transfer_params": {KV_PARAM: "x"}}
+        )
     # Other kv_transfer_params go through, beside the server's own key.
     assert reused(client, "Name a planet.", kv_transfer_params={"note": "mine"})[:1] == ["prompt_kv"]
     assert reused(client, "What is the capital of Italy?")[:1] == ["prompt_kv"]
@@ -92,7 +106,9 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
 def test_a_request_whose_client_left_leaves_no_capture(client, base_url) -> None:
     """A stream abandoned after its first chunk: its route is done with the key before vLLM ends the request,
     so its capture, taken one engine step later, is refused instead of kept until it expires."""
-    stream = client.chat.completions.create(model=MODEL, messages=ask("Write a long story."), max_tokens=200, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask("Write a long story."), max_tokens=200, stream=True
+    )
     next(iter(stream))
     stream.close()
     time.sleep(2)  # vLLM aborts the request and the connector hands over its capture

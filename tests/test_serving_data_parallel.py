@@ -71,18 +71,24 @@ def test_info_shows_each_engine_and_its_scoring_cores(dp_server: RunningServer) 
     groups = [{int(c) for c in g.split(",")} for g in cpu_thread_binding(ENGINES, cores).split("|")]
     # each engine's scoring thread runs beside its own generation, on the cores the other engine generates on
     engines = [{k: v for k, v in e.items() if k != "captures"} for e in info["engines"]]
-    assert engines == [{"engine": e, "scoring_cores": sorted((set(cores) - groups[e]) or cores)} for e in range(ENGINES)]
+    assert engines == [
+        {"engine": e, "scoring_cores": sorted((set(cores) - groups[e]) or cores)} for e in range(ENGINES)
+    ]
     # each engine's capture store, and the server's as their sum
     stores = [e["captures"] for e in info["engines"]]
     assert all(s is not None and s["captures"] >= 0 and s["bytes"] >= 0 for s in stores), stores
     assert info["captures"] == {k: sum(s[k] for s in stores) for k in stores[0]}
 
 
-def test_answers_spread_over_both_engines_each_scored_equal_to_offline(dp_server: RunningServer, default_scorer) -> None:
+def test_answers_spread_over_both_engines_each_scored_equal_to_offline(
+    dp_server: RunningServer, default_scorer
+) -> None:
     before = engine_counts(dp_server.url)
 
     async def ask_all() -> list:
-        async with openai.AsyncOpenAI(base_url=f"{dp_server.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"{dp_server.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
+        ) as client:
             return await asyncio.gather(*(
                 client.chat.completions.create(model=MODEL, messages=ask(q), max_tokens=24, temperature=0,
                                                extra_body={"return_token_ids": True})
@@ -95,7 +101,9 @@ def test_answers_spread_over_both_engines_each_scored_equal_to_offline(dp_server
         assert prompt_ids == default_scorer.prompt_ids(ask(question))
         assert_scored(semgrad_of(choice))
         # scored over the prompt keys/values, band inputs and logits of the engine that generated the answer
-        assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"], ALL_REUSED)
+        assert_equals_offline(
+            semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"], ALL_REUSED
+        )
     added = [after - b for after, b in zip(engine_counts(dp_server.url), before)]
     assert added == [len(QUESTIONS) / ENGINES] * ENGINES  # round-robin over the engines
 
@@ -104,7 +112,9 @@ def test_a_router_pins_requests_to_an_engine(dp_server: RunningServer, default_s
     """vLLM's ``X-data-parallel-rank`` header picks the engine; scoring follows it. Out of range: a 400."""
     client = openai.OpenAI(base_url=f"{dp_server.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
     before = engine_counts(dp_server.url)
-    prompt = default_scorer.tokenizer.apply_chat_template(ask("What is 3 + 4?"), add_generation_prompt=True, tokenize=False)
+    prompt = default_scorer.tokenizer.apply_chat_template(
+        ask("What is 3 + 4?"), add_generation_prompt=True, tokenize=False
+    )
     for _ in range(2):
         response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, seed=5, n=2,
                                              extra_body={"return_token_ids": True},
@@ -113,7 +123,9 @@ def test_a_router_pins_requests_to_an_engine(dp_server: RunningServer, default_s
             prompt_ids, answer_ids = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
             assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, answer_ids, ALL_REUSED)
     assert [after - b for after, b in zip(engine_counts(dp_server.url), before)] == [0, 4]
-    with pytest.raises(openai.BadRequestError, match="X-data-parallel-rank 2 is out of range: this server runs 2 engines"):
+    with pytest.raises(
+        openai.BadRequestError, match="X-data-parallel-rank 2 is out of range: this server runs 2 engines"
+    ):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_headers={"X-data-parallel-rank": "2"})
 
 
@@ -126,5 +138,7 @@ def test_responses_are_recomputed_on_an_engine_and_equal_offline(dp_server: Runn
         whole = client.responses.create(model=MODEL, input=question, max_output_tokens=40, temperature=0,
                                         extra_body={"enable_response_messages": True})  # fmt: skip
         answer_ids = whole.model_extra["output_messages"][0]["tokens"]
-        assert_equals_offline(whole.model_extra["semgrad"], default_scorer, default_scorer.prompt_ids(ask(question)), answer_ids, [])
+        assert_equals_offline(
+            whole.model_extra["semgrad"], default_scorer, default_scorer.prompt_ids(ask(question)), answer_ids, []
+        )
     assert sum(engine_counts(dp_server.url)) == before + ENGINES

@@ -86,10 +86,17 @@ def test_tokens_field_adds_texts_entropies_and_logprobs_equal_to_the_offline_sco
         assert "".join(semgrad["token_texts"]).removesuffix("<|im_end|>") == choice.message.content
     # streamed: the final chunk carries the same data
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=64, temperature=0, stream=True, extra_body={"semgrad": {"tokens": True}}
+        model=MODEL,
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        stream=True,
+        extra_body={"semgrad": {"tokens": True}},
     )
     (streamed,) = [c.model_extra["semgrad"] for chunk in stream for c in chunk.choices if c.model_extra.get("semgrad")]
-    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0, extra_body={"semgrad": {"tokens": True}})
+    plain = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=64, temperature=0, extra_body={"semgrad": {"tokens": True}}
+    )
     expected = plain.choices[0].model_extra["semgrad"]
     assert streamed["token_texts"] == expected["token_texts"]
     assert streamed["token_logprobs"] == pytest.approx(expected["token_logprobs"], rel=TOKEN_REL, abs=TOKEN_ABS)
@@ -97,14 +104,22 @@ def test_tokens_field_adds_texts_entropies_and_logprobs_equal_to_the_offline_sco
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"semgrad": {}})
     assert not set(TOKEN_FIELDS) & set(response.choices[0].model_extra["semgrad"])
     with pytest.raises(openai.BadRequestError, match="unknown option 'claimz'"):
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"semgrad": {"claimz": True}})
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=4, extra_body={"semgrad": {"claimz": True}}
+        )
 
 
 def test_recent_answers_are_the_answers_the_api_returned(client, base_url, default_scorer) -> None:
     response = client.chat.completions.create(
-        model=MODEL, messages=ask(FLAGGED_QUESTION), max_tokens=FLAGGED_MAX_TOKENS, temperature=0, extra_body={"semgrad": {"tokens": True}}
+        model=MODEL,
+        messages=ask(FLAGGED_QUESTION),
+        max_tokens=FLAGGED_MAX_TOKENS,
+        temperature=0,
+        extra_body={"semgrad": {"tokens": True}},
     )
-    stream = client.chat.completions.create(model=MODEL, messages=ask("Name a planet."), max_tokens=12, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask("Name a planet."), max_tokens=12, temperature=0, stream=True
+    )
     chunks = list(stream)
     completion = client.completions.create(model=MODEL, prompt=default_scorer.tokenizer.apply_chat_template(
         ask("Name a color."), add_generation_prompt=True, tokenize=False), max_tokens=6, temperature=0)  # fmt: skip
@@ -116,20 +131,33 @@ def test_recent_answers_are_the_answers_the_api_returned(client, base_url, defau
     assert newest[0]["seq"] > newest[1]["seq"] > newest[2]["seq"]
     flagged = newest[2]
     assert flagged["question"] == FLAGGED_QUESTION and flagged["answer"] == response.choices[0].message.content
-    assert flagged["semgrad"] == without_tokens(response.choices[0].model_extra["semgrad"])  # the same object, less the tokens
-    assert flagged["semgrad"]["flagged"] is True and flagged["finish_reason"] == "length" and flagged["endpoint"] == "chat"
+    assert flagged["semgrad"] == without_tokens(
+        response.choices[0].model_extra["semgrad"]
+    )  # the same object, less the tokens
+    assert (
+        flagged["semgrad"]["flagged"] is True and flagged["finish_reason"] == "length" and flagged["endpoint"] == "chat"
+    )
     streamed = newest[1]
     assert streamed["answer"] == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed["semgrad"] == [c.choices[0].model_extra["semgrad"] for c in chunks if c.choices and c.choices[0].model_extra.get("semgrad")][0]
+    assert (
+        streamed["semgrad"]
+        == [
+            c.choices[0].model_extra["semgrad"] for c in chunks if c.choices and c.choices[0].model_extra.get("semgrad")
+        ][0]
+    )
     assert newest[0]["endpoint"] == "completions" and newest[0]["answer"] == completion.choices[0].text
     assert newest[0]["question"].endswith("Name a color.<|im_end|>\n<|im_start|>assistant\n")
 
     only_flagged = recent(base_url, flagged=1)["answers"]
     assert only_flagged and all(e["semgrad"]["flagged"] is True for e in only_flagged)
-    assert [e["seq"] for e in only_flagged] == [e["seq"] for e in recent(base_url)["answers"] if e["semgrad"].get("flagged") is True]
+    assert [e["seq"] for e in only_flagged] == [
+        e["seq"] for e in recent(base_url)["answers"] if e["semgrad"].get("flagged") is True
+    ]
     assert len(recent(base_url, limit=2)["answers"]) == 2
     assert httpx.get(f"{base_url}/v1/semgrad/recent", params={"flagged": "maybe"}, timeout=30).status_code == 400
-    unscored = client.chat.completions.create(model=MODEL, messages=ask("Unscored."), max_tokens=2, extra_body={"semgrad": False})
+    unscored = client.chat.completions.create(
+        model=MODEL, messages=ask("Unscored."), max_tokens=2, extra_body={"semgrad": False}
+    )
     assert unscored.id not in [e["completion_id"] for e in recent(base_url)["answers"]]
 
 
@@ -154,13 +182,23 @@ def test_info_describes_the_profile(base_url, default_scorer) -> None:
 def browser() -> Iterator[Any]:
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_path):
-        pytest.fail("the page test needs Debian's chromium and chromium-driver: run scripts/bootstrap.sh as root, or apt-get install chromium chromium-driver")
+        pytest.fail(
+            "the page test needs Debian's chromium and chromium-driver: run scripts/bootstrap.sh as root, or apt-get "
+            "install chromium chromium-driver"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900", "--lang=en-US"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,900",
+        "--lang=en-US",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
@@ -190,7 +228,10 @@ def screenshot(driver, width: int, path: Path, focus: Any = None) -> None:
     """The whole page at ``width`` CSS pixels (a phone's viewport below 500 px), with ``focus`` focused."""
     height = 900
     for _ in range(4):  # the viewport as tall as the page (the recent panel's height follows the viewport's)
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500})
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 500},
+        )
         driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.3)
         needed = driver.execute_script("return document.documentElement.scrollHeight")
@@ -238,7 +279,11 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
         question.send_keys(text)
         question.send_keys(Keys.ENTER)
         card = wait_for(lambda: by_css(".answer")[before:], 30, "the answer card")[0]
-        wait_for(lambda: card.get_attribute("data-state") != "streaming", ANSWER_TIMEOUT_S, "the streamed answer and its scores")
+        wait_for(
+            lambda: card.get_attribute("data-state") != "streaming",
+            ANSWER_TIMEOUT_S,
+            "the streamed answer and its scores",
+        )
         assert card.get_attribute("data-state") == "done", card.text
         entry = entry_of(base_url, card.get_attribute("data-completion-id"))
         answer = card.find_element(By.CSS_SELECTOR, ".answer-text").get_attribute("textContent")
@@ -248,12 +293,17 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
 
     def check_verdict(card, sg: dict[str, Any]) -> None:
         """The badge, the bar and its number show the answer's scores."""
-        assert card.find_element(By.CSS_SELECTOR, ".verdict .badge").text == ("Flagged" if sg["flagged"] else "Not flagged")
+        assert card.find_element(By.CSS_SELECTOR, ".verdict .badge").text == (
+            "Flagged" if sg["flagged"] else "Not flagged"
+        )
         assert card.get_attribute("data-flag") == str(sg["flagged"]).lower()
         meter = card.find_element(By.CSS_SELECTOR, ".meter")
         number = card.find_element(By.CSS_SELECTOR, ".meter-number").text
         if sg.get("confidence") is not None:
-            assert float(meter.get_attribute("aria-valuenow")) == sg["confidence"] and number == f"{sg['confidence'] * 100:.0f}%"
+            assert (
+                float(meter.get_attribute("aria-valuenow")) == sg["confidence"]
+                and number == f"{sg['confidence'] * 100:.0f}%"
+            )
         else:  # the score relative to the threshold, labelled as not a probability
             ratio = sg["score"] / sg["threshold"]
             assert float(meter.get_attribute("aria-valuenow")) == pytest.approx(ratio, rel=1e-12)
@@ -281,11 +331,23 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
 
     # raw scores and profile, one click away
     click(buttons["Scores & profile"])
-    cells = {td.find_element(By.XPATH, "preceding-sibling::th").text: float(td.get_attribute("data-value")) for td in by_css(".scores td[data-value]", card)}
-    for label, key in (("SemGrad", "semgrad"), ("ParaGrad", "paragrad"), ("HybridGrad", "hybridgrad"), ("Mean entropy (nats)", "mean_entropy"), ("Threshold", "threshold")):
+    cells = {
+        td.find_element(By.XPATH, "preceding-sibling::th").text: float(td.get_attribute("data-value"))
+        for td in by_css(".scores td[data-value]", card)
+    }
+    for label, key in (
+        ("SemGrad", "semgrad"),
+        ("ParaGrad", "paragrad"),
+        ("HybridGrad", "hybridgrad"),
+        ("Mean entropy (nats)", "mean_entropy"),
+        ("Threshold", "threshold"),
+    ):
         assert cells[label] == sg[key], label
     profile_text = card.find_element(By.CSS_SELECTOR, ".panel.scores").text
-    assert "last <|im_start|> in the prompt" in profile_text and f"{default_scorer.band.start}–{default_scorer.band.stop - 1}" in profile_text
+    assert (
+        "last <|im_start|> in the prompt" in profile_text
+        and f"{default_scorer.band.start}–{default_scorer.band.stop - 1}" in profile_text
+    )
 
     # token heat: the same greedy answer through the API, with its token ids, for the reference values
     replay = client.chat.completions.create(
@@ -296,7 +358,10 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     api = replay.choices[0].model_extra["semgrad"]
     click(buttons["Token heat"])
     tokens = by_css(".heat-tokens .tok", card)
-    data = [json.loads(driver.execute_script("return JSON.stringify(Object.assign({}, arguments[0].dataset))", t)) for t in tokens]
+    data = [
+        json.loads(driver.execute_script("return JSON.stringify(Object.assign({}, arguments[0].dataset))", t))
+        for t in tokens
+    ]
     texts = [d["text"] for d in data]
     entropies, logprobs = [float(d["entropy"]) for d in data], [float(d["logprob"]) for d in data]
     assert texts == api["token_texts"] and "".join(texts) == answer + ("<|im_end|>" if sg["stop_token"] else "")
@@ -310,7 +375,10 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     hottest = max(range(len(tokens)), key=lambda i: entropies[i])
     ActionChains(driver).move_to_element(tokens[hottest]).perform()
     wait_for(tooltip.is_displayed, 5, "the token tooltip")
-    assert f"log p = {logprobs[hottest]:.4f}" in tooltip.text and f"entropy = {entropies[hottest]:.4f} nats" in tooltip.text
+    assert (
+        f"log p = {logprobs[hottest]:.4f}" in tooltip.text
+        and f"entropy = {entropies[hottest]:.4f} nats" in tooltip.text
+    )
     assert json.dumps(texts[hottest]) in tooltip.text
     click(tokens[0])  # the arrow keys move along the tokens, the tooltip follows
     ActionChains(driver).send_keys(Keys.ARROW_RIGHT).perform()
@@ -318,14 +386,26 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     assert f"log p = {logprobs[1]:.4f}" in tooltip.text and f"entropy = {entropies[1]:.4f} nats" in tooltip.text
 
     # recent answers: this answer on top, then the flagged filter
-    items = wait_for(lambda: by_css(f'#recent-list li[data-completion-id="{entry["completion_id"]}"]'), 30, "the answer in the recent panel")
+    items = wait_for(
+        lambda: by_css(f'#recent-list li[data-completion-id="{entry["completion_id"]}"]'),
+        30,
+        "the answer in the recent panel",
+    )
     assert items[0].find_element(By.CSS_SELECTOR, ".q").text == PAGE_QUESTION
     assert items[0].find_element(By.CSS_SELECTOR, ".badge").text == badge
     click(driver.find_element(By.ID, "refresh"))  # the replay above came after the page's last refresh
     newest = recent(base_url)["answers"][0]["completion_id"]
-    wait_for(lambda: by_css("#recent-list li")[0].get_attribute("data-completion-id") == newest, 30, "the newest answer on top")
+    wait_for(
+        lambda: by_css("#recent-list li")[0].get_attribute("data-completion-id") == newest,
+        30,
+        "the newest answer on top",
+    )
     click(driver.find_element(By.ID, "flagged-only"))
-    wait_for(lambda: driver.find_element(By.ID, "recent-list").get_attribute("data-filter") == "flagged", 30, "the flagged filter")
+    wait_for(
+        lambda: driver.find_element(By.ID, "recent-list").get_attribute("data-filter") == "flagged",
+        30,
+        "the flagged filter",
+    )
     if driver.find_element(By.ID, "recent-more").is_displayed():
         click(driver.find_element(By.ID, "recent-more"))
         wait_for(lambda: not driver.find_element(By.ID, "recent-more").is_displayed(), 30, "all flagged answers")
@@ -341,12 +421,20 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     assert flagged_entry["completion_id"] in shown and entry["completion_id"] not in shown
     assert all(b.text == "Flagged" for b in by_css("#recent-list .badge"))
     click(driver.find_element(By.ID, "flagged-only"))
-    wait_for(lambda: driver.find_element(By.ID, "recent-list").get_attribute("data-filter") == "all", 30, "all recent answers")
+    wait_for(
+        lambda: driver.find_element(By.ID, "recent-list").get_attribute("data-filter") == "all",
+        30,
+        "all recent answers",
+    )
 
     # the counters are /metrics'
     def counters_match() -> bool:
         counts = metrics(base_url)
-        names = {"c-scored": "semgrad_answers_scored_total", "c-flagged": "semgrad_answers_flagged_total", "c-errors": "semgrad_scoring_errors_total"}
+        names = {
+            "c-scored": "semgrad_answers_scored_total",
+            "c-flagged": "semgrad_answers_flagged_total",
+            "c-errors": "semgrad_scoring_errors_total",
+        }
         if all(driver.find_element(By.ID, i).get_attribute("data-value") == f"{counts[n]:g}" for i, n in names.items()):
             return True
         click(driver.find_element(By.ID, "refresh"))
@@ -365,16 +453,22 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     synthetic = {
         **without_tokens(sg), "flagged": True, "confidence": 0.31,
         "claims": [
-            {"text": "Herman Melville wrote Moby-Dick.", "token_start": 0, "token_end": 8, "semgrad": 3e-5, "paragrad": 1e-5, "hybridgrad": 2e-5, "confidence": 0.86, "flagged": False},
-            {"text": "It came out in 1852.", "token_start": 8, "token_end": 15, "semgrad": 2e-4, "paragrad": 1e-4, "hybridgrad": 1.5e-4, "confidence": 0.12, "flagged": True},
+            {"text": "Herman Melville wrote Moby-Dick.", "token_start": 0, "token_end": 8,
+             "semgrad": 3e-5, "paragrad": 1e-5, "hybridgrad": 2e-5, "confidence": 0.86, "flagged": False},
+            {"text": "It came out in 1852.", "token_start": 8, "token_end": 15,
+             "semgrad": 2e-4, "paragrad": 1e-4, "hybridgrad": 1.5e-4, "confidence": 0.12, "flagged": True},
         ],
     }  # fmt: skip
     card_id = driver.execute_script("return window.semgradPage.showAnswer(arguments[0], arguments[1], arguments[2])",
-                                    "(synthetic)", "Herman Melville wrote Moby-Dick. It came out in 1852.", synthetic)  # fmt: skip
+                                    "(synthetic)", "Herman Melville wrote Moby-Dick. It came out in 1852.",
+                                    synthetic)  # fmt: skip
     card = driver.find_element(By.ID, card_id)
     assert card.find_element(By.CSS_SELECTOR, ".badge").text == "Flagged"
     meter = card.find_element(By.CSS_SELECTOR, ".meter")
-    assert meter.get_attribute("aria-valuenow") == "0.31" and card.find_element(By.CSS_SELECTOR, ".meter-number").text == "31%"
+    assert (
+        meter.get_attribute("aria-valuenow") == "0.31"
+        and card.find_element(By.CSS_SELECTOR, ".meter-number").text == "31%"
+    )
     assert "probability that the answer is correct" in card.find_element(By.CSS_SELECTOR, ".meter-caption").text
     click([b for b in by_css(".tools button", card) if b.text == "Claims"][0])
     claims = by_css(".claim", card)

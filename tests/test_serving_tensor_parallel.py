@@ -80,7 +80,13 @@ def test_two_workers_score_like_one(tp_url: str, tiny_dir: Path) -> None:
     for question in ("What is the capital of France?", f"{LONG_CONTEXT}\nHow many crates does district 3 store?"):
         messages = ask(question)
         response = client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=12, temperature=1.0, seed=3, n=2, extra_body={"return_token_ids": True}
+            model=MODEL,
+            messages=messages,
+            max_tokens=12,
+            temperature=1.0,
+            seed=3,
+            n=2,
+            extra_body={"return_token_ids": True},
         )
         prompt_ids = response.model_extra["prompt_token_ids"]
         assert prompt_ids == scorer.prompt_ids(messages)

@@ -72,10 +72,20 @@ def vllm_layout(model: torch.nn.Module) -> SimpleNamespace:
         )
     embed = linear(_padded(model.model.embed_tokens.weight))
     head = embed if model.config.tie_word_embeddings else linear(_padded(model.lm_head.weight))
-    return SimpleNamespace(model=SimpleNamespace(embed_tokens=embed, layers=layers, norm=model.model.norm), lm_head=head)
+    return SimpleNamespace(
+        model=SimpleNamespace(embed_tokens=embed, layers=layers, norm=model.model.norm), lm_head=head
+    )
 
 
-LLAMA_LAYOUTS = ("llama-tied", "llama3-untied", "mistral-window", "qwen2-tied", "qwen2-window-untied", "qwen3-untied", "qwen3-tied")
+LLAMA_LAYOUTS = (
+    "llama-tied",
+    "llama3-untied",
+    "mistral-window",
+    "qwen2-tied",
+    "qwen2-window-untied",
+    "qwen3-untied",
+    "qwen3-tied",
+)
 
 
 @pytest.mark.parametrize("family", [p for p in FAMILY_PARAMS if p.values[0] in LLAMA_LAYOUTS])
@@ -206,7 +216,9 @@ def test_claims_are_asked_for_per_request() -> None:
     _, client, _ = service_and_client(score)
 
     async def go() -> list[list[dict]]:
-        return await asyncio.gather(client.score(None, [([1], [1]), ([2], [1])], claims=True), client.score(None, [([3], [1])]))
+        return await asyncio.gather(
+            client.score(None, [([1], [1]), ([2], [1])], claims=True), client.score(None, [([3], [1])])
+        )
 
     asyncio.run(go())
     assert {k: w is not None for k, w in score.claims.items()} == {1: True, 2: True, 3: False}
@@ -235,7 +247,9 @@ def recording_service(score, store: CaptureStore, lanes: int = 2):
     service = ScoringService(score, store, 8, cores=set(), plan=three_windows_from_50, lanes=lanes)
     batches: list = []
     original = service._score_pieces
-    service._score_pieces = lambda pieces, given: batches.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
+    service._score_pieces = lambda pieces, given: (
+        batches.append([p.pairs[0][0][0] for p in pieces]) or original(pieces, given)
+    )
     return service, ScoringClient(service.address, service.authkey, secret=b"test-secret"), batches
 
 
@@ -308,7 +322,9 @@ def test_a_failing_request_does_not_sink_its_batch() -> None:
     marked = SimpleNamespace(decode=lambda ids: TEST_FAULT_MARKER if 4 in ids else "a prompt")
     fake, store = FakeScore(), SignalledStore()
     _, client, batches = service_and_client(with_test_faults(fake, marked), store)
-    results = score_behind_a_held_batch(client, fake, store, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])])
+    results = score_behind_a_held_batch(
+        client, fake, store, [(None, [0]), (None, [1]), (None, [-1]), (None, [3]), (None, [4])]
+    )
     assert batches == [[100], [0, 1, -1, 3, 4], [0], [1], [-1], [3], [4]]
     assert [r[0].get("semgrad") for r in results] == [0, 1, None, 3, None]
     assert "scoring failed: boom" in results[2][0]["error"] and "injected" in results[4][0]["error"]
@@ -334,7 +350,12 @@ def test_answers_use_their_requests_capture_and_recompute_without_one(monkeypatc
         await late
         assert batches == [[5, 5]] and not never.done()
         monkeypatch.setattr(scoring_service, "CAPTURE_WAIT_S", 0.0)  # the wait for a capture is over
-        return [late.result(), await never, await client.score("other-prompt", [([7], [1])]), await client.score("no-kv", [([4], [1])])]
+        return [
+            late.result(),
+            await never,
+            await client.score("other-prompt", [([7], [1])]),
+            await client.score("no-kv", [([4], [1])]),
+        ]
 
     late, never, other, no_kv = asyncio.run(go())
     assert [r["semgrad"] for r in late] == [1005, 1005] and never[0]["semgrad"] == 6
@@ -382,7 +403,10 @@ def test_answers_get_an_error_when_the_service_is_gone() -> None:
     assert score_concurrently(client, [(None, [2])]) == [[{"semgrad": 2.0}]]
     with socket.socket(fileno=os.dup(service._conn.fileno())) as worker_end:
         worker_end.shutdown(socket.SHUT_RDWR)  # the worker's end of the connection goes away
-    assert score_concurrently(client, [(None, [3]), (None, [4, 5])]) == [[{"error": SERVICE_GONE}], [{"error": SERVICE_GONE}] * 2]
+    assert score_concurrently(client, [(None, [3]), (None, [4, 5])]) == [
+        [{"error": SERVICE_GONE}],
+        [{"error": SERVICE_GONE}] * 2,
+    ]
 
 
 # -- settings, reports, the serve command -------------------------------------------------------------
@@ -449,9 +473,14 @@ def test_serve_with_tensor_parallelism_binds_each_cpu_worker(monkeypatch) -> Non
 
     args = build_parser().parse_args(["serve", "-tp", "2", "--", "--pipeline-parallel-size", "1"])
     command = server_command(args, Path("/m/tiny"), on_cpu=True)
-    assert command[command.index("--tensor-parallel-size") + 1] == "2" and command[-2:] == ["--pipeline-parallel-size", "1"]
+    assert command[command.index("--tensor-parallel-size") + 1] == "2" and command[-2:] == [
+        "--pipeline-parallel-size",
+        "1",
+    ]
     assert tensor_parallel_size(args) == 2
-    assert tensor_parallel_size(build_parser().parse_args(["serve", "--", "--tensor-parallel-size=3"])) == 3  # vLLM's wins
+    assert (
+        tensor_parallel_size(build_parser().parse_args(["serve", "--", "--tensor-parallel-size=3"])) == 3
+    )  # vLLM's wins
     assert cpu_thread_binding(2, [0, 1]) == "0|1"
     assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
     with pytest.raises(SemgradError, match="needs a core per worker; this machine gives 1"):
@@ -498,7 +527,10 @@ def test_serve_on_a_gpu_keeps_the_scoring_reserve_outside_vllm() -> None:
         (["serve", "--", "-pp=2"], "does not support pipeline parallelism"),
         (["serve", "--", "--api-server-count", "2"], "needs one API server"),
         (["serve", "--data-parallel-size", "0"], "--data-parallel-size must be at least 1"),
-        (["serve", "--", "--tensor-parallel-size", "2"], "9 attention heads do not split over 2 ranks"),  # vLLM's spelling
+        (
+            ["serve", "--", "--tensor-parallel-size", "2"],
+            "9 attention heads do not split over 2 ranks",
+        ),  # vLLM's spelling
         (["serve", "--", "-tp=x"], "-tp needs a whole number, got 'x'"),
         (["serve", "--tensor-parallel-size", "0"], "at least 1"),
         (["serve", "--tensor-parallel-size", "2"], "9 attention heads do not split over 2 ranks"),  # SmolLM2
@@ -516,7 +548,9 @@ def test_a_foreign_kv_connector_is_refused_and_none_means_recompute() -> None:
 
     assert capture_state(None) is False
     assert capture_state(SimpleNamespace(kv_connector=None, kv_connector_module_path=None)) is False
-    assert capture_state(SimpleNamespace(kv_connector="SemgradCaptureConnector", kv_connector_module_path=CAPTURE_CONNECTOR_MODULE))
+    assert capture_state(
+        SimpleNamespace(kv_connector="SemgradCaptureConnector", kv_connector_module_path=CAPTURE_CONNECTOR_MODULE)
+    )
     with pytest.raises(SemgradError, match="drop --kv-transfer-config"):
         capture_state(SimpleNamespace(kv_connector="LMCacheConnectorV1", kv_connector_module_path=None))
 
@@ -531,7 +565,12 @@ def test_passes_merge_into_one_report_per_answer() -> None:
     assert [(p.answers, p.windows) for p in job.pieces] == [
         ([0], [range(0, 1)]), ([0], [range(1, 2)]), ([1], [range(0, 1)]), ([1], [range(1, 3)])
     ]
-    reports = [{"semgrad": 1.0, "claims": ["a"]}, {"semgrad": 9.0, "claims": ["b"]}, {"error": "boom"}, {"semgrad": 3.0, "claims": ["c"]}]
+    reports = [
+        {"semgrad": 1.0, "claims": ["a"]},
+        {"semgrad": 9.0, "claims": ["b"]},
+        {"error": "boom"},
+        {"semgrad": 3.0, "claims": ["c"]},
+    ]
     for piece, report in zip(list(job.pieces), reports):
         merge(job, piece, [report])
     assert job.reports == [{"semgrad": 1.0, "claims": ["a", "b"]}, {"error": "boom"}] and job.left == 0

@@ -83,7 +83,9 @@ def test_paragrad_tied_matches_naive_differentiation_of_the_shared_matrix(family
         expected = naive_paragrad_tied(model, prompt, answer)
         assert result.paragrad_tied == pytest.approx(expected, rel=1e-9, abs=0), name
         assert result.paragrad_tied != pytest.approx(result.paragrad, rel=1e-3)  # the lookup path adds to it
-        assert result.paragrad == pytest.approx(naive_scores(model, prompt, answer, len(prompt) - 3, scorer.band)["paragrad"], rel=1e-9)
+        assert result.paragrad == pytest.approx(
+            naive_scores(model, prompt, answer, len(prompt) - 3, scorer.band)["paragrad"], rel=1e-9
+        )
 
 
 def test_paragrad_tied_is_off_by_default_and_refused_for_untied_models() -> None:
@@ -94,7 +96,10 @@ def test_paragrad_tied_is_off_by_default_and_refused_for_untied_models() -> None
         tiny_scorer(model, paragrad_tied=True)
     assert str(err.value) == UNTIED and "\n" not in UNTIED
     doc = {"name": "p", "t_star": {"token": "<7>"}, "paragrad_tied": True}
-    assert ModelProfile.from_dict(doc).paragrad_tied and not ModelProfile.from_dict({**doc, "paragrad_tied": False}).paragrad_tied
+    assert (
+        ModelProfile.from_dict(doc).paragrad_tied
+        and not ModelProfile.from_dict({**doc, "paragrad_tied": False}).paragrad_tied
+    )
 
 
 def test_given_answer_text_is_complete_unless_turned_off(default_scorer) -> None:
@@ -105,7 +110,9 @@ def test_given_answer_text_is_complete_unless_turned_off(default_scorer) -> None
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     counted, plain = scorer.score([(prompt, scorer.answer_ids("Paris.")), (prompt, scorer.answer_ids("Paris.", False))])
     assert counted.stop_token and not plain.stop_token and counted.answer_tokens == plain.answer_tokens + 1
-    assert counted.token_logprobs[:-1] == pytest.approx(plain.token_logprobs, rel=1e-4)  # same text tokens, one more scored
+    assert counted.token_logprobs[:-1] == pytest.approx(
+        plain.token_logprobs, rel=1e-4
+    )  # same text tokens, one more scored
 
 
 def test_eos_ids_and_the_tokens_a_stop_string_leaves(default_scorer) -> None:

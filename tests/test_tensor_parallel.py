@@ -155,7 +155,10 @@ def check_case(rank: int, group, family: str, changes: dict) -> None:
     # a prompt prefix shared by every item, its keys/values computed once (on the shards)
     head = [(7 * i + 3) % 64 for i in range(9)]
     shared = [PreparedItem(tuple(head + p), tuple(a), len(head) + t) for p, a, t in random_items(3, seed=11)]
-    both(shared, shared=(PrefixCache(min_tokens=4).for_batch(full, shared), PrefixCache(min_tokens=4).for_batch(w, shared)))
+    both(
+        shared,
+        shared=(PrefixCache(min_tokens=4).for_batch(full, shared), PrefixCache(min_tokens=4).for_batch(w, shared)),
+    )
     # the prompt's keys/values given (each rank reads its own heads from its KV cache)
     triples = random_items(4, seed=21)
     items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
@@ -173,7 +176,11 @@ def check_rank_sync(rank: int, group) -> None:
     plan = ([(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [2]) if rank == 0 else None
     assert rank_sync.share_plan(group, plan) == ([(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [2])
     kv, x, z = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
-    mine = [Given(kv, x, z), Given(kv), Given(), Given(kv)] if rank == 0 else [Given(kv, x), Given(kv, x), Given(), Given(kv)]
+    mine = (
+        [Given(kv, x, z), Given(kv), Given(), Given(kv)]
+        if rank == 0
+        else [Given(kv, x), Given(kv, x), Given(), Given(kv)]
+    )
     agreed = rank_sync.agree(group, mine)
     assert [rank_sync.given_kind(g) for g in agreed] == [2, 0, 0, 1]
     assert agreed[0].band_inputs is x and all(g.logits is None for g in agreed)

@@ -31,10 +31,12 @@ if __name__ == "__main__":
     model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
     weights = from_vllm_model(model, llm.llm_engine.model_config.hf_config)
     served = Scorer(weights, offline.tokenizer, offline.profile, exgrad=False)
-    pairs = [(offline.prompt_ids([{"role": "user", "content": "word " * n + "?"}]), [(n * 37 + k) % 49152 for k in range(7)])
+    pairs = [(offline.prompt_ids([{"role": "user", "content": "word " * n + "?"}]),
+              [(n * 37 + k) % 49152 for k in range(7)])
              for n in (5, 40, 70)]
     out = {"packed": any(l.moe.gate_up.dim() == 4 for l in weights.layers if l.moe is not None),
-           "served": [served.report(r) for r in served.score(pairs)], "offline": [offline.report(r) for r in offline.score(pairs)]}
+           "served": [served.report(r) for r in served.score(pairs)],
+           "offline": [offline.report(r) for r in offline.score(pairs)]}
     print("RESULT " + json.dumps(out, default=str))
 """
 
@@ -46,7 +48,9 @@ def test_vllm_modules_score_as_transformers(family: str, tmp_path: Path) -> None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     script = tmp_path / "view.py"
     script.write_text(CHILD)
-    run = subprocess.run([sys.executable, str(script), str(model_dir)], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(script), str(model_dir)], capture_output=True, text=True, env=env, timeout=600
+    )
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))

@@ -63,7 +63,9 @@ FAMILIES = {
     "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config(**COMMON, tie_word_embeddings=True)),
     "qwen2-window-untied": (
         Qwen2ForCausalLM,
-        Qwen2Config(**COMMON, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5, max_window_layers=3),
+        Qwen2Config(
+            **COMMON, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5, max_window_layers=3
+        ),
     ),
     "qwen3-untied": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=False)),
     "qwen3-tied": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=True)),
@@ -89,7 +91,13 @@ FAMILIES = {
             head_dim=16,
             query_pre_attn_scalar=24,
             sliding_window=5,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            layer_types=[
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+            ],
             rope_parameters={
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -165,9 +173,18 @@ FAMILIES["phi3-short"] = (
     ),
 )
 # Between them every feature above: the fast subset (-m "not slow") runs the per-family tests on these only.
-FAST_FAMILIES = ("llama3-untied", "qwen2-window-untied", "qwen3-tied", "gemma2-softcap", "phi3-longrope", "qwen2-moe-shared")
+FAST_FAMILIES = (
+    "llama3-untied",
+    "qwen2-window-untied",
+    "qwen3-tied",
+    "gemma2-softcap",
+    "phi3-longrope",
+    "qwen2-moe-shared",
+)
 FAMILY_PARAMS = [
-    pytest.param(name, marks=() if name in FAST_FAMILIES else pytest.mark.slow) for name in FAMILIES if name != "phi3-short"
+    pytest.param(name, marks=() if name in FAST_FAMILIES else pytest.mark.slow)
+    for name in FAMILIES
+    if name != "phi3-short"
 ]
 # for tests that give scoring states computed from a prompt alone (as vLLM's cache holds them)
 GIVEN_STATE_PARAMS = [

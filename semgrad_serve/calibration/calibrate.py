@@ -73,7 +73,8 @@ class Calibration:
             "positions": self.table.offsets,
             "position_tokens": self.labels,
             "t_star_position": self.t_star_offset,
-            "t_star_rule": "template position (same token in every prompt) with the highest mean SPS over the upper half of layers",
+            "t_star_rule": "template position (same token in every prompt) with the highest mean SPS over the upper "
+            "half of layers",
             "band_rule": "span of hidden-state indices 1..L-1 whose SPS at t* is at least half height",
             "upper_half_mean_sps": [round(float(x), 4) for x in sps[rows].mean(0)],
             "sps": [[round(float(x), 4) for x in row] for row in sps],
@@ -85,7 +86,9 @@ def calibrate(
     batch_size: int = 16, progress: bool = True,
 ) -> Calibration:
     check_positions(n_positions)
-    prompt_groups = [[chat_prompt_ids(tokenizer, paper_messages(q)) for q in [query, *paras]] for query, paras in groups]
+    prompt_groups = [
+        [chat_prompt_ids(tokenizer, paper_messages(q)) for q in [query, *paras]] for query, paras in groups
+    ]
     shortest = min(len(p) for g in prompt_groups for p in g)
     if shortest < n_positions:
         raise SemgradError(f"the shortest prompt has {shortest} tokens, fewer than the {n_positions} positions to scan")
@@ -104,9 +107,15 @@ def calibrate(
 
 def build_profile(base: ModelProfile | None, config: Any, cal: Calibration, source: str) -> ModelProfile:
     """The calibrated profile: t* rule and band from the scan, no threshold (``eval`` chooses one)."""
-    match = dict(base.match) if base is not None and base.match else {
-        k: getattr(config, k) for k in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size") if hasattr(config, k)
-    }
+    match = (
+        dict(base.match)
+        if base is not None and base.match
+        else {
+            k: getattr(config, k)
+            for k in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
+            if hasattr(config, k)
+        }
+    )
     summary = {"paraphrases": source, "date": datetime.date.today().isoformat(), **cal.summary()}
     name = f"{base.name if base is not None else getattr(config, 'model_type', 'model')}-calibrated"
     return ModelProfile(
@@ -140,7 +149,9 @@ def plot_heatmap(cal: Calibration, path: str | Path, title: str = "") -> None:
     first, last = cal.band
     for ax, (name, cols) in zip(axes[0], panels):
         data = sps[:, cols]
-        image = ax.imshow(data, origin="lower", aspect="auto", cmap="viridis", vmin=float(data.min()), vmax=float(data.max()))
+        image = ax.imshow(
+            data, origin="lower", aspect="auto", cmap="viridis", vmin=float(data.min()), vmax=float(data.max())
+        )
         ax.set_xticks(range(len(cols)))
         ax.set_xticklabels([f"{cal.table.offsets[c]}\n{_pretty(cal.labels[c])}" for c in cols], fontsize=7)
         ax.set_yticks(range(0, n_rows, 2))
@@ -155,8 +166,11 @@ def plot_heatmap(cal: Calibration, path: str | Path, title: str = "") -> None:
     rule = cal.rule
     fig.suptitle(title or "SPS = S_within − S_across", fontsize=10)
     fig.text(
-        0.01, 0.01, f"SPS = S_within − S_across (cosine). t* = last {_pretty(rule.token)}{'' if rule.offset == 0 else f' {rule.offset:+d}'} "
-        f"(position {cal.t_star_offset}); band = hidden states {first}..{last} (red box).",
+        0.01,
+        0.01,
+        "SPS = S_within − S_across (cosine). t* = last "
+        f"{_pretty(rule.token)}{'' if rule.offset == 0 else f' {rule.offset:+d}'} (position {cal.t_star_offset}); band "
+        f"= hidden states {first}..{last} (red box).",
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.03, 1, 1))

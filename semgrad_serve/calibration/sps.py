@@ -53,7 +53,9 @@ class SPSAccumulator:
             self.within_pairs_dot = torch.zeros_like(pair_dot)
             self.group_mean_sum = torch.zeros_like(pair_dot)
         elif g.shape != self.total.shape:
-            raise SemgradError(f"group states {tuple(states.shape[1:])} do not match earlier ones {tuple(self.total.shape)}")
+            raise SemgradError(
+                f"group states {tuple(states.shape[1:])} do not match earlier ones {tuple(self.total.shape)}"
+            )
         self.total += g
         self.self_dot += self_dot
         self.within_pairs_dot += pair_dot
@@ -166,7 +168,9 @@ def position_labels(prompts: Sequence[Sequence[int]], n_positions: int, id_to_to
 # -- hidden states of prompts ----------------------------------------------------------------------
 
 
-def prompt_tail_states(model: Any, prompts: Sequence[Sequence[int]], n_positions: int, batch_size: int = 16) -> torch.Tensor:
+def prompt_tail_states(
+    model: Any, prompts: Sequence[Sequence[int]], n_positions: int, batch_size: int = 16
+) -> torch.Tensor:
     """Hidden states [len(prompts), L + 1, n_positions, d] of the last ``n_positions`` prompt tokens.
 
     Index 0 is the embedding output, index i the residual stream after layer i, before the final norm (SPEC).

@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     prompt = scorer.prompt_ids([{"role": "user", "content": args.question}])
     ids = torch.tensor([prompt], device=scorer.weights.device)
     with torch.no_grad():
-        out = scorer.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False)
+        out = scorer.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False
+        )
     answer = out[0, len(prompt) :].tolist()  # ends on the EOS token when generation stopped on it
     if not args.stop_token:
         answer = scorer.without_stop_token(answer)
@@ -37,5 +39,22 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(result, ItemError):
         raise SemgradError(str(result))
     report = scorer.report(result)
-    print(json.dumps({k: report[k] for k in (*SCORE_NAMES, "answer_tokens", "stop_token", "score", "threshold", "confidence", "min_confidence", "flagged")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    *SCORE_NAMES,
+                    "answer_tokens",
+                    "stop_token",
+                    "score",
+                    "threshold",
+                    "confidence",
+                    "min_confidence",
+                    "flagged",
+                )
+            },
+            indent=2,
+        )
+    )
     return 0

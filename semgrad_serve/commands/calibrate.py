@@ -11,12 +11,22 @@ from .common import add_model_arguments, device_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, profile=False)
-    parser.add_argument("--paraphrases", required=True, metavar="FILE.jsonl", help='lines {"query": str, "paraphrases": [str, ...]}')
+    parser.add_argument(
+        "--paraphrases", required=True, metavar="FILE.jsonl", help='lines {"query": str, "paraphrases": [str, ...]}'
+    )
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N queries only")
-    parser.add_argument("--positions", type=int, default=10, metavar="K", help="last K prompt positions to scan (≥ 8; default: 10)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per forward pass (default: 16)")
-    parser.add_argument("--base-profile", metavar="FILE", help="profile whose name, match and score to keep (default: the built-in one)")
-    parser.add_argument("--out", default="profile.json", metavar="PROFILE.json", help="profile to write (default: profile.json)")
+    parser.add_argument(
+        "--positions", type=int, default=10, metavar="K", help="last K prompt positions to scan (≥ 8; default: 10)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, metavar="N", help="prompts per forward pass (default: 16)"
+    )
+    parser.add_argument(
+        "--base-profile", metavar="FILE", help="profile whose name, match and score to keep (default: the built-in one)"
+    )
+    parser.add_argument(
+        "--out", default="profile.json", metavar="PROFILE.json", help="profile to write (default: profile.json)"
+    )
     parser.add_argument("--heatmap", metavar="PNG", help="heatmap to write (default: the profile path with .png)")
 
 
@@ -29,7 +39,15 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.calibrate import run_calibration
 
     profile, cal, png = run_calibration(
-        args.model, args.paraphrases, args.limit, args.positions, args.batch_size, args.out, args.heatmap, args.dtype, args.base_profile,
+        args.model,
+        args.paraphrases,
+        args.limit,
+        args.positions,
+        args.batch_size,
+        args.out,
+        args.heatmap,
+        args.dtype,
+        args.base_profile,
         device,
     )
     rule = profile.t_star

@@ -19,13 +19,23 @@ from .common import add_convention_arguments, add_model_arguments, check_output_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, kernels=True)
     add_convention_arguments(parser)
-    parser.add_argument("--input", required=True, metavar="IN.jsonl", help='lines {"question", "answer"} or {"messages", "answer"}')
-    parser.add_argument("--output", required=True, metavar="OUT.jsonl")
-    parser.add_argument("--claims", action="store_true", help="also score each sentence of the answer on its own (\"claims\")")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="most answers per backward pass (default: 8)")
     parser.add_argument(
-        "--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, metavar="N",
-        help=f"most tokens per backward pass, padding included; a longer item goes alone (default: {DEFAULT_BATCH_TOKENS})",
+        "--input", required=True, metavar="IN.jsonl", help='lines {"question", "answer"} or {"messages", "answer"}'
+    )
+    parser.add_argument("--output", required=True, metavar="OUT.jsonl")
+    parser.add_argument(
+        "--claims", action="store_true", help='also score each sentence of the answer on its own ("claims")'
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="most answers per backward pass (default: 8)"
+    )
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=DEFAULT_BATCH_TOKENS,
+        metavar="N",
+        help="most tokens per backward pass, padding included; a longer item goes alone (default: "
+        f"{DEFAULT_BATCH_TOKENS})",
     )
 
 
@@ -59,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
             slots.append((k, number))
         except ItemError as exc:
             outputs[k] = {"error": f"line {number}: {exc}"}
-    for (k, number), result in zip(slots, scorer.score(pairs, args.batch_size, progress=True, max_batch_tokens=args.batch_tokens, claims=args.claims)):
+    for (k, number), result in zip(
+        slots,
+        scorer.score(pairs, args.batch_size, progress=True, max_batch_tokens=args.batch_tokens, claims=args.claims),
+    ):
         outputs[k] = {"error": f"line {number}: {result}"} if isinstance(result, ItemError) else scorer.report(result)
     with open(args.output, "w", encoding="utf-8") as f:
         for out in outputs:

@@ -47,24 +47,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-parallel-size", "-dp", type=int, default=1, metavar="N",
         help="run N vLLM engines, each scoring the answers it generates (default: 1; see docs/scale-out.md)",
     )  # fmt: skip
-    parser.add_argument("--max-batch", type=int, default=ScoringSettings.max_batch, metavar="N", help="most answers per scoring batch (default: %(default)s)")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=ScoringSettings.max_batch,
+        metavar="N",
+        help="most answers per scoring batch (default: %(default)s)",
+    )
     parser.add_argument(
         "--max-claims", type=int, default=ScoringSettings.max_claims, metavar="N",
-        help="most claims (sentences) scored per answer that asks for claims; the rest get an error (default: %(default)s)",
+        help="most claims (sentences) scored per answer that asks for claims; the rest get an error (default: "
+        "%(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--claims-per-pass", type=int, default=ScoringSettings.claims_per_pass, metavar="N",
-        help="most claims of an answer scored in one pass; a client that leaves stops its scoring after a pass (default: %(default)s)",
+        help="most claims of an answer scored in one pass; a client that leaves stops its scoring after a pass "
+        "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--claim-memory", type=int, default=ScoringSettings.claim_memory_mib, metavar="MIB",
-        help="memory budget of one backward over claims, in MiB: claims beyond it wait for a backward of their own (default: %(default)s)",
+        help="memory budget of one backward over claims, in MiB: claims beyond it wait for a backward of their own "
+        "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--recent", type=int, default=ScoringSettings.recent, metavar="N",
         help="recent answers kept in memory for the page at /semgrad (default: %(default)s; 0: none)",
     )  # fmt: skip
-    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are")
+    parser.add_argument(
+        "vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are"
+    )
 
 
 def _check_model(model_dir: Path, profile: str | None, tensor_parallel: int = 1) -> None:
@@ -85,7 +96,10 @@ def _check_model(model_dir: Path, profile: str | None, tensor_parallel: int = 1)
     check_tensor_parallel(config.model_type, tensor_parallel)
     heads = config.num_attention_heads
     if heads % tensor_parallel:
-        raise SemgradError(f"--tensor-parallel-size {tensor_parallel}: the model's {heads} attention heads do not split over {tensor_parallel} ranks")
+        raise SemgradError(
+            f"--tensor-parallel-size {tensor_parallel}: the model's {heads} attention heads do not split over "
+            f"{tensor_parallel} ranks"
+        )
     if explicit is None:
         resolve_profile(config, AutoTokenizer.from_pretrained(model_dir).chat_template, model_dir, None)
 
@@ -128,7 +142,9 @@ def check_port(args: argparse.Namespace) -> None:
         try:
             probe.bind((host, int(port)))
         except OSError as exc:
-            raise SemgradError(f"cannot listen on {host} port {port}: {exc.strerror}; stop the server there or choose another --port") from None
+            raise SemgradError(
+                f"cannot listen on {host} port {port}: {exc.strerror}; stop the server there or choose another --port"
+            ) from None
         except ValueError:
             raise SemgradError(f"--port must be a whole number, not {port!r}") from None
 
@@ -249,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     check_port(args)
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.endpoint_plugins")):
-        raise SemgradError("vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)")
+        raise SemgradError(
+            "vLLM finds the SemGrad plugin through this package's entry points: install it (pip install -e .)"
+        )
     tensor_parallel = tensor_parallel_size(args)
     workers = tensor_parallel * data_parallel_size(args)
     model_dir = resolve_model(args.model).resolve()
@@ -259,5 +277,9 @@ def run(args: argparse.Namespace) -> int:
     on_cpu = not torch.cuda.is_available()
     command = server_command(args, model_dir, on_cpu, 0 if on_cpu else torch.cuda.mem_get_info()[1])
     url = server_url(args.host, args.port)
-    print(f"semgrad-serve: starting vLLM on {url}/v1 with SemGrad scoring; the page: {url}{PAGE_PATH}", file=sys.stderr, flush=True)
+    print(
+        f"semgrad-serve: starting vLLM on {url}/v1 with SemGrad scoring; the page: {url}{PAGE_PATH}",
+        file=sys.stderr,
+        flush=True,
+    )
     os.execve(sys.executable, command, server_env(settings, workers if on_cpu else 0))

@@ -55,7 +55,9 @@ class ModelProfile:
     calibration: dict[str, Any] | None = None
     paragrad_tied: bool = False  # also score the authors' tied-head ParaGrad offline (tied models; never in serving)
     dtype: str = "float32"  # the scoring dtype the threshold was fitted in (scores shift with it)
-    confidence: ConfidenceModel | None = None  # calibrated P(correct); where present it sets the flag, not ``threshold``
+    confidence: ConfidenceModel | None = (
+        None  # calibrated P(correct); where present it sets the flag, not ``threshold``
+    )
 
     def band_range(self, n_layers: int) -> range:
         """Hidden-state indices of the band: the SPEC's deeper half unless the profile fixes it."""
@@ -76,18 +78,25 @@ class ModelProfile:
         value = scores[self.score]
         if self.confidence is None:
             flagged = None if self.threshold is None else bool(value > self.threshold)
-            return {"score": value, "threshold": self.threshold, "confidence": None, "min_confidence": None, "flagged": flagged}
+            return {
+                "score": value,
+                "threshold": self.threshold,
+                "confidence": None,
+                "min_confidence": None,
+                "flagged": flagged,
+            }
         p = self.confidence.confidence_of(scores, length, result)
         return {"score": value, "threshold": self.threshold, "confidence": p,
                 "min_confidence": self.confidence.operating_point.min_confidence, "flagged": self.confidence.flagged(p)}
 
     def dtype_mismatch(self, dtype: str) -> str | None:
-        """A warning when scores in ``dtype`` would meet a threshold or confidence model fitted in another dtype, else None."""
+        """A warning when scores in ``dtype`` would meet a threshold or confidence model fitted in another dtype, else
+        None."""
         if (self.threshold is None and self.confidence is None) or dtype == self.dtype:
             return None
         return (
-            f"profile {self.name!r}: its threshold and confidence were fitted on {self.dtype} scores and these are {dtype}; "
-            f"flags may shift: refit it with `semgrad-serve eval --dtype {dtype}` or score in {self.dtype}"
+            f"profile {self.name!r}: its threshold and confidence were fitted on {self.dtype} scores and these are "
+            f"{dtype}; flags may shift: refit it with `semgrad-serve eval --dtype {dtype}` or score in {self.dtype}"
         )
 
     def to_json(self) -> str:
@@ -114,7 +123,9 @@ class ModelProfile:
                 calibration=doc.get("calibration"),
                 paragrad_tied=bool(doc.get("paragrad_tied", False)),
                 dtype=str(doc.get("dtype", "float32")),
-                confidence=None if doc.get("confidence") is None else ConfidenceModel.from_dict(doc["confidence"], source),
+                confidence=None
+                if doc.get("confidence") is None
+                else ConfidenceModel.from_dict(doc["confidence"], source),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SemgradError(f"{source}: not a valid profile ({exc.__class__.__name__}: {exc})") from None
@@ -157,7 +168,9 @@ def _matches(profile: ModelProfile, config: Any, chat_template: str) -> bool:
     return bool(profile.match)
 
 
-def resolve_profile(config: Any, chat_template: str | None, model_dir: str | Path | None, path: str | Path | None) -> ModelProfile:
+def resolve_profile(
+    config: Any, chat_template: str | None, model_dir: str | Path | None, path: str | Path | None
+) -> ModelProfile:
     """The profile to use: an explicit file, else the model directory's own, else a built-in match."""
     if path is not None:
         return ModelProfile.load(path)
