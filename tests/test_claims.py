@@ -17,6 +17,7 @@ from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring import batch as scoring
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.claims import Claim, split_claims
+from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
 
@@ -157,7 +158,8 @@ def test_claims_over_cached_and_shared_prefixes_and_head_chunks(monkeypatch) -> 
     items = claimed_items(seed=7)
     kvs = [prefix_keys_values(weights, list(it.prompt_ids), it.t_star) for it in items]
     torch_kernels = select_kernels("torch")
-    assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels, prefix_kv=kvs), band, rel=1e-9)
+    given = [Given(kv) for kv in kvs]
+    assert_claims_match_naive(model, items, score_batch(weights, items, band, torch_kernels, given=given), band, rel=1e-9)
     head = [(5 * i + 1) % 64 for i in range(6)]
     shared_items = [PreparedItem((*head, *it.prompt_ids), it.answer_ids, len(head) + it.t_star, claims=it.claims) for it in items]
     shared = PrefixCache(min_tokens=4).for_batch(weights, shared_items)

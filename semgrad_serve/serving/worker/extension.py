@@ -17,6 +17,7 @@ from typing import Any
 from ...errors import ItemError, SemgradError
 from ...model.weights import DecoderWeights
 from ...scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
+from ...scoring.given import NOTHING_GIVEN, Given
 from ...scoring.items import FLAG_SCORES, ScoreResult
 from ...scoring.profiles import resolve_profile
 from ...scoring.scorer import Scorer
@@ -32,7 +33,7 @@ from ..settings import (
     log,
 )
 from . import rank_sync
-from .captures import STORE, Given
+from .captures import STORE
 from .runner_check import check_runner
 from .scoring_service import Pair, PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
 from .step_recorder import RECORDER
@@ -45,12 +46,6 @@ SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGra
 REPORTED = (*SERVED_SCORES, "score", "threshold", "confidence", "min_confidence", "flagged", "reused", "t_star_rule")
 
 
-def reused(given: Given) -> list[str]:
-    """What of vLLM's own computation scoring reused for an answer, in data-path order."""
-    parts = ("prompt_kv", given.prefix_kv), ("band_inputs", given.band_inputs), ("logits", given.logits)
-    return [name for name, value in parts if value is not None]
-
-
 def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
     scoring took from vLLM instead of computing it (``prompt_kv``: the prompt's keys/values from its KV cache;
@@ -61,7 +56,7 @@ def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given 
         return {"error": str(result)}
     if not all(math.isfinite(v) for v in result.scores().values()):
         return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = {**scorer.report(result), "reused": reused(given or Given())}
+    report = {**scorer.report(result), "reused": (given or NOTHING_GIVEN).reused()}
     out = {key: report[key] for key in REPORTED}
     if "claims" in report:
         out["claims"] = report["claims"]
@@ -192,14 +187,12 @@ class SemgradWorkerExtension:
             RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
         def score(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
-            given = [g if rope_agrees(weights, model_config.max_model_len, len(p) + len(a)) else Given() for (p, a), g in zip(pairs, given)]
+            given = [
+                g if rope_agrees(weights, model_config.max_model_len, len(p) + len(a)) else NOTHING_GIVEN
+                for (p, a), g in zip(pairs, given)
+            ]
             results = scorer.score(
-                pairs,
-                batch_size=max(len(pairs), 1),
-                prefix_kv=[g.prefix_kv for g in given],
-                band_inputs=[g.band_inputs for g in given],
-                logits=[g.logits for g in given],
-                claims=[False if w is None else w for w in windows],
+                pairs, batch_size=max(len(pairs), 1), given=given, claims=[False if w is None else w for w in windows]
             )
             reports = [answer_report(scorer, r, g, tokens=True) for r, g in zip(results, given)]
             for (_, answer), window, report in zip(pairs, windows, reports):

@@ -52,9 +52,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ...scoring.given import NOTHING_GIVEN, Given, GivenKind
 from ..settings import log
 from . import rank_sync
-from .captures import CaptureStore, Given
+from .captures import CaptureStore
 
 CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
 SCORING_NICE = 10  # the scoring thread's nice value (Linux: per thread)
@@ -284,7 +285,7 @@ class ScoringService:
         """What a capture gives an answer (nothing without one)."""
         capture = self._store.get(key) if key is not None else None
         if capture is None or capture.prompt_ids != tuple(pair[0]):
-            return Given()
+            return NOTHING_GIVEN
         return capture.given(pair[1])
 
     def _given_all(self, pieces: list[Piece], follower: bool) -> list[list[Given]]:
@@ -295,11 +296,11 @@ class ScoringService:
             return given
         flat = [g for per_piece in given for g in per_piece]
         if not follower:
-            self._share(pieces, [rank_sync.given_kind(g) for g in flat])
+            self._share(pieces, [g.kind for g in flat])
         agreed = iter(rank_sync.agree(self._group, flat))
         return [[next(agreed) for _ in per_piece] for per_piece in given]
 
-    def _share(self, pieces: list[Piece], kinds: list[int]) -> None:
+    def _share(self, pieces: list[Piece], kinds: list[GivenKind]) -> None:
         """Rank 0: send the batch, what each answer was given here and the keys dropped since the last batch."""
         with self._arrived:
             dropped, self._dropped = self._dropped, []
@@ -313,7 +314,7 @@ class ScoringService:
             self._store.drop(key)
         pieces = [Piece(Job(job, key, pairs), list(range(len(pairs))), windows) for job, key, pairs, windows in entries]
         per_answer = [p for p in pieces for _ in p.answers]
-        wanted = [p for p, kind in zip(per_answer, kinds) if kind > 0]
+        wanted = [p for p, kind in zip(per_answer, kinds) if kind is not GivenKind.NOTHING]
         deadline = time.monotonic() + CAPTURE_WAIT_S
         while not all(self._captured(p.job.key, p.pairs) for p in wanted) and time.monotonic() < deadline:
             time.sleep(IDLE_POLL_S)
