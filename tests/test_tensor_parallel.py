@@ -171,8 +171,8 @@ def check_case(rank: int, group, family: str, changes: dict) -> None:
 def check_rank_sync(rank: int, group) -> None:
     """Rank 0's batch reaches every rank; each answer keeps what it was given only where every rank had the same
     kind (else all recompute), and never the logits."""
-    plan = ([(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [2]) if rank == 0 else None
-    assert rank_sync.share_plan(group, plan) == ([(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [2])
+    sent = rank_sync.Plan([rank_sync.PlannedPiece(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [GivenKind.BAND_INPUTS])
+    assert rank_sync.share_plan(group, sent if rank == 0 else None) == sent
     kv, x, z = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     mine = [Given(kv, x, z), Given(kv), Given(), Given(kv)] if rank == 0 else [Given(kv, x), Given(kv, x), Given(), Given(kv)]
     agreed = rank_sync.agree(group, mine)

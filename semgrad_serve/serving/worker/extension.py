@@ -22,6 +22,7 @@ from ...scoring.items import FLAG_SCORES, ScoreResult
 from ...scoring.profiles import resolve_profile
 from ...scoring.scorer import Scorer
 from ..capture_keys import fingerprint, secret_from_env
+from ..messages import Pair
 from ..settings import (
     CAPTURE_CONNECTOR_MODULE,
     PIPELINE_REFUSED,
@@ -35,7 +36,7 @@ from ..settings import (
 from . import rank_sync
 from .captures import STORE
 from .runner_check import check_runner
-from .scoring_service import Pair, PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
+from .scoring_service import PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
 from .step_recorder import RECORDER
 from .vllm_weights import from_vllm_model, keep_dense_cpu_weights
 

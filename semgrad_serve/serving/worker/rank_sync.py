@@ -19,10 +19,27 @@ import torch
 import torch.distributed as dist
 
 from ...scoring.given import NOTHING_GIVEN, Given, GivenKind
+from ..messages import Pair
 
-# Batch of answers as broadcast: per piece (job id, capture key, (prompt ids, answer ids) pairs, claim windows),
-# the capture keys dropped since the last batch, and per answer what the leader was given (``Given.kind``).
-Plan = tuple[list[tuple[int, str | None, list[Any], list[range | None]]], list[str], list[GivenKind]]
+
+@dataclass(frozen=True)
+class PlannedPiece:
+    """One piece of a batch as rank 0 formed it: its job, capture key, answers and each answer's claim window."""
+
+    job: int
+    key: str | None
+    pairs: list[Pair]
+    windows: list[range | None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A batch as rank 0 broadcasts it: its pieces, the capture keys dropped since the last batch, and per answer
+    (in piece order) what rank 0 was given."""
+
+    pieces: list[PlannedPiece]
+    dropped: list[str]
+    kinds: list[GivenKind]
 
 
 @dataclass(frozen=True)

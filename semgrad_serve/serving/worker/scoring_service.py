@@ -29,10 +29,7 @@ never scored.
 Under tensor parallelism (``groups``), every rank's worker runs a service: rank 0's
 takes the answers and forms the batches, the others follow them (``rank_sync.py``).
 
-Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``,
-``("cancel", job)``, ``("drop", key)`` and ``("stats", job)``; worker → API server ``("result", job,
-reports, batch_size)`` where ``batch_size`` is set on the first job of each batch only, and
-``("stats", job, StoreStats, 0)``.
+The messages between the API server and this service are the dataclasses of ``messages.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +50,17 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ...scoring.given import NOTHING_GIVEN, Given, GivenKind
+from ..messages import (
+    CancelJob,
+    DropCapture,
+    JobResult,
+    Pair,
+    ScoreJob,
+    StatsReply,
+    StatsRequest,
+    ToApiServer,
+    ToWorker,
+)
 from ..settings import log
 from . import rank_sync
 from .captures import CaptureStore
@@ -62,7 +70,6 @@ SCORING_NICE = 10  # the scoring thread's nice value (Linux: per thread)
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
 LONG_NICE = 19  # the long jobs' thread's nice value: the short jobs' thread takes most of a shared core
 
-Pair = tuple[list[int], list[int]]
 # Which of an answer's claims a scoring pass scores: None, none (no claims asked for); a range, those claims.
 Window = range | None
 # Scores pairs, given per pair what vLLM computed for it and which of its claims to score -> one "semgrad" object
@@ -201,17 +208,16 @@ class ScoringService:
         self._conn = self._listener.accept()
         while True:
             try:
-                message = self._conn.recv()
+                message: ToWorker = self._conn.recv()
             except (EOFError, OSError):
                 log.warning("SemGrad: the API server closed the scoring connection")
                 return
-            if message[0] == "score":
-                _, job_id, key, pairs, claims = message
-                job = Job(job_id, key, pairs, claims)
+            if isinstance(message, ScoreJob):
+                job = Job(message.job, message.key, message.pairs, message.claims)
                 try:
                     split_job(job, self._plan)
                 except Exception as exc:  # a plan that fails must not end this thread: one pass, as asked
-                    log.warning("SemGrad: cannot plan the scoring of request %d (%s)", job_id, exc)
+                    log.warning("SemGrad: cannot plan the scoring of request %d (%s)", job.job, exc)
                     split_job(job, one_pass)
                 if len(job.pieces) > 1:
                     log.info("SemGrad: scoring job %d in %d passes", job.job, len(job.pieces))
@@ -222,15 +228,17 @@ class ScoringService:
                     else:
                         self._short.append(job.pieces.popleft())
                     self._arrived.notify_all()  # each lane waits on it
-            elif message[0] == "cancel":
-                self._cancel(message[1])
-            elif message[0] == "stats":
-                self._send(("stats", message[1], self._store.stats(), 0))
-            elif message[0] == "drop":
-                self._store.drop(message[1])
+            elif isinstance(message, CancelJob):
+                self._cancel(message.job)
+            elif isinstance(message, StatsRequest):
+                self._send(StatsReply(message.job, self._store.stats()))
+            elif isinstance(message, DropCapture):
+                self._store.drop(message.key)
                 if self._group is not None:
                     with self._arrived:
-                        self._dropped.append(message[1])
+                        self._dropped.append(message.key)
+            else:
+                log.warning("SemGrad: unexpected message from the API server: %s", type(message).__name__)
 
     def _cancel(self, job_id: int) -> None:
         """The client of ``job_id`` has gone: its pieces not yet scored are dropped, and its result is never sent."""
@@ -304,17 +312,18 @@ class ScoringService:
         """Rank 0: send the batch, what each answer was given here and the keys dropped since the last batch."""
         with self._arrived:
             dropped, self._dropped = self._dropped, []
-        rank_sync.share_plan(self._group, ([(p.job.job, p.job.key, p.pairs, p.windows) for p in pieces], dropped, kinds))
+        planned = [rank_sync.PlannedPiece(p.job.job, p.job.key, p.pairs, p.windows) for p in pieces]
+        rank_sync.share_plan(self._group, rank_sync.Plan(planned, dropped, kinds))
 
     def _next_shared(self) -> list[Piece]:
         """A rank > 0: the next batch rank 0 shares, once this rank's captures that rank 0 had are in (they come in
         the same engine step, give or take this thread's wake-up) or the wait for them is over."""
-        entries, dropped, kinds = rank_sync.share_plan(self._group, None)
-        for key in dropped:
+        plan = rank_sync.share_plan(self._group, None)
+        for key in plan.dropped:
             self._store.drop(key)
-        pieces = [Piece(Job(job, key, pairs), list(range(len(pairs))), windows) for job, key, pairs, windows in entries]
+        pieces = [Piece(Job(p.job, p.key, p.pairs), list(range(len(p.pairs))), p.windows) for p in plan.pieces]
         per_answer = [p for p in pieces for _ in p.answers]
-        wanted = [p for p, kind in zip(per_answer, kinds) if kind is not GivenKind.NOTHING]
+        wanted = [p for p, kind in zip(per_answer, plan.kinds) if kind is not GivenKind.NOTHING]
         deadline = time.monotonic() + CAPTURE_WAIT_S
         while not all(self._captured(p.job.key, p.pairs) for p in wanted) and time.monotonic() < deadline:
             time.sleep(IDLE_POLL_S)
@@ -385,10 +394,10 @@ class ScoringService:
                 if done:
                     self._live.pop(job.job, None)
             if done:
-                self._send(("result", job.job, job.reports, 0 if sent else size))
+                self._send(JobResult(job.job, job.reports, 0 if sent else size))
                 sent = True
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: ToApiServer) -> None:
         with self._send_lock:
             if self._conn is not None:
                 try:
