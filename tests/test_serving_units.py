@@ -433,13 +433,14 @@ def test_settings_from_environment() -> None:
 
 
 def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> None:
-    from semgrad_serve.serving.worker.extension import REPORTED, answer_report
+    from semgrad_serve.scoring.semgrad_object import SERVED_FIELDS
+    from semgrad_serve.serving.worker.extension import answer_report
 
     scorer = default_scorer
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     (result,) = scorer.score([(prompt, scorer.answer_ids("Paris."))])
     report = answer_report(scorer, result)
-    assert tuple(report) == REPORTED and report["score"] == report["hybridgrad"] > 0
+    assert tuple(report) == SERVED_FIELDS and report["score"] == report["hybridgrad"] > 0
     # the served confidence: the profile's calibrator on this answer's own score, length (no stop token) and entropy
     model = scorer.profile.confidence
     assert report["confidence"] == model.confidence(result.hybridgrad, result.answer_tokens - 1, result.mean_entropy)

@@ -21,7 +21,7 @@ from ..model.loading import Messages, chat_prompt_ids, load_hf_model
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
 from ..model.tokens import token_texts
 from ..model.weights import DecoderWeights, from_hf_model
-from . import tied_head
+from . import semgrad_object, tied_head
 from .batch import score_batch
 from .claim_budget import DEFAULT_SEED_BUDGET
 from .claims import Claim, split_claims
@@ -101,24 +101,20 @@ class Scorer:
         return scorer
 
     def report(self, result: ScoreResult) -> dict[str, Any]:
-        """A result as JSON-ready dict, with the profile's configured score, threshold, confidence and flag
-        (``ModelProfile.assess``), and its claims' reports where it has claims."""
+        """A result as JSON-ready dict (``semgrad_object.full``), with the profile's configured score, threshold,
+        confidence and flag (``ModelProfile.assess``), and its claims' reports where it has claims."""
         assessed = self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)
-        report = {**result.to_dict(), **assessed}
-        del report["t_star_features"]  # the probe's inputs, not for the user
-        if result.claims is None:
-            del report["claims"]
-        else:
-            report["claims"] = [self.claim_report(c, c.token_end == result.answer_tokens and result.stop_token) for c in result.claims]
-        return report
+        claims = None
+        if result.claims is not None:
+            claims = [self.claim_report(c, c.token_end == result.answer_tokens and result.stop_token) for c in result.claims]
+        return semgrad_object.full(result, assessed, claims)
 
     def claim_report(self, claim: ClaimScores, stop_token: bool) -> dict[str, Any]:
         """One claim's entry of ``"claims"``: its text, tokens, raw scores, and the profile's confidence and flag from
         them, as for a whole answer (``stop_token``: the claim ends on the answer's scored stop token, not counted in
         its length)."""
         assessed = self.profile.assess(claim.scores(), claim.token_end - claim.token_start - stop_token)
-        raw = {k: getattr(claim, k) for k in ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy")}
-        return {**raw, "confidence": assessed["confidence"], "flagged": assessed["flagged"]}
+        return semgrad_object.claim_report(claim, assessed)
 
     # -- text to token ids -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import time
 from multiprocessing.connection import Client
 from typing import Any, Sequence
 
+from ...scoring import semgrad_object
 from ..capture_keys import mint
 from ..messages import (
     CancelJob,
@@ -76,7 +77,7 @@ class ScoringClient:
         job = next(self._jobs)
         with self._lock:
             if self._closed.is_set():
-                return [{"error": SERVICE_GONE}] * len(pairs)
+                return [semgrad_object.error_report(SERVICE_GONE)] * len(pairs)
             self._waiting[job] = (loop, future, len(pairs))
         start = time.perf_counter()
         if not self._send(ScoreJob(job, key, [(list(p), list(a)) for p, a in pairs], claims)):
@@ -129,7 +130,7 @@ class ScoringClient:
             entry = self._waiting.pop(job, None)
         if entry is not None:
             loop, future, n = entry
-            loop.call_soon_threadsafe(_resolve, future, [{"error": SERVICE_GONE}] * n)
+            loop.call_soon_threadsafe(_resolve, future, [semgrad_object.error_report(SERVICE_GONE)] * n)
 
     def _read(self) -> None:
         while True:

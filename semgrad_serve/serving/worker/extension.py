@@ -16,9 +16,10 @@ from typing import Any
 
 from ...errors import ItemError, SemgradError
 from ...model.weights import DecoderWeights
+from ...scoring import semgrad_object
 from ...scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
 from ...scoring.given import NOTHING_GIVEN, Given
-from ...scoring.items import FLAG_SCORES, ScoreResult
+from ...scoring.items import ScoreResult
 from ...scoring.profiles import resolve_profile
 from ...scoring.scorer import Scorer
 from ..capture_keys import fingerprint, secret_from_env
@@ -42,11 +43,6 @@ from .vllm_weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
 
-# The fields of a scored answer in the API response, in this order.
-SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-REPORTED = (*SERVED_SCORES, "score", "threshold", "confidence", "min_confidence", "flagged", "reused", "t_star_rule")
-
-
 def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
     scoring took from vLLM instead of computing it (``prompt_kv``: the prompt's keys/values from its KV cache;
@@ -54,16 +50,10 @@ def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given 
     numbers up to float rounding. ``tokens`` adds the per-token entropies and log-probs (the API server passes
     them on to requests that ask for them); ``claims`` are there where they were scored."""
     if isinstance(result, ItemError):
-        return {"error": str(result)}
+        return semgrad_object.error_report(str(result))
     if not all(math.isfinite(v) for v in result.scores().values()):
-        return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = {**scorer.report(result), "reused": (given or NOTHING_GIVEN).reused()}
-    out = {key: report[key] for key in REPORTED}
-    if "claims" in report:
-        out["claims"] = report["claims"]
-    if tokens:
-        out["token_entropies"], out["token_logprobs"] = list(result.token_entropies), list(result.token_logprobs)
-    return out
+        return semgrad_object.error_report(semgrad_object.NON_FINITE)
+    return semgrad_object.served(scorer.report(result), (given or NOTHING_GIVEN).reused(), tokens)
 
 
 def capture_state(kv_transfer_config: Any) -> bool:
@@ -127,7 +117,7 @@ def over_limit(scorer: Scorer, answer: list[int], window: range, max_claims: int
     if window.stop != max_claims or len(claims) <= max_claims:
         return []
     error = over_limit_error(max_claims)
-    return [{"text": c.text, "token_start": c.token_start, "token_end": c.token_end, "error": error} for c in claims[max_claims:]]
+    return [semgrad_object.claim_error(c, error) for c in claims[max_claims:]]
 
 
 def claim_plan(scorer: Scorer, max_claims: int, claims_per_pass: int) -> PlanFn:

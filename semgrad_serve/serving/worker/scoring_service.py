@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ...scoring import semgrad_object
 from ...scoring.given import NOTHING_GIVEN, Given, GivenKind
 from ..messages import (
     CancelJob,
@@ -345,7 +346,7 @@ class ScoringService:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(pieces), exc)
                 return [self._score_pieces([piece], [g])[0] for piece, g in zip(pieces, given)]
             log.warning("SemGrad scoring failed: %s", exc)
-            return [[{"error": f"scoring failed: {exc}"} for _ in pieces[0].answers]]
+            return [[semgrad_object.error_report(f"scoring failed: {exc}") for _ in pieces[0].answers]]
         out, start = [], 0
         for piece in pieces:
             out.append(reports[start : start + len(piece.answers)])
@@ -376,7 +377,7 @@ class ScoringService:
                     stream.synchronize()
             except Exception as exc:  # the thread must outlive anything, or requests wait forever
                 log.exception("SemGrad: the scoring thread failed on a batch")
-                results = [[{"error": f"scoring failed: {exc}"} for _ in piece.answers] for piece in pieces]
+                results = [[semgrad_object.error_report(f"scoring failed: {exc}") for _ in piece.answers] for piece in pieces]
             if not follower:
                 self._answer(pieces, results)
             pieces, given, results = [], [], []  # nothing of the batch (its captures' tensors) outlives it
