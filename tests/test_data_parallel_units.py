@@ -13,7 +13,7 @@ from starlette.requests import Request
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 
 from semgrad_serve.errors import SemgradError
-from semgrad_serve.serving.api_server import prometheus_metrics as metrics
+from semgrad_serve.serving.api_server import prometheus_metrics
 from semgrad_serve.serving.api_server.data_parallel import DP_RANK_HEADER, EngineRouter, connect
 from semgrad_serve.serving.capture_keys import SECRET_ENV, fingerprint
 from semgrad_serve.serving.worker.captures import CaptureStore
@@ -91,7 +91,7 @@ def test_each_engine_gets_a_scoring_service_and_info_shows_each(started) -> None
 def test_requests_alternate_engines_through_vllms_header_and_are_scored_there(started) -> None:
     state, seen = started
     router: EngineRouter = state.semgrad_engines
-    before = [metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() for e in range(ENGINES)]
+    before = [prometheus_metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() for e in range(ENGINES)]
     requests = [raw_request({"content-type": "application/json"}) for _ in range(4)]
     for r in requests:
         assert r.headers["content-type"] == "application/json"  # a cached view of the headers, as FastAPI leaves it
@@ -108,7 +108,7 @@ def test_requests_alternate_engines_through_vllms_header_and_are_scored_there(st
     assert [r[0]["semgrad"] for r in results] == [0.0, 101.0, 2.0, 103.0]  # 100 × engine + prompt
     assert sorted(p for e, ps in seen for p in ps if e == 1) == [1, 3]
     for e in range(ENGINES):
-        assert metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() == before[e] + 2
+        assert prometheus_metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() == before[e] + 2
 
 
 def test_a_requested_engine_is_kept_and_one_out_of_range_is_a_user_mistake(started) -> None:

@@ -30,7 +30,7 @@ from ..messages import (
     ToWorker,
 )
 from ..settings import log
-from . import prometheus_metrics as metrics
+from . import prometheus_metrics
 
 SERVICE_GONE = "scoring failed: the scoring service in the vLLM worker is not reachable"
 
@@ -89,7 +89,7 @@ class ScoringClient:
                 self._waiting.pop(job, None)
             self._send(CancelJob(job))
             raise
-        metrics.record_answers(results, time.perf_counter() - start, self.engine)
+        prometheus_metrics.record_answers(results, time.perf_counter() - start, self.engine)
         return results
 
     async def store_stats(self, timeout_s: float) -> StoreStats | None:
@@ -140,7 +140,7 @@ class ScoringClient:
                 break
             if isinstance(message, JobResult):
                 if message.batch_size:
-                    metrics.SCORING_BATCH_SIZE.observe(message.batch_size)
+                    prometheus_metrics.SCORING_BATCH_SIZE.observe(message.batch_size)
                 value: Any = message.reports
             elif isinstance(message, StatsReply):
                 value = message.stats
