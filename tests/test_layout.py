@@ -88,8 +88,8 @@ ALLOWED = {
     "scoring": {"errors", "kernels", "model"},
     "serving": {"errors", "model", "scoring"},
     "evaluation": {"errors", "jsonl", "model", "scoring"},
-    "calibration": {"errors", "jsonl", "model", "scoring", "evaluation"},  # the evaluation prompt
-    "commands": {"errors", "jsonl", "kernels", "model", "scoring", "serving", "evaluation", "calibration"},
+    "sps_scan": {"errors", "jsonl", "model", "scoring", "evaluation"},  # the evaluation prompt
+    "commands": {"errors", "jsonl", "kernels", "model", "scoring", "serving", "evaluation", "sps_scan"},
     "cli": {"errors"},  # the commands are imported by name, one at a time
 }
 
@@ -161,3 +161,8 @@ def test_the_api_server_side_never_imports_torch_nor_the_worker() -> None:
     extension = f"{SERVING}.worker.extension"
     assert extension in api_server_side_offenders(graph, [extension])[extension]
 
+
+def test_every_module_name_appears_once() -> None:
+    """A module's file name says what it holds, once in the package (``__init__.py`` aside)."""
+    names = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
