@@ -16,6 +16,7 @@ from semgrad_serve.errors import SemgradError
 from semgrad_serve.serving.api_server import prometheus_metrics
 from semgrad_serve.serving.api_server.data_parallel import DP_RANK_HEADER, EngineRouter, connect
 from semgrad_serve.serving.capture_keys import SECRET_ENV, fingerprint
+from semgrad_serve.serving.messages import SETUP_REFUSED
 from semgrad_serve.serving.worker.captures import CaptureStore
 from semgrad_serve.serving.worker.scoring_service import ScoringService
 
@@ -155,6 +156,32 @@ def test_an_engine_on_another_machine_and_several_api_servers_are_refused(tmp_pa
 
     with pytest.raises(SemgradError, match="needs one API server"):
         asyncio.run(SemgradPlugin().init_state(NoRpc(), SimpleNamespace(), SimpleNamespace(api_server_count=2)))
+
+
+def test_start_up_refusals_are_one_line_and_other_failures_keep_their_type() -> None:
+    """A worker's refusal (its answer names why) and a server without the worker extension fail start-up with one
+    line; any other failure is raised as it was, so its traceback shows."""
+    from semgrad_serve.serving.api_server.plugin import SemgradPlugin
+    from semgrad_serve.serving.settings import WORKER_EXTENSION
+
+    class Engine:
+        def __init__(self, answer: object) -> None:
+            self.answer = answer
+
+        async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return [{"capture": False}, self.answer]  # rank 0 set up, rank 1 refused
+
+    def start(answer: object, **args: object) -> None:
+        asyncio.run(SemgradPlugin().init_state(Engine(answer), SimpleNamespace(), SimpleNamespace(**args)))
+
+    with pytest.raises(SemgradError, match="^SemGrad scoring cannot start: pipeline parallelism is refused$"):
+        start({SETUP_REFUSED: "pipeline parallelism is refused"})
+    with pytest.raises(SemgradError, match="needs its worker extension: start vLLM with --worker-extension-cls"):
+        start({}, worker_extension_cls="")
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        start(ZeroDivisionError("a bug"), worker_extension_cls=WORKER_EXTENSION)
 
 
 def test_serve_passes_the_size_to_vllm_and_binds_every_engines_worker(monkeypatch) -> None:

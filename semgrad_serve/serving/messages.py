@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 KV_PARAM = "semgrad_capture"  # the capture key's name in a request's kv_transfer_params
+# The key of the worker extension's set-up answer (through vLLM's ``collective_rpc``) that says why scoring cannot
+# start on this model or layout.
+SETUP_REFUSED = "refused"
 
 # (prompt token ids, answer token ids) of one answer
 Pair = tuple[list[int], list[int]]

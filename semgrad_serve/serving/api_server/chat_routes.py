@@ -86,11 +86,6 @@ def scoring_options(request: ChatCompletionRequest | CompletionRequest | Respons
     return ScoringOptions() if _SWITCH[key] else None
 
 
-def scoring_wanted(request: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> bool:
-    """Whether the request wants scores (see ``scoring_options``)."""
-    return scoring_options(request) is not None
-
-
 class StopTokens:
     """The model's EOS ids and tokenizer, which decide the scored answer (built once per server, on first use)."""
 

@@ -23,7 +23,7 @@ from ...scoring.items import ScoreResult
 from ...scoring.profiles import resolve_profile
 from ...scoring.scorer import Scorer
 from ..capture_keys import fingerprint, secret_from_env
-from ..messages import Pair
+from ..messages import SETUP_REFUSED, Pair
 from ..settings import (
     CAPTURE_CONNECTOR_MODULE,
     PIPELINE_REFUSED,
@@ -138,7 +138,16 @@ class SemgradWorkerExtension:
 
     semgrad_service: ScoringService | None = None
 
-    def semgrad_setup(
+    def semgrad_setup(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``start_scoring`` (its arguments), called by the API server through ``collective_rpc``; a ``SemgradError``
+        (what is unsupported) comes back as ``{SETUP_REFUSED: message}``, since an exception crosses vLLM's RPC as
+        text only. Any other failure is raised, with its traceback."""
+        try:
+            return self.start_scoring(*args, **kwargs)
+        except SemgradError as exc:
+            return {SETUP_REFUSED: str(exc)}
+
+    def start_scoring(
         self, profile_path: str | None, max_batch: int, api_cores: list[int], max_claims: int = 64, claims_per_pass: int = 16,
         seed_budget: int = DEFAULT_SEED_BUDGET,
     ) -> dict[str, Any]:  # fmt: skip
