@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from semgrad_serve.model.forward import prefix_keys_values
 from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.serving.worker.kv_layout import KVQuant, dequantize
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa" / "test.jsonl"
 FP8 = torch.float8_e4m3fn

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,15 +41,15 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.forward import prefix_keys_values
 from semgrad_serve.model.weights import DecoderWeights, LayerWeights, build_decoder_weights
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.items import PreparedItem
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 LLAMA_8B = dict(
     hidden_size=4096,

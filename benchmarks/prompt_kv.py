@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import shared_prefix
 from semgrad_serve.serving.worker.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 ANSWER = "The warehouse in district three stores twenty-one crates of item thirty-nine, according to the notes."
 BLOCK_SIZE = 128

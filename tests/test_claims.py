@@ -20,8 +20,8 @@ from semgrad_serve.scoring.claims import Claim, split_claims
 from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
+from semgrad_serve.testing.naive import naive_scores
 
-from naive import naive_scores
 from test_exactness import deeper_half, prefix_keys_values
 from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 

@@ -15,8 +15,8 @@ from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import PrefixCache
+from semgrad_serve.testing.naive import naive_scores, naive_t_star_features
 
-from naive import naive_scores, naive_t_star_features
 from tiny_models import FAMILY_PARAMS, GIVEN_STATE_PARAMS, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")

@@ -91,6 +91,7 @@ ALLOWED = {
     "sps_scan": {"errors", "jsonl", "model", "scoring", "evaluation"},  # the evaluation prompt
     "commands": {"errors", "jsonl", "kernels", "model", "scoring", "serving", "evaluation", "sps_scan"},
     "cli": {"errors"},  # the commands are imported by name, one at a time
+    "testing": {"errors", "model", "scoring", "commands"},  # helpers of the tests and benchmarks, above the rest
 }
 
 
