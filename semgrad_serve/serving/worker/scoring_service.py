@@ -361,7 +361,7 @@ class ScoringService:
                 os.sched_setaffinity(0, self._cores)  # this thread only
             except OSError as exc:
                 log.warning("SemGrad: cannot pin the scoring thread to cores %s (%s)", sorted(self._cores), exc)
-        try:  # below the API server and engine loop on its core (qa on/off 0.82x vs 0.74x at nice 0)
+        try:  # below the API server and engine loop on its core (benchmarks/results/scoring_service_notes.md)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LONG_NICE if lane == "long" else SCORING_NICE)
         except OSError as exc:
             log.warning("SemGrad: cannot lower the scoring thread's priority (%s)", exc)
