@@ -12,7 +12,7 @@ answer that shows nothing gets ``NOTHING_TO_SCORE``. ``"semgrad": false`` in the
 body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request;
 ``"semgrad": {"tokens": true}`` adds the answer's per-token texts, entropies and
 log-probabilities, ``{"claims": true}`` its sentences' scores. Every scored choice
-is also kept in the recent-answers ring (``recent.py``) that the page reads.
+is also kept in the recent-answers ring (``recent_answers.py``) that the page reads.
 """
 
 from __future__ import annotations

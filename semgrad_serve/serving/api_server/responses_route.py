@@ -5,7 +5,7 @@ is switched on, so that the response carries the prompt's and the answer's token
 (``input_messages``, ``output_messages``; hidden again unless the client asked for
 them). The response, or the ``response.completed`` event of a stream, then gets
 ``"semgrad": {...}`` beside its ``output``, with the same options and conventions as a
-chat choice (``routes.py``). The answer scored is what the user received: vLLM's ids
+chat choice (``chat_routes.py``). The answer scored is what the user received: vLLM's ids
 less the tokens of a stop string, found from the output text (the Responses API does
 not say why generation stopped). Only a one-turn answer as raw tokens can be scored
 (not a background response, nor the messages of tool-calling or harmony models).

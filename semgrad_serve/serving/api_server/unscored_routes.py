@@ -1,6 +1,6 @@
 """vLLM's generating routes that SemGrad does not score: their responses say so.
 
-Chat, completions, responses and ``/invocations`` are scored (``routes.py``, ``responses_route.py``,
+Chat, completions, responses and ``/invocations`` are scored (``chat_routes.py``, ``responses_route.py``,
 ``invocations_route.py``). The other routes of vLLM 0.32 that generate text run unchanged, and each response
 carries the header ``x-semgrad`` with the reason; a JSON object response also gets ``"semgrad": {"error": ...}``.
 """

@@ -11,7 +11,7 @@ that ended after its client left (its key dropped first) is never taken.
 Every key gets an entry, with keys/values or without (t* not in the prompt,
 over the memory budget, layout unknown), so that scoring never waits for a
 capture that will not come. Where the band's inputs were recorded for every
-position from t* on (``band_inputs.py``), the capture holds them and only the
+position from t* on (``step_recorder.py``), the capture holds them and only the
 band's layers' keys/values.
 """
 
