@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -31,10 +30,10 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
-from launch_server import free_port, running_server, serve_command
+ROOT = Path(__file__).resolve().parents[1]
+
 
 MODEL = "smollm2-135m-instruct"
 LONG = [{"role": "user", "content": "List 100 short facts about animals, one short sentence each."}]

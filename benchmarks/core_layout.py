@@ -22,12 +22,9 @@ import time
 from pathlib import Path
 
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from serving import LOADS, ROOT, CoreBusy, Phase, Prompts, run_load  # beside this script
 
-from launch_server import free_port, running_server, serve_command  # serving.py put tests/ on the path
+from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
 LAYOUTS = {"reserved core (serve's default)": None, "no reserved core (before)": "0"}
 

@@ -38,7 +38,7 @@ from serving import (
     tree_rss,
 )
 
-from launch_server import free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
 
 def engine_answers(url: str) -> dict[str, float]:

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +28,10 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
-from launch_server import free_port, running_server, serve_command  # tests/ is on the path above
+ROOT = Path(__file__).resolve().parents[1]
+
 
 REQUESTS = 12
 PROMPT = " ".join(

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from semgrad_serve.model.forward import prefix_keys_values
+from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.serving.worker.kv_layout import KVQuant, dequantize
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa" / "test.jsonl"
 FP8 = torch.float8_e4m3fn
@@ -68,9 +68,9 @@ def main() -> None:
     exact = [exact_prefix(scorer, list(p)) for p, _ in pairs]
     runs = {
         "recomputed": scorer.score(pairs),
-        "exact keys/values": scorer.score(pairs, prefix_kv=exact),
-        "FP8, calibrated scales": scorer.score(pairs, prefix_kv=[fp8_cache(kv, True) for kv in exact]),
-        "FP8, scale 1.0": scorer.score(pairs, prefix_kv=[fp8_cache(kv, False) for kv in exact]),
+        "exact keys/values": scorer.score(pairs, given=[Given(kv) for kv in exact]),
+        "FP8, calibrated scales": scorer.score(pairs, given=[Given(fp8_cache(kv, True)) for kv in exact]),
+        "FP8, scale 1.0": scorer.score(pairs, given=[Given(fp8_cache(kv, False)) for kv in exact]),
     }
     base = runs["recomputed"]
     lines = [

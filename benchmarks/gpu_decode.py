@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,14 +41,15 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.forward import prefix_keys_values
 from semgrad_serve.model.weights import DecoderWeights, LayerWeights, build_decoder_weights
 from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.items import PreparedItem
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 LLAMA_8B = dict(
     hidden_size=4096,
@@ -242,14 +242,14 @@ def score(w: DecoderWeights, band: range, kernels: Any, batch: list[Finished], s
     """One scoring pass over finished answers (on ``stream`` where given; returns once its results are read)."""
     if stream is None:
         return score_batch(
-            w, [f.item for f in batch], band, kernels, exgrad=False, prefix_kv=[f.prefix_kv for f in batch]
+            w, [f.item for f in batch], band, kernels, exgrad=False, given=[Given(f.prefix_kv) for f in batch]
         )
     with torch.cuda.stream(stream):
         for f in batch:
             stream.wait_event(f.ready)
             f.prefix_kv.record_stream(stream)
         return score_batch(
-            w, [f.item for f in batch], band, kernels, exgrad=False, prefix_kv=[f.prefix_kv for f in batch]
+            w, [f.item for f in batch], band, kernels, exgrad=False, given=[Given(f.prefix_kv) for f in batch]
         )
 
 

@@ -23,13 +23,11 @@ from pathlib import Path
 import openai
 import psutil
 
+from semgrad_serve.testing.family_checkpoints import save_family_checkpoint
+from semgrad_serve.testing.launch_server import free_port, plain_vllm_command, running_server, serve_command
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: launch_server.py, family_checkpoints.py
 
-from family_checkpoints import save_family_checkpoint
-
-from launch_server import free_port, plain_vllm_command, running_server, serve_command
 
 MIB = 1 << 20
 KV_BYTES = 256 << 20

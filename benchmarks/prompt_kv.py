@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import shared_prefix
 from semgrad_serve.serving.worker.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 ANSWER = "The warehouse in district three stores twenty-one crates of item thirty-nine, according to the notes."
 BLOCK_SIZE = 128
@@ -96,11 +97,11 @@ def main() -> None:
         with torch.no_grad():  # the band's inputs and the answer's logits, as the server records them while generating
             out = scorer.model(torch.tensor([prompt + answer[:-1]]), output_hidden_states=True)
         inputs, logits = out.hidden_states[first][0, t_star:], out.logits[0, len(prompt) - 1 :]
-        reuse = dict(prefix_kv=[kv[first:]], band_inputs=[inputs], logits=[logits])
+        reuse = dict(given=[Given(kv[first:], inputs, logits)])
         one = [(prompt, answer)]
         recomputed = scorer.score(one)[0]
         gaps = {}
-        for path, given in (("cache", dict(prefix_kv=[kv])), ("band", reuse)):
+        for path, given in (("cache", dict(given=[Given(kv)])), ("band", reuse)):
             result = scorer.score(one, **given)[0]
             gaps[path] = max(
                 abs(getattr(result, k) - getattr(recomputed, k)) / abs(getattr(recomputed, k))
@@ -108,7 +109,7 @@ def main() -> None:
             )
         with torch.enable_grad():
             t_recompute = timed(partial(scorer.score, one), args.repeats)
-            t_cache = timed(partial(scorer.score, one, prefix_kv=[kv]), args.repeats)
+            t_cache = timed(partial(scorer.score, one, given=[Given(kv)]), args.repeats)
             t_band = timed(partial(scorer.score, one, **reuse), args.repeats)
         t_read = timed(partial(copy_blocks, caches, blocks, t_star), args.repeats)
         t_read_band = timed(partial(copy_blocks, caches[first:], blocks, t_star), args.repeats)

@@ -29,11 +29,10 @@ from pathlib import Path
 import httpx
 import openai
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
-from launch_server import free_port, running_server, serve_command
+ROOT = Path(__file__).resolve().parents[1]
+
 
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 QUESTIONS = [

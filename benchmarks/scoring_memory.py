@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
 from semgrad_serve.scoring.items import DEFAULT_BATCH_TOKENS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT / "data" / "sciq" / "test.jsonl"
 ANSWER_TOKENS = 24
@@ -61,7 +60,7 @@ def _run(method: str, scorer, items) -> None:
         results = scorer.score(items, batch_size=len(items))
         assert not any(isinstance(r, Exception) for r in results), results
         return
-    from naive import naive_scores
+    from semgrad_serve.testing.naive import naive_scores
 
     for prompt, answer in items:
         naive_scores(scorer.model, prompt, answer, len(prompt) - 4, scorer.band, paper_style=True)

@@ -39,14 +39,16 @@ import openai
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
-
 from semgrad_serve.serving.settings import ScoringSettings
+from semgrad_serve.testing.launch_server import (
+    RunningServer,
+    free_port,
+    plain_vllm_command,
+    running_server,
+    serve_command,
+)
 
-from launch_server import RunningServer, free_port, plain_vllm_command, running_server, serve_command
-
+ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 RAG_FACTS = 70  # retrieved SciQ question/answer notes per rag prompt: about 1.5k tokens with the question
 # name -> (prompt template, max_tokens): the paper's short-answer QA, open answers of a paragraph, and

@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from semgrad_serve.evaluation.metrics import auroc
 
 METHODS = [

@@ -22,17 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the test helpers: naive.py (the reference), launch_server.py
+from semgrad_serve.testing.launch_server import free_port, plain_vllm_command, running_server, serve_command
 
-from launch_server import free_port, plain_vllm_command, running_server, serve_command
+ROOT = Path(__file__).resolve().parents[1]
+
 
 METRICS = (
     ("request_throughput", "req/s"),

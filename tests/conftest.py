@@ -7,16 +7,13 @@ import os
 # Triton's CPU interpreter must be chosen before triton is first imported (by any test module).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 if TYPE_CHECKING:
-    from launch_server import RunningServer
+    from semgrad_serve.testing.launch_server import RunningServer
 
 # The project's QA data ships in the repository (data/, sources and licences in its README).
 DATA_DIR = Path(os.environ.get("SEMGRAD_SERVE_DATA", Path(__file__).resolve().parents[1] / "data"))
@@ -52,8 +49,7 @@ def served(tmp_path_factory) -> Iterator["RunningServer"]:
     fault hook on), shared by test_serving.py and test_serving_page.py: a start costs about a minute."""
     from semgrad_serve.errors import SemgradError
     from semgrad_serve.serving.settings import TEST_FAULTS_ENV
-
-    from launch_server import free_port, running_server, serve_command
+    from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
     root = Path(__file__).resolve().parents[1]
     log = tmp_path_factory.mktemp("serving") / "server.log"

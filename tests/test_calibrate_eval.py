@@ -13,9 +13,9 @@ import torch
 from semgrad_serve.cli import main
 from semgrad_serve.evaluation import judges
 from semgrad_serve.scoring.profiles import ModelProfile
+from semgrad_serve.testing.naive import naive_paragrad_tied
 
 from conftest import FLOAT32_BATCH_REL
-from naive import naive_paragrad_tied
 
 
 def write_lines(path, lines):

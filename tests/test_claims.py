@@ -17,10 +17,11 @@ from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring import batch as scoring
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.claims import Claim, split_claims
+from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
+from semgrad_serve.testing.naive import naive_scores
 
-from naive import naive_scores
 from test_exactness import deeper_half, prefix_keys_values
 from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
@@ -178,8 +179,9 @@ def test_claims_over_cached_and_shared_prefixes_and_head_chunks(monkeypatch) -> 
     items = claimed_items(seed=7)
     kvs = [prefix_keys_values(weights, list(it.prompt_ids), it.t_star) for it in items]
     torch_kernels = select_kernels("torch")
+    given = [Given(kv) for kv in kvs]
     assert_claims_match_naive(
-        model, items, score_batch(weights, items, band, torch_kernels, prefix_kv=kvs), band, rel=1e-9
+        model, items, score_batch(weights, items, band, torch_kernels, given=given), band, rel=1e-9
     )
     head = [(5 * i + 1) % 64 for i in range(6)]
     shared_items = [

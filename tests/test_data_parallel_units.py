@@ -13,9 +13,10 @@ from starlette.requests import Request
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 
 from semgrad_serve.errors import SemgradError
-from semgrad_serve.serving.api_server import prometheus_metrics as metrics
+from semgrad_serve.serving.api_server import prometheus_metrics
 from semgrad_serve.serving.api_server.data_parallel import DP_RANK_HEADER, EngineRouter, connect
 from semgrad_serve.serving.capture_keys import SECRET_ENV, fingerprint
+from semgrad_serve.serving.messages import SETUP_REFUSED
 from semgrad_serve.serving.worker.captures import CaptureStore
 from semgrad_serve.serving.worker.scoring_service import ScoringService
 
@@ -91,7 +92,7 @@ def test_each_engine_gets_a_scoring_service_and_info_shows_each(started) -> None
 def test_requests_alternate_engines_through_vllms_header_and_are_scored_there(started) -> None:
     state, seen = started
     router: EngineRouter = state.semgrad_engines
-    before = [metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() for e in range(ENGINES)]
+    before = [prometheus_metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() for e in range(ENGINES)]
     requests = [raw_request({"content-type": "application/json"}) for _ in range(4)]
     for r in requests:
         assert r.headers["content-type"] == "application/json"  # a cached view of the headers, as FastAPI leaves it
@@ -108,7 +109,7 @@ def test_requests_alternate_engines_through_vllms_header_and_are_scored_there(st
     assert [r[0]["semgrad"] for r in results] == [0.0, 101.0, 2.0, 103.0]  # 100 × engine + prompt
     assert sorted(p for e, ps in seen for p in ps if e == 1) == [1, 3]
     for e in range(ENGINES):
-        assert metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() == before[e] + 2
+        assert prometheus_metrics.ENGINE_ANSWERS.labels(str(e), "scored")._value.get() == before[e] + 2
 
 
 def test_a_requested_engine_is_kept_and_one_out_of_range_is_a_user_mistake(started) -> None:
@@ -157,6 +158,32 @@ def test_an_engine_on_another_machine_and_several_api_servers_are_refused(tmp_pa
 
     with pytest.raises(SemgradError, match="needs one API server"):
         asyncio.run(SemgradPlugin().init_state(NoRpc(), SimpleNamespace(), SimpleNamespace(api_server_count=2)))
+
+
+def test_start_up_refusals_are_one_line_and_other_failures_keep_their_type() -> None:
+    """A worker's refusal (its answer names why) and a server without the worker extension fail start-up with one
+    line; any other failure is raised as it was, so its traceback shows."""
+    from semgrad_serve.serving.api_server.plugin import SemgradPlugin
+    from semgrad_serve.serving.settings import WORKER_EXTENSION
+
+    class Engine:
+        def __init__(self, answer: object) -> None:
+            self.answer = answer
+
+        async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return [{"capture": False}, self.answer]  # rank 0 set up, rank 1 refused
+
+    def start(answer: object, **args: object) -> None:
+        asyncio.run(SemgradPlugin().init_state(Engine(answer), SimpleNamespace(), SimpleNamespace(**args)))
+
+    with pytest.raises(SemgradError, match="^SemGrad scoring cannot start: pipeline parallelism is refused$"):
+        start({SETUP_REFUSED: "pipeline parallelism is refused"})
+    with pytest.raises(SemgradError, match="needs its worker extension: start vLLM with --worker-extension-cls"):
+        start({}, worker_extension_cls="")
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        start(ZeroDivisionError("a bug"), worker_extension_cls=WORKER_EXTENSION)
 
 
 def test_serve_passes_the_size_to_vllm_and_binds_every_engines_worker(monkeypatch) -> None:

@@ -11,11 +11,12 @@ from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.band_pass import band_pass
 from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import PrefixCache
+from semgrad_serve.testing.naive import naive_scores, naive_t_star_features
 
-from naive import naive_scores, naive_t_star_features
 from tiny_models import FAMILY_PARAMS, GIVEN_STATE_PARAMS, random_items, tiny_model
 
 SCORES = ("semgrad", "paragrad", "hybridgrad", "exgrad", "mean_entropy")
@@ -256,15 +257,16 @@ def test_given_prefix_keys_values_match_naive(family: str) -> None:
     triples[0] = (triples[0][0], triples[0][1], 0)  # t* at the first position: an empty prefix
     items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
     kvs = [prefix_keys_values(weights, p, t) for p, _, t in triples]
-    results = score_batch(weights, items, band, select_kernels("torch"), prefix_kv=kvs)
+    results = score_batch(weights, items, band, select_kernels("torch"), given=[Given(kv) for kv in kvs])
     for (prompt, answer, t_star), result in zip(triples, results):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
     # through the scorer: items with and without keys/values, batched apart, results in input order
     scorer = scorer_over(weights, band, triples)
-    mixed = scorer.score([(p, a) for p, a, _ in triples], batch_size=2, prefix_kv=[kvs[0], None, kvs[2], None, kvs[4]])
+    given = [Given(kvs[0]), Given(), Given(kvs[2]), Given(), Given(kvs[4])]
+    mixed = scorer.score([(p, a) for p, a, _ in triples], batch_size=2, given=given)
     for a, b in zip(results, mixed):
         assert_close(b.scores(), a.scores(), rel=1e-9)
-    wrong = scorer.score([(triples[1][0], triples[1][1])], prefix_kv=[kvs[2]])[0]
+    wrong = scorer.score([(triples[1][0], triples[1][1])], given=[Given(kvs[2])])[0]
     assert "prefix keys/values of shape" in str(wrong)
 
 
@@ -298,7 +300,8 @@ def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
     zs[2] = torch.cat((zs[2], torch.randn(2, zs[2].shape[1], dtype=zs[2].dtype)))
     zs[0] = None  # formed by scoring
     kept = [z.clone() for z in zs[1:]]
-    results = score_batch(weights, items, band, select_kernels("torch"), prefix_kv=kvs, band_inputs=xs, logits=zs)
+    given = [Given(kv, x, z) for kv, x, z in zip(kvs, xs, zs)]
+    results = score_batch(weights, items, band, select_kernels("torch"), given=given)
     assert all(torch.equal(a, b) for a, b in zip(kept, zs[1:]))  # the given logits are not overwritten
     for (prompt, answer, t_star), result in zip(triples, results):
         assert_close(result.scores(), naive_scores(model, prompt, answer, t_star, band), rel=1e-9)
@@ -307,14 +310,16 @@ def test_given_band_inputs_and_logits_match_naive(family: str) -> None:
     mixed = scorer.score(
         [(p, a) for p, a, _ in triples],
         batch_size=2,
-        prefix_kv=[kvs[0], kvs[1], full_kv, None],
-        band_inputs=[xs[0], xs[1], None, None],
-        logits=[None, zs[1], zs[2], zs[3]],
+        given=[Given(kvs[0], xs[0]), Given(kvs[1], xs[1], zs[1]), Given(full_kv, None, zs[2]), Given(logits=zs[3])],
     )
     for a, b in zip(results, mixed):
         assert_close(b.scores(), a.scores(), rel=1e-9)
     pair = [(triples[0][0], triples[0][1])]
-    assert "prefix keys/values of shape" in str(scorer.score(pair, prefix_kv=[full_kv], band_inputs=[xs[0]])[0])
-    assert "band inputs of shape" in str(scorer.score(pair, prefix_kv=[kvs[0]], band_inputs=[xs[0][:1]])[0])
-    assert "band inputs need" in str(scorer.score(pair, band_inputs=[xs[0]])[0])
-    assert "logits of shape" in str(scorer.score(pair, logits=[zs[1][:1]])[0])
+    assert "prefix keys/values of shape" in str(scorer.score(pair, given=[Given(full_kv, xs[0])])[0])
+    assert "band inputs of shape" in str(scorer.score(pair, given=[Given(kvs[0], xs[0][:1])])[0])
+    assert "logits of shape" in str(scorer.score(pair, given=[Given(logits=zs[1][:1])])[0])
+    with pytest.raises(ValueError, match="band inputs need"):
+        Given(band_inputs=xs[0])
+    # a batch runs one forward: items given different kinds of states are never batched together
+    with pytest.raises(ValueError, match="the same states"):
+        score_batch(weights, items[:2], band, select_kernels("torch"), given=[Given(kvs[0], xs[0]), Given()])

@@ -13,7 +13,7 @@ from vllm.v1.request import RequestStatus
 
 from semgrad_serve.errors import SemgradError
 from semgrad_serve.serving.capture_keys import SECRET_ENV, mint
-from semgrad_serve.serving.messages import KV_PARAM
+from semgrad_serve.serving.messages import KV_PARAM, SETUP_REFUSED
 from semgrad_serve.serving.settings import ScoringSettings
 from semgrad_serve.serving.worker.captures import CaptureStore
 from semgrad_serve.serving.worker.kv_layout import (
@@ -55,8 +55,10 @@ def test_extension_refuses_model_runner_v2_at_setup() -> None:
     worker.vllm_config = SimpleNamespace(use_v2_model_runner=True)  # type: ignore[attr-defined]
     worker.model_runner = SimpleNamespace()  # type: ignore[attr-defined]
     with pytest.raises(SemgradError) as refused:
-        worker.semgrad_setup(None, 4, [0])
+        worker.start_scoring(None, 4, [0])
     assert str(refused.value) == V2_REFUSED and "\n" not in V2_REFUSED
+    # through vLLM's RPC, as an answer the API server reads (an exception would cross as text only)
+    assert worker.semgrad_setup(None, 4, [0]) == {SETUP_REFUSED: V2_REFUSED}
 
 
 def test_check_runner_accepts_v1_and_names_what_another_runner_lacks() -> None:

@@ -90,9 +90,10 @@ ALLOWED = {
     "scoring": {"errors", "kernels", "model"},
     "serving": {"errors", "model", "scoring"},
     "evaluation": {"errors", "jsonl", "model", "scoring"},
-    "calibration": {"errors", "jsonl", "model", "scoring", "evaluation"},  # the evaluation prompt
-    "commands": {"errors", "jsonl", "kernels", "model", "scoring", "serving", "evaluation", "calibration"},
+    "sps_scan": {"errors", "jsonl", "model", "scoring", "evaluation"},  # the evaluation prompt
+    "commands": {"errors", "jsonl", "kernels", "model", "scoring", "serving", "evaluation", "sps_scan"},
     "cli": {"errors"},  # the commands are imported by name, one at a time
+    "testing": {"errors", "model", "scoring", "commands"},  # helpers of the tests and benchmarks, above the rest
 }
 
 
@@ -105,3 +106,66 @@ def test_packages_depend_downward() -> None:
     found = {(part(a), part(b)) for a, targets in import_graph().items() for b in targets if part(a) != part(b)}
     assert {p for p, _ in found} <= set(ALLOWED)
     assert sorted((a, b) for a, b in found if b not in ALLOWED.get(a, set())) == []
+
+
+def external_imports() -> dict[str, set[str]]:
+    """Module → the top-level names of the packages outside semgrad_serve it imports anywhere in its source."""
+    found: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
+        found[module_name(path)] = names - {PACKAGE.name}
+    return found
+
+
+def closure(graph: dict[str, set[str]], root: str) -> set[str]:
+    """The package's modules that importing ``root`` may import: those it imports, theirs, and so on, each with the
+    packages above it (whose ``__init__`` runs first)."""
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        stack += [*graph[module], *(p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in graph)]
+    return seen
+
+
+SERVING = f"{PACKAGE.name}.serving"
+# The modules vLLM's API server process imports: the plugin and everything it reaches, and what the worker shares.
+API_SERVER_SIDE = (f"{SERVING}.api_server", f"{SERVING}.messages", f"{SERVING}.settings", f"{SERVING}.capture_keys")
+
+
+def api_server_side_offenders(graph: dict[str, set[str]], roots: list[str]) -> dict[str, list[str]]:
+    """Per root, the modules in its import closure that import torch or belong to ``serving.worker``."""
+    external = external_imports()
+    found = {}
+    for root in roots:
+        bad = [m for m in closure(graph, root) if "torch" in external[m] or m.startswith(f"{SERVING}.worker")]
+        if bad:
+            found[root] = sorted(bad)
+    return found
+
+
+def test_the_api_server_side_never_imports_torch_nor_the_worker() -> None:
+    """The API server process runs no scoring maths: nothing it imports of this package imports torch (whose import
+    alone costs it memory and start-up time) or the worker side."""
+    graph = import_graph()
+    roots = [m for m in graph if m == API_SERVER_SIDE[0] or m.startswith(f"{API_SERVER_SIDE[0]}.")]
+    assert len(roots) > 5  # the plugin, its routes, the client ...
+    assert api_server_side_offenders(graph, [*roots, *API_SERVER_SIDE[1:]]) == {}
+    # the check can fail: the worker extension imports torch (through the scorer) and is the worker side
+    extension = f"{SERVING}.worker.extension"
+    assert extension in api_server_side_offenders(graph, [extension])[extension]
+
+
+def test_every_module_name_appears_once() -> None:
+    """A module's file name says what it holds, once in the package (``__init__.py`` aside)."""
+    names = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

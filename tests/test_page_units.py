@@ -83,11 +83,11 @@ def request(**extra) -> SimpleNamespace:
 
 
 def test_semgrad_request_field_turns_scoring_off_or_asks_for_tokens() -> None:
-    from semgrad_serve.serving.api_server.chat_routes import ScoringOptions, scoring_options, scoring_wanted
+    from semgrad_serve.serving.api_server.chat_routes import ScoringOptions, scoring_options
 
     assert scoring_options(request()) == ScoringOptions(tokens=False)
     assert scoring_options(request(semgrad=True)) == ScoringOptions()
-    assert scoring_options(request(semgrad=False)) is None and not scoring_wanted(request(semgrad=False))
+    assert scoring_options(request(semgrad=False)) is None
     assert scoring_options(request(semgrad={"tokens": True})) == ScoringOptions(tokens=True)
     assert scoring_options(request(semgrad={})) == ScoringOptions()
     assert scoring_options(request(vllm_xargs={"semgrad": "off"})) is None

@@ -14,8 +14,8 @@ from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.testing.naive import naive_scores
 
-from naive import naive_scores
 from test_claims import assert_claims_match_naive, claimed_items
 from tiny_models import FAMILIES, random_items, tiny_model
 

@@ -16,8 +16,8 @@ import pytest
 
 from semgrad_serve.errors import ItemError
 from semgrad_serve.scoring.items import NOTHING_TO_SCORE
+from semgrad_serve.scoring.semgrad_object import SERVED_FIELDS
 from semgrad_serve.serving.settings import TEST_FAULT_MARKER
-from semgrad_serve.serving.worker.extension import REPORTED
 
 MODEL = "smollm2-135m-instruct"  # the served name of the default model
 REQUEST_TIMEOUT_S = 180
@@ -48,7 +48,7 @@ def semgrad_of(choice: Any) -> dict[str, Any] | None:
 
 
 def assert_scored(semgrad: dict[str, Any] | None) -> None:
-    assert semgrad is not None and tuple(semgrad) == REPORTED + ("stop_token",), semgrad
+    assert semgrad is not None and tuple(semgrad) == SERVED_FIELDS + ("stop_token",), semgrad
     assert all(semgrad[k] > 0 for k in SCORE_KEYS) and semgrad["score"] == semgrad["hybridgrad"]
     assert 0 < semgrad["confidence"] < 1 and semgrad["flagged"] == (semgrad["confidence"] < semgrad["min_confidence"])
 
@@ -340,7 +340,7 @@ def test_claims_when_asked_equal_the_offline_claims(client, default_scorer) -> N
                                                           "semgrad": {"claims": True}})  # fmt: skip
     (choice,) = response.choices
     semgrad, answer_ids = semgrad_of(choice), choice.model_extra["token_ids"]
-    assert tuple(semgrad) == REPORTED + ("claims", "stop_token")
+    assert tuple(semgrad) == SERVED_FIELDS + ("claims", "stop_token")
     assert_claims_equal_offline(semgrad, default_scorer, response.model_extra["prompt_token_ids"], answer_ids)
     assert " ".join(c["text"] for c in semgrad["claims"]) == choice.message.content.strip()
     stream = client.completions.create(model=MODEL, prompt="The water cycle is", max_tokens=60, temperature=0,

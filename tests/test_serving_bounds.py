@@ -28,8 +28,7 @@ from semgrad_serve.serving.api_server.invocations_route import NOT_AUTHORIZED
 from semgrad_serve.serving.api_server.unscored_routes import NOTE_HEADER, UNSCORED
 from semgrad_serve.serving.settings import TEST_FAULTS_ENV, TEST_SLOW_MARKER
 from semgrad_serve.serving.worker.extension import over_limit_error
-
-from launch_server import RunningServer, free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import RunningServer, free_port, running_server, serve_command
 
 pytestmark = pytest.mark.slow  # starts the vLLM server
 

@@ -26,8 +26,7 @@ from test_serving import (
 )
 
 from semgrad_serve.commands.serve import cpu_thread_binding
-
-from launch_server import RunningServer, free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import RunningServer, free_port, running_server, serve_command
 
 pytestmark = pytest.mark.slow  # starts a vLLM server with two engines
 

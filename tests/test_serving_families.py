@@ -14,13 +14,12 @@ from typing import Iterator
 
 import openai
 import pytest
-from family_checkpoints import save_family_checkpoint
 from test_serving import LONG_CONTEXT, REQUEST_TIMEOUT_S, SCORE_KEYS, ask, semgrad_of
 
 from semgrad_serve.errors import ItemError
 from semgrad_serve.scoring.scorer import Scorer
-
-from launch_server import free_port, running_server, serve_command
+from semgrad_serve.testing.family_checkpoints import save_family_checkpoint
+from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
 pytestmark = pytest.mark.slow  # starts a vLLM server per family
 

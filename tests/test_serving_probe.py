@@ -61,8 +61,7 @@ def probe_profile(scorer, path: Path):
 
 def test_served_probe_confidence_equals_the_offline_one(tmp_path, default_scorer) -> None:
     from semgrad_serve.scoring.scorer import Scorer
-
-    from launch_server import free_port, running_server, serve_command
+    from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
     path = tmp_path / "probe.json"
     profile = probe_profile(default_scorer, path)

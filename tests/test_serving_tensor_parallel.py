@@ -20,8 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from semgrad_serve.errors import ItemError
 from semgrad_serve.model.loading import resolve_model
 from semgrad_serve.scoring.scorer import Scorer
-
-from launch_server import free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
 
 pytestmark = pytest.mark.slow  # starts a vLLM server with two workers
 

@@ -314,6 +314,28 @@ def test_a_cancelled_job_is_not_scored() -> None:
 
     assert asyncio.run(go())[1] == [{"semgrad": 5.0}]
     assert scored == [[100], [5]]
+def test_messages_pickle_and_are_told_apart_by_type() -> None:
+    """Every message survives pickling equal (the socket pickles them); a message of no known type is logged and
+    ignored by the service, which goes on answering."""
+    import pickle
+
+    from semgrad_serve.serving import messages
+
+    sent = [
+        messages.ScoreJob(3, "key", [([1, 2], [3])], claims=True),
+        messages.CancelJob(3),
+        messages.DropCapture("key"),
+        messages.StatsRequest(4),
+        messages.JobResult(3, [{"semgrad": 1.0}], batch_size=2),
+        messages.StatsReply(4, messages.StoreStats(1, 64, 128, 0)),
+    ]
+    assert [pickle.loads(pickle.dumps(m)) for m in sent] == sent
+    _, client, batches = service_and_client(FakeScore(hold=False))
+    assert client._send(("score", 9, None, [([5], [1])], False))  # the old positional tuple: not a message
+    assert asyncio.run(client.score(None, [([6], [1])])) == [{"semgrad": 6.0}]
+    assert batches == [[6]]
+
+
 def test_a_failing_request_does_not_sink_its_batch() -> None:
     """Two failing requests (one by the test seam the server tests use) in a batch of five: the batch is
     retried one request at a time and the others are scored."""
@@ -435,13 +457,14 @@ def test_settings_from_environment() -> None:
 
 
 def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> None:
-    from semgrad_serve.serving.worker.extension import REPORTED, answer_report
+    from semgrad_serve.scoring.semgrad_object import SERVED_FIELDS
+    from semgrad_serve.serving.worker.extension import answer_report
 
     scorer = default_scorer
     prompt = scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
     (result,) = scorer.score([(prompt, scorer.answer_ids("Paris."))])
     report = answer_report(scorer, result)
-    assert tuple(report) == REPORTED and report["score"] == report["hybridgrad"] > 0
+    assert tuple(report) == SERVED_FIELDS and report["score"] == report["hybridgrad"] > 0
     # the served confidence: the profile's calibrator on this answer's own score, length (no stop token) and entropy
     model = scorer.profile.confidence
     assert report["confidence"] == model.confidence(result.hybridgrad, result.answer_tokens - 1, result.mean_entropy)

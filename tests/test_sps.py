@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from semgrad_serve.calibration import sps
 from semgrad_serve.errors import SemgradError
+from semgrad_serve.sps_scan import sps
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -11,8 +11,8 @@ from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.profiles import ModelProfile, TStarRule
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.tied_head import UNTIED
+from semgrad_serve.testing.naive import naive_paragrad_tied, naive_scores
 
-from naive import naive_paragrad_tied, naive_scores
 from tiny_models import random_items, tiny_model
 
 T_STAR_ID, EOS = 7, 3

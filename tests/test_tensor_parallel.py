@@ -21,10 +21,10 @@ from semgrad_serve.kernels import select_kernels
 from semgrad_serve.model.tensor_parallel import TensorParallel
 from semgrad_serve.model.weights import DecoderWeights, from_hf_model
 from semgrad_serve.scoring.batch import score_batch
+from semgrad_serve.scoring.given import Given, GivenKind
 from semgrad_serve.scoring.items import PreparedItem
 from semgrad_serve.scoring.shared_prefix import PrefixCache
 from semgrad_serve.serving.worker import rank_sync
-from semgrad_serve.serving.worker.captures import Given
 
 from test_claims import claimed_items
 from test_exactness import deeper_half, generation_states, prefix_keys_values
@@ -163,18 +163,19 @@ def check_case(rank: int, group, family: str, changes: dict) -> None:
     triples = random_items(4, seed=21)
     items = [PreparedItem(tuple(p), tuple(a), t) for p, a, t in triples]
     kvs = [prefix_keys_values(full, p, t) for p, _, t in triples]
-    both(items, prefix_kv=(kvs, [local_kv(kv, rank, full.n_kv_heads) for kv in kvs]))
+    both(items, given=([Given(kv) for kv in kvs], [Given(local_kv(kv, rank, full.n_kv_heads)) for kv in kvs]))
     # and the band's inputs (the same on every rank)
     xs = [generation_states(model, p, a, t, band)[0] for p, a, t in triples]
     band_kvs = [kv[band.start :] for kv in kvs]
-    both(items, prefix_kv=(band_kvs, [local_kv(kv, rank, full.n_kv_heads) for kv in band_kvs]), band_inputs=(xs, xs))
+    full_given = [Given(kv, x) for kv, x in zip(band_kvs, xs)]
+    both(items, given=(full_given, [Given(local_kv(kv, rank, full.n_kv_heads), x) for kv, x in zip(band_kvs, xs)]))
 
 
 def check_rank_sync(rank: int, group) -> None:
     """Rank 0's batch reaches every rank; each answer keeps what it was given only where every rank had the same
     kind (else all recompute), and never the logits."""
-    plan = ([(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [2]) if rank == 0 else None
-    assert rank_sync.share_plan(group, plan) == ([(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [2])
+    sent = rank_sync.Plan([rank_sync.PlannedPiece(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [GivenKind.BAND_INPUTS])
+    assert rank_sync.share_plan(group, sent if rank == 0 else None) == sent
     kv, x, z = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     mine = (
         [Given(kv, x, z), Given(kv), Given(), Given(kv)]
@@ -182,7 +183,8 @@ def check_rank_sync(rank: int, group) -> None:
         else [Given(kv, x), Given(kv, x), Given(), Given(kv)]
     )
     agreed = rank_sync.agree(group, mine)
-    assert [rank_sync.given_kind(g) for g in agreed] == [2, 0, 0, 1]
+    kinds = [GivenKind.BAND_INPUTS, GivenKind.NOTHING, GivenKind.NOTHING, GivenKind.PROMPT_KV]
+    assert [g.kind for g in agreed] == kinds
     assert agreed[0].band_inputs is x and all(g.logits is None for g in agreed)
 
 

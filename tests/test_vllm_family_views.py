@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from family_checkpoints import FAMILIES, save_family_checkpoint
+
+from semgrad_serve.testing.family_checkpoints import FAMILIES, save_family_checkpoint
 
 pytestmark = pytest.mark.slow  # a vLLM engine per family
 

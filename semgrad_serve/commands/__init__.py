@@ -1,1 +1,1 @@
-"""One module per ``semgrad-serve`` subcommand: ``add_arguments(parser)`` and ``run(args)``."""
+"""One module per ``semgrad-serve`` subcommand, named as the subcommand: ``add_arguments(parser)`` and ``run(args)``."""

@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SemgradError("--batch-size must be at least 1")
     device = device_from_args(args)
-    from ..calibration.calibrate import run_calibration
+    from ..sps_scan.profile_scan import run_scan
 
-    profile, cal, png = run_calibration(
+    profile, found, png = run_scan(
         args.model,
         args.paraphrases,
         args.limit,
@@ -51,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
         device,
     )
     rule = profile.t_star
-    col = cal.table.sps[:, cal.t_star_column]
+    col = found.table.sps[:, found.t_star_column]
     print(
-        f"t* = last {rule.token!r} {rule.offset:+d} (position {cal.t_star_offset}), band = hidden states "
+        f"t* = last {rule.token!r} {rule.offset:+d} (position {found.t_star_offset}), band = hidden states "
         f"{profile.band[0]}..{profile.band[1]}, SPS at t* peaks at {col.max():.4f}; "
-        f"{cal.table.groups} queries, {cal.table.prompts} prompts",
+        f"{found.table.groups} queries, {found.table.prompts} prompts",
         file=sys.stderr,
     )
     print(f"wrote {args.out} and {png}", file=sys.stderr)

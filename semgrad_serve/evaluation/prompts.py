@@ -1,6 +1,7 @@
 """The evaluation prompt (SPEC): the paper's user message for one question, and its decoding limit.
 
-Calibration wraps its paraphrases in the same prompt, so that the prompt tail it scans is the one that is scored.
+The SPS scan (``sps_scan/``) wraps its paraphrases in the same prompt, so that the prompt tail it scans is the one
+that is scored.
 """
 
 from __future__ import annotations

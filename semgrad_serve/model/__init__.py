@@ -1,6 +1,6 @@
 """The model: a family-neutral frozen view of a decoder's weights and the forward maths over it.
 
-``weights.py`` (the view, of a Hugging Face model; vLLM's modules: ``serving/weights.py``),
+``weights.py`` (the view, of a Hugging Face model; vLLM's modules: ``serving/worker/vllm_weights.py``),
 ``decoder.py`` (one layer's maths), ``forward.py`` (no-graph passes: a shared prefix's
 keys/values, right-padded batches), ``logprobs.py`` (log-softmax and entropy),
 ``loading.py`` (a local Hugging Face model, ``--model`` by directory or name, dtypes and devices by name, the chat

@@ -29,6 +29,7 @@ import torch
 from ..model.decoder import context_step, embed_tokens, layer_forward, long_rope, norm, rotary, window_masks
 from ..model.forward import expand_prefix, padded_forward, right_padded, to_device
 from ..model.weights import DecoderWeights
+from .given import Given, GivenKind, batch_kind
 from .items import PreparedItem
 from .shared_prefix import SharedPrefix
 
@@ -69,22 +70,22 @@ def band_pass(
     items: Sequence[PreparedItem],
     band: range,
     shared: SharedPrefix | None = None,
-    prefix_kv: Sequence[torch.Tensor] | None = None,
-    band_inputs: Sequence[torch.Tensor] | None = None,
+    given: Sequence[Given] | None = None,
 ) -> BandPass:
     """Run the batch forward; ``band`` is the range of hidden-state indices whose gradient at t* is wanted.
     ``shared``: a prefix every item starts with (ending at or before each t*), whose keys/values enter
     every layer as constants, so that the items run from its end on.
-    ``prefix_kv``: per item, the keys/values of its positions [0, t*) at every layer
-    ([n_layers, 2, kv_heads, t*, head_dim], e.g. read from vLLM's KV cache); the items then run from t* on
-    through every layer, with no graph below the band.
-    ``band_inputs``: per item, the residual stream entering layer ``band.start`` at positions t* onwards
-    ([≥ length − t*, d]); with it, ``prefix_kv`` holds only the layers from ``band.start`` on and only the band runs."""
+    ``given``: per item, what it is given (``Given``; its logits are not read here), every item of the same kind:
+    with the keys/values of its positions [0, t*) at every layer (e.g. read from vLLM's KV cache), the items run
+    from t* on through every layer, with no graph below the band; with the band's inputs too (the keys/values
+    then of the layers from ``band.start`` on), only the band runs."""
     dev, dtype, n_layers = w.device, w.dtype, w.n_layers
-    if prefix_kv is not None and shared is not None:
+    kind = batch_kind(given)
+    if given is not None and len(given) != len(items):
+        raise ValueError("given states need one entry per item")
+    if kind is not GivenKind.NOTHING and shared is not None:
         raise ValueError("a shared prefix and per-item prefix keys/values exclude each other")
-    if band_inputs is not None and prefix_kv is None:
-        raise ValueError("band inputs need the prefix keys/values of the band's layers")
+    prefix_kv = None if given is None or kind is GivenKind.NOTHING else [g.prefix_kv for g in given]
     c = len(shared.ids) if shared is not None else 0
     seqs = [it.prompt_ids + it.answer_ids[:-1] for it in items]
     # Index bookkeeping on the host, each tensor sent once: no device read-back, no per-item copies.
@@ -112,13 +113,13 @@ def band_pass(
         x_pre = x[:, : p_max - c]
         pre_rope = rotary(w, pre_pos, dtype, long)
         pre_masks = window_masks(w, range(first, n_layers), pre_pos, torch.cat((shared_pos, pre_pos), dim=1), None)
-    elif band_inputs is None:
+    elif kind is GivenKind.PROMPT_KV:
         first = 0  # only the suffix runs, through every layer, over the given prefix keys/values
         x_suf = embed_tokens(w, right_padded([s[it.t_star :] for s, it in zip(seqs, items)], dev, s_max))
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
     else:
         first = band.start  # only the band runs, on the suffix, from the given residual stream
-        x_suf = pad_rows([x[:n].to(device=dev, dtype=dtype) for x, n in zip(band_inputs, s_len_h)], s_max)
+        x_suf = pad_rows([g.band_inputs[:n].to(device=dev, dtype=dtype) for g, n in zip(given, s_len_h)], s_max)
         pre_kv = pad_prefix_kv([kv.to(device=dev, dtype=dtype) for kv in prefix_kv], p_max)
 
     suf_rope = rotary(w, suf_pos, dtype, long)

@@ -29,6 +29,7 @@ from ..model.weights import DecoderWeights
 from . import head
 from .band_pass import band_pass
 from .claim_budget import DEFAULT_SEED_BUDGET, seed_bytes, seeds_per_backward
+from .given import Given
 from .items import ClaimScores, PreparedItem, ScoreResult, TStarFeatures, hybrid
 from .shared_prefix import SharedPrefix
 
@@ -81,16 +82,17 @@ class ClaimRows:
         return runs
 
 
-def head_logits(w: DecoderWeights, h: torch.Tensor, bounds: list[int], given: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
+def head_logits(w: DecoderWeights, h: torch.Tensor, bounds: list[int], given: Sequence[Given] | None) -> torch.Tensor:
     """Logits [rows, V] of the answer rows ``h`` of consecutive items (``bounds``: their row offsets): given ones
     (vLLM's, soft-capped as the model caps them) copied (never the given tensors themselves: token_stats
     overwrites its input), the others formed."""
-    if given is None or all(g is None for g in given):
+    if given is None or all(g.logits is None for g in given):
         return head.logits(w, h)
     parts = []
     for b, g in enumerate(given):
         lo, hi = bounds[b] - bounds[0], bounds[b + 1] - bounds[0]
-        parts.append(head.logits(w, h[lo:hi]) if g is None else g[: hi - lo].to(device=h.device, dtype=h.dtype))
+        z = g.logits
+        parts.append(head.logits(w, h[lo:hi]) if z is None else z[: hi - lo].to(device=h.device, dtype=h.dtype))
     return torch.cat(parts)
 
 
@@ -101,21 +103,16 @@ def score_batch(
     kernels: Kernels,
     shared: SharedPrefix | None = None,
     exgrad: bool = True,
-    prefix_kv: Sequence[torch.Tensor] | None = None,
-    band_inputs: Sequence[torch.Tensor] | None = None,
-    logits: Sequence[torch.Tensor | None] | None = None,
+    given: Sequence[Given] | None = None,
     seed_budget: int = DEFAULT_SEED_BUDGET,
     t_star_features: bool = False,
 ) -> list[ScoreResult]:
-    """Score a batch of prepared items with one forward and one backward (``shared``, ``prefix_kv``,
-    ``band_inputs``: see ``band_pass``). ``logits``: per item, the logits [≥ answer length, V] predicting its
-    answer tokens where already computed (vLLM's), or None. ``exgrad=False`` skips the ExGrad baseline, a
+    """Score a batch of prepared items with one forward and one backward (``shared``, ``given``: see ``band_pass``;
+    an item's given logits are used in place of the head's product). ``exgrad=False`` skips the ExGrad baseline, a
     second pass over the V×d head gradient. Items with ``claims`` also get their claims' scores (one more pass
     over their head gradient), their backward seeds in groups of at most ``seed_budget`` bytes.
     ``t_star_features``: each result also carries ``TStarFeatures`` (one more read-back)."""
-    fwd = band_pass(w, items, band, shared, prefix_kv, band_inputs)
-    if logits is not None and len(logits) != len(items):
-        raise ValueError("logits need one entry per item")
+    fwd = band_pass(w, items, band, shared, given)
     hidden = fwd.answer_hidden.detach()
     bounds = [0, *itertools.accumulate(len(it.answer_ids) for it in items)]  # on the host: no read-back
     claims = ClaimRows(items, bounds) if any(it.claims for it in items) else None
@@ -127,7 +124,7 @@ def score_batch(
         offsets = fwd.offsets[lo : hi + 1] - bounds[lo]
         h = hidden[rows]
         # the logits' memory holds the gradient softmax − onehot where the dtypes allow: one [rows, V] buffer
-        z = head_logits(w, h, bounds[lo : hi + 1], None if logits is None else logits[lo:hi])
+        z = head_logits(w, h, bounds[lo : hi + 1], None if given is None else given[lo:hi])
         lp, ent, nll_grad = head.token_stats(w, kernels, z, fwd.targets[rows])
         lengths = offsets.diff()
         inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths, output_size=bounds[hi] - bounds[lo])

@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import torch
 from tqdm import tqdm
 
 from ..errors import ItemError, SemgradError
@@ -22,10 +21,11 @@ from ..model.loading import Messages, chat_prompt_ids, load_hf_model
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
 from ..model.tokens import token_texts
 from ..model.weights import DecoderWeights, from_hf_model
-from . import tied_head
+from . import semgrad_object, tied_head
 from .batch import score_batch
 from .claim_budget import DEFAULT_SEED_BUDGET
 from .claims import Claim, split_claims
+from .given import NOTHING_GIVEN, Given, GivenKind, batch_kind
 from .items import DEFAULT_BATCH_TOKENS, NOTHING_TO_SCORE, T_STAR_RULES, ClaimScores, PreparedItem, ScoreResult
 from .profiles import ModelProfile, resolve_profile
 from .shared_prefix import PrefixCache
@@ -101,24 +101,20 @@ class Scorer:
         return scorer
 
     def report(self, result: ScoreResult) -> dict[str, Any]:
-        """A result as JSON-ready dict, with the profile's configured score, threshold, confidence and flag
-        (``ModelProfile.assess``), and its claims' reports where it has claims."""
+        """A result as JSON-ready dict (``semgrad_object.full``), with the profile's configured score, threshold,
+        confidence and flag (``ModelProfile.assess``), and its claims' reports where it has claims."""
         assessed = self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)
-        report = {**result.to_dict(), **assessed}
-        del report["t_star_features"]  # the probe's inputs, not for the user
-        if result.claims is None:
-            del report["claims"]
-        else:
-            report["claims"] = [self.claim_report(c, c.token_end == result.answer_tokens and result.stop_token) for c in result.claims]
-        return report
+        claims = None
+        if result.claims is not None:
+            claims = [self.claim_report(c, c.token_end == result.answer_tokens and result.stop_token) for c in result.claims]
+        return semgrad_object.full(result, assessed, claims)
 
     def claim_report(self, claim: ClaimScores, stop_token: bool) -> dict[str, Any]:
         """One claim's entry of ``"claims"``: its text, tokens, raw scores, and the profile's confidence and flag from
         them, as for a whole answer (``stop_token``: the claim ends on the answer's scored stop token, not counted in
         its length)."""
         assessed = self.profile.assess(claim.scores(), claim.token_end - claim.token_start - stop_token)
-        raw = {k: getattr(claim, k) for k in ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy")}
-        return {**raw, "confidence": assessed["confidence"], "flagged": assessed["flagged"]}
+        return semgrad_object.claim_report(claim, assessed)
 
     # -- text to token ids -------------------------------------------------------------------------
 
@@ -194,29 +190,23 @@ class Scorer:
         return self.claims(answer) if wanted else ()
 
     def score_prepared(
-        self,
-        items: Sequence[PreparedItem],
-        prefix_kv: Sequence[torch.Tensor] | None = None,
-        band_inputs: Sequence[torch.Tensor] | None = None,
-        logits: Sequence[torch.Tensor | None] | None = None,
+        self, items: Sequence[PreparedItem], given: Sequence[Given] | None = None
     ) -> list[ScoreResult | ItemError]:
         """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others.
-        ``prefix_kv``, ``band_inputs``, ``logits``: see ``score_batch``."""
+        ``given``: see ``score_batch``."""
         try:
-            shared = None if prefix_kv is not None else self.prefix_cache.for_batch(self.weights, items)
+            recompute = batch_kind(given) is GivenKind.NOTHING
+            shared = self.prefix_cache.for_batch(self.weights, items) if recompute else None
             results = score_batch(
-                self.weights, items, self.band, self.kernels, shared, self.exgrad, prefix_kv, band_inputs, logits,
+                self.weights, items, self.band, self.kernels, shared, self.exgrad, given,
                 seed_budget=self.seed_budget, t_star_features=self.t_star_features,
             )
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 return [ItemError(f"scoring failed: {exc}")]
-            alone = [None] * len(items)
-            kvs = alone if prefix_kv is None else [[kv] for kv in prefix_kv]
-            xs = alone if band_inputs is None else [[x] for x in band_inputs]
-            zs = alone if logits is None else [[z] for z in logits]
-            return [r for item, kv, x, z in zip(items, kvs, xs, zs) for r in self.score_prepared([item], kv, x, z)]
+            alone = [None] * len(items) if given is None else [[g] for g in given]
+            return [r for item, g in zip(items, alone) for r in self.score_prepared([item], g)]
 
     def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
         """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
@@ -229,9 +219,7 @@ class Scorer:
         batch_size: int = 8,
         progress: bool = False,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-        prefix_kv: Sequence[torch.Tensor | None] | None = None,
-        band_inputs: Sequence[torch.Tensor | None] | None = None,
-        logits: Sequence[torch.Tensor | None] | None = None,
+        given: Sequence[Given] | None = None,
         claims: bool | Sequence[bool | range] = False,
     ) -> list[ScoreResult | ItemError]:
         """Score (prompt ids, answer ids) pairs; results keep input order. ``claims`` (for every pair, or per pair):
@@ -241,35 +229,29 @@ class Scorer:
         Items of similar length share a batch of at most ``batch_size`` items and, padding included,
         ``max_batch_tokens`` tokens (a longer item goes alone): larger batches of long prompts only
         cost memory (their activations outgrow the caches, so they are no faster per item).
-        ``prefix_kv``: per pair, its prompt's keys/values before t* at every layer
-        ([n_layers, 2, kv_heads, t*, head_dim], as vLLM's KV cache holds them), or None to recompute
-        them; an item with them runs only from t* on, so only its tokens from t* on count.
-        ``band_inputs``: per pair, the residual stream entering the band's first layer at positions t*
-        onwards ([≥ length − t*, d], as vLLM computed it), or None; a pair with them has ``prefix_kv`` of
-        the layers from the band's first on only, and only the band runs.
-        ``logits``: per pair, the logits [≥ answer length, V] that predict its answer tokens (as vLLM computed them
-        while generating), or None; the head's product is then not formed again."""
+        ``given``: per pair, what vLLM computed for it (``Given``; default: nothing, recompute): with its prompt's
+        keys/values before t* it runs only from t* on, so only its tokens from t* on count; with the band's inputs
+        too, only the band runs; with its logits, the head's product is not formed again. Answers are batched with
+        others of the same ``Given.kind``; a given state of the wrong shape is an ``ItemError``."""
         if batch_size < 1 or max_batch_tokens < 1:
             raise SemgradError("batch size and batch tokens must be at least 1")
-        kvs = list(prefix_kv) if prefix_kv is not None else [None] * len(pairs)
-        xs = list(band_inputs) if band_inputs is not None else [None] * len(pairs)
-        zs = list(logits) if logits is not None else [None] * len(pairs)
+        given = list(given) if given is not None else [NOTHING_GIVEN] * len(pairs)
         wanted = [claims] * len(pairs) if isinstance(claims, bool) else list(claims)
-        if not len(kvs) == len(xs) == len(zs) == len(wanted) == len(pairs):
-            raise SemgradError("prefix_kv, band_inputs, logits and claims need one entry per pair")
+        if not len(given) == len(wanted) == len(pairs):
+            raise SemgradError("given and claims need one entry per pair")
         results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
-        # 0: recompute the prompt; 1: prompt keys/values given; 2: and the band's inputs
-        groups: dict[int, list[tuple[int, int, PreparedItem]]] = {0: [], 1: [], 2: []}
+        groups: dict[GivenKind, list[tuple[int, int, PreparedItem]]] = {kind: [] for kind in GivenKind}
         for i, (prompt, answer) in enumerate(pairs):
             try:
                 item = self.prepare(prompt, answer, wanted[i])
-                kind = self._check_given(item, kvs[i], xs[i], zs[i])
+                self._check_given(item, given[i])
             except ItemError as exc:
                 results[i] = exc
                 continue
-            groups[kind].append((item.length - item.t_star if kind else item.length, i, item))
+            kind = given[i].kind
+            groups[kind].append((item.length if kind is GivenKind.NOTHING else item.length - item.t_star, i, item))
         with tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="answer", disable=not progress) as bar:
-            for kind, prepared in groups.items():
+            for prepared in groups.values():
                 prepared.sort(key=lambda p: p[0])
                 while prepared:
                     # sorted by length, so the last item of a batch sets its padded length
@@ -277,36 +259,30 @@ class Scorer:
                     while size < min(batch_size, len(prepared)) and (size + 1) * prepared[size][0] <= max_batch_tokens:
                         size += 1
                     chunk, prepared = prepared[:size], prepared[size:]
-                    chunk_kv = [kvs[i] for _, i, _ in chunk] if kind else None
-                    chunk_x = [xs[i] for _, i, _ in chunk] if kind == 2 else None
-                    chunk_z = [zs[i] for _, i, _ in chunk]
-                    chunk_z = chunk_z if any(z is not None for z in chunk_z) else None
-                    for (_, i, _), result in zip(chunk, self.score_prepared([p for _, _, p in chunk], chunk_kv, chunk_x, chunk_z)):
+                    chunk_given = [given[i] for _, i, _ in chunk]
+                    scored = self.score_prepared([p for _, _, p in chunk], chunk_given)
+                    for (_, i, _), result in zip(chunk, scored):
                         results[i] = result
                     bar.update(len(chunk))
         return results  # type: ignore[return-value]
 
-    def _check_given(self, item: PreparedItem, kv: torch.Tensor | None, x: torch.Tensor | None, z: torch.Tensor | None) -> int:
-        """Which of ``score``'s groups an item with these given states goes to; mismatched shapes are an ``ItemError``."""
+    def _check_given(self, item: PreparedItem, given: Given) -> None:
+        """Given states of the wrong shape for ``item`` are an ``ItemError``."""
+        kv, x, z = given.prefix_kv, given.band_inputs, given.logits
         answer, vocab = len(item.answer_ids), self.weights.vocab_size
         if z is not None and self.weights.tp is not None:
             raise ItemError("given logits are not taken under tensor parallelism (each rank forms its own vocabulary rows)")
         if z is not None and (z.dim() != 2 or z.shape[0] < answer or z.shape[1] != vocab):
             raise ItemError(f"logits of shape {tuple(z.shape)}, expected at least ({answer}, {vocab})")
         if kv is None:
-            if x is not None:
-                raise ItemError("band inputs need the prefix keys/values of the band's layers")
-            return 0
+            return
         first = 0 if x is None else self.band.start
         expected = self.prefix_kv_shape(item.t_star, first)
         if tuple(kv.shape) != expected:
             raise ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {expected}")
-        if x is None:
-            return 1
         rows = item.length - item.t_star
-        if x.dim() != 2 or x.shape[0] < rows or x.shape[1] != self.weights.hidden_size:
+        if x is not None and (x.dim() != 2 or x.shape[0] < rows or x.shape[1] != self.weights.hidden_size):
             raise ItemError(f"band inputs of shape {tuple(x.shape)}, expected at least ({rows}, {self.weights.hidden_size})")
-        return 2
 
     def prefix_kv_shape(self, t_star: int, first_layer: int = 0) -> tuple[int, ...]:
         """The shape ``score`` expects of an item's prefix keys/values (layers from ``first_layer`` on)."""

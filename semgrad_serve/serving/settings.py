@@ -76,7 +76,7 @@ TEST_SLOW_S = 2.0
 @dataclass(frozen=True)
 class ScoringSettings:
     """The scoring profile and batching: at most ``max_batch`` answers per backward (see ``scoring_service.py``);
-    ``recent``: how many recent answers the API server keeps for the page (``recent.py``); ``max_claims``: the
+    ``recent``: how many recent answers the API server keeps for the page (``recent_answers.py``); ``max_claims``: the
     most claims scored per answer (the others get an error); ``claims_per_pass``: the most claims one scoring pass
     takes (a pass is what a gone client's job can stop after); ``claim_memory_mib``: the memory budget of one
     backward's claim seeds (``claim_budget.py``)."""

@@ -12,7 +12,7 @@ answer that shows nothing gets ``NOTHING_TO_SCORE``. ``"semgrad": false`` in the
 body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request;
 ``"semgrad": {"tokens": true}`` adds the answer's per-token texts, entropies and
 log-probabilities, ``{"claims": true}`` its sentences' scores. Every scored choice
-is also kept in the recent-answers ring (``recent.py``) that the page reads.
+is also kept in the recent-answers ring (``recent_answers.py``) that the page reads.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect, valida
 from ...errors import SemgradError
 from ...model.stop_token import eos_ids, received_tokens
 from ...model.tokens import has_visible_text, token_texts
+from ...scoring import semgrad_object
 from ...scoring.items import NOTHING_TO_SCORE
 from ..messages import KV_PARAM
 from .data_parallel import EngineRouter
-from .recent_answers import TOKEN_FIELDS, RecentAnswers, chat_question, prompt_question
+from .recent_answers import RecentAnswers, chat_question, prompt_question
 from .scoring_client import ScoringClient
 
 router = APIRouter()
@@ -85,11 +86,6 @@ def scoring_options(request: ChatCompletionRequest | CompletionRequest | Respons
     return ScoringOptions() if _SWITCH[key] else None
 
 
-def scoring_wanted(request: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> bool:
-    """Whether the request wants scores (see ``scoring_options``)."""
-    return scoring_options(request) is not None
-
-
 class StopTokens:
     """The model's EOS ids and tokenizer, which decide the scored answer (built once per server, on first use)."""
 
@@ -122,14 +118,8 @@ class StopTokens:
     def report(self, result: dict[str, Any], answer: list[int], stop_token: bool, options: ScoringOptions) -> dict[str, Any]:
         """A scored answer's ``"semgrad"`` object: the worker's report (which always carries the per-token
         entropies and log-probs) with ``stop_token``, and the per-token data only where the request asked for it."""
-        if "error" in result:
-            return result
-        report = {k: v for k, v in result.items() if k not in TOKEN_FIELDS}
-        report["stop_token"] = stop_token
-        if options.tokens and "token_entropies" in result:
-            report["token_texts"] = token_texts(self.tokenizer, answer)
-            report["token_entropies"], report["token_logprobs"] = result["token_entropies"], result["token_logprobs"]
-        return report
+        texts = token_texts(self.tokenizer, answer) if options.tokens and "token_entropies" in result else None
+        return semgrad_object.for_response(result, stop_token, texts)
 
 
 def echoed_text(prompt: Any, index: int, n: int, tokenizer: Any, prompt_ids: list[int]) -> str:
@@ -198,9 +188,9 @@ class _Choices:
             ids = self.answers.get(index, []) if self.generated else []
             answer, stop_token = self.stop.scored(ids, choice.get("stop_reason"), self.include_stop)
             if not prompt:
-                choice["semgrad"] = {"error": NO_IDS}
+                choice["semgrad"] = semgrad_object.error_report(NO_IDS)
             elif not has_visible_text(self.stop.tokenizer, answer):
-                choice["semgrad"] = {"error": NOTHING_TO_SCORE}
+                choice["semgrad"] = semgrad_object.error_report(NOTHING_TO_SCORE)
             else:
                 todo.append((choice, (prompt, answer), stop_token))
         if todo:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from starlette.requests import Request
 
 from ...errors import SemgradError
+from ..messages import SETUP_REFUSED
 from .scoring_client import ScoringClient
 
 DP_RANK_HEADER = "x-data-parallel-rank"  # vLLM's header naming the engine of a request (``_get_data_parallel_rank``)
@@ -28,12 +29,14 @@ SETUP = "semgrad_setup"  # the worker extension's set-up method
 
 async def setup_engines(engine_client: Any, args: tuple, data_parallel_size: int) -> list[dict[str, Any]]:
     """Call the worker extension's set-up on every engine's workers; per engine, rank 0's answer (whose scoring
-    service takes the answers). ``collective_rpc`` reaches every engine but returns engine 0's answer only, so with
-    several engines each is asked through vLLM's per-engine utility call."""
+    service takes the answers), or a worker's refusal (``SETUP_REFUSED``). ``collective_rpc`` reaches every engine
+    but returns engine 0's answers only, so with several engines each is asked through vLLM's per-engine utility
+    call."""
     if data_parallel_size == 1:
-        return [(await engine_client.collective_rpc(SETUP, args=args))[0]]
-    per_engine = await engine_client.engine_core.call_utility_all_async("collective_rpc", SETUP, None, args, None)
-    return [workers[0] for workers in per_engine]
+        per_engine = [await engine_client.collective_rpc(SETUP, args=args)]
+    else:
+        per_engine = await engine_client.engine_core.call_utility_all_async("collective_rpc", SETUP, None, args, None)
+    return [next((info for info in workers if SETUP_REFUSED in info), workers[0]) for workers in per_engine]
 
 
 def connect(infos: Sequence[dict[str, Any]], secret: bytes | None) -> list[ScoringClient]:

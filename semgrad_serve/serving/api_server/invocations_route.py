@@ -1,7 +1,7 @@
 """``POST /invocations`` (SageMaker's inference route): the scored chat and completions routes, behind ``--api-key``.
 
 vLLM's own ``/invocations`` dispatches a chat or completions body to vLLM's unscored handlers and is outside
-the paths that ``--api-key`` guards. This one dispatches to the scored routes (``routes.py``), so its answers
+the paths that ``--api-key`` guards. This one dispatches to the scored routes (``chat_routes.py``), so its answers
 carry ``"semgrad"`` as theirs do, and it asks for the same key as ``/v1`` where the server has one.
 """
 

@@ -10,7 +10,7 @@
   capture store holds now (``captures``: entries, bytes, budget, dropped keys
   remembered; null where the scoring service does not answer).
 - ``GET /v1/semgrad/recent?flagged=1&limit=N``: the recent scored answers, newest
-  first (``recent.py``).
+  first (``recent_answers.py``).
 
 The JSON routes sit under ``/v1`` so that vLLM's ``--api-key`` guards them as it
 guards the completions: the recent answers are other people's questions.

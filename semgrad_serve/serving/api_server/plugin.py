@@ -19,6 +19,7 @@ from starlette.datastructures import State
 
 from ...errors import SemgradError
 from ..capture_keys import SECRET_ENV, fingerprint, secret_from_env
+from ..messages import SETUP_REFUSED
 from ..settings import (
     API_SERVERS_REFUSED,
     CAPTURE_KV_TRANSFER_CONFIG,
@@ -65,14 +66,14 @@ class SemgradPlugin:
         api_cores = sorted(os.sched_getaffinity(0))
         claims = (settings.max_claims, settings.claims_per_pass, settings.claim_memory_mib << 20)
         setup_args = (settings.profile, settings.max_batch, api_cores, *claims)
-        try:
-            infos = await setup_engines(engine_client, setup_args, getattr(args, "data_parallel_size", None) or 1)
-        except Exception as exc:
-            if "semgrad_setup" in str(exc) and "attribute" in str(exc):
-                raise SemgradError(
-                    f"the SemGrad plugin needs its worker extension: start vLLM with --worker-extension-cls {WORKER_EXTENSION}"
-                ) from None
-            raise SemgradError(f"SemGrad scoring cannot start: {exc}") from None
+        extension = getattr(args, "worker_extension_cls", None)
+        if extension is not None and extension != WORKER_EXTENSION:
+            needed = f"--worker-extension-cls {WORKER_EXTENSION}"
+            raise SemgradError(f"the SemGrad plugin needs its worker extension: start vLLM with {needed}")
+        infos = await setup_engines(engine_client, setup_args, getattr(args, "data_parallel_size", None) or 1)
+        refused = next((info[SETUP_REFUSED] for info in infos if SETUP_REFUSED in info), None)
+        if refused is not None:
+            raise SemgradError(f"SemGrad scoring cannot start: {refused}")
         # per engine, rank 0's, whose scoring service takes the answers (under tensor parallelism, for every rank)
         connector, secret = infos[0]["capture"], secret_from_env()
         for info in infos:

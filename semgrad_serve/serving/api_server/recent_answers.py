@@ -14,10 +14,10 @@ import time
 from collections import deque
 from typing import Any, Iterable
 
+from ...scoring import semgrad_object
 from ..settings import RECENT_ANSWERS
 
 MAX_TEXT = 4000  # characters kept of a question or an answer
-TOKEN_FIELDS = ("token_texts", "token_entropies", "token_logprobs")
 
 
 def clip(text: str, limit: int = MAX_TEXT) -> tuple[str, bool]:
@@ -90,7 +90,7 @@ class RecentAnswers:
             "answer": answer,
             "truncated": question_cut or answer_cut,
             "finish_reason": finish_reason,
-            "semgrad": {k: v for k, v in semgrad.items() if k not in TOKEN_FIELDS},
+            "semgrad": semgrad_object.for_recent(semgrad),
         }
         self._ring.appendleft(entry)
         self.total += 1

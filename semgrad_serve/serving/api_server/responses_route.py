@@ -5,7 +5,7 @@ is switched on, so that the response carries the prompt's and the answer's token
 (``input_messages``, ``output_messages``; hidden again unless the client asked for
 them). The response, or the ``response.completed`` event of a stream, then gets
 ``"semgrad": {...}`` beside its ``output``, with the same options and conventions as a
-chat choice (``routes.py``). The answer scored is what the user received: vLLM's ids
+chat choice (``chat_routes.py``). The answer scored is what the user received: vLLM's ids
 less the tokens of a stop string, found from the output text (the Responses API does
 not say why generation stopped). Only a one-turn answer as raw tokens can be scored
 (not a background response, nor the messages of tool-calling or harmony models).
@@ -25,6 +25,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from ...model.stop_token import tokens_of_text
 from ...model.tokens import has_visible_text
+from ...scoring import semgrad_object
 from ...scoring.items import NOTHING_TO_SCORE
 from ..messages import KV_PARAM
 from .chat_routes import ScoringOptions, StopTokens, scoring_setup, unless_gone, with_body
@@ -65,12 +66,12 @@ class _Response:
         if not self.keep_messages:
             body.update(dict.fromkeys(MESSAGE_FIELDS))  # as vLLM renders them when the client did not ask
         if found is None:
-            body["semgrad"] = {"error": NOT_ONE_ANSWER}
+            body["semgrad"] = semgrad_object.error_report(NOT_ONE_ANSWER)
         else:
             prompt, ids, text = found
             answer = tokens_of_text(self.stop.tokenizer, ids, text)
             if not has_visible_text(self.stop.tokenizer, answer):
-                body["semgrad"] = {"error": NOTHING_TO_SCORE}
+                body["semgrad"] = semgrad_object.error_report(NOTHING_TO_SCORE)
             else:
                 (result,) = await self.client.score(self.key, [(prompt, answer)], claims=self.options.claims)
                 body["semgrad"] = self.stop.report(result, answer, self.stop.ends_on_eos(answer), self.options)
@@ -103,7 +104,7 @@ async def create_responses(request: ResponsesRequest, raw_request: Request) -> R
     if request.background:  # answered before it is generated: nothing to score yet
         response = await vllm_responses.create_responses(request, raw_request)
         if isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
-            return with_body(response, {**json.loads(response.body), "semgrad": {"error": BACKGROUND}})
+            return with_body(response, {**json.loads(response.body), "semgrad": semgrad_object.error_report(BACKGROUND)})
         return response
 
     keep_messages = request.enable_response_messages

@@ -1,7 +1,7 @@
 """The API server's end of the scoring service: send answers, await their scores, never lose a request.
 
-One Unix-socket connection to the worker's scoring service (``scoring_service.py``);
-a reader thread hands each result to the event loop that asked for it. If the
+One Unix-socket connection to the worker's scoring service (``scoring_service.py``), carrying the
+dataclasses of ``messages.py``; a reader thread hands each result to the event loop that asked for it. If the
 service goes away, every waiting answer gets ``{"error": ...}`` and the
 completions still go out.
 """
@@ -16,10 +16,21 @@ import time
 from multiprocessing.connection import Client
 from typing import Any, Sequence
 
+from ...scoring import semgrad_object
 from ..capture_keys import mint
-from ..messages import StoreStats
+from ..messages import (
+    CancelJob,
+    DropCapture,
+    JobResult,
+    ScoreJob,
+    StatsReply,
+    StatsRequest,
+    StoreStats,
+    ToApiServer,
+    ToWorker,
+)
 from ..settings import log
-from . import prometheus_metrics as metrics
+from . import prometheus_metrics
 
 SERVICE_GONE = "scoring failed: the scoring service in the vLLM worker is not reachable"
 
@@ -66,19 +77,19 @@ class ScoringClient:
         job = next(self._jobs)
         with self._lock:
             if self._closed.is_set():
-                return [{"error": SERVICE_GONE}] * len(pairs)
+                return [semgrad_object.error_report(SERVICE_GONE)] * len(pairs)
             self._waiting[job] = (loop, future, len(pairs))
         start = time.perf_counter()
-        if not self._send(("score", job, key, [(list(p), list(a)) for p, a in pairs], claims)):
+        if not self._send(ScoreJob(job, key, [(list(p), list(a)) for p, a in pairs], claims)):
             self._fail(job)
         try:
             results = await future
         except asyncio.CancelledError:  # the client of the request has gone: its scoring is dropped
             with self._lock:
                 self._waiting.pop(job, None)
-            self._send(("cancel", job))
+            self._send(CancelJob(job))
             raise
-        metrics.record_answers(results, time.perf_counter() - start, self.engine)
+        prometheus_metrics.record_answers(results, time.perf_counter() - start, self.engine)
         return results
 
     async def store_stats(self, timeout_s: float) -> StoreStats | None:
@@ -90,7 +101,7 @@ class ScoringClient:
             if self._closed.is_set():
                 return None
             self._waiting[job] = (loop, future, 1)
-        if not self._send(("stats", job)):
+        if not self._send(StatsRequest(job)):
             self._fail(job)
         try:
             stats = await asyncio.wait_for(future, timeout_s)
@@ -103,9 +114,9 @@ class ScoringClient:
     def drop(self, key: str | None) -> None:
         """The request of ``key`` is done: its captured keys/values can go."""
         if key is not None:
-            self._send(("drop", key))
+            self._send(DropCapture(key))
 
-    def _send(self, message: tuple) -> bool:
+    def _send(self, message: ToWorker) -> bool:
         try:
             with self._send_lock:
                 self._conn.send(message)
@@ -119,21 +130,28 @@ class ScoringClient:
             entry = self._waiting.pop(job, None)
         if entry is not None:
             loop, future, n = entry
-            loop.call_soon_threadsafe(_resolve, future, [{"error": SERVICE_GONE}] * n)
+            loop.call_soon_threadsafe(_resolve, future, [semgrad_object.error_report(SERVICE_GONE)] * n)
 
     def _read(self) -> None:
         while True:
             try:
-                _, job, reports, batch_size = self._conn.recv()
+                message: ToApiServer = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if batch_size:
-                metrics.SCORING_BATCH_SIZE.observe(batch_size)
+            if isinstance(message, JobResult):
+                if message.batch_size:
+                    prometheus_metrics.SCORING_BATCH_SIZE.observe(message.batch_size)
+                value: Any = message.reports
+            elif isinstance(message, StatsReply):
+                value = message.stats
+            else:
+                log.warning("SemGrad: unexpected message from the scoring service: %s", type(message).__name__)
+                continue
             with self._lock:
-                entry = self._waiting.pop(job, None)
+                entry = self._waiting.pop(message.job, None)
             if entry is not None:
                 loop, future, _ = entry
-                loop.call_soon_threadsafe(_resolve, future, reports)
+                loop.call_soon_threadsafe(_resolve, future, value)
         log.error("SemGrad: the scoring service closed its connection; answers are returned unscored")
         with self._lock:
             self._closed.set()

@@ -1,6 +1,6 @@
 """vLLM's generating routes that SemGrad does not score: their responses say so.
 
-Chat, completions, responses and ``/invocations`` are scored (``routes.py``, ``responses_route.py``,
+Chat, completions, responses and ``/invocations`` are scored (``chat_routes.py``, ``responses_route.py``,
 ``invocations_route.py``). The other routes of vLLM 0.32 that generate text run unchanged, and each response
 carries the header ``x-semgrad`` with the reason; a JSON object response also gets ``"semgrad": {"error": ...}``.
 """
@@ -15,6 +15,8 @@ from typing import Any, Awaitable, Callable
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+
+from ...scoring import semgrad_object
 
 NOTE_HEADER = "x-semgrad"
 _USE_CHAT = "send the conversation to /v1/chat/completions to have it scored"
@@ -38,12 +40,12 @@ def noted(endpoint: Callable[..., Awaitable[Any]], note: str) -> Callable[..., A
         if isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
             body = json.loads(response.body)
             if isinstance(body, dict):
-                response.body = response.render({**body, "semgrad": {"error": note}})
+                response.body = response.render({**body, "semgrad": semgrad_object.error_report(note)})
                 response.headers["content-length"] = str(len(response.body))
         if isinstance(response, Response):
             response.headers[NOTE_HEADER] = note
         elif isinstance(response, dict):
-            response = {**response, "semgrad": {"error": note}}
+            response = {**response, "semgrad": semgrad_object.error_report(note)}
         return response
 
     return with_note

@@ -11,7 +11,7 @@ that ended after its client left (its key dropped first) is never taken.
 Every key gets an entry, with keys/values or without (t* not in the prompt,
 over the memory budget, layout unknown), so that scoring never waits for a
 capture that will not come. Where the band's inputs were recorded for every
-position from t* on (``band_inputs.py``), the capture holds them and only the
+position from t* on (``step_recorder.py``), the capture holds them and only the
 band's layers' keys/values.
 """
 
@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ...scoring.given import NOTHING_GIVEN, Given
 from ..messages import StoreStats
 from .step_recorder import Recorded
 
@@ -69,14 +70,14 @@ class Capture:
         only). Nothing where the answer must be scored by recompute."""
         kv = self.kv
         if kv is None:
-            return Given()
+            return NOTHING_GIVEN
         rows = len(self.prompt_ids) + len(answer_ids) - 1 - self.t_star
         for output_ids, recorded in self.recorded:
             if continues(output_ids, answer_ids) and recorded.band_inputs.shape[0] >= rows:
                 logits = recorded.logits
                 logits = logits[: len(answer_ids)] if logits is not None and logits.shape[0] >= len(answer_ids) else None
                 return Given(kv, recorded.band_inputs, logits)
-        return Given(kv) if self.first_layer == 0 else Given()
+        return Given(kv) if self.first_layer == 0 else NOTHING_GIVEN
 
     @property
     def nbytes(self) -> int:
@@ -89,16 +90,6 @@ def continues(output_ids: tuple[int, ...], answer_ids: Sequence[int]) -> bool:
     """Whether a choice's output gives ``answer_ids`` (the tokens the user received, a stop string cut): its
     band inputs and logits up to the answer's last token depend only on the tokens before that one."""
     return tuple(answer_ids[:-1]) == output_ids[: len(answer_ids) - 1]
-
-
-@dataclass(frozen=True)
-class Given:
-    """What scoring an answer takes as computed (see ``Scorer.score``): its prompt's keys/values before t*, the
-    band's inputs from t* on and the logits predicting the answer's tokens; None: computed by scoring."""
-
-    prefix_kv: torch.Tensor | None = None
-    band_inputs: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
 
 
 # Given t*, the band's first layer and what one choice's run recorded from t* on, or None.

@@ -16,11 +16,14 @@ from typing import Any
 
 from ...errors import ItemError, SemgradError
 from ...model.weights import DecoderWeights
+from ...scoring import semgrad_object
 from ...scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
-from ...scoring.items import FLAG_SCORES, ScoreResult
+from ...scoring.given import NOTHING_GIVEN, Given
+from ...scoring.items import ScoreResult
 from ...scoring.profiles import resolve_profile
 from ...scoring.scorer import Scorer
 from ..capture_keys import fingerprint, secret_from_env
+from ..messages import SETUP_REFUSED, Pair
 from ..settings import (
     CAPTURE_CONNECTOR_MODULE,
     PIPELINE_REFUSED,
@@ -32,24 +35,13 @@ from ..settings import (
     log,
 )
 from . import rank_sync
-from .captures import STORE, Given
+from .captures import STORE
 from .runner_check import check_runner
-from .scoring_service import Pair, PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
+from .scoring_service import PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
 from .step_recorder import RECORDER
 from .vllm_weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
-
-# The fields of a scored answer in the API response, in this order.
-SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-REPORTED = (*SERVED_SCORES, "score", "threshold", "confidence", "min_confidence", "flagged", "reused", "t_star_rule")
-
-
-def reused(given: Given) -> list[str]:
-    """What of vLLM's own computation scoring reused for an answer, in data-path order."""
-    parts = ("prompt_kv", given.prefix_kv), ("band_inputs", given.band_inputs), ("logits", given.logits)
-    return [name for name, value in parts if value is not None]
-
 
 def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
@@ -58,16 +50,10 @@ def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given 
     numbers up to float rounding. ``tokens`` adds the per-token entropies and log-probs (the API server passes
     them on to requests that ask for them); ``claims`` are there where they were scored."""
     if isinstance(result, ItemError):
-        return {"error": str(result)}
+        return semgrad_object.error_report(str(result))
     if not all(math.isfinite(v) for v in result.scores().values()):
-        return {"error": "scoring produced a non-finite value (NaN or inf)"}
-    report = {**scorer.report(result), "reused": reused(given or Given())}
-    out = {key: report[key] for key in REPORTED}
-    if "claims" in report:
-        out["claims"] = report["claims"]
-    if tokens:
-        out["token_entropies"], out["token_logprobs"] = list(result.token_entropies), list(result.token_logprobs)
-    return out
+        return semgrad_object.error_report(semgrad_object.NON_FINITE)
+    return semgrad_object.served(scorer.report(result), (given or NOTHING_GIVEN).reused(), tokens)
 
 
 def capture_state(kv_transfer_config: Any) -> bool:
@@ -131,7 +117,7 @@ def over_limit(scorer: Scorer, answer: list[int], window: range, max_claims: int
     if window.stop != max_claims or len(claims) <= max_claims:
         return []
     error = over_limit_error(max_claims)
-    return [{"text": c.text, "token_start": c.token_start, "token_end": c.token_end, "error": error} for c in claims[max_claims:]]
+    return [semgrad_object.claim_error(c, error) for c in claims[max_claims:]]
 
 
 def claim_plan(scorer: Scorer, max_claims: int, claims_per_pass: int) -> PlanFn:
@@ -152,7 +138,16 @@ class SemgradWorkerExtension:
 
     semgrad_service: ScoringService | None = None
 
-    def semgrad_setup(
+    def semgrad_setup(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``start_scoring`` (its arguments), called by the API server through ``collective_rpc``; a ``SemgradError``
+        (what is unsupported) comes back as ``{SETUP_REFUSED: message}``, since an exception crosses vLLM's RPC as
+        text only. Any other failure is raised, with its traceback."""
+        try:
+            return self.start_scoring(*args, **kwargs)
+        except SemgradError as exc:
+            return {SETUP_REFUSED: str(exc)}
+
+    def start_scoring(
         self, profile_path: str | None, max_batch: int, api_cores: list[int], max_claims: int = 64, claims_per_pass: int = 16,
         seed_budget: int = DEFAULT_SEED_BUDGET,
     ) -> dict[str, Any]:  # fmt: skip
@@ -192,14 +187,12 @@ class SemgradWorkerExtension:
             RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
 
         def score(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
-            given = [g if rope_agrees(weights, model_config.max_model_len, len(p) + len(a)) else Given() for (p, a), g in zip(pairs, given)]
+            given = [
+                g if rope_agrees(weights, model_config.max_model_len, len(p) + len(a)) else NOTHING_GIVEN
+                for (p, a), g in zip(pairs, given)
+            ]
             results = scorer.score(
-                pairs,
-                batch_size=max(len(pairs), 1),
-                prefix_kv=[g.prefix_kv for g in given],
-                band_inputs=[g.band_inputs for g in given],
-                logits=[g.logits for g in given],
-                claims=[False if w is None else w for w in windows],
+                pairs, batch_size=max(len(pairs), 1), given=given, claims=[False if w is None else w for w in windows]
             )
             reports = [answer_report(scorer, r, g, tokens=True) for r, g in zip(results, given)]
             for (_, answer), window, report in zip(pairs, windows, reports):

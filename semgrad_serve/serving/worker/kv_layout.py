@@ -16,7 +16,7 @@ engine steps), ``unpack`` turns them into ``[n_layers, 2, kv_heads, n, head_dim]
 the form ``Scorer.score`` takes (on the scoring thread).
 
 A quantized cache (``--kv-cache-dtype fp8`` and the like) is never read for
-scoring: its keys/values move scores by 7-41% (``benchmarks/fp8_kv_scores.py``),
+scoring: its keys/values move scores (``benchmarks/results/fp8_kv_scores_cpu.md``),
 so the server recomputes the prompt (``quantized_cache`` says when). vLLM
 allocates such a cache as bytes; with ``fp8``/``fp8_e4m3`` every GPU backend
 stores, per element, the platform's FP8 type (e4m3) of value / scale, with one

@@ -18,11 +18,28 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .captures import Given
+from ...scoring.given import NOTHING_GIVEN, Given, GivenKind
+from ..messages import Pair
 
-# Batch of answers as broadcast: per piece (job id, capture key, (prompt ids, answer ids) pairs, claim windows),
-# the capture keys dropped since the last batch, and per answer what the leader was given (``given_kind``).
-Plan = tuple[list[tuple[int, str | None, list[Any], list[range | None]]], list[str], list[int]]
+
+@dataclass(frozen=True)
+class PlannedPiece:
+    """One piece of a batch as rank 0 formed it: its job, capture key, answers and each answer's claim window."""
+
+    job: int
+    key: str | None
+    pairs: list[Pair]
+    windows: list[range | None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A batch as rank 0 broadcasts it: its pieces, the capture keys dropped since the last batch, and per answer
+    (in piece order) what rank 0 was given."""
+
+    pieces: list[PlannedPiece]
+    dropped: list[str]
+    kinds: list[GivenKind]
 
 
 @dataclass(frozen=True)
@@ -56,20 +73,12 @@ def share_plan(group: Any, plan: Plan | None) -> Plan:
     return box[0]
 
 
-def given_kind(given: Given) -> int:
-    """0: nothing given (recompute); 1: the prompt's keys/values at every layer; 2: the band layers' keys/values
-    and the band's inputs."""
-    if given.prefix_kv is None:
-        return 0
-    return 2 if given.band_inputs is not None else 1
-
-
 def agree(group: Any, given: Sequence[Given]) -> list[Given]:
     """Per answer, what this rank was given where every rank was given the same kind, else nothing; never the
     logits (the vocabulary-parallel head forms each rank's own)."""
-    kinds = torch.tensor([given_kind(g) for g in given], dtype=torch.int64)
+    kinds = torch.tensor([g.kind for g in given], dtype=torch.int64)
     low, high = -kinds, kinds.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     same = (-low == high).tolist()
-    return [Given(g.prefix_kv, g.band_inputs) if ok else Given() for g, ok in zip(given, same)]
+    return [g.without_logits() if ok else NOTHING_GIVEN for g, ok in zip(given, same)]

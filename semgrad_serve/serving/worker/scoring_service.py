@@ -29,10 +29,7 @@ never scored.
 Under tensor parallelism (``groups``), every rank's worker runs a service: rank 0's
 takes the answers and forms the batches, the others follow them (``rank_sync.py``).
 
-Messages (pickled tuples): API server → worker ``("score", job, key, pairs, claims)``,
-``("cancel", job)``, ``("drop", key)`` and ``("stats", job)``; worker → API server ``("result", job,
-reports, batch_size)`` where ``batch_size`` is set on the first job of each batch only, and
-``("stats", job, StoreStats, 0)``.
+The messages between the API server and this service are the dataclasses of ``messages.py``.
 """
 
 from __future__ import annotations
@@ -52,16 +49,28 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ...scoring import semgrad_object
+from ...scoring.given import NOTHING_GIVEN, Given, GivenKind
+from ..messages import (
+    CancelJob,
+    DropCapture,
+    JobResult,
+    Pair,
+    ScoreJob,
+    StatsReply,
+    StatsRequest,
+    ToApiServer,
+    ToWorker,
+)
 from ..settings import log
 from . import rank_sync
-from .captures import CaptureStore, Given
+from .captures import CaptureStore
 
 CAPTURE_WAIT_S = 10.0  # longest wait for a request's capture (normally one engine step) before recomputing
 SCORING_NICE = 10  # the scoring thread's nice value (Linux: per thread)
 IDLE_POLL_S = 0.01  # re-check interval while every queued answer still waits for its capture
 LONG_NICE = 19  # the long jobs' thread's nice value: the short jobs' thread takes most of a shared core
 
-Pair = tuple[list[int], list[int]]
 # Which of an answer's claims a scoring pass scores: None, none (no claims asked for); a range, those claims.
 Window = range | None
 # Scores pairs, given per pair what vLLM computed for it and which of its claims to score -> one "semgrad" object
@@ -200,17 +209,16 @@ class ScoringService:
         self._conn = self._listener.accept()
         while True:
             try:
-                message = self._conn.recv()
+                message: ToWorker = self._conn.recv()
             except (EOFError, OSError):
                 log.warning("SemGrad: the API server closed the scoring connection")
                 return
-            if message[0] == "score":
-                _, job_id, key, pairs, claims = message
-                job = Job(job_id, key, pairs, claims)
+            if isinstance(message, ScoreJob):
+                job = Job(message.job, message.key, message.pairs, message.claims)
                 try:
                     split_job(job, self._plan)
                 except Exception as exc:  # a plan that fails must not end this thread: one pass, as asked
-                    log.warning("SemGrad: cannot plan the scoring of request %d (%s)", job_id, exc)
+                    log.warning("SemGrad: cannot plan the scoring of request %d (%s)", job.job, exc)
                     split_job(job, one_pass)
                 if len(job.pieces) > 1:
                     log.info("SemGrad: scoring job %d in %d passes", job.job, len(job.pieces))
@@ -221,15 +229,17 @@ class ScoringService:
                     else:
                         self._short.append(job.pieces.popleft())
                     self._arrived.notify_all()  # each lane waits on it
-            elif message[0] == "cancel":
-                self._cancel(message[1])
-            elif message[0] == "stats":
-                self._send(("stats", message[1], self._store.stats(), 0))
-            elif message[0] == "drop":
-                self._store.drop(message[1])
+            elif isinstance(message, CancelJob):
+                self._cancel(message.job)
+            elif isinstance(message, StatsRequest):
+                self._send(StatsReply(message.job, self._store.stats()))
+            elif isinstance(message, DropCapture):
+                self._store.drop(message.key)
                 if self._group is not None:
                     with self._arrived:
-                        self._dropped.append(message[1])
+                        self._dropped.append(message.key)
+            else:
+                log.warning("SemGrad: unexpected message from the API server: %s", type(message).__name__)
 
     def _cancel(self, job_id: int) -> None:
         """The client of ``job_id`` has gone: its pieces not yet scored are dropped, and its result is never sent."""
@@ -284,7 +294,7 @@ class ScoringService:
         """What a capture gives an answer (nothing without one)."""
         capture = self._store.get(key) if key is not None else None
         if capture is None or capture.prompt_ids != tuple(pair[0]):
-            return Given()
+            return NOTHING_GIVEN
         return capture.given(pair[1])
 
     def _given_all(self, pieces: list[Piece], follower: bool) -> list[list[Given]]:
@@ -295,25 +305,26 @@ class ScoringService:
             return given
         flat = [g for per_piece in given for g in per_piece]
         if not follower:
-            self._share(pieces, [rank_sync.given_kind(g) for g in flat])
+            self._share(pieces, [g.kind for g in flat])
         agreed = iter(rank_sync.agree(self._group, flat))
         return [[next(agreed) for _ in per_piece] for per_piece in given]
 
-    def _share(self, pieces: list[Piece], kinds: list[int]) -> None:
+    def _share(self, pieces: list[Piece], kinds: list[GivenKind]) -> None:
         """Rank 0: send the batch, what each answer was given here and the keys dropped since the last batch."""
         with self._arrived:
             dropped, self._dropped = self._dropped, []
-        rank_sync.share_plan(self._group, ([(p.job.job, p.job.key, p.pairs, p.windows) for p in pieces], dropped, kinds))
+        planned = [rank_sync.PlannedPiece(p.job.job, p.job.key, p.pairs, p.windows) for p in pieces]
+        rank_sync.share_plan(self._group, rank_sync.Plan(planned, dropped, kinds))
 
     def _next_shared(self) -> list[Piece]:
         """A rank > 0: the next batch rank 0 shares, once this rank's captures that rank 0 had are in (they come in
         the same engine step, give or take this thread's wake-up) or the wait for them is over."""
-        entries, dropped, kinds = rank_sync.share_plan(self._group, None)
-        for key in dropped:
+        plan = rank_sync.share_plan(self._group, None)
+        for key in plan.dropped:
             self._store.drop(key)
-        pieces = [Piece(Job(job, key, pairs), list(range(len(pairs))), windows) for job, key, pairs, windows in entries]
+        pieces = [Piece(Job(p.job, p.key, p.pairs), list(range(len(p.pairs))), p.windows) for p in plan.pieces]
         per_answer = [p for p in pieces for _ in p.answers]
-        wanted = [p for p, kind in zip(per_answer, kinds) if kind > 0]
+        wanted = [p for p, kind in zip(per_answer, plan.kinds) if kind is not GivenKind.NOTHING]
         deadline = time.monotonic() + CAPTURE_WAIT_S
         while not all(self._captured(p.job.key, p.pairs) for p in wanted) and time.monotonic() < deadline:
             time.sleep(IDLE_POLL_S)
@@ -335,7 +346,7 @@ class ScoringService:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(pieces), exc)
                 return [self._score_pieces([piece], [g])[0] for piece, g in zip(pieces, given)]
             log.warning("SemGrad scoring failed: %s", exc)
-            return [[{"error": f"scoring failed: {exc}"} for _ in pieces[0].answers]]
+            return [[semgrad_object.error_report(f"scoring failed: {exc}") for _ in pieces[0].answers]]
         out, start = [], 0
         for piece in pieces:
             out.append(reports[start : start + len(piece.answers)])
@@ -350,7 +361,7 @@ class ScoringService:
                 os.sched_setaffinity(0, self._cores)  # this thread only
             except OSError as exc:
                 log.warning("SemGrad: cannot pin the scoring thread to cores %s (%s)", sorted(self._cores), exc)
-        try:  # below the API server and engine loop on its core (qa on/off 0.82x vs 0.74x at nice 0)
+        try:  # below the API server and engine loop on its core (benchmarks/results/scoring_service_notes.md)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LONG_NICE if lane == "long" else SCORING_NICE)
         except OSError as exc:
             log.warning("SemGrad: cannot lower the scoring thread's priority (%s)", exc)
@@ -366,7 +377,7 @@ class ScoringService:
                     stream.synchronize()
             except Exception as exc:  # the thread must outlive anything, or requests wait forever
                 log.exception("SemGrad: the scoring thread failed on a batch")
-                results = [[{"error": f"scoring failed: {exc}"} for _ in piece.answers] for piece in pieces]
+                results = [[semgrad_object.error_report(f"scoring failed: {exc}") for _ in piece.answers] for piece in pieces]
             if not follower:
                 self._answer(pieces, results)
             pieces, given, results = [], [], []  # nothing of the batch (its captures' tensors) outlives it
@@ -384,10 +395,10 @@ class ScoringService:
                 if done:
                     self._live.pop(job.job, None)
             if done:
-                self._send(("result", job.job, job.reports, 0 if sent else size))
+                self._send(JobResult(job.job, job.reports, 0 if sent else size))
                 sent = True
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: ToApiServer) -> None:
         with self._send_lock:
             if self._conn is not None:
                 try:

@@ -1,4 +1,4 @@
-"""``calibrate``: the SPS scan of a model over paraphrase groups → t* token rule, band, profile, heatmap.
+"""The SPS scan of a model over paraphrase groups (``semgrad-serve calibrate``) → t* rule, band, profile, heatmap.
 
 Each group is a query and its paraphrases, each wrapped in the evaluation prompt (SPEC: the paper's "Please
 directly answer ..." user message, chat template and generation prompt), so the prompt tail scanned is the one
@@ -49,7 +49,9 @@ def read_paraphrases(path: str | Path, limit: int | None = None) -> list[tuple[s
 
 
 @dataclass
-class Calibration:
+class ScanResult:
+    """What the scan found: the SPS table, each scanned position's token label, t* (column and rule) and the band."""
+
     table: SPSTable
     labels: list[str]
     t_star_column: int
@@ -62,7 +64,8 @@ class Calibration:
         return self.table.offsets[self.t_star_column]
 
     def summary(self) -> dict[str, Any]:
-        """What goes into the profile's ``calibration`` field (small: the SPS table rounded to 4 decimals)."""
+        """What goes into the profile's ``calibration`` field (so named in the profiles already written; small: the
+        SPS table rounded to 4 decimals)."""
         sps = self.table.sps
         rows = list(deeper_half(self.n_layers))
         return {
@@ -81,10 +84,11 @@ class Calibration:
         }
 
 
-def calibrate(
+def find_t_star_and_band(
     model: Any, tokenizer: Any, groups: Sequence[tuple[str, list[str]]], n_positions: int = 10,
     batch_size: int = 16, progress: bool = True,
-) -> Calibration:
+) -> ScanResult:
+    """Scan the last ``n_positions`` prompt positions of each paraphrase group; t* and the band from the SPS."""
     check_positions(n_positions)
     prompt_groups = [
         [chat_prompt_ids(tokenizer, paper_messages(q)) for q in [query, *paras]] for query, paras in groups
@@ -102,11 +106,11 @@ def calibrate(
     column = best_position(table, n_layers, eligible=[not label.endswith("*") for label in labels])
     rule = t_star_rule(flat, table.offsets[column], id_to_token)
     band = choose_band(table.sps[:, column], n_layers)
-    return Calibration(table, labels, column, rule, band, n_layers)
+    return ScanResult(table, labels, column, rule, band, n_layers)
 
 
-def build_profile(base: ModelProfile | None, config: Any, cal: Calibration, source: str) -> ModelProfile:
-    """The calibrated profile: t* rule and band from the scan, no threshold (``eval`` chooses one)."""
+def build_profile(base: ModelProfile | None, config: Any, found: ScanResult, source: str) -> ModelProfile:
+    """The scanned model's profile: t* rule and band from the scan, no threshold (``eval`` chooses one)."""
     match = (
         dict(base.match)
         if base is not None and base.match
@@ -116,10 +120,10 @@ def build_profile(base: ModelProfile | None, config: Any, cal: Calibration, sour
             if hasattr(config, k)
         }
     )
-    summary = {"paraphrases": source, "date": datetime.date.today().isoformat(), **cal.summary()}
+    summary = {"paraphrases": source, "date": datetime.date.today().isoformat(), **found.summary()}
     name = f"{base.name if base is not None else getattr(config, 'model_type', 'model')}-calibrated"
     return ModelProfile(
-        name=name, t_star=cal.rule, band=cal.band, score=base.score if base is not None else DEFAULT_SCORE,
+        name=name, t_star=found.rule, band=found.band, score=base.score if base is not None else DEFAULT_SCORE,
         threshold=None, match=match, calibration={"sps": summary},
     )
 
@@ -128,7 +132,7 @@ def _pretty(token: str) -> str:
     return token.replace("Ġ", "␣").replace("Ċ", "\\n").replace("▁", "␣")
 
 
-def plot_heatmap(cal: Calibration, path: str | Path, title: str = "") -> None:
+def plot_heatmap(found: ScanResult, path: str | Path, title: str = "") -> None:
     """SPS over (hidden-state index × prompt position) with t* and the band marked: all scanned positions on
     the left, the template positions (eligible for t*) on their own colour scale on the right."""
     import matplotlib
@@ -137,40 +141,40 @@ def plot_heatmap(cal: Calibration, path: str | Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    sps = cal.table.sps
+    sps = found.table.sps
     n_rows, n_cols = sps.shape
-    template = [c for c, label in enumerate(cal.labels) if not label.endswith("*")]
+    template = [c for c, label in enumerate(found.labels) if not label.endswith("*")]
     panels = [("all scanned positions", list(range(n_cols)))]
     if template and len(template) < n_cols:
         panels.append(("template positions only (eligible for t*)", template))
     widths = [max(len(cols), 3) for _, cols in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 + 0.62 * sum(widths), 6.6), dpi=100,
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
-    first, last = cal.band
+    first, last = found.band
     for ax, (name, cols) in zip(axes[0], panels):
         data = sps[:, cols]
         image = ax.imshow(
             data, origin="lower", aspect="auto", cmap="viridis", vmin=float(data.min()), vmax=float(data.max())
         )
         ax.set_xticks(range(len(cols)))
-        ax.set_xticklabels([f"{cal.table.offsets[c]}\n{_pretty(cal.labels[c])}" for c in cols], fontsize=7)
+        ax.set_xticklabels([f"{found.table.offsets[c]}\n{_pretty(found.labels[c])}" for c in cols], fontsize=7)
         ax.set_yticks(range(0, n_rows, 2))
         ax.set_ylabel("hidden-state index (0 = embeddings)")
         ax.set_title(name, fontsize=9)
-        if cal.t_star_column in cols:
-            x = cols.index(cal.t_star_column)
+        if found.t_star_column in cols:
+            x = cols.index(found.t_star_column)
             ax.add_patch(Rectangle((x - 0.5, first - 0.5), 1, last - first + 1, fill=False, lw=2.4, ec="red"))
             ax.axvline(x, color="red", lw=0.8, ls=":")
         fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03, label="SPS")
     axes[0][0].set_xlabel("prompt position from the end (token; * = differs between prompts)")
-    rule = cal.rule
+    rule = found.rule
     fig.suptitle(title or "SPS = S_within − S_across", fontsize=10)
     fig.text(
         0.01,
         0.01,
         "SPS = S_within − S_across (cosine). t* = last "
-        f"{_pretty(rule.token)}{'' if rule.offset == 0 else f' {rule.offset:+d}'} (position {cal.t_star_offset}); band "
-        f"= hidden states {first}..{last} (red box).",
+        f"{_pretty(rule.token)}{'' if rule.offset == 0 else f' {rule.offset:+d}'} (position {found.t_star_offset}); "
+        f"band = hidden states {first}..{last} (red box).",
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -178,11 +182,11 @@ def plot_heatmap(cal: Calibration, path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def run_calibration(
+def run_scan(
     model_dir: str | None, paraphrases: str, limit: int | None, n_positions: int, batch_size: int, out: str,
     heatmap: str | None = None, dtype: str = "float32", base_profile: str | None = None, device: str = "cpu",
-) -> tuple[ModelProfile, Calibration, Path]:
-    """Everything ``semgrad-serve calibrate`` does; returns the profile, the calibration and the heatmap path."""
+) -> tuple[ModelProfile, ScanResult, Path]:
+    """Everything ``semgrad-serve calibrate`` does; returns the profile, what the scan found and the heatmap path."""
     check_positions(n_positions)
     base = ModelProfile.load(base_profile) if base_profile else None
     groups = read_paraphrases(paraphrases, limit)
@@ -192,11 +196,12 @@ def run_calibration(
             base = resolve_profile(model.config, tokenizer.chat_template, path, None)
         except SemgradError:
             pass  # a new model family: the profile is built from scratch
-    cal = calibrate(model, tokenizer, groups, n_positions, batch_size)
-    profile = build_profile(base, model.config, cal, str(paraphrases))
+    found = find_t_star_and_band(model, tokenizer, groups, n_positions, batch_size)
+    profile = build_profile(base, model.config, found, str(paraphrases))
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out_path)
     png = Path(heatmap) if heatmap else out_path.with_suffix(".png")
-    plot_heatmap(cal, png, title=f"SPS of {path.name} over {cal.table.groups} queries ({cal.table.prompts} prompts)")
-    return profile, cal, png
+    title = f"SPS of {path.name} over {found.table.groups} queries ({found.table.prompts} prompts)"
+    plot_heatmap(found, png, title=title)
+    return profile, found, png

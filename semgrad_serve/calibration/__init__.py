@@ -1,1 +1,0 @@
-"""Calibration: the SPS scan that finds a model's t* and band (``sps.py``) and writes its profile (``calibrate.py``)."""
