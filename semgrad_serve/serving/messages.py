@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KV_PARAM = "semgrad_capture"  # the capture key's name in a request's kv_transfer_params
+LIVE_PARAM = "semgrad_live"  # true in a scored request's kv_transfer_params: its claims are scored while it runs
 
 
 @dataclass(frozen=True)
