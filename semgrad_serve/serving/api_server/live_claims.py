@@ -48,10 +48,13 @@ class _Choice:
     """One choice's live claims: the jobs in flight (in claim order), the claims sent, whether a claim may settle."""
 
     asked: int = 0  # claims sent for scoring
+    settled: list[Claim] = field(default_factory=list)  # the claims settled so far (at most the server's limit)
+    ids: list[int] = field(default_factory=list)  # the answer's ids when they were settled
     jobs: deque[tuple[asyncio.Task, list[Claim]]] = field(default_factory=deque)
     sent: list[dict[str, Any]] = field(default_factory=list)
     may_settle: bool = False  # a sentence end or line break came after the last settled claim
     stopped: bool = False  # a live job failed or disagreed: the rest waits for the end
+    ended: bool = False  # the answer has ended: what is not sent yet is scored with it
 
 
 class LiveClaims:
@@ -80,20 +83,29 @@ class LiveClaims:
         choice = self._choice(index)
         choice.may_settle = choice.may_settle or bool(_BREAK.search(delta))
         prompt = self.prompt_of(index)
-        if choice.stopped or not choice.may_settle or not delta.strip() or not prompt or choice.asked >= self.max_claims:
+        if choice.stopped or choice.ended or not choice.may_settle or not delta.strip() or not prompt or choice.asked >= self.max_claims:
             return
         texts = token_texts(self.tokenizer, ids)
         settled = settled_claims(texts, received)[: self.max_claims]
         after = "".join(texts[settled[-1].token_end :]) if settled else "".join(texts)
         choice.may_settle = bool(_BREAK.search(after))
-        if len(settled) <= choice.asked:
+        if len(settled) > len(choice.settled):
+            choice.settled, choice.ids = settled, list(ids)
+            self._send(index, choice)
+
+    def _send(self, index: int, choice: _Choice) -> None:
+        """Send choice ``index``'s claims settled and not yet asked for as one live job, unless one is in flight: a
+        job scores all claims settled while the one before it ran (one pass over the answer so far), so the work
+        per answer shrinks when scoring falls behind instead of queueing."""
+        prompt = self.prompt_of(index)
+        if choice.jobs or choice.stopped or choice.ended or not prompt or len(choice.settled) <= choice.asked:
             return
-        new = settled[choice.asked :]
-        prefix = list(ids[: new[-1].token_end])
-        window = range(choice.asked, len(settled))
+        new = choice.settled[choice.asked :]
+        prefix = choice.ids[: new[-1].token_end]
+        window = range(choice.asked, len(choice.settled))
         task = asyncio.ensure_future(self.client.score(self.key, [(prompt, prefix)], windows=[window], counted=False))
         choice.jobs.append((task, new))
-        choice.asked = len(settled)
+        choice.asked = len(choice.settled)
 
     def ready_chunks(self) -> list[str]:
         """Chunks for the live jobs that are done, in claim order per choice (a job waits for the ones before it)."""
@@ -104,6 +116,7 @@ class LiveClaims:
                 chunk = self._chunk(index, choice, task, claims)
                 if chunk is not None:
                     out.append(chunk)
+                self._send(index, choice)
         return out
 
     def _chunk(self, index: int, choice: _Choice, task: asyncio.Task, claims: list[Claim]) -> str | None:
@@ -121,8 +134,10 @@ class LiveClaims:
         return {"delta": {}} if self.frame.get("object") == "chat.completion.chunk" else {"text": ""}
 
     async def settle(self, index: int) -> list[str]:
-        """Chunks of choice ``index``'s live jobs still in flight, once they are done (its answer has ended)."""
+        """Chunks of choice ``index``'s live job still in flight, once it is done (its answer has ended; the claims
+        settled meanwhile are scored with the rest, on the whole answer)."""
         choice = self._choice(index)
+        choice.ended = True
         if choice.jobs:
             await asyncio.wait([task for task, _ in choice.jobs])
         return self.ready_chunks()
