@@ -106,7 +106,7 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def report(phases: dict[str, Phase], args: argparse.Namespace, log: Path) -> str:
+def report(phases: dict[str, Phase], args: argparse.Namespace) -> str:
     live, end, off = phases["live"], phases["end"], phases["off"]
     p50, p99 = quantile(live.live_latency_s, 0.5), quantile(live.live_latency_s, 0.99)
     ref = statistics.median(live.next_tokens_s) if live.next_tokens_s else float("nan")
@@ -129,8 +129,6 @@ def report(phases: dict[str, Phase], args: argparse.Namespace, log: Path) -> str
         f"p99 {quantile(end.end_latency_s, 0.99) * 1000:.0f} ms",
         f"- output tokens/s, live / at the end: {ratio:.2f}x (goal ≥ 0.8x); live / scoring off: "
         f"{live.tokens_per_s / off.tokens_per_s:.2f}x; at the end / off: {end.tokens_per_s / off.tokens_per_s:.2f}x",
-        "",
-        f"Server log: {log}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -156,7 +154,8 @@ def main() -> None:
             for mode in list(MODES) if round_ % 2 == 0 else list(MODES)[::-1]:
                 asyncio.run(run(server.url, [next(prompts) for _ in range(args.requests)], mode, args.concurrency, phases[mode]))
                 print(f"round {round_ + 1} {mode}: {phases[mode].tokens_per_s:.1f} tok/s so far", file=sys.stderr)
-    text = report(phases, args, log)
+    text = report(phases, args)
+    print(f"server log: {log}", file=sys.stderr)
     args.out.write_text(text)
     print(text)
 

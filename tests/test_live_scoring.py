@@ -8,6 +8,7 @@ import asyncio
 import threading
 from types import SimpleNamespace
 
+import pytest
 import torch
 from test_kv_capture import VOCAB, FakeRunner, finished, make_connector, minted, stream_value
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -169,3 +170,17 @@ def test_live_jobs_wait_for_their_rows_and_share_a_batch_with_other_requests() -
 
     assert asyncio.run(go())[0]["claims"] == [{"index": 2}]
     assert score.batches == [[(100, None)], [(1, range(0, 2)), (4, None)], [(2, range(2, 3))]]
+
+
+def test_the_live_option_is_validated_like_the_others() -> None:
+    from semgrad_serve.errors import SemgradError
+    from semgrad_serve.serving.api_server.chat_routes import ScoringOptions, scoring_options
+
+    def options(value: object) -> ScoringOptions | None:
+        return scoring_options(SimpleNamespace(model_extra={"semgrad": value}, vllm_xargs=None))
+
+    assert options({"claims": "live"}).live and options({"claims": "live"}).claims
+    assert not options({"claims": True}).live and not options(True).live
+    for bad in ({"claims": "later"}, {"tokens": "live"}, {"claims": 1}):
+        with pytest.raises(SemgradError, match='each option must be true or false \\("claims" also "live"\\)'):
+            options(bad)

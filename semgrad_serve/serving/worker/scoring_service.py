@@ -270,6 +270,8 @@ class ScoringService:
             return True
         if not job.live:
             return self._captured(job.key, job.pairs)
+        if self._group is not None:  # the other ranks cannot see a running request's rows: recompute
+            job.given = [Given() for _ in job.pairs]
         if job.given is None:
             given = [self._live_given(job.key, pair) for pair in job.pairs]
             job.given = None if any(g is None for g in given) else given
