@@ -5,6 +5,7 @@ batches live jobs of several requests with the others."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from types import SimpleNamespace
 
@@ -184,3 +185,64 @@ def test_the_live_option_is_validated_like_the_others() -> None:
     for bad in ({"claims": "later"}, {"tokens": "live"}, {"claims": 1}):
         with pytest.raises(SemgradError, match='each option must be true or false \\("claims" also "live"\\)'):
             options(bad)
+
+
+class FakeClient:
+    """Scores each live job as the claims of its window (texts and tokens only); the first job waits for ``release``."""
+
+    def __init__(self, tokenizer, wrong: bool = False) -> None:
+        self.tokenizer, self.wrong = tokenizer, wrong
+        self.jobs: list[tuple[int, range]] = []  # (prefix length, window)
+        self.release = asyncio.Event()
+
+    async def score(self, key, pairs, claims=False, windows=None, counted=True) -> list[dict]:
+        from semgrad_serve.scoring.claims import answer_claims
+
+        self.jobs += [(len(a), w) for (_, a), w in zip(pairs, windows)]
+        if len(self.jobs) == 1:
+            await self.release.wait()
+        out = []
+        for (_, answer), window in zip(pairs, windows):
+            claims = answer_claims(self.tokenizer, answer, [2])[window.start : window.stop]
+            shift = 1 if self.wrong else 0
+            out.append({"semgrad": 1.0, "claims": [{"text": c.text, "token_start": c.token_start + shift, "token_end": c.token_end} for c in claims]})
+        return out
+
+
+def test_live_claims_settle_in_order_one_job_in_flight_and_the_end_scores_the_rest(default_scorer) -> None:
+    """As tokens stream: a claim is sent once the next one has begun in the received text; while a job is in flight
+    the claims settled meanwhile wait and go as one job (one window) when it returns; chunks come in order; the end
+    scores the claims not sent; a job whose claims disagree stops the live claims of its choice (the end scores all)."""
+    from semgrad_serve.model.tokens import token_texts
+    from semgrad_serve.serving.api_server.live_claims import LiveClaims
+
+    tokenizer = default_scorer.tokenizer
+    ids = tokenizer("Paris is big. It is old. Rome is older. The end", add_special_tokens=False).input_ids
+    texts = token_texts(tokenizer, ids)
+
+    async def stream(wrong: bool) -> tuple[FakeClient, list[dict], list[dict]]:
+        client = FakeClient(tokenizer, wrong)
+        live = LiveClaims(client, "key", tokenizer, [2], 64, lambda index: [1, 2, 3])
+        live.frame = {"id": "x", "object": "chat.completion.chunk"}
+        chunks = []
+        for i in range(len(ids)):
+            live.advance(0, texts[i], ids[: i + 1], len("".join(texts[: i + 1])))
+            await asyncio.sleep(0)
+            if i == len(ids) - 2:
+                client.release.set()
+                await asyncio.wait(live.running())
+            chunks += live.ready_chunks()
+            await asyncio.sleep(0)
+        chunks += await live.settle(0)
+        final = await live.final([0], [([1, 2, 3], [*ids, 2])])
+        return client, [json.loads(c[len("data: ") :]) for c in chunks], final
+
+    client, chunks, final = asyncio.run(stream(wrong=False))
+    paris = texts.index(" It")
+    assert client.jobs[0] == (paris, range(0, 1))  # sent when " It" arrived; " Rome" settled "It is old." meanwhile
+    assert client.jobs[1][1] == range(1, 3) and client.jobs[2] == (len(ids) + 1, range(3, 4))  # then the end
+    sent = [c["text"] for chunk in chunks for c in chunk["choices"][0]["semgrad"]["claims"]]
+    assert sent == ["Paris is big.", "It is old.", "Rome is older."] and all(ch["choices"][0]["delta"] == {} for ch in chunks)
+    assert [c["text"] for c in final[0]["claims"]] == [*sent, "The end"]
+    client, chunks, final = asyncio.run(stream(wrong=True))
+    assert chunks == [] and len(client.jobs) == 2 and client.jobs[-1][1] == range(0, 4)  # the end scores every claim
