@@ -22,7 +22,9 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Collection, Sequence
+
+from ..model.tokens import token_texts as texts_of
 
 ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st mt no nos fig figs vs approx ca cf gen col lt sgt capt rev".split())
 
@@ -96,3 +98,45 @@ def split_claims(token_texts: Sequence[str], n_tokens: int | None = None) -> lis
             claims.append(Claim("".join(token_texts[start:end]).strip(), start, end))
             start = i
     return claims
+
+
+def _code_spans(text: str) -> list[tuple[int, int]]:
+    """The (start, end) of each fenced or inline code piece of ``text``, as the splitter sees them."""
+    return [m.span() for m in _PIECE.finditer(text) if m.group().startswith("`")]
+
+
+def settled_claims(token_texts: Sequence[str], received: int | None = None) -> list[Claim]:
+    """The claims of a partial answer (the texts of its tokens so far) that no later text can change: each one
+    whose next claim has begun, in order, stopping at the first that later text could still merge or move. A
+    claim is settled once the first token of the next claim is among the ``received`` characters (all where
+    None: what a stop string may still cut is not), and its end is not inside, nor after an unclosed, code
+    backtick on its line (a backtick that comes later could make the break part of inline code)."""
+    claims = split_claims(token_texts)
+    text = "".join(token_texts)
+    limit = len(text) if received is None else received
+    offsets = [0]
+    for piece in token_texts:
+        offsets.append(offsets[-1] + len(piece))
+    spans = _code_spans(text)
+    settled = []
+    for claim, following in zip(claims, claims[1:]):
+        boundary = offsets[following.token_start]  # where the next claim's tokens begin
+        if offsets[following.token_start + 1] > limit:
+            break
+        line = text.rfind("\n", 0, len(text[:boundary].rstrip())) + 1  # the line holding the claim's end
+        coded = [(s, e) for s, e in spans if s < boundary]
+        if any(e > boundary for _, e in coded):
+            break  # the break is inside code (an open fence)
+        bare = [i for i in range(line, boundary) if text[i] == "`" and not any(s <= i < e for s, e in coded)]
+        if bare:
+            break  # an unclosed backtick: a later one could put the break inside inline code
+        settled.append(claim)
+    return settled
+
+
+def answer_claims(tokenizer: Any, answer_ids: Sequence[int], eos_ids: Collection[int]) -> list[Claim]:
+    """The claims of a scored answer: the rule on its decoded text, the stop token it ends on (one of ``eos_ids``)
+    joining the last claim."""
+    answer = list(answer_ids)
+    shown = answer[:-1] if answer and answer[-1] in eos_ids else answer
+    return split_claims(texts_of(tokenizer, shown), len(answer))

@@ -19,12 +19,11 @@ from ..errors import ItemError, SemgradError
 from ..kernels import Kernels, select_kernels
 from ..model.loading import Messages, chat_prompt_ids, load_hf_model
 from ..model.stop_token import eos_ids as collect_eos_ids, hf_eos_ids
-from ..model.tokens import token_texts
 from ..model.weights import DecoderWeights, from_hf_model
 from . import semgrad_object, tied_head
 from .batch import score_batch
 from .claim_budget import DEFAULT_SEED_BUDGET
-from .claims import Claim, split_claims
+from .claims import Claim, answer_claims
 from .given import NOTHING_GIVEN, Given, GivenKind, batch_kind
 from .items import DEFAULT_BATCH_TOKENS, NOTHING_TO_SCORE, T_STAR_RULES, ClaimScores, PreparedItem, ScoreResult
 from .profiles import ModelProfile, resolve_profile
@@ -145,8 +144,7 @@ class Scorer:
 
     def claims(self, answer_ids: Sequence[int]) -> tuple[Claim, ...]:
         """The claims of an answer (the sentence rule of ``claims.py`` on its text); its stop token joins the last."""
-        answer = list(answer_ids)
-        return tuple(split_claims(token_texts(self.tokenizer, self.without_stop_token(answer)), len(answer)))
+        return tuple(answer_claims(self.tokenizer, answer_ids, self.eos_ids))
 
     def locate_t_star(self, prompt_ids: Sequence[int]) -> tuple[int, str]:
         """t* and the rule that found it (``T_STAR_RULES``): the profile's template token, or, in a prompt without

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 KV_PARAM = "semgrad_capture"  # the capture key's name in a request's kv_transfer_params
+LIVE_PARAM = "semgrad_live"  # true in a scored request's kv_transfer_params: its claims are scored while it runs
 # The key of the worker extension's set-up answer (through vLLM's ``collective_rpc``) that says why scoring cannot
 # start on this model or layout.
 SETUP_REFUSED = "refused"
@@ -41,6 +42,17 @@ class ScoreJob:
     key: str | None
     pairs: list[Pair]
     claims: bool = False
+
+
+@dataclass(frozen=True)
+class LiveJob:
+    """Score the claims of answers still being generated (job ``job``; ``worker/live_scoring.py``): per pair, the
+    answer so far and the window of its claims to score, from what vLLM has computed of it so far."""
+
+    job: int
+    key: str | None
+    pairs: list[Pair]
+    windows: list[range]
 
 
 @dataclass(frozen=True)
@@ -83,5 +95,5 @@ class StatsReply:
     stats: StoreStats
 
 
-ToWorker = Union[ScoreJob, CancelJob, DropCapture, StatsRequest]
+ToWorker = Union[ScoreJob, LiveJob, CancelJob, DropCapture, StatsRequest]
 ToApiServer = Union[JobResult, StatsReply]

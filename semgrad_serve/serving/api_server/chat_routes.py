@@ -11,8 +11,9 @@ answer follows the SPEC's stop-token convention (``stop_token.py``), and
 answer that shows nothing gets ``NOTHING_TO_SCORE``. ``"semgrad": false`` in the
 body (or ``vllm_xargs: {"semgrad": 0}``) turns scoring off for the request;
 ``"semgrad": {"tokens": true}`` adds the answer's per-token texts, entropies and
-log-probabilities, ``{"claims": true}`` its sentences' scores. Every scored choice
-is also kept in the recent-answers ring (``recent_answers.py``) that the page reads.
+log-probabilities, ``{"claims": true}`` its sentences' scores (``{"claims": "live"}``, streamed: each sentence's as
+soon as it is settled, ``live_claims.py``). Every scored choice is also kept in the recent-answers ring
+(``recent_answers.py``) that the page reads.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from ...model.stop_token import eos_ids, received_tokens
 from ...model.tokens import has_visible_text, token_texts
 from ...scoring import semgrad_object
 from ...scoring.items import NOTHING_TO_SCORE
-from ..messages import KV_PARAM
+from ..messages import KV_PARAM, LIVE_PARAM
 from .data_parallel import EngineRouter
+from .live_claims import DEFAULT_MAX_CLAIMS, LIVE, LiveClaims, live_stream
 from .recent_answers import RecentAnswers, chat_question, prompt_question
 from .scoring_client import ScoringClient
 
@@ -58,7 +60,12 @@ class ScoringOptions:
     """What a scored request asked for beyond the scores (``"semgrad": {...}`` in its body)."""
 
     tokens: bool = False  # per-token texts, entropies and log-probabilities of the scored answer
-    claims: bool = False  # each sentence's scores (``scoring/claims.py``)
+    claims: bool | str = False  # each sentence's scores (``scoring/claims.py``); "live": streamed as they settle
+
+    @property
+    def live(self) -> bool:
+        """Claims scored while the answer streams (``live_claims.py``)."""
+        return self.claims == LIVE
 
 
 REQUEST_OPTIONS = tuple(f.name for f in fields(ScoringOptions))
@@ -77,8 +84,8 @@ def scoring_options(request: ChatCompletionRequest | CompletionRequest | Respons
         unknown = sorted(set(value) - set(REQUEST_OPTIONS))
         if unknown:
             raise SemgradError(f'"{OPT_OUT_FIELD}": unknown option {", ".join(map(repr, unknown))}; the options are {", ".join(REQUEST_OPTIONS)}')
-        if not all(isinstance(v, bool) for v in value.values()):
-            raise SemgradError(f'"{OPT_OUT_FIELD}": each option must be true or false')
+        if not all(isinstance(v, bool) or k == "claims" and v == LIVE for k, v in value.items()):
+            raise SemgradError(f'"{OPT_OUT_FIELD}": each option must be true or false ("claims" also "{LIVE}")')
         return ScoringOptions(**value)
     key = str((request.vllm_xargs or {}).get(OPT_OUT_FIELD, True)).lower()
     if key not in _SWITCH:
@@ -149,6 +156,8 @@ class _Choices:
         self.prompts: dict[int, list[int]] = {}  # completions: the prompt of each choice
         self.answers: dict[int, list[int]] = defaultdict(list)
         self.texts: dict[int, str] = defaultdict(str)  # the answer text each choice's client received
+        self.echoed: dict[int, int] = defaultdict(int)  # characters of it that are the echoed prompt
+        self.live: LiveClaims | None = None  # a streamed request's live claims
         self.response_id: str | None = None
         self.model: str | None = None
 
@@ -157,6 +166,10 @@ class _Choices:
         if not self.keep_ids and key in obj:
             obj[key] = None  # as vLLM renders it when the client did not ask for ids
         return ids
+
+    def progress(self, index: int) -> tuple[list[int], int]:
+        """A choice's answer ids so far and the characters of its answer the client received."""
+        return self.answers[index], len(self.texts[index]) - self.echoed[index]
 
     def collect(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """Record the ids of a response or chunk; returns its choices that are finished."""
@@ -169,7 +182,8 @@ class _Choices:
             if prompt:
                 self.prompts[index] = prompt
                 if self.echo is not None and not self.keep_ids:  # a choice's first chunk, whose echo vLLM left out
-                    choice["text"] = self.echo(index, prompt) + (choice.get("text") or "")
+                    echoed = self.echo(index, prompt)
+                    choice["text"], self.echoed[index] = echoed + (choice.get("text") or ""), len(echoed)
             self.answers[index] += self._take(choice, "token_ids") or []
             message = choice.get("message") or choice.get("delta")  # chat, whole or streamed
             text = message.get("content") if isinstance(message, dict) else choice.get("text")  # else completions
@@ -194,7 +208,11 @@ class _Choices:
             else:
                 todo.append((choice, (prompt, answer), stop_token))
         if todo:
-            results = await self.client.score(self.key, [pair for _, pair, _ in todo], claims=self.options.claims)
+            pairs = [pair for _, pair, _ in todo]
+            if self.live is not None:
+                results = await self.live.final([choice["index"] for choice, _, _ in todo], pairs)
+            else:
+                results = await self.client.score(self.key, pairs, claims=bool(self.options.claims))
             for (choice, (_, answer), stop_token), result in zip(todo, results):
                 choice["semgrad"] = self.stop.report(result, answer, stop_token, self.options)
         if self.recent is not None:
@@ -223,6 +241,16 @@ async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> Async
             yield f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
     finally:
         choices.client.drop(choices.key)  # the stream ended, finished or not: its capture can go
+
+
+async def _live_stream(events: AsyncIterator[str], choices: _Choices) -> AsyncIterator[str]:
+    """``_scored_stream`` with live claims chunks (``live_claims.py``)."""
+    assert choices.live is not None
+    try:
+        async for event in live_stream(events, choices.collect, choices.progress, choices.score, choices.live, choices.keep_ids):
+            yield event
+    finally:
+        choices.client.drop(choices.key)
 
 
 async def unless_gone(raw_request: Request, scoring: Coroutine[Any, Any, None]) -> bool:
@@ -282,8 +310,9 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
     keep_ids = bool(request.return_token_ids)
     request.return_token_ids = True
     key = client.new_key()
+    live = options.live and bool(request.stream)
     if key is not None:  # the capture connector keeps this request's prompt keys/values for scoring
-        request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key}
+        request.kv_transfer_params = {**(request.kv_transfer_params or {}), KV_PARAM: key, LIVE_PARAM: live}
     stop = StopTokens.of(raw_request.app.state)
     echo, generated = None, True
     if isinstance(request, ChatCompletionRequest):  # chat's echo prepends the last message's text, ids or not
@@ -304,7 +333,15 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
     try:
         response = await vllm_route(request, raw_request)
         if isinstance(response, StreamingResponse):
-            response.body_iterator = _scored_stream(response.body_iterator, choices)
+            if live:
+                setup = getattr(raw_request.app.state, "semgrad_info", None) or {}
+                choices.live = LiveClaims(
+                    client, key, stop.tokenizer, stop.eos_ids, setup.get("max_claims", DEFAULT_MAX_CLAIMS),
+                    lambda index: choices.prompts.get(index, choices.shared_prompt),
+                )  # fmt: skip
+                response.body_iterator = _live_stream(response.body_iterator, choices)
+            else:
+                response.body_iterator = _scored_stream(response.body_iterator, choices)
             streaming = True
         elif isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
             body = json.loads(response.body)

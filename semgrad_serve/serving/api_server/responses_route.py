@@ -73,7 +73,7 @@ class _Response:
             if not has_visible_text(self.stop.tokenizer, answer):
                 body["semgrad"] = semgrad_object.error_report(NOTHING_TO_SCORE)
             else:
-                (result,) = await self.client.score(self.key, [(prompt, answer)], claims=self.options.claims)
+                (result,) = await self.client.score(self.key, [(prompt, answer)], claims=bool(self.options.claims))
                 body["semgrad"] = self.stop.report(result, answer, self.stop.ends_on_eos(answer), self.options)
         if self.recent is not None:
             answer_text = found[2] if found is not None else ""

@@ -22,6 +22,7 @@ from ..messages import (
     CancelJob,
     DropCapture,
     JobResult,
+    LiveJob,
     ScoreJob,
     StatsReply,
     StatsRequest,
@@ -68,10 +69,13 @@ class ScoringClient:
         return mint(self._secret) if self._secret is not None else None
 
     async def score(
-        self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], claims: bool = False
-    ) -> list[dict[str, Any]]:
+        self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], claims: bool = False,
+        windows: Sequence[range] | None = None, counted: bool = True,
+    ) -> list[dict[str, Any]]:  # fmt: skip
         """The ``"semgrad"`` object of each pair (the answers of one request, scored together; ``claims``: with their
-        claims' scores); never raises but when cancelled, which cancels the scoring in the worker too."""
+        claims' scores); never raises but when cancelled, which cancels the scoring in the worker too. ``windows``:
+        a live-claims job (``worker/live_scoring.py``), per pair the window of its answer's claims to score, from
+        what vLLM has computed so far; ``counted``: the answers count in the metrics (not an answer so far)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         job = next(self._jobs)
@@ -80,7 +84,9 @@ class ScoringClient:
                 return [semgrad_object.error_report(SERVICE_GONE)] * len(pairs)
             self._waiting[job] = (loop, future, len(pairs))
         start = time.perf_counter()
-        if not self._send(ScoreJob(job, key, [(list(p), list(a)) for p, a in pairs], claims)):
+        listed = [(list(p), list(a)) for p, a in pairs]
+        message = ScoreJob(job, key, listed, claims) if windows is None else LiveJob(job, key, listed, list(windows))
+        if not self._send(message):
             self._fail(job)
         try:
             results = await future
@@ -89,7 +95,8 @@ class ScoringClient:
                 self._waiting.pop(job, None)
             self._send(CancelJob(job))
             raise
-        prometheus_metrics.record_answers(results, time.perf_counter() - start, self.engine)
+        if counted:
+            prometheus_metrics.record_answers(results, time.perf_counter() - start, self.engine)
         return results
 
     async def store_stats(self, timeout_s: float) -> StoreStats | None:

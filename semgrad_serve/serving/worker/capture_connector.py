@@ -33,10 +33,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.v1.request import RequestStatus
 
 from ..capture_keys import secret_from_env, verify
-from ..messages import KV_PARAM
+from ..messages import KV_PARAM, LIVE_PARAM
 from ..settings import log
 from .captures import STORE
 from .kv_layout import copy_blocks, layout_for, quantized_cache, unpack
+from .live_scoring import LivePrompts
 from .step_recorder import RECORDER, Recorded
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class CaptureMetadata(KVConnectorMetadata):
     orders: list[CaptureOrder] = field(default_factory=list)
     watch: list[str] = field(default_factory=list)  # scored requests to record the band inputs of
     forget: list[str] = field(default_factory=list)  # scored requests that ended without a capture
+    live: list[tuple[str, str]] = field(default_factory=list)  # (request, capture key) whose claims are scored live
 
 
 class SemgradCaptureConnector(KVConnectorBase_V1):
@@ -83,6 +85,8 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         self._orders: list[CaptureOrder] = []  # scheduler side: finished requests not yet sent to the worker
         self._watch: list[str] = []  # scheduler side: scored requests given blocks since the last step
         self._forget: list[str] = []
+        self._live: list[tuple[str, str]] = []  # scheduler side: live-claims requests given blocks since the last step
+        self._live_prompts = LivePrompts()  # worker side: live-claims requests whose prompt is not copied yet
         self._release: set[str] = set()  # worker side: copied requests whose blocks vLLM may free
         self._caches: list[torch.Tensor] = []  # worker side: per-layer caches, in layer order
         self._layout: str | None = None
@@ -98,8 +102,11 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         return 0, False  # loads nothing
 
     def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
-        if capture_key(request.kv_transfer_params, self._secret) is not None:
+        key = capture_key(request.kv_transfer_params, self._secret)
+        if key is not None:
             self._watch.append(request.request_id)
+            if request.kv_transfer_params.get(LIVE_PARAM) is True:
+                self._live.append((request.request_id, key))
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         key = capture_key(request.kv_transfer_params, self._secret)
@@ -115,8 +122,8 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         return True, None
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = CaptureMetadata(self._orders, self._watch, self._forget)
-        self._orders, self._watch, self._forget = [], [], []
+        meta = CaptureMetadata(self._orders, self._watch, self._forget, self._live)
+        self._orders, self._watch, self._forget, self._live = [], [], [], []
         return meta
 
     # -- worker side -------------------------------------------------------------------------------
@@ -145,14 +152,18 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         return self._layout
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
-        """Copy out the prompts of this step's finished requests before the forward runs; start or stop
-        recording the band inputs of scored requests."""
+        """Copy out the prompts of this step's finished requests, and of live-claims requests whose prompt is
+        computed, before the forward runs; start or stop recording the band inputs of scored requests."""
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, CaptureMetadata)
         for request_id in connector_metadata.watch:
             RECORDER.watch(request_id)
+        for request_id, key in connector_metadata.live:
+            RECORDER.watch(request_id, key)
+            self._live_prompts.follow(request_id, key)
         for request_id in connector_metadata.forget:
             RECORDER.forget(request_id)
+            self._live_prompts.forget(request_id)
         for order in connector_metadata.orders:
             layout = self._cache_layout() if self._caches and self._unreadable is None else None
             read = None if layout is None else (lambda n, first, o=order: self._copy(o, n, first))
@@ -168,7 +179,12 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
             )
             if not kept:  # its request is done with scoring already: nothing of it is kept
                 RECORDER.forget(order.request_id)
+            self._live_prompts.forget(order.request_id)
             self._release.add(order.request_id)
+        if len(self._live_prompts):
+            layout = self._cache_layout() if self._caches and self._unreadable is None else None
+            read = None if layout is None else (lambda blocks, n, first: copy_blocks(self._caches[first:], blocks, n))
+            self._live_prompts.copy_computed(RECORDER, STORE, read, lambda raw, n, lay=layout: unpack(raw, lay, n))
 
     @staticmethod
     def _band_inputs(order: CaptureOrder, t_star: int) -> tuple[int, Recorded] | None:

@@ -128,7 +128,9 @@ class CaptureStore:
             if key in self._done:
                 return False
             capture = self._entries.get(key)
-            if capture is None:
+            if capture is None or capture.raw is None and not capture.outputs:  # none, or a live one without keys/values
+                if capture is not None:
+                    self._bytes -= capture.nbytes
                 capture = self._capture(prompt_ids, read, unpack, band_inputs, output_ids)
                 self._entries[key] = capture
                 self._bytes += capture.nbytes
@@ -143,6 +145,28 @@ class CaptureStore:
             self._changed.notify_all()
             return True
 
+    def add_prompt(
+        self,
+        key: str,
+        prompt_ids: tuple[int, ...],
+        read: Callable[[int, int], Any] | None,
+        unpack: Callable[[Any, int], torch.Tensor] | None,
+        first_layer: int,
+    ) -> bool:
+        """Record the prompt keys/values (from layer ``first_layer`` on) of a running request of ``key`` whose
+        claims are scored while it runs (live claims); ``read`` and ``unpack`` as for ``add``, whose captures of
+        the request's choices, when they end, join this one. Called by the connector once the prompt is computed,
+        while vLLM holds its blocks. False, reading nothing, where ``key`` was dropped or has a capture already."""
+        with self._changed:
+            self._expire()
+            if key in self._done or key in self._entries:
+                return False
+            capture = self._capture(prompt_ids, read, unpack, None, (), first_layer)
+            self._entries[key] = capture
+            self._bytes += capture.nbytes
+            self._changed.notify_all()
+            return True
+
     def _capture(
         self,
         prompt_ids: tuple[int, ...],
@@ -150,14 +174,16 @@ class CaptureStore:
         unpack: Callable[[Any, int], torch.Tensor] | None,
         band_inputs: BandInputs | None,
         output_ids: tuple[int, ...],
+        first_layer: int | None = None,
     ) -> Capture:
+        """``first_layer``: the layers to read from where no recording is handed over (a live capture's)."""
         if read is None:
             return Capture(prompt_ids, None, reason="the KV cache is not read (its layout is not known, or it is quantized)")
         n = self.prefix_length(prompt_ids) if self.prefix_length is not None else None
         if n is None:
             return Capture(prompt_ids, None, reason="no t* in the prompt")
         recorded = band_inputs(n) if band_inputs is not None else None
-        first_layer = recorded[0] if recorded is not None else 0
+        first_layer = recorded[0] if recorded is not None else first_layer or 0
         try:
             raw = read(n, first_layer)
         except Exception as exc:  # runs between engine steps: never fail the step; scoring recomputes

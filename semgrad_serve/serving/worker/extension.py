@@ -36,6 +36,7 @@ from ..settings import (
 )
 from . import rank_sync
 from .captures import STORE
+from .live_scoring import live_given
 from .runner_check import check_runner
 from .scoring_service import PlanFn, ScoreFn, ScoringService, Window, generation_cores, scoring_cores
 from .step_recorder import RECORDER
@@ -208,7 +209,10 @@ class SemgradWorkerExtension:
         if weights.device.type == "cpu" and cores <= generation:
             log.warning("SemGrad: generation's threads hold every core (%s), so scoring competes with them; give vLLM a "
                         "reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=1, as semgrad-serve serve sets)", sorted(generation))
-        self.semgrad_service = ScoringService(score, STORE, max_batch, cores, groups, claim_plan(scorer, max_claims, claims_per_pass))
+        self.semgrad_service = ScoringService(
+            score, STORE, max_batch, cores, groups, claim_plan(scorer, max_claims, claims_per_pass),
+            live_given=lambda key, pair: live_given(STORE, RECORDER, key, pair),
+        )  # fmt: skip
         return {
             "family": weights.family,
             "profile": profile.name,

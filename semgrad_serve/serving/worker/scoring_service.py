@@ -29,7 +29,8 @@ never scored.
 Under tensor parallelism (``groups``), every rank's worker runs a service: rank 0's
 takes the answers and forms the batches, the others follow them (``rank_sync.py``).
 
-The messages between the API server and this service are the dataclasses of ``messages.py``.
+The messages between the API server and this service are the dataclasses of ``messages.py``; a ``LiveJob``
+(live claims: each answer so far with the window of its claims to score) is scored from ``live_scoring.py``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ..messages import (
     CancelJob,
     DropCapture,
     JobResult,
+    LiveJob,
     Pair,
     ScoreJob,
     StatsReply,
@@ -78,6 +80,8 @@ Window = range | None
 ScoreFn = Callable[[list[Pair], list[Given], list[Window]], list[dict[str, Any]]]
 # An answer's scoring passes, given whether its claims are asked for: [None] without, else the claim windows.
 PlanFn = Callable[[Pair, bool], list[Window]]
+# What a live-claims job's answer is given, from its capture key; None: not computed yet (``live_scoring.py``).
+LiveGivenFn = Callable[[str, Pair], Given | None]
 
 
 def one_pass(pair: Pair, claims: bool) -> list[Window]:
@@ -98,6 +102,8 @@ class Job:
     pieces: deque["Piece"] = field(default_factory=deque)  # not yet handed to the scoring thread
     left: int = 0  # pieces not yet scored
     cancelled: bool = False
+    live: bool = False  # a live-claims job: one pass over answers so far, given what was computed so far
+    given: list[Given] | None = None  # a live job's, once all of it is computed
 
     @property
     def long(self) -> bool:
@@ -178,9 +184,11 @@ class ScoringService:
 
     def __init__(
         self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int], groups: rank_sync.ScoringGroups | None = None,
-        plan: PlanFn = one_pass, lanes: int = 2,
+        plan: PlanFn = one_pass, lanes: int = 2, live_given: LiveGivenFn | None = None,
     ) -> None:  # fmt: skip
+        """``live_given``: what a live-claims job's answer is given (default: only a finished choice's capture)."""
         self._score, self._store, self._max_batch, self._cores, self._plan = score, store, max_batch, cores, plan
+        self._live_given = live_given or self._finished_given
         self._group = None if groups is None else groups.host
         rank = 0 if groups is None else groups.rank
         self._short: deque[Piece] = deque()  # the pieces of one-piece jobs, oldest first
@@ -229,6 +237,12 @@ class ScoringService:
                     else:
                         self._short.append(job.pieces.popleft())
                     self._arrived.notify_all()  # each lane waits on it
+            elif isinstance(message, LiveJob):  # one pass, short, batched with others
+                job = Job(message.job, message.key, message.pairs, live=True, left=1, reports=[None] * len(message.pairs))
+                with self._arrived:
+                    self._live[job.job] = job
+                    self._short.append(Piece(job, list(range(len(message.pairs))), list(message.windows)))
+                    self._arrived.notify_all()
             elif isinstance(message, CancelJob):
                 self._cancel(message.job)
             elif isinstance(message, StatsRequest):
@@ -260,8 +274,22 @@ class ScoringService:
             return len(self._live)
 
     def _ready(self, job: Job) -> bool:
-        """Whether the job's answers may be scored: each one's choice is captured, or the wait for it is over."""
-        return job.key is None or time.monotonic() - job.received > CAPTURE_WAIT_S or self._captured(job.key, job.pairs)
+        """Whether the job's answers may be scored: each one's choice is captured (a live job: what it is given is
+        computed), or the wait for it is over."""
+        if job.key is None or time.monotonic() - job.received > CAPTURE_WAIT_S:
+            return True
+        if not job.live:
+            return self._captured(job.key, job.pairs)
+        if self._group is not None:  # the other ranks cannot see a running request's rows: recompute
+            job.given = [Given() for _ in job.pairs]
+        if job.given is None:
+            given = [self._live_given(job.key, pair) for pair in job.pairs]
+            job.given = None if any(g is None for g in given) else given
+        return job.given is not None
+
+    def _finished_given(self, key: str, pair: Pair) -> Given | None:
+        """A live job's answer given only what its finished choice's capture holds."""
+        return self._given(key, pair) if self._captured(key, [pair]) else None
 
     def _next_batch(self, lane: str = "both") -> list[Piece]:
         """The next pieces to score in ``lane`` (short, long or both): ready short jobs, oldest first, up to
@@ -300,7 +328,7 @@ class ScoringService:
     def _given_all(self, pieces: list[Piece], follower: bool) -> list[list[Given]]:
         """What each piece's answers are given; under tensor parallelism, what every rank was given (rank 0 first
         sends the batch, with what it was given, to the other ranks)."""
-        given = [[self._given(piece.job.key, pair) for pair in piece.pairs] for piece in pieces]
+        given = [piece.job.given or [self._given(piece.job.key, pair) for pair in piece.pairs] for piece in pieces]
         if self._group is None:
             return given
         flat = [g for per_piece in given for g in per_piece]

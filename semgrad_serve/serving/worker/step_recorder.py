@@ -43,6 +43,8 @@ class Recording:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first position, band input rows [n, d])
     logits: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, logits [V]) from the prompt's end
     started: float = field(default_factory=time.monotonic)
+    key: str | None = None  # the capture key of a request whose claims are scored while it runs (live claims)
+    ids: dict[int, int] = field(default_factory=dict)  # live: the token id at each recorded position
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ def assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> to
             out[lo - start : hi - start] = rows[lo - first : hi - first]
             seen[lo - start : hi - start] = True
     return out if bool(seen.all()) else None
+
+
+def positions_ids(state: Any, first: int, n: int) -> list[int]:
+    """The token ids at positions [first, first + n) of a request (vLLM's runner state: its prompt, then its
+    output so far); fewer where the output is not known here yet."""
+    prompt, output = state.prompt_token_ids or (), getattr(state, "output_token_ids", None) or ()
+    known = min(first + n, len(prompt) + len(output))
+    return [int(prompt[p]) if p < len(prompt) else int(output[p - len(prompt)]) for p in range(first, known)]
 
 
 class StepRecorder:
@@ -99,15 +109,63 @@ class StepRecorder:
         if logits_processor is not None:
             logits_processor.register_forward_hook(self._record_logits)
 
-    def watch(self, request_id: str) -> None:
-        """Record ``request_id`` from its next step on (called before that step's forward)."""
+    def watch(self, request_id: str, key: str | None = None) -> None:
+        """Record ``request_id`` from its next step on (called before that step's forward); ``key``: its capture
+        key, for a request whose claims are scored while it runs (``peek``)."""
         if self.first_layer is None:
             return
         with self._lock:
             now = time.monotonic()
             for rid in [r for r, rec in self._watched.items() if now - rec.started > TTL_S]:
                 self._drop(rid)
-            self._watched.setdefault(request_id, Recording())
+            recording = self._watched.setdefault(request_id, Recording())
+            recording.key = key or recording.key
+
+    def peek(self, key: str, prompt_length: int, answer: Sequence[int], t_star: int) -> Recorded | None:
+        """What was recorded so far, without ending the recording, for the running request of ``key`` whose output
+        begins with ``answer`` after a prompt of ``prompt_length`` tokens: the band inputs at positions
+        [t*, prompt + answer − 1) and the logits predicting ``answer`` (None where a row is missing). None where
+        no recording of ``key`` holds every band input up to there (not computed yet). With several choices of a
+        request (n > 1), the one whose recorded tokens are ``answer``'s."""
+        stop = prompt_length + len(answer) - 1
+        with self._lock:
+            candidates = [r for r in self._watched.values() if r.key == key and r.t_star == t_star and r.prompt_length == prompt_length]
+            for recording in candidates:
+                ids = [recording.ids.get(prompt_length + i) for i in range(len(answer) - 1)]
+                if len(candidates) == 1 or ids == list(answer[:-1]):
+                    inputs, logits = list(recording.inputs), list(recording.logits)
+                    break
+            else:
+                return None
+        if inputs and inputs[0][1].is_cuda:
+            torch.cuda.synchronize(inputs[0][1].device)  # the rows were written on the engine's stream
+        rows = assemble(inputs, t_star, stop)
+        if rows is None:
+            return None
+        return Recorded(rows, assemble([(p, row[None]) for p, row in logits], prompt_length - 1, stop))
+
+    @property
+    def runner(self) -> Any:
+        """vLLM's model runner whose steps are recorded (None before ``install``)."""
+        return self._runner
+
+    def covers(self, request_id: str, t_star: int) -> bool:
+        """Whether every band input of the running ``request_id`` from t* to its positions computed so far was
+        recorded (not where a prefix-cache hit skipped positions past t*)."""
+        with self._lock:
+            recording = self._watched.get(request_id)
+            parts = list(recording.inputs) if recording is not None else []
+        state = self._runner.requests.get(request_id) if self._runner is not None else None
+        if recording is None or recording.t_star != t_star or state is None:
+            return False
+        return state.num_computed_tokens <= t_star or assemble(parts, t_star, state.num_computed_tokens) is not None
+
+    def unfollow(self, request_id: str) -> None:
+        """Stop keeping ``request_id``'s token ids: nothing will be peeked from its recording."""
+        with self._lock:
+            recording = self._watched.get(request_id)
+            if recording is not None:
+                recording.key, recording.ids = None, {}
 
     def take(self, request_id: str, t_star: int, computed: int) -> Recorded | None:
         """What was recorded for ``request_id``, which computed ``computed`` positions: its band inputs at positions
@@ -142,7 +200,8 @@ class StepRecorder:
             return self._logits_bytes
 
     def _scheduled(self) -> list[tuple[Recording, int, int, int, int]]:
-        """(recording, batch row, first row, new positions, first position) of this step's watched requests."""
+        """(recording, batch row, first row, new positions, first position) of this step's watched requests; the
+        token ids of a live request's new positions go into its recording."""
         batch, starts = self._runner.input_batch, self._runner.query_start_loc.np
         out = []
         for rid, recording in self._watched.items():
@@ -154,7 +213,10 @@ class StepRecorder:
                 t_star = self._t_star_of(prompt) if prompt is not None and self._t_star_of else None
                 recording.t_star, recording.prompt_length = (-1 if t_star is None else t_star), len(prompt or ())
             lo, hi = int(starts[index]), int(starts[index + 1])
-            out.append((recording, index, lo, hi - lo, int(batch.num_computed_tokens_cpu[index])))
+            first = int(batch.num_computed_tokens_cpu[index])
+            if recording.key is not None:
+                recording.ids.update(zip(range(first, first + hi - lo), positions_ids(self._runner.requests[rid], first, hi - lo)))
+            out.append((recording, index, lo, hi - lo, first))
         return out
 
     def _record_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

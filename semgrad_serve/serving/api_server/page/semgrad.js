@@ -240,19 +240,42 @@
     return `claim ${Number(d.index) + 1}\n${parts.join("\n")}`;
   }
 
+  function claimSpan(claim, i, text) {
+    const data = { index: String(i) };
+    if (isNum(claim.confidence)) data.confidence = String(claim.confidence);
+    if (typeof claim.flagged === "boolean") data.flagged = String(claim.flagged);
+    for (const key of ["semgrad", "paragrad", "hybridgrad"]) if (isNum(claim[key])) data[key] = String(claim[key]);
+    const span = el("span", { class: "claim", tabindex: 0, dataset: data, text });
+    const tint = isNum(claim.confidence) ? confidenceColour(claim.confidence)
+      : claim.flagged === true ? confidenceColour(0) : claim.flagged === false ? confidenceColour(1) : null;
+    if (tint) span.style.setProperty("background-color", tint);
+    return span;
+  }
+
+  // The answer's text with each claim's sentence (in order) tinted by its confidence; the rest as it came.
+  function tintAnswer(node, answer, claims) {
+    const parts = [];
+    let at = 0;
+    claims.forEach((claim, i) => {
+      const text = String(claim.text || "");
+      const found = text && at >= 0 ? answer.indexOf(text, at) : -1;
+      if (found < 0) {
+        at = -1;
+        return;
+      }
+      if (found > at) parts.push(answer.slice(at, found));
+      parts.push(claimSpan(claim, i, text));
+      at = found + text.length;
+    });
+    if (at < 0) return false;
+    parts.push(answer.slice(at));
+    node.replaceChildren(...parts);
+    return true;
+  }
+
   function claimsPanel(claims) {
     const wrap = el("p", { class: "claim-text" });
-    claims.forEach((claim, i) => {
-      const data = { index: String(i) };
-      if (isNum(claim.confidence)) data.confidence = String(claim.confidence);
-      if (typeof claim.flagged === "boolean") data.flagged = String(claim.flagged);
-      for (const key of ["semgrad", "paragrad", "hybridgrad"]) if (isNum(claim[key])) data[key] = String(claim[key]);
-      const span = el("span", { class: "claim", tabindex: 0, dataset: data, text: String(claim.text || "") });
-      const tint = isNum(claim.confidence) ? confidenceColour(claim.confidence)
-        : claim.flagged === true ? confidenceColour(0) : claim.flagged === false ? confidenceColour(1) : null;
-      if (tint) span.style.setProperty("background-color", tint);
-      wrap.append(span, " ");
-    });
+    claims.forEach((claim, i) => wrap.append(claimSpan(claim, i, String(claim.text || "")), " "));
     const legend = el("p", { class: "legend" }, el("span", { text: "confidence 0" }),
       el("span", { class: "legend-bar confidence", "aria-hidden": "true" }), el("span", { text: "1 · focus a sentence for its scores" }));
     return [el("h3", { text: `Claims (${claims.length})` }), legend, wrap];
@@ -365,7 +388,7 @@
     const options = (state.info && state.info.request_options) || [];
     const semgrad = {};
     if (options.includes("tokens")) semgrad.tokens = true;
-    if (options.includes("claims")) semgrad.claims = true;
+    if (options.includes("claims")) semgrad.claims = "live"; // each sentence tinted as soon as it is scored
     const body = { messages, stream: true, max_tokens: Number($("max-tokens").value) || 128, temperature: Number($("temperature").value) || 0 };
     if (state.model) body.model = state.model;
     body.semgrad = Object.keys(semgrad).length ? semgrad : true;
@@ -391,7 +414,7 @@
     $("stop").hidden = false;
     setStatus("Answering…");
     const started = performance.now();
-    let answer = "", sg = null;
+    let answer = "", sg = null, live = [];
     try {
       const res = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(requestBody(messages)),
@@ -405,17 +428,23 @@
         for (const choice of chunk.choices || []) {
           if (choice.index !== 0) continue;
           const piece = choice.delta && typeof choice.delta.content === "string" ? choice.delta.content : "";
-          if (piece) {
+          const claims = !choice.finish_reason && choice.semgrad && Array.isArray(choice.semgrad.claims) ? choice.semgrad.claims : [];
+          if (claims.length) {
+            live = live.concat(claims); // live claims: sentences scored while the answer streams
+            view.card.dataset.liveClaims = String(live.length);
+          }
+          if (piece || claims.length) {
             const following = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 320;
             answer += piece;
-            view.text.textContent = answer;
+            if (!live.length || !tintAnswer(view.text, answer, live)) view.text.textContent = answer;
             if (following) view.card.scrollIntoView({ block: "nearest" });
           }
           if (choice.finish_reason) view.card.dataset.finishReason = choice.finish_reason;
-          if (choice.semgrad) sg = choice.semgrad;
+          if (choice.finish_reason && choice.semgrad) sg = choice.semgrad;
         }
       });
       if (!answer) view.text.textContent = "(empty answer)";
+      else if (sg && Array.isArray(sg.claims)) tintAnswer(view.text, answer, sg.claims);
       finishCard(view, sg);
       if (keep) state.history = messages.concat([{ role: "assistant", content: answer }]);
       const secs = ((performance.now() - started) / 1000).toFixed(1);
