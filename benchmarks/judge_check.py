@@ -34,8 +34,10 @@ def kappa(a: np.ndarray, b: np.ndarray) -> float:
 
 def cell(said: np.ndarray, hand: np.ndarray) -> str:
     hits = int((said & hand).sum())
-    return (f"**{100 * np.mean(said == hand):.1f}%**, κ {kappa(said, hand):.2f}, recall {hits}/{int(hand.sum())}, "
-            f"precision {hits}/{int(said.sum())}")
+    return (
+        f"**{100 * np.mean(said == hand):.1f}%**, κ {kappa(said, hand):.2f}, recall {hits}/{int(hand.sum())}, "
+        f"precision {hits}/{int(said.sum())}"
+    )
 
 
 def main() -> None:
@@ -85,8 +87,12 @@ def main() -> None:
         cached = {i["index"]: i["answer"] for i in items if i["dataset"] == name}
         if any(cached[lab["index"]] != lab["answer"] for lab in labels):
             raise SystemExit(f"{name}: the labelled answers are not the cached ones in {args.items}")
-        said = judges.judge_all([lab["answer"] for lab in labels], [rows[lab["index"]][1] for lab in labels],
-                                [rows[lab["index"]][0] for lab in labels], embedder=embedder)
+        said = judges.judge_all(
+            [lab["answer"] for lab in labels],
+            [rows[lab["index"]][1] for lab in labels],
+            [rows[lab["index"]][0] for lab in labels],
+            embedder=embedder,
+        )
         hand = np.array([lab["label"] == "correct" for lab in labels])
         split = np.array([lab["set"] for lab in labels])
         everything = judges.judge_all(
@@ -102,8 +108,10 @@ def main() -> None:
         for judge in judges.JUDGES:
             s = np.array([j.correct for j in said[judge]])
             share = np.mean([j.correct for j in everything[judge]])
-            lines.append(f"| {judge} | {cell(s, hand)} | {cell(s[split == 'rules'], hand[split == 'rules'])} | "
-                         f"{cell(s[split == 'held-out'], hand[split == 'held-out'])} | {100 * share:.1f}% |")
+            lines.append(
+                f"| {judge} | {cell(s, hand)} | {cell(s[split == 'rules'], hand[split == 'rules'])} | "
+                f"{cell(s[split == 'held-out'], hand[split == 'held-out'])} | {100 * share:.1f}% |"
+            )
         agreement[name] = float(np.mean(np.array([j.correct for j in said[judges.DEFAULT_JUDGE]]) == hand))
         misses = [
             f"{lab['index']} ({lab['label']})"

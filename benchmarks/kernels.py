@@ -135,8 +135,13 @@ def cases(
         logits = torch.randn(t, v, generator=g, device=device).mul_(3).to(dtype)
         targets = torch.randint(0, v, (t,), generator=g, device=device)
         # logits read twice, the float32 gradient written once
-        yield Case("token_stats", f"T={t} V={v}", 20 * t * v, lambda k, a=(logits, targets): lambda: k.token_stats(*a),
-                   ("bytes", t * v * (2 * size + 4)))
+        yield Case(
+            "token_stats",
+            f"T={t} V={v}",
+            20 * t * v,
+            lambda k, a=(logits, targets): lambda: k.token_stats(*a),
+            ("bytes", t * v * (2 * size + 4)),
+        )
         _, entropy, nll_grad = token_stats_reference(logits, targets)
         del logits
         for d in ds:
@@ -147,13 +152,24 @@ def cases(
             if device.type == "cuda" and 16 * v * d < free_memory(device) - HEADROOM:
                 exact = partial(float64_head_grad_l1, *args)
             # the reference holds the V×d gradient, its abs, and the float64 copy the sum makes
-            yield Case("head_grad_l1", f"T={t} V={v} d={d}", 16 * v * d, lambda k, a=args: lambda: k.head_grad_l1(*a),
-                       ("flops", 2 * 2 * t * v * d), exact)
+            yield Case(
+                "head_grad_l1",
+                f"T={t} V={v} d={d}",
+                16 * v * d,
+                lambda k, a=args: lambda: k.head_grad_l1(*a),
+                ("flops", 2 * 2 * t * v * d),
+                exact,
+            )
         del nll_grad
     for t, d in itertools.product(ts, ds):
         grads = torch.randn(N_BAND, t, d, generator=g, device=device).to(dtype)
-        yield Case("band_l1", f"B={t} n_band={N_BAND} d={d}", 16 * grads.numel(),
-                   lambda k, a=grads: lambda: k.band_l1(a), ("bytes", grads.numel() * size))
+        yield Case(
+            "band_l1",
+            f"B={t} n_band={N_BAND} d={d}",
+            16 * grads.numel(),
+            lambda k, a=grads: lambda: k.band_l1(a),
+            ("bytes", grads.numel() * size),
+        )
 
 
 def device_peaks(device: torch.device) -> dict[str, float]:
@@ -188,8 +204,16 @@ def run(
     """Benchmark every case; returns the markdown table rows (also printed as they come)."""
     impls = [select_kernels(n, device) for n in kernel_choices()[1:] if skip_reason(n, device) is None]
     memory = PeakMemory(device)
-    columns = ["operation", "shape", "implementation", "time (ms)", "speed-up vs torch", "peak extra memory (MiB)",
-               "memory vs torch", "max rel. diff"]
+    columns = [
+        "operation",
+        "shape",
+        "implementation",
+        "time (ms)",
+        "speed-up vs torch",
+        "peak extra memory (MiB)",
+        "memory vs torch",
+        "max rel. diff",
+    ]
     if peaks:
         columns += ["of device peak", "rel. err vs float64"]
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -260,11 +284,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Ratios are against the torch reference (eager, materializing) measured in the same run. Time is the "
             "best of the timed runs after a warm-up; memory is the peak above the inputs.",
             *(
-                [f"Device peaks measured in this run: copy {peaks['bytes'] / 1e9:.0f} GB/s (read + write), "
-                 f"TF32 product {peaks['flops'] / 1e12:.0f} TFLOP/s (8192³). head_grad_l1's work counts "
-                 "2 × 2·T·V·d flops (ParaGrad and ExGrad); token_stats' the logits read twice and the float32 "
-                 "gradient written once; band_l1's its input read once."]
-                if peaks else []
+                [
+                    f"Device peaks measured in this run: copy {peaks['bytes'] / 1e9:.0f} GB/s (read + write), "
+                    f"TF32 product {peaks['flops'] / 1e12:.0f} TFLOP/s (8192³). head_grad_l1's work counts "
+                    "2 × 2·T·V·d flops (ParaGrad and ExGrad); token_stats' the logits read twice and the float32 "
+                    "gradient written once; band_l1's its input read once."
+                ]
+                if peaks
+                else []
             ),
             *notes,
             "",

@@ -139,7 +139,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "live_claims_cpu.md")
     parser.add_argument("--serve-args", default="", help="more semgrad-serve serve options")
     args = parser.parse_args()
-    queries = [json.loads(line)["query"] for line in (ROOT / "data" / "truthfulqa" / "test.jsonl").read_text().splitlines()]
+    queries = [
+        json.loads(line)["query"] for line in (ROOT / "data" / "truthfulqa" / "test.jsonl").read_text().splitlines()
+    ]
     prompts = iter(TEMPLATE.format(query=q) for q in queries)
     log = Path(tempfile.mkdtemp()) / "semgrad.log"
     port = free_port()
@@ -147,10 +149,14 @@ def main() -> None:
     phases = {mode: Phase() for mode in MODES}
     with running_server(serve_command(port, *serve_args), port, log) as server:
         for mode in MODES:  # warm-up: one-off costs of each kind of request
-            asyncio.run(run(server.url, [next(prompts) for _ in range(args.concurrency)], mode, args.concurrency, Phase()))
+            asyncio.run(
+                run(server.url, [next(prompts) for _ in range(args.concurrency)], mode, args.concurrency, Phase())
+            )
         for round_ in range(args.rounds):
             for mode in list(MODES) if round_ % 2 == 0 else list(MODES)[::-1]:
-                asyncio.run(run(server.url, [next(prompts) for _ in range(args.requests)], mode, args.concurrency, phases[mode]))
+                asyncio.run(
+                    run(server.url, [next(prompts) for _ in range(args.requests)], mode, args.concurrency, phases[mode])
+                )
                 print(f"round {round_ + 1} {mode}: {phases[mode].tokens_per_s:.1f} tok/s so far", file=sys.stderr)
     text = report(phases, args)
     print(f"server log: {log}", file=sys.stderr)

@@ -28,10 +28,22 @@ from semgrad_serve.serving.worker.scoring_memory import scoring_reserve_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
-    "SmolLM2-135M dims": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                              num_key_value_heads=3, vocab_size=49152),
-    "1.5B dims (Qwen2.5-1.5B-like)": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+    "SmolLM2-135M dims": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    ),
+    "1.5B dims (Qwen2.5-1.5B-like)": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
 }
 SHAPES = [(1, 64, 16), (8, 256, 32), (32, 512, 32)]  # (B, P, A)
 
@@ -68,8 +80,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "scoring_cuda.md")
     args = parser.parse_args()
-    rows = ["| model | dtype | B × (P + A) | kernels | ms / batch | answers / s | speed-up | peak extra (MiB) | "
-            "predicted reserve (MiB) |", "|" + "---|" * 9]
+    rows = [
+        "| model | dtype | B × (P + A) | kernels | ms / batch | answers / s | speed-up | peak extra (MiB) | "
+        "predicted reserve (MiB) |",
+        "|" + "---|" * 9,
+    ]
     print(rows[0], flush=True)
     for name, dims in MODELS.items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -91,18 +106,20 @@ def main() -> None:
                     print(rows[-1], flush=True)
             del weights
             torch.cuda.empty_cache()
-    text = "\n".join([
-        "# Scoring on a GPU (whole batches)",
-        "",
-        f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}. Random weights at each model's "
-        "dimensions; t* 8 tokens before the prompt's end; band = deeper half of layers; prompts recomputed "
-        "(no prompt keys/values given). Speed-up: against the torch reference kernels in the same run. Peak "
-        "extra: the allocator's peak above the weights during a batch; predicted reserve: "
-        "`scoring_reserve_bytes` (serving/scoring_memory.py) for the batch's tokens.",
-        "",
-        *rows,
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Scoring on a GPU (whole batches)",
+            "",
+            f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}. Random weights at each model's "
+            "dimensions; t* 8 tokens before the prompt's end; band = deeper half of layers; prompts recomputed "
+            "(no prompt keys/values given). Speed-up: against the torch reference kernels in the same run. Peak "
+            "extra: the allocator's peak above the weights during a batch; predicted reserve: "
+            "`scoring_reserve_bytes` (serving/scoring_memory.py) for the batch's tokens.",
+            "",
+            *rows,
+            "",
+        ]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
 

@@ -19,8 +19,13 @@ import numpy as np
 from semgrad_serve.evaluation.metrics import auroc
 
 METHODS = [
-    ("semgrad", "SemGrad"), ("paragrad", "ParaGrad"), ("paragrad_tied", "ParaGrad, tied head (authors')"),
-    ("hybridgrad", "HybridGrad"), ("exgrad", "ExGrad"), ("mean_nll", "Mean token NLL"), ("max_nll", "Max token NLL"),
+    ("semgrad", "SemGrad"),
+    ("paragrad", "ParaGrad"),
+    ("paragrad_tied", "ParaGrad, tied head (authors')"),
+    ("hybridgrad", "HybridGrad"),
+    ("exgrad", "ExGrad"),
+    ("mean_nll", "Mean token NLL"),
+    ("max_nll", "Max token NLL"),
     ("mean_entropy", "Mean token entropy"),
 ]
 SHORT = (1, 5)
@@ -78,8 +83,12 @@ def main() -> int:
         cells = []
         for d in datasets:
             keys, short = subsets[d]
-            cells += [cell([old[k] for k in keys], key, args.judge), cell([new[k] for k in keys], key, args.judge),
-                      cell([old[k] for k in short], key, args.judge), cell([new[k] for k in short], key, args.judge)]
+            cells += [
+                cell([old[k] for k in keys], key, args.judge),
+                cell([new[k] for k in keys], key, args.judge),
+                cell([old[k] for k in short], key, args.judge),
+                cell([new[k] for k in short], key, args.judge),
+            ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Answers (wrong) and the Spearman rank correlation of each score between the conventions:", ""]
     lines += [

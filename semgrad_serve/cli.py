@@ -17,7 +17,10 @@ from .errors import SemgradError
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("semgrad_serve.commands.score", "score answers in a JSONL file"),
     "ask": ("semgrad_serve.commands.ask", "answer a question with the model and show the answer's scores"),
-    "calibrate": ("semgrad_serve.commands.calibrate", "SPS scan: find t* and the band for a model, write its profile and heatmap"),
+    "calibrate": (
+        "semgrad_serve.commands.calibrate",
+        "SPS scan: find t* and the band for a model, write its profile and heatmap",
+    ),
     "eval": (
         "semgrad_serve.commands.eval",
         "evaluate wrong-answer detection against baselines; tables, ROC plot, flag threshold",

@@ -63,8 +63,25 @@ def test_eval_end_to_end_with_hf_generator(tmp_path, default_scorer, data_dir):
         first_lines(data_dir / "sciq" / "test.jsonl", 3) + first_lines(data_dir / "truthfulqa" / "test.jsonl", 1),
     )
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["eval", "--dataset", str(data), "--generator", "hf", "--samples", "2", "--max-tokens", "12",
-            "--judge", "containment", "--flag-target", "recall:0.5", "--out", str(out), "--cache-dir", str(cache)]
+    args = [
+        "eval",
+        "--dataset",
+        str(data),
+        "--generator",
+        "hf",
+        "--samples",
+        "2",
+        "--max-tokens",
+        "12",
+        "--judge",
+        "containment",
+        "--flag-target",
+        "recall:0.5",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     assert main(args + ["--paragrad-tied"]) == 0
     assert main(args + ["--no-stop-token", "--prefix", "old"]) == 0  # the old convention, on the cached answers
     assert main(args + ["--cheap-baselines", "--prefix", "cheap"]) == 0  # NLL and entropy from the gradient pass

@@ -90,7 +90,9 @@ def test_float32_a_claim_from_its_prefix_equals_it_on_the_final_answer() -> None
     band = deeper_half(weights.n_layers)
     item = next(it for it in claimed_items(seed=8, n=6) if len(it.claims) > 1)
     (whole,) = score_batch(weights, [item], band, select_kernels())
-    prefixes = [PreparedItem(item.prompt_ids, item.answer_ids[: c.token_end], item.t_star, claims=(c,)) for c in item.claims]
+    prefixes = [
+        PreparedItem(item.prompt_ids, item.answer_ids[: c.token_end], item.t_star, claims=(c,)) for c in item.claims
+    ]
     for result, scores in zip(score_batch(weights, prefixes, band, select_kernels()), whole.claims):
         for key in CLAIM_SCORES:
             assert result.claims[0].scores()[key] == pytest.approx(scores.scores()[key], rel=1e-4, abs=0), key

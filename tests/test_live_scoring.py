@@ -143,7 +143,10 @@ class Batches:
             self.holding.set()
             assert self.release.wait(WAIT_S)
         self.batches.append([(p[0], w) for (p, _), w in zip(pairs, windows)])
-        return [{"semgrad": float(p[0]), "claims": [] if w is None else [{"index": i} for i in w]} for (p, _), w in zip(pairs, windows)]
+        return [
+            {"semgrad": float(p[0]), "claims": [] if w is None else [{"index": i} for i in w]}
+            for (p, _), w in zip(pairs, windows)
+        ]
 
 
 def test_live_jobs_wait_for_their_rows_and_share_a_batch_with_other_requests() -> None:
@@ -206,7 +209,14 @@ class FakeClient:
         for (_, answer), window in zip(pairs, windows):
             claims = answer_claims(self.tokenizer, answer, [2])[window.start : window.stop]
             shift = 1 if self.wrong else 0
-            out.append({"semgrad": 1.0, "claims": [{"text": c.text, "token_start": c.token_start + shift, "token_end": c.token_end} for c in claims]})
+            out.append(
+                {
+                    "semgrad": 1.0,
+                    "claims": [
+                        {"text": c.text, "token_start": c.token_start + shift, "token_end": c.token_end} for c in claims
+                    ],
+                }
+            )
         return out
 
 
@@ -243,7 +253,9 @@ def test_live_claims_settle_in_order_one_job_in_flight_and_the_end_scores_the_re
     assert client.jobs[0] == (paris, range(0, 1))  # sent when " It" arrived; " Rome" settled "It is old." meanwhile
     assert client.jobs[1][1] == range(1, 3) and client.jobs[2] == (len(ids) + 1, range(3, 4))  # then the end
     sent = [c["text"] for chunk in chunks for c in chunk["choices"][0]["semgrad"]["claims"]]
-    assert sent == ["Paris is big.", "It is old.", "Rome is older."] and all(ch["choices"][0]["delta"] == {} for ch in chunks)
+    assert sent == ["Paris is big.", "It is old.", "Rome is older."] and all(
+        ch["choices"][0]["delta"] == {} for ch in chunks
+    )
     assert [c["text"] for c in final[0]["claims"]] == [*sent, "The end"]
     client, chunks, final = asyncio.run(stream(wrong=True))
     assert chunks == [] and len(client.jobs) == 2 and client.jobs[-1][1] == range(0, 4)  # the end scores every claim

@@ -53,8 +53,11 @@ def brute_prr(scores, wrong) -> float:
     """PRR with the score's rejection AUC averaged over every order of tied scores (all permutations)."""
     quality = [0.0 if w else 1.0 for w in wrong]
     n = len(scores)
-    aucs = [rejection_auc(p, quality) for p in itertools.permutations(range(n))
-            if all(scores[p[i]] >= scores[p[i + 1]] for i in range(n - 1))]
+    aucs = [
+        rejection_auc(p, quality)
+        for p in itertools.permutations(range(n))
+        if all(scores[p[i]] >= scores[p[i + 1]] for i in range(n - 1))
+    ]
     auc = sum(aucs) / len(aucs)
     oracle = rejection_auc(sorted(range(n), key=lambda i: quality[i]), quality)
     random = sum(quality) / n

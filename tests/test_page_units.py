@@ -164,12 +164,12 @@ def test_a_streamed_choice_gets_tokens_only_when_asked_and_is_kept_in_the_ring(d
     def events() -> list[str]:
         import json
 
-        out = [f'data: {json.dumps({"id": "chatcmpl-1", "model": "m", "prompt_token_ids": prompt, "choices": []})}\n\n']
+        out = [f"data: {json.dumps({'id': 'chatcmpl-1', 'model': 'm', 'prompt_token_ids': prompt, 'choices': []})}\n\n"]
         for i, token in enumerate(answer):
             last = i == len(answer) - 1
             choice = {"index": 0, "delta": {"content": "" if last else pieces[i]}, "token_ids": [token],
                       "finish_reason": "stop" if last else None, "stop_reason": None}  # fmt: skip
-            out.append(f'data: {json.dumps({"id": "chatcmpl-1", "model": "m", "choices": [choice]})}\n\n')
+            out.append(f"data: {json.dumps({'id': 'chatcmpl-1', 'model': 'm', 'choices': [choice]})}\n\n")
         return out + ["data: [DONE]\n\n"]
 
     async def run(options: ScoringOptions) -> tuple[dict, RecentAnswers]:

@@ -268,8 +268,13 @@ def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client
     prompt_ids = default_scorer.prompt_ids(messages)
 
     def chat(max_tokens: int, **extra) -> Any:
-        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0,
-                                                  extra_body={"return_token_ids": True, **extra})
+        response = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"return_token_ids": True, **extra},
+        )
         return response.choices[0]
 
     ended, cut = chat(32), chat(3)

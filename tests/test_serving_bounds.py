@@ -110,6 +110,7 @@ def test_a_short_answer_is_scored_beside_a_long_claims_job(bounded) -> None:
         async with httpx.AsyncClient(
             base_url=f"{bounded.url}/v1", headers=headers(), timeout=REQUEST_TIMEOUT_S
         ) as http:
+
             async def chat(name: str, messages: list, max_tokens: int, options: dict) -> dict:
                 body = {
                     "model": MODEL,

@@ -74,7 +74,9 @@ def read(stream: Any) -> tuple[list[int], dict[int, Streamed]]:
     return prompt, choices
 
 
-def assert_live(got: Streamed, scorer: Any, prompt: list[int], answer: list[int], live_before_text: bool = True) -> None:
+def assert_live(
+    got: Streamed, scorer: Any, prompt: list[int], answer: list[int], live_before_text: bool = True
+) -> None:
     """Live claims came before the final chunk, in order, each once; the final chunk's claims begin with them, equal
     and all of them equal ``score --claims`` on the final answer; the whole answer's scores equal the offline ones."""
     live = got.live_claims
@@ -92,7 +94,9 @@ def assert_live(got: Streamed, scorer: Any, prompt: list[int], answer: list[int]
 
 
 def test_live_claims_arrive_while_streaming_and_equal_the_final_answers(client, default_scorer) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=120, temperature=0, stream=True, extra_body=LIVE)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=PARIS, max_tokens=120, temperature=0, stream=True, extra_body=LIVE
+    )
     prompt, choices = read(stream)
     (got,) = choices.values()
     assert len(got.live_claims) >= 2 and got.finish_reason == "stop"
@@ -101,7 +105,9 @@ def test_live_claims_arrive_while_streaming_and_equal_the_final_answers(client, 
 
 
 def test_live_claims_of_two_choices_and_of_completions(client, default_scorer) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=90, temperature=1.0, seed=7, n=2, stream=True, extra_body=LIVE)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=PARIS, max_tokens=90, temperature=1.0, seed=7, n=2, stream=True, extra_body=LIVE
+    )
     prompt, choices = read(stream)
     assert sorted(choices) == [0, 1] and choices[0].ids != choices[1].ids
     for got in choices.values():
@@ -150,7 +156,9 @@ def read_all(stream: Any) -> tuple[list[int], list[Streamed]]:
 
 def test_a_bad_live_value_is_a_one_line_400(client) -> None:
     with pytest.raises(openai.BadRequestError, match='"claims" also "live"'):
-        client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=4, stream=True, extra_body={"semgrad": {"claims": "later"}})
+        client.chat.completions.create(
+            model=MODEL, messages=PARIS, max_tokens=4, stream=True, extra_body={"semgrad": {"claims": "later"}}
+        )
 
 
 def test_a_client_that_leaves_after_a_flagged_claim_leaves_nothing_held(client, base_url) -> None:
@@ -159,7 +167,9 @@ def test_a_client_that_leaves_after_a_flagged_claim_leaves_nothing_held(client, 
     idle = kv_usage_after_probe(client, base_url)
 
     async def leave() -> tuple[int, int]:
-        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
+        ) as aclient:
             stream = await aclient.chat.completions.create(model=MODEL, messages=ask("Write a long story about a dragon, in many sentences."),
                                                            max_tokens=400, temperature=0, stream=True, extra_body=LIVE)  # fmt: skip
             tokens, live = 0, 0

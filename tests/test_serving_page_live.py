@@ -19,7 +19,9 @@ def test_a_sentence_is_tinted_before_the_answer_ends(browser, base_url) -> None:
     driver = browser
     driver.get(f"{base_url}/semgrad")
     wait_for(lambda: driver.execute_script("return document.body.dataset.loaded === 'true'"), 60, "the page to load")
-    driver.execute_script("document.getElementById('max-tokens').value = '200'; document.getElementById('keep-context').checked = false")
+    driver.execute_script(
+        "document.getElementById('max-tokens').value = '200'; document.getElementById('keep-context').checked = false"
+    )
     before = len(driver.find_elements(By.CSS_SELECTOR, ".answer"))
     question = driver.find_element(By.ID, "question")
     question.send_keys(LIVE_QUESTION)

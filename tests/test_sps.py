@@ -30,8 +30,13 @@ def brute_force(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
                 pairs = itertools.combinations(range(len(members)), 2)
                 means.append(np.mean([cosine(members[i, layer, p], members[j, layer, p]) for i, j in pairs]))
         within[layer, p] = np.mean(means)
-        across[layer, p] = np.mean([cosine(groups[g1][m1, layer, p], groups[g2][m2, layer, p])
-                                for (g1, m1), (g2, m2) in itertools.combinations(items, 2) if g1 != g2])
+        across[layer, p] = np.mean(
+            [
+                cosine(groups[g1][m1, layer, p], groups[g2][m2, layer, p])
+                for (g1, m1), (g2, m2) in itertools.combinations(items, 2)
+                if g1 != g2
+            ]
+        )
     return within, across
 
 

@@ -174,7 +174,9 @@ def check_case(rank: int, group, family: str, changes: dict) -> None:
 def check_rank_sync(rank: int, group) -> None:
     """Rank 0's batch reaches every rank; each answer keeps what it was given only where every rank had the same
     kind (else all recompute), and never the logits."""
-    sent = rank_sync.Plan([rank_sync.PlannedPiece(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [GivenKind.BAND_INPUTS])
+    sent = rank_sync.Plan(
+        [rank_sync.PlannedPiece(7, "key", [([1, 2], [3])], [range(0, 2)])], ["gone"], [GivenKind.BAND_INPUTS]
+    )
     assert rank_sync.share_plan(group, sent if rank == 0 else None) == sent
     kv, x, z = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     mine = (

@@ -26,9 +26,12 @@ def add_model_arguments(
 ) -> None:
     """``--model``, ``--dtype``, ``--profile`` (where ``profile``), ``--kernels`` (where ``kernels``) and, offline,
     ``--device``. ``serve``: ``--dtype`` takes vLLM's values and vLLM places the model (no ``--device``)."""
-    parser.add_argument("--model", metavar="DIR|NAME",
-                        help=f"local Hugging Face model directory, or a packaged model's name: {', '.join(PACKAGED)} "
-                        f"(default: {DEFAULT_MODEL}, embedded; the others are opt-in, see docs/scoring.md)")
+    parser.add_argument(
+        "--model",
+        metavar="DIR|NAME",
+        help=f"local Hugging Face model directory, or a packaged model's name: {', '.join(PACKAGED)} "
+        f"(default: {DEFAULT_MODEL}, embedded; the others are opt-in, see docs/scoring.md)",
+    )
     if serve:
         parser.add_argument(
             "--dtype",
@@ -55,8 +58,12 @@ def add_model_arguments(
 
 def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
     """The stop-token convention and the opt-in tied-head ParaGrad."""
-    parser.add_argument("--no-stop-token", dest="stop_token", action="store_false",
-                        help="score answers without the end-of-turn / EOS token (default: counted, as the SPEC says)")
+    parser.add_argument(
+        "--no-stop-token",
+        dest="stop_token",
+        action="store_false",
+        help="score answers without the end-of-turn / EOS token (default: counted, as the SPEC says)",
+    )
     parser.add_argument(
         "--paragrad-tied",
         action="store_true",
@@ -97,5 +104,6 @@ def scorer_from_args(args: argparse.Namespace) -> Scorer:
     device = device_from_args(args)
     kernels = getattr(args, "kernels", None)
     select_kernels(kernels, device)  # an unknown or unavailable implementation is refused here, not after loading
-    return Scorer.from_pretrained(args.model, args.dtype, profile, kernels, device=device,
-                                  paragrad_tied=getattr(args, "paragrad_tied", None))
+    return Scorer.from_pretrained(
+        args.model, args.dtype, profile, kernels, device=device, paragrad_tied=getattr(args, "paragrad_tied", None)
+    )

@@ -14,8 +14,13 @@ from .common import add_convention_arguments, add_model_arguments, device_from_a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--compare-profile", action="append", default=[], metavar="FILE",
-                        help="also score SemGrad and HybridGrad with this profile (e.g. a calibrated one); repeatable")
+    parser.add_argument(
+        "--compare-profile",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also score SemGrad and HybridGrad with this profile (e.g. a calibrated one); repeatable",
+    )
     parser.add_argument(
         "--dataset",
         action="append",
@@ -86,11 +91,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(its PREFIX_items.jsonl.gz; its settings come from the PREFIX.json beside it); same --dataset files and "
         "--limit",
     )
-    parser.add_argument("--rescore", action="store_true",
-                        help="with --from-items: run the gradient pass (the confidence probe's features) and RAUQ "
-                        "again on the recorded answers, keeping their other scores")
-    parser.add_argument("--no-rauq", dest="rauq", action="store_false",
-                        help="skip the RAUQ baseline (a forward per answer with every attention weight)")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="with --from-items: run the gradient pass (the confidence probe's features) and RAUQ "
+        "again on the recorded answers, keeping their other scores",
+    )
+    parser.add_argument(
+        "--no-rauq",
+        dest="rauq",
+        action="store_false",
+        help="skip the RAUQ baseline (a forward per answer with every attention weight)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument(
         "--cheap-baselines",

@@ -211,8 +211,11 @@ def gpu_memory_option(model_dir: Path, dtype: str, total_bytes: int) -> list[str
             f"scoring needs ~{reserve / 2**30:.1f} GiB beside vLLM, more than this GPU's "
             f"{total_bytes / 2**30:.0f} GiB allows: use a smaller model or --dtype bfloat16"
         )
-    print(f"semgrad-serve: keeping {reserve / 2**30:.1f} GiB of the GPU for scoring "
-          f"(--gpu-memory-utilization {share:.3f}; pass your own after -- to override)", file=sys.stderr)
+    print(
+        f"semgrad-serve: keeping {reserve / 2**30:.1f} GiB of the GPU for scoring "
+        f"(--gpu-memory-utilization {share:.3f}; pass your own after -- to override)",
+        file=sys.stderr,
+    )
     return ["--gpu-memory-utilization", f"{share:.3f}"]
 
 
@@ -259,8 +262,12 @@ def run(args: argparse.Namespace) -> int:
 
     profile = str(Path(args.profile).resolve()) if args.profile else None
     settings = ScoringSettings(
-        profile=profile, max_batch=args.max_batch, recent=args.recent, max_claims=args.max_claims,
-        claims_per_pass=args.claims_per_pass, claim_memory_mib=args.claim_memory,
+        profile=profile,
+        max_batch=args.max_batch,
+        recent=args.recent,
+        max_claims=args.max_claims,
+        claims_per_pass=args.claims_per_pass,
+        claim_memory_mib=args.claim_memory,
     )
     vllm_options(args)  # refuse what scoring cannot work with before anything loads
     check_port(args)

@@ -50,7 +50,9 @@ def answer_token_stats(
     dev = next(model.parameters()).device
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    for start in tqdm(range(0, len(order), batch_size), desc="forward (NLL, entropy)", unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="forward (NLL, entropy)", unit="batch", disable=not progress
+    ):
         idx = order[start : start + batch_size]
         seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in idx]
         ids, mask = _right_padded(seqs, dev)
@@ -82,6 +84,7 @@ def p_true_prompts(scorer: Any, questions: Sequence[str], answers: Sequence[str]
 
 def true_false_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     """First-token ids of the replies "True"/"true"/" True" and "False"/..., without duplicates."""
+
     def first(words: Sequence[str]) -> list[int]:
         ids = []
         for w in words:
@@ -150,7 +153,9 @@ def semantic_entropy(labels: Sequence[int], mean_logprobs: Sequence[float]) -> f
 
 
 def sampling_scores(
-    samples: Sequence[Sequence[Any]], embedder: Embedder, threshold: float = DEFAULT_CLUSTER_THRESHOLD,
+    samples: Sequence[Sequence[Any]],
+    embedder: Embedder,
+    threshold: float = DEFAULT_CLUSTER_THRESHOLD,
     progress: bool = True,
 ) -> tuple[list[float], list[float], list[int], float, float]:
     """(lexical-similarity scores, semantic entropies, cluster counts, seconds for lexical, seconds for SE) of
@@ -158,7 +163,10 @@ def sampling_scores(
     import time
 
     start = time.perf_counter()
-    lexical = [lexical_similarity_score([g.text for g in group]) for group in tqdm(samples, desc="lexical similarity", disable=not progress)]
+    lexical = [
+        lexical_similarity_score([g.text for g in group])
+        for group in tqdm(samples, desc="lexical similarity", disable=not progress)
+    ]
     t_lex = time.perf_counter() - start
     start = time.perf_counter()
     embedder.encode([g.text for group in samples for g in group])

@@ -29,8 +29,12 @@ def write_items(path: Path, runs: list[DatasetRun]) -> None:
         for r in runs:
             for i in range(r.n):
                 doc = {
-                    "dataset": r.name, "index": i, "answer": r.answers[i].text, "token_ids": r.answers[i].token_ids,
-                    "answer_tokens": r.answer_tokens[i], "ended_on_eos": r.ended_on_eos[i],
+                    "dataset": r.name,
+                    "index": i,
+                    "answer": r.answers[i].text,
+                    "token_ids": r.answers[i].token_ids,
+                    "answer_tokens": r.answer_tokens[i],
+                    "ended_on_eos": r.ended_on_eos[i],
                     "correct": {j: r.judgements[j][i].correct for j in r.judgements},
                     "similarity": {j: round(r.judgements[j][i].similarity, 4) for j in r.judgements},
                     "scores": {k: (None if not math.isfinite(v[i]) else v[i]) for k, v in r.scores.items()},
@@ -75,19 +79,26 @@ def read_items(path: str | Path, runs: list[DatasetRun]) -> None:
         raise SemgradError(f"cannot read the evaluation items {path}: {exc}") from None
     seconds = {}
     if report_beside(path).is_file():
-        seconds = {name: d.get("seconds_total", {}) for name, d in json.loads(report_beside(path).read_text())["datasets"].items()}
+        seconds = {
+            name: d.get("seconds_total", {})
+            for name, d in json.loads(report_beside(path).read_text())["datasets"].items()
+        }
     for run in runs:
         mine = sorted((r for r in records if r.get("dataset") == run.name), key=lambda r: r["index"])
         if [r["index"] for r in mine] != list(range(run.n)):
-            raise SemgradError(f"{path} does not hold answers 0..{run.n - 1} of dataset {run.name!r} (found {len(mine)}): "
-                               "give the same --dataset files and --limit as the run that wrote it")
+            raise SemgradError(
+                f"{path} does not hold answers 0..{run.n - 1} of dataset {run.name!r} (found {len(mine)}): "
+                "give the same --dataset files and --limit as the run that wrote it"
+            )
         if any("token_ids" not in r for r in mine):
             raise SemgradError(f"{path} has no token ids (written before they were kept): run eval again")
         run.answers = [Generation([int(t) for t in r["token_ids"]], r["answer"]) for r in mine]
         run.answer_tokens = [int(r["answer_tokens"]) for r in mine]
         run.ended_on_eos = [bool(r["ended_on_eos"]) for r in mine]
         keys = sorted({k for r in mine for k in r["scores"]})
-        run.scores = {k: [math.nan if r["scores"].get(k) is None else float(r["scores"][k]) for r in mine] for k in keys}
+        run.scores = {
+            k: [math.nan if r["scores"].get(k) is None else float(r["scores"][k]) for r in mine] for k in keys
+        }
         run.excluded = {r["index"]: r["excluded"] for r in mine if "excluded" in r}
         run.features = [dict(r.get("features") or {}) for r in mine]
         run.vectors = [{} for _ in mine]

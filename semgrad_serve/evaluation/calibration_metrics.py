@@ -45,7 +45,9 @@ def brier(confidence: Sequence[float], correct: Sequence[int | bool]) -> float:
     return float(brier_score_loss(y, p, pos_label=1, labels=[0, 1])) if p.size else float("nan")
 
 
-def reliability_bins(confidence: Sequence[float], correct: Sequence[int | bool], bins: int = ECE_BINS) -> list[dict[str, float]]:
+def reliability_bins(
+    confidence: Sequence[float], correct: Sequence[int | bool], bins: int = ECE_BINS
+) -> list[dict[str, float]]:
     """Equal-width bins of confidence ([0, 1/bins), ..., [1 − 1/bins, 1]): per non-empty bin its bounds, count,
     mean confidence and share correct."""
     p, y = _arrays(confidence, correct)
@@ -54,22 +56,38 @@ def reliability_bins(confidence: Sequence[float], correct: Sequence[int | bool],
     for b in range(bins):
         m = index == b
         if m.any():
-            out.append({"low": b / bins, "high": (b + 1) / bins, "n": int(m.sum()), "confidence": float(p[m].mean()),
-                        "accuracy": float(y[m].mean())})
+            out.append(
+                {
+                    "low": b / bins,
+                    "high": (b + 1) / bins,
+                    "n": int(m.sum()),
+                    "confidence": float(p[m].mean()),
+                    "accuracy": float(y[m].mean()),
+                }
+            )
     return out
 
 
-def expected_calibration_error(confidence: Sequence[float], correct: Sequence[int | bool], bins: int = ECE_BINS) -> float:
+def expected_calibration_error(
+    confidence: Sequence[float], correct: Sequence[int | bool], bins: int = ECE_BINS
+) -> float:
     """Σ_bins (n_b / n) · |share correct − mean confidence| over ``reliability_bins`` (NaN for no answers)."""
     p, _ = _arrays(confidence, correct)
     if not p.size:
         return float("nan")
-    return float(sum(b["n"] / p.size * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(confidence, correct, bins)))
+    return float(
+        sum(b["n"] / p.size * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(confidence, correct, bins))
+    )
 
 
 def flag_quality(flagged: Sequence[bool], wrong: Sequence[bool]) -> dict[str, float | int]:
     """Precision (flagged answers that are wrong) and recall (wrong answers flagged) of a flag; NaN where undefined."""
     f, w = np.asarray(flagged, dtype=bool), np.asarray(wrong, dtype=bool)
     hits = int((f & w).sum())
-    return {"flagged": int(f.sum()), "n": int(f.size), "wrong": int(w.sum()),
-            "precision": hits / f.sum() if f.any() else float("nan"), "recall": hits / w.sum() if w.any() else float("nan")}
+    return {
+        "flagged": int(f.sum()),
+        "n": int(f.size),
+        "wrong": int(w.sum()),
+        "precision": hits / f.sum() if f.any() else float("nan"),
+        "recall": hits / w.sum() if w.any() else float("nan"),
+    }

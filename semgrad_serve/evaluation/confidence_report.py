@@ -40,8 +40,13 @@ def _score_features(r: DatasetRun, i: int) -> dict[str, float]:
     if len(s) < 6:
         return {}
     out = {f"ln {k}": math.log(max(s[k], 1e-30)) for k in ("semgrad", "paragrad", "hybridgrad")}
-    return {**out, "ln answer tokens": math.log(max(1, r.answer_tokens[i])), "mean entropy": s["mean_entropy"],
-            "mean nll": s["mean_nll"], "max nll": s["max_nll"]}
+    return {
+        **out,
+        "ln answer tokens": math.log(max(1, r.answer_tokens[i])),
+        "mean entropy": s["mean_entropy"],
+        "mean nll": s["mean_nll"],
+        "max nll": s["max_nll"],
+    }
 
 
 def answer_table(
@@ -64,9 +69,11 @@ def answer_table(
     names = tuple(sorted(set.intersection(*(set(f) for f, *_ in rows)))) if rows else ()
     vectors = sorted(set.intersection(*(set(v) for _, v, *_ in rows))) if rows else []
     answers = Answers(
-        np.array([[f[n] for n in names] for f, *_ in rows], dtype=np.float64).reshape(len(rows), len(names)), names,
+        np.array([[f[n] for n in names] for f, *_ in rows], dtype=np.float64).reshape(len(rows), len(names)),
+        names,
         {v: np.array([vs[v] for _, vs, *_ in rows], dtype=np.float64) for v in vectors},
-        np.array([n for _, _, n, _, _ in rows]), np.array([c for *_, c, _ in rows], dtype=bool),
+        np.array([n for _, _, n, _, _ in rows]),
+        np.array([c for *_, c, _ in rows], dtype=bool),
         np.array([g for *_, g in rows]),
     )
     return answers, {k: np.concatenate(v) for k, v in raw.items()}, kept
@@ -88,11 +95,16 @@ def analyse(answers: Answers, raw: dict[str, np.ndarray], fitted: FittedConfiden
         g = np.ones(len(answers), bool) if name == POOLED else answers.group == name
         cells = {"all": g, **{stratum_label(s): g & in_stratum(answers.length, s) for s in LENGTH_STRATA}}
         groups[name] = {
-            "n": int(g.sum()), "accuracy": float(answers.correct[g].mean()),
-            "ece": expected_calibration_error(conf[g], answers.correct[g]), "brier": brier(conf[g], answers.correct[g]),
+            "n": int(g.sum()),
+            "accuracy": float(answers.correct[g].mean()),
+            "ece": expected_calibration_error(conf[g], answers.correct[g]),
+            "brier": brier(conf[g], answers.correct[g]),
             "brier_base_rate": brier(np.full(int(g.sum()), answers.correct[g].mean()), answers.correct[g]),
             "cells": {c: {"n": int(m.sum()), "correct": int(answers.correct[m].sum())} for c, m in cells.items()},
-            "auroc": {k: {c: _auroc(v[m], wrong[m]) for c, m in cells.items()} for k, v in {**raw, "confidence": 1 - conf}.items()},
+            "auroc": {
+                k: {c: _auroc(v[m], wrong[m]) for c, m in cells.items()}
+                for k, v in {**raw, "confidence": 1 - conf}.items()
+            },
             "flags": {c: flag_quality(flagged[m], wrong[m]) for c, m in cells.items()},
             "reliability": reliability_bins(conf[g], answers.correct[g]),
         }
@@ -100,13 +112,22 @@ def analyse(answers: Answers, raw: dict[str, np.ndarray], fitted: FittedConfiden
     for key, t in fitted.transfer.items():
         idx, conf_t = t["index"], t["confidence"]
         y, w = answers.correct[idx], wrong[idx]
-        transfer[key] = {"candidate": t["candidate"], "n": int(len(idx)), "ece": expected_calibration_error(conf_t, y),
-                         "brier": brier(conf_t, y),
-                         "auroc": {**{k: _auroc(v[idx], w) for k, v in raw.items()},
-                                   "confidence": _auroc(1 - conf_t, w)}}
-    return {"calibrator": fitted.model.fitted["calibrator"], "cv_log_loss": fitted.cv_log_loss,
-            "heldout_choice": fitted.heldout_choice, "features": list(fitted.model.calibrator.features),
-            "operating_point": op.to_dict(), "groups": groups, "transfer": transfer}
+        transfer[key] = {
+            "candidate": t["candidate"],
+            "n": int(len(idx)),
+            "ece": expected_calibration_error(conf_t, y),
+            "brier": brier(conf_t, y),
+            "auroc": {**{k: _auroc(v[idx], w) for k, v in raw.items()}, "confidence": _auroc(1 - conf_t, w)},
+        }
+    return {
+        "calibrator": fitted.model.fitted["calibrator"],
+        "cv_log_loss": fitted.cv_log_loss,
+        "heldout_choice": fitted.heldout_choice,
+        "features": list(fitted.model.calibrator.features),
+        "operating_point": op.to_dict(),
+        "groups": groups,
+        "transfer": transfer,
+    }
 
 
 def _short(features: list[str]) -> list[str]:
@@ -143,42 +164,76 @@ def markdown(analysis: dict[str, Any], methods: list[tuple[str, str, str]], scor
         f"Operating point: flag when confidence < **{op['min_confidence']:.4g}**, the largest cut whose held-out flags reach "
         f"{op['target']} ≥ {op['target_value']:g} for wrong answers (held-out: precision {_pct(op['precision'])}%, recall "
         f"{_pct(op['recall'])}%, {op['flagged']} of {op['n']} flagged"
-        + ("" if op["met"] else "; target not reachable, the highest precision shown") + ").",
+        + ("" if op["met"] else "; target not reachable, the highest precision shown")
+        + ").",
         "",
         "| | answers | correct | ECE | Brier | Brier of the base rate | flag precision | flag recall |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, g in analysis["groups"].items():
         f = g["flags"]["all"]
-        lines.append(f"| {name} | {g['n']} | {_pct(g['accuracy'])}% | {g['ece']:.4f} | {g['brier']:.4f} | {g['brier_base_rate']:.4f} | "
-                     f"{_pct(f['precision'])}% | {_pct(f['recall'])}% |")
+        lines.append(
+            f"| {name} | {g['n']} | {_pct(g['accuracy'])}% | {g['ece']:.4f} | {g['brier']:.4f} | {g['brier_base_rate']:.4f} | "
+            f"{_pct(f['precision'])}% | {_pct(f['recall'])}% |"
+        )
     labels = [(k, label) for k, label, _ in methods] + [CONFIDENCE[:2]]
     for name, g in analysis["groups"].items():
         head = " | ".join(f"{c} ({g['cells'][c]['n']}, {g['cells'][c]['correct']} correct)" for c in CELLS)
-        lines += ["", f"AUROC (%) for wrong answers, {name}, overall and by answer length in tokens (answers, correct):", "",
-                  f"| method | {head} |", "|---|" + "---|" * len(CELLS)]
+        lines += [
+            "",
+            f"AUROC (%) for wrong answers, {name}, overall and by answer length in tokens (answers, correct):",
+            "",
+            f"| method | {head} |",
+            "|---|" + "---|" * len(CELLS),
+        ]
         for key, label in labels:
             cells = [_pct(g["auroc"].get(key, {}).get(c, math.nan)) for c in CELLS]
             lines.append(f"| {'**' + label + '**' if key == 'confidence' else label} | " + " | ".join(cells) + " |")
-        better = [c for c in CELLS if math.isfinite(g["auroc"]["confidence"][c])
-                  and all(g["auroc"]["confidence"][c] > v[c] for k, v in g["auroc"].items() if k != "confidence" and math.isfinite(v[c]))]
+        better = [
+            c
+            for c in CELLS
+            if math.isfinite(g["auroc"]["confidence"][c])
+            and all(
+                g["auroc"]["confidence"][c] > v[c]
+                for k, v in g["auroc"].items()
+                if k != "confidence" and math.isfinite(v[c])
+            )
+        ]
         lines.append("")
-        lines.append(f"Confidence is above every other method in {len(better)} of "
-                     f"{sum(math.isfinite(g['auroc']['confidence'][c]) for c in CELLS)} cells" + (f" ({', '.join(better)})." if better else "."))
+        lines.append(
+            f"Confidence is above every other method in {len(better)} of "
+            f"{sum(math.isfinite(g['auroc']['confidence'][c]) for c in CELLS)} cells"
+            + (f" ({', '.join(better)})." if better else ".")
+        )
     if analysis["transfer"]:
         keys = [k for k, _ in labels]
-        lines += ["", "Transfer: the probe chosen and fitted on one dataset alone, measured on the other "
-                  "(AUROC %, ECE, Brier); "
-                  "the raw methods need no fitting:", "",
-                  "| | candidate | ECE | Brier | " + " | ".join(label for _, label in labels) + " |",
-                  "|---|---|---|---|" + "---|" * len(labels)]
+        lines += [
+            "",
+            "Transfer: the probe chosen and fitted on one dataset alone, measured on the other "
+            "(AUROC %, ECE, Brier); "
+            "the raw methods need no fitting:",
+            "",
+            "| | candidate | ECE | Brier | " + " | ".join(label for _, label in labels) + " |",
+            "|---|---|---|---|" + "---|" * len(labels),
+        ]
         for key, t in analysis["transfer"].items():
-            lines.append(f"| {key} | {t['candidate']} | {t['ece']:.4f} | {t['brier']:.4f} | "
-                         + " | ".join(_pct(t["auroc"].get(k, math.nan)) for k in keys) + " |")
-    lines += ["", "Flag precision / recall (%) per length stratum at the operating point (held-out):", "",
-              "| | " + " | ".join(CELLS) + " |", "|---|" + "---|" * len(CELLS)]
+            lines.append(
+                f"| {key} | {t['candidate']} | {t['ece']:.4f} | {t['brier']:.4f} | "
+                + " | ".join(_pct(t["auroc"].get(k, math.nan)) for k in keys)
+                + " |"
+            )
+    lines += [
+        "",
+        "Flag precision / recall (%) per length stratum at the operating point (held-out):",
+        "",
+        "| | " + " | ".join(CELLS) + " |",
+        "|---|" + "---|" * len(CELLS),
+    ]
     for name, g in analysis["groups"].items():
-        cells = [f"{_pct(g['flags'][c]['precision'])} / {_pct(g['flags'][c]['recall'])} ({g['flags'][c]['flagged']} of {g['flags'][c]['n']})" for c in CELLS]
+        cells = [
+            f"{_pct(g['flags'][c]['precision'])} / {_pct(g['flags'][c]['recall'])} ({g['flags'][c]['flagged']} of {g['flags'][c]['n']})"
+            for c in CELLS
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -192,8 +247,15 @@ def write_reliability_png(analysis: dict[str, Any], path: Path, title: str) -> N
     import matplotlib.pyplot as plt
 
     groups = analysis["groups"]
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 5.6), dpi=90, squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, axes = plt.subplots(
+        2,
+        len(groups),
+        figsize=(4.2 * len(groups), 5.6),
+        dpi=90,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+        sharex=True,
+    )
     for col, (name, g) in enumerate(groups.items()):
         top, bottom = axes[0][col], axes[1][col]
         bins = g["reliability"]

@@ -52,8 +52,20 @@ def _log(msg: str) -> None:
 def _cache_path(cfg: EvalConfig, run: DatasetRun, model_dir: Path) -> Path | None:
     if not cfg.cache_dir:
         return None
-    key = json.dumps(["ids end on the EOS token", str(model_dir), cfg.dtype, cfg.generator, cfg.samples, cfg.temperature, cfg.max_tokens, cfg.seed,
-                      PAPER_PROMPT, [r[0] for r in run.rows]])
+    key = json.dumps(
+        [
+            "ids end on the EOS token",
+            str(model_dir),
+            cfg.dtype,
+            cfg.generator,
+            cfg.samples,
+            cfg.temperature,
+            cfg.max_tokens,
+            cfg.seed,
+            PAPER_PROMPT,
+            [r[0] for r in run.rows],
+        ]
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.cache_dir) / f"generations_{run.name}_{digest}.json.gz"
 
@@ -73,8 +85,11 @@ def _save_cache(path: Path | None, run: DatasetRun) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"answers": [a.to_dict() for a in run.answers], "samples": [[s.to_dict() for s in g] for g in run.samples],
-           "seconds": {k: v for k, v in run.seconds.items() if k in ("greedy answer", "K samples")}}
+    doc = {
+        "answers": [a.to_dict() for a in run.answers],
+        "samples": [[s.to_dict() for s in g] for g in run.samples],
+        "seconds": {k: v for k, v in run.seconds.items() if k in ("greedy answer", "K samples")},
+    }
     path.write_bytes(gzip.compress(json.dumps(doc).encode()))
 
 
@@ -84,7 +99,9 @@ def generate_all(cfg: EvalConfig, scorer: Any, model_dir: Path, runs: list[Datas
         return
     start = time.perf_counter()
     generator = make_generator(cfg.generator, model_dir, scorer.model, scorer.tokenizer, cfg.dtype, cfg.seed)
-    _log(f"{cfg.generator} generator ready in {time.perf_counter() - start:.0f} s (engine start, not counted per answer)")
+    _log(
+        f"{cfg.generator} generator ready in {time.perf_counter() - start:.0f} s (engine start, not counted per answer)"
+    )
     try:
         for run in todo:
             _log(f"{run.name}: {run.n} greedy answers (at most {cfg.max_tokens} tokens)")
@@ -117,7 +134,11 @@ def scored_answer(cfg: EvalConfig, scorer: Any, answer: Generation) -> list[int]
 
 
 def score_all(
-    cfg: EvalConfig, scorer: Any, run: DatasetRun, extra: list[tuple[str, Any]], embedder: judges.Embedder | None,
+    cfg: EvalConfig,
+    scorer: Any,
+    run: DatasetRun,
+    extra: list[tuple[str, Any]],
+    embedder: judges.Embedder | None,
     rescore: bool = False,
 ) -> None:
     """Every score of every answer of ``run``; ``rescore``: only the gradient pass (with the probe's features) and
@@ -166,7 +187,15 @@ def score_all(
         stats = [(np.array(results[i].token_logprobs), np.array(results[i].token_entropies)) for i in kept]
     else:
         _log(f"{run.name}: forward pass (NLL, entropy)")
-        stats = _timed(run, "forward pass", baselines.answer_token_stats, scorer.model, [pairs[i] for i in kept], cfg.batch_size, cfg.progress)
+        stats = _timed(
+            run,
+            "forward pass",
+            baselines.answer_token_stats,
+            scorer.model,
+            [pairs[i] for i in kept],
+            cfg.batch_size,
+            cfg.progress,
+        )
     for key in ("mean_nll", "max_nll", "mean_entropy"):
         run.scores[key] = list(nan)
     for i, (logp, ent) in zip(kept, stats):
@@ -186,7 +215,9 @@ def score_all(
 
     if run.samples and cfg.samples >= 2:
         _log(f"{run.name}: sampling baselines")
-        lexical, entropies, counts, t_lex, t_se = baselines.sampling_scores(run.samples, embedder, cfg.cluster_threshold, cfg.progress)
+        lexical, entropies, counts, t_lex, t_se = baselines.sampling_scores(
+            run.samples, embedder, cfg.cluster_threshold, cfg.progress
+        )
         run.scores["lexical_similarity"] = lexical
         run.scores["semantic_entropy"] = entropies
         run.clusters = counts
@@ -196,8 +227,12 @@ def score_all(
 
 def tied_paragrads(scorer: Any, pairs: list[tuple[list[int], list[int]]], results: list[Any]) -> list[float]:
     """``paragrad_tied`` of every scored answer (NaN where it was not scored)."""
-    return [math.nan if isinstance(r, ItemError) else tied_head.paragrad_tied(scorer.weights, scorer.prepare(*pair), r.paragrad, scorer.kernels)
-            for pair, r in zip(pairs, results)]
+    return [
+        math.nan
+        if isinstance(r, ItemError)
+        else tied_head.paragrad_tied(scorer.weights, scorer.prepare(*pair), r.paragrad, scorer.kernels)
+        for pair, r in zip(pairs, results)
+    ]
 
 
 # -- the whole evaluation --------------------------------------------------------------------------
@@ -231,7 +266,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     embedder = judges.default_embedder()
     limits = {cfg.judge: cfg.judge_threshold} if cfg.judge_threshold is not None else {}
     for run in runs:
-        run.judgements = judges.judge_all([a.text for a in run.answers], [g for _, g in run.rows], [q for q, _ in run.rows], judges.JUDGES, limits, embedder)
+        run.judgements = judges.judge_all(
+            [a.text for a in run.answers],
+            [g for _, g in run.rows],
+            [q for q, _ in run.rows],
+            judges.JUDGES,
+            limits,
+            embedder,
+        )
     return write_results(cfg, runs, setup)
 
 
@@ -241,7 +283,9 @@ def generate_and_score(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
 
     compare = [ModelProfile.load(p) for p in cfg.compare_profiles]
     model_dir = resolve_model(cfg.model)
-    scorer = Scorer.from_pretrained(model_dir, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False)  # timed apart: score_all
+    scorer = Scorer.from_pretrained(
+        model_dir, cfg.dtype, cfg.profile, device=cfg.device, paragrad_tied=False
+    )  # timed apart: score_all
     if cfg.paragrad_tied is None:
         cfg.paragrad_tied = scorer.profile.paragrad_tied
     if cfg.paragrad_tied:
@@ -259,8 +303,17 @@ def generate_and_score(cfg: EvalConfig, runs: list[DatasetRun]) -> Setup:
     embedder = judges.default_embedder()
     for run in runs:
         score_all(cfg, scorer, run, extra, embedder)
-    described = [(s.profile.name, s.profile.t_star.token, s.profile.t_star.offset, f"{s.band.start}..{s.band.stop - 1}") for s in [scorer] + [o for _, o in extra]]
-    return Setup(scorer.profile, model_dir.name, described, str(scorer.weights.dtype).removeprefix("torch."), [label for label, _ in extra])
+    described = [
+        (s.profile.name, s.profile.t_star.token, s.profile.t_star.offset, f"{s.band.start}..{s.band.stop - 1}")
+        for s in [scorer] + [o for _, o in extra]
+    ]
+    return Setup(
+        scorer.profile,
+        model_dir.name,
+        described,
+        str(scorer.weights.dtype).removeprefix("torch."),
+        [label for label, _ in extra],
+    )
 
 
 # settings of the run that wrote the items, taken from its JSON report
@@ -317,19 +370,33 @@ def flag_threshold(cfg: EvalConfig, runs: list[DatasetRun], key: str) -> dict[st
     if not ok.any() or not pooled_w[ok].any():
         return None
     chosen = metrics.choose_threshold(pooled_s[ok], pooled_w[ok], target_kind, target_value)
-    return {"score": key, **chosen.to_dict(), "judge": cfg.judge, "datasets": [r.name for r in runs],
-            "generator": cfg.generator, "date": datetime.date.today().isoformat()}
+    return {
+        "score": key,
+        **chosen.to_dict(),
+        "judge": cfg.judge,
+        "datasets": [r.name for r in runs],
+        "generator": cfg.generator,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
-def fit_and_analyse(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup, methods) -> tuple[FittedConfidence | None, dict[str, Any] | None]:
+def fit_and_analyse(
+    cfg: EvalConfig, runs: list[DatasetRun], setup: Setup, methods
+) -> tuple[FittedConfidence | None, dict[str, Any] | None]:
     """The confidence model on every judged answer and its held-out analysis; (None, None) with too few answers."""
     answers, raw, kept = answer_table(runs, cfg.judge, methods)
     if not enough_to_fit(answers):
         _log(f"no confidence fitted: it needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers")
         return None, None
     target_kind, target_value = metrics.parse_target(cfg.flag_target)
-    how = {"judge": cfg.judge, "datasets": [r.name for r in runs], "answers": len(answers), "generator": cfg.generator,
-           "items": cfg.from_items or "this run", "date": datetime.date.today().isoformat()}
+    how = {
+        "judge": cfg.judge,
+        "datasets": [r.name for r in runs],
+        "answers": len(answers),
+        "generator": cfg.generator,
+        "items": cfg.from_items or "this run",
+        "date": datetime.date.today().isoformat(),
+    }
     _log(f"fitting the confidence on {len(answers)} answers (nested {FOLDS}-fold cross-validation)")
     fitted = fit_confidence(answers, setup.profile.score, target_kind, target_value, how)
     start = 0
@@ -359,7 +426,10 @@ def write_results(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup) -> dict
         "methods": [{"key": key, "label": label, "kind": kind} for key, label, kind in methods],
         "datasets": {
             r.name: {
-                "file": r.path, "questions": r.n, "scored": int(r.kept().sum()), "excluded": len(r.excluded),
+                "file": r.path,
+                "questions": r.n,
+                "scored": int(r.kept().sum()),
+                "excluded": len(r.excluded),
                 "accuracy": {j: float(1 - r.wrong(j)[r.kept()].mean()) for j in r.judgements},
                 "mean_answer_tokens": float(np.mean(r.answer_tokens)),
                 "ended_on_eos": float(np.mean(r.ended_on_eos)),
@@ -377,15 +447,26 @@ def write_results(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup) -> dict
     files = [f"{stem}.md", f"{stem}.json", f"{stem}_roc.png", f"{stem}_items.jsonl.gz"]
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     report["profiles"] = [dict(zip(("name", "t_star_token", "t_star_offset", "band"), d)) for d in setup.described]
-    text = markdown(cfg, runs, methods, all_metrics, per_judge, threshold, setup.profile.name, setup.model_name, setup.described)
+    text = markdown(
+        cfg, runs, methods, all_metrics, per_judge, threshold, setup.profile.name, setup.model_name, setup.described
+    )
     if analysis is not None:
         text += "\n" + confidence_markdown(analysis, methods, setup.profile.score, cfg.judge)
-        write_reliability_png(analysis, Path(f"{stem}_reliability.png"),
-                              f"Reliability of the held-out confidence, {setup.model_name}, judge: {cfg.judge}")
+        write_reliability_png(
+            analysis,
+            Path(f"{stem}_reliability.png"),
+            f"Reliability of the held-out confidence, {setup.model_name}, judge: {cfg.judge}",
+        )
         files.insert(3, f"{stem}_reliability.png")
     Path(f"{stem}.md").write_text(text)
-    write_roc_png(runs, methods, cfg.judge, all_metrics, Path(f"{stem}_roc.png"),
-                  f"ROC of wrong-answer detection, {setup.model_name}, judge: {cfg.judge}")
+    write_roc_png(
+        runs,
+        methods,
+        cfg.judge,
+        all_metrics,
+        Path(f"{stem}_roc.png"),
+        f"ROC of wrong-answer detection, {setup.model_name}, judge: {cfg.judge}",
+    )
     write_items(Path(f"{stem}_items.jsonl.gz"), runs)
     if any(v for r in runs for v in r.vectors):
         write_vectors(Path(f"{stem}_vectors.npz"), runs)
@@ -393,8 +474,13 @@ def write_results(cfg: EvalConfig, runs: list[DatasetRun], setup: Setup) -> dict
     if threshold is not None:
         calibration = dict(setup.profile.calibration or {})
         calibration["flag_threshold"] = {k: v for k, v in threshold.items() if k != "score"}
-        profile = replace(setup.profile, threshold=threshold["threshold"], calibration=calibration, dtype=setup.dtype,
-                          confidence=None if fitted is None else fitted.model)
+        profile = replace(
+            setup.profile,
+            threshold=threshold["threshold"],
+            calibration=calibration,
+            dtype=setup.dtype,
+            confidence=None if fitted is None else fitted.model,
+        )
         profile_path = Path(cfg.profile_out) if cfg.profile_out else Path(f"{stem}_profile.json")
         profile.save(profile_path)
         report["profile_path"] = str(profile_path)

@@ -62,7 +62,12 @@ class Generator:
         raise NotImplementedError
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], k: int, temperature: float = 1.0, max_tokens: int = MAX_NEW_TOKENS, seed: int = 0
+        self,
+        prompts: Sequence[Sequence[int]],
+        k: int,
+        temperature: float = 1.0,
+        max_tokens: int = MAX_NEW_TOKENS,
+        seed: int = 0,
     ) -> list[list[Generation]]:
         raise NotImplementedError
 
@@ -79,7 +84,9 @@ class VLLMGenerator(Generator):
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the installation
-            raise SemgradError(f"--generator vllm needs vLLM ({exc}); install semgrad-serve[cpu] or use --generator hf") from None
+            raise SemgradError(
+                f"--generator vllm needs vLLM ({exc}); install semgrad-serve[cpu] or use --generator hf"
+            ) from None
         kwargs: dict[str, Any] = dict(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True)
         if not torch.cuda.is_available():
             # a fixed 1 GiB of keys/values for these short prompts: a share of RAM (vLLM's default sizing)
@@ -111,7 +118,12 @@ class VLLMGenerator(Generator):
         return [g[0] for g in self._run(prompts, params)]
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], k: int, temperature: float = 1.0, max_tokens: int = MAX_NEW_TOKENS, seed: int = 0
+        self,
+        prompts: Sequence[Sequence[int]],
+        k: int,
+        temperature: float = 1.0,
+        max_tokens: int = MAX_NEW_TOKENS,
+        seed: int = 0,
     ) -> list[list[Generation]]:
         from vllm import SamplingParams
 
@@ -143,7 +155,9 @@ class HFGenerator(Generator):
         self.stop_ids = set(hf_eos_ids(tokenizer, model))  # where generate stops
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def _generate(self, prompts: Sequence[Sequence[int]], n: int, do_sample: bool, temperature: float, max_tokens: int, desc: str) -> list[list[Generation]]:
+    def _generate(
+        self, prompts: Sequence[Sequence[int]], n: int, do_sample: bool, temperature: float, max_tokens: int, desc: str
+    ) -> list[list[Generation]]:
         dev = self.model.device
         result: list[list[Generation]] = []
         for start in tqdm(range(0, len(prompts), self.batch_size), desc=desc, unit="batch"):
@@ -151,8 +165,14 @@ class HFGenerator(Generator):
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=dev)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, do_sample=do_sample, num_return_sequences=n,
-                                          pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True)
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=max_tokens,
+                do_sample=do_sample,
+                num_return_sequences=n,
+                pad_token_id=self.pad_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             if do_sample:
                 kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
             else:
@@ -171,7 +191,9 @@ class HFGenerator(Generator):
                         cut = min(tokens.index(s) for s in self.stop_ids if s in tokens)
                         tokens = tokens[: cut + 1]
                     lps = logp[row, : len(tokens)].tolist()
-                    gens.append(Generation(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), lps))
+                    gens.append(
+                        Generation(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), lps)
+                    )
                 result.append(gens)
         return result
 
@@ -179,13 +201,20 @@ class HFGenerator(Generator):
         return [g[0] for g in self._generate(prompts, 1, False, 1.0, max_tokens, "greedy answers")]
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], k: int, temperature: float = 1.0, max_tokens: int = MAX_NEW_TOKENS, seed: int = 0
+        self,
+        prompts: Sequence[Sequence[int]],
+        k: int,
+        temperature: float = 1.0,
+        max_tokens: int = MAX_NEW_TOKENS,
+        seed: int = 0,
     ) -> list[list[Generation]]:
         torch.manual_seed(seed)
         return self._generate(prompts, k, True, temperature, max_tokens, f"{k} samples each")
 
 
-def make_generator(kind: str, model_dir: str | Path, model: Any, tokenizer: Any, dtype: str = "float32", seed: int = 0) -> Generator:
+def make_generator(
+    kind: str, model_dir: str | Path, model: Any, tokenizer: Any, dtype: str = "float32", seed: int = 0
+) -> Generator:
     if kind == "vllm":
         return VLLMGenerator(model_dir, tokenizer, dtype=dtype, seed=seed)
     if kind == "hf":

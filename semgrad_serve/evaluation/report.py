@@ -88,7 +88,9 @@ def _secs(x: float | None) -> str:
     return "–" if x is None else (f"{x:.3f}" if x < 10 else f"{x:.1f}")
 
 
-def write_roc_png(runs: list[DatasetRun], methods: list[tuple[str, str, str]], judge: str, all_metrics: dict, path: Path, title: str) -> None:
+def write_roc_png(
+    runs: list[DatasetRun], methods: list[tuple[str, str, str]], judge: str, all_metrics: dict, path: Path, title: str
+) -> None:
     """One panel per dataset, one curve per method; one legend (with each dataset's AUROC) beside the panels."""
     import matplotlib
 
@@ -109,7 +111,13 @@ def write_roc_png(runs: list[DatasetRun], methods: list[tuple[str, str, str]], j
                 continue
             fpr, tpr, _ = metrics.roc_curve(s[ok], wrong[ok])
             style = "-" if family == "ours" else ("--" if family == "single pass" else ":")
-            (line,) = ax.plot(fpr, tpr, style, color=colors[(2 * c) % 20 if c < 10 else (2 * c + 1) % 20], lw=2.2 if family == "ours" else (1.9 if family == "sampling" else 1.4))
+            (line,) = ax.plot(
+                fpr,
+                tpr,
+                style,
+                color=colors[(2 * c) % 20 if c < 10 else (2 * c + 1) % 20],
+                lw=2.2 if family == "ours" else (1.9 if family == "sampling" else 1.4),
+            )
             handles.setdefault(key, line)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
         acc = 1 - run.wrong(judge)[run.kept()].mean()
@@ -124,30 +132,65 @@ def write_roc_png(runs: list[DatasetRun], methods: list[tuple[str, str, str]], j
         if key in handles:
             aucs = " / ".join(_pct(all_metrics[r.name].get(key, {}).get("auroc", math.nan)) for r in runs)
             labels.append((handles[key], f"{label}: {aucs}"))
-    fig.legend([h for h, _ in labels], [t for _, t in labels], loc="center right", fontsize=8, frameon=False,
-               title="AUROC % (" + " / ".join(r.name for r in runs) + ")\nsolid: ours, dashed: single pass, dotted: sampling",
-               title_fontsize=8)
+    fig.legend(
+        [h for h, _ in labels],
+        [t for _, t in labels],
+        loc="center right",
+        fontsize=8,
+        frameon=False,
+        title="AUROC % (" + " / ".join(r.name for r in runs) + ")\nsolid: ours, dashed: single pass, dotted: sampling",
+        title_fontsize=8,
+    )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 3.6 / (4.6 * len(runs) + 3.6), 0.96))
     fig.savefig(path)
     plt.close(fig)
 
 
-def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_judge, threshold, profile_name: str, model_name: str,
-             profiles: Sequence[tuple[str, str, int, str]] = ()) -> str:
+def markdown(
+    cfg: EvalConfig,
+    runs: list[DatasetRun],
+    methods,
+    all_metrics,
+    per_judge,
+    threshold,
+    profile_name: str,
+    model_name: str,
+    profiles: Sequence[tuple[str, str, int, str]] = (),
+) -> str:
     lines = [
         f"# Hallucination detection: {model_name}",
         "",
         f"Greedy answers ({cfg.generator}, at most {cfg.max_tokens} new tokens) to the paper's prompt "
-        f"\"{PAPER_PROMPT.splitlines()[0]}\\n{{query}}\"; profile `{profile_name}`; "
+        f'"{PAPER_PROMPT.splitlines()[0]}\\n{{query}}"; profile `{profile_name}`; '
         f"{cfg.samples} samples per question at temperature {cfg.temperature:g} for the sampling baselines.",
-        *(["NLL and entropy baselines: from the gradient pass's own log-probs and entropies of the same answer tokens "
-           "(`--cheap-baselines`: no separate forward, so their cost is not measured); P(True) not run."] if cfg.cheap_baselines else []),
-        *([f"Answers and scores read from `{cfg.from_items}` (`--from-items`: nothing generated or scored in this run; "
-            "re-judged, re-measured and re-fitted)."] if cfg.from_items else []),
-        "Stop token: " + ("counted (SPEC): an answer that ended on the model's EOS token is scored with it."
-                          if cfg.stop_token else "not counted (the old convention): answers are scored without their EOS token."),
-        "Profiles: " + "; ".join(f"`{name}`: t* = last {tok!r} {off:+d}, band = hidden states {band}" for name, tok, off, band in profiles) + ".",
+        *(
+            [
+                "NLL and entropy baselines: from the gradient pass's own log-probs and entropies of the same answer tokens "
+                "(`--cheap-baselines`: no separate forward, so their cost is not measured); P(True) not run."
+            ]
+            if cfg.cheap_baselines
+            else []
+        ),
+        *(
+            [
+                f"Answers and scores read from `{cfg.from_items}` (`--from-items`: nothing generated or scored in this run; "
+                "re-judged, re-measured and re-fitted)."
+            ]
+            if cfg.from_items
+            else []
+        ),
+        "Stop token: "
+        + (
+            "counted (SPEC): an answer that ended on the model's EOS token is scored with it."
+            if cfg.stop_token
+            else "not counted (the old convention): answers are scored without their EOS token."
+        ),
+        "Profiles: "
+        + "; ".join(
+            f"`{name}`: t* = last {tok!r} {off:+d}, band = hidden states {band}" for name, tok, off, band in profiles
+        )
+        + ".",
         f"Judge: **{cfg.judge}** — correct if {judges.describe(cfg.judge, cfg.judge_threshold)}. "
         "Positive class = wrong answer; higher score = more likely wrong.",
         "Seconds per answer: wall time of the work each method needs on top of the greedy answer, "
@@ -163,7 +206,9 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
             if m is None:
                 cells.append("– | – | – | –")
             else:
-                cells.append(f"{_pct(m['auroc'])} | {_pct(m['auprc'])} | {_pct(m['prr'])} | {_secs(method_seconds(r, key))}")
+                cells.append(
+                    f"{_pct(m['auroc'])} | {_pct(m['auprc'])} | {_pct(m['prr'])} | {_secs(method_seconds(r, key))}"
+                )
         lines.append(f"| {label} | {family} | " + " | ".join(cells) + " |")
     lines += ["", "Per dataset:", ""]
     for r in runs:
@@ -172,7 +217,8 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
         gen = r.seconds.get("greedy answer")
         lines.append(
             f"- {r.name}: {r.n} questions, {int(kept.sum())} scored ({len(r.excluded)} excluded: empty answers); "
-            f"accuracy " + ", ".join(f"{j} {100 * a:.1f}%" for j, a in acc.items())
+            f"accuracy "
+            + ", ".join(f"{j} {100 * a:.1f}%" for j, a in acc.items())
             + (f"; greedy answer {gen / r.n:.3f} s/answer" if gen else "")
             + f"; mean answer length {np.mean(r.answer_tokens):.1f} tokens, {np.mean(r.ended_on_eos) * 100:.1f}% ended on the EOS token"
             + (f"; {np.mean(r.clusters):.2f} clusters of {cfg.samples} samples on average" if r.clusters else "")
@@ -191,7 +237,7 @@ def markdown(cfg: EvalConfig, runs: list[DatasetRun], methods, all_metrics, per_
             f"Flag threshold for `{t['score']}` (target {t['target']} ≥ {t['target_value']:g} on the pooled answers of "
             f"{', '.join(r.name for r in runs)}, {cfg.judge} judge): **{t['threshold']:.6g}** — flags {t['flagged']} of {t['n']} "
             f"answers, precision {100 * t['precision']:.1f}%, recall {100 * t['recall']:.1f}%"
-            + ("" if t["met"] else " (target not reachable: highest precision shown)") + ".",
+            + ("" if t["met"] else " (target not reachable: highest precision shown)")
+            + ".",
         ]
     return "\n".join(lines) + "\n"
-

@@ -27,8 +27,12 @@ def read_dataset(path: str | Path, limit: int | None = None) -> list[tuple[str, 
         if isinstance(gold, str):
             gold = [gold]
         if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold) or not any(g.strip() for g in gold):
-            raise SemgradError(f"{path}: line {number}: field 'truthful answer' is missing or not a list of strings with a non-empty one")
-        rows.append((obj["query"], [g for g in gold if g.strip()]))  # empty golds (a few TruthfulQA lines have one) are dropped
+            raise SemgradError(
+                f"{path}: line {number}: field 'truthful answer' is missing or not a list of strings with a non-empty one"
+            )
+        rows.append(
+            (obj["query"], [g for g in gold if g.strip()])
+        )  # empty golds (a few TruthfulQA lines have one) are dropped
     return rows
 
 
@@ -46,7 +50,9 @@ class DatasetRun:
     excluded: dict[int, str] = field(default_factory=dict)  # answer index → why it has no scores
     clusters: list[int] = field(default_factory=list)
     eos_ids: list[int] = field(default_factory=list)  # the model's EOS ids, to tell answers that ended on one
-    answer_tokens: list[int] = field(default_factory=list)  # per answer: its tokens, the EOS token that ended it not counted
+    answer_tokens: list[int] = field(
+        default_factory=list
+    )  # per answer: its tokens, the EOS token that ended it not counted
     ended_on_eos: list[bool] = field(default_factory=list)  # per answer: whether it ended on an EOS token
     # per answer: the confidence probe's inputs from its scoring pass (``scoring/probe_features.py``), {} where none
     features: list[dict[str, float]] = field(default_factory=list)

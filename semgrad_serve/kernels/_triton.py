@@ -33,8 +33,9 @@ def autotuned(kernel: Any, configs: list[dict[str, int]], key: list[str]) -> Any
         return None
     return triton.autotune(
         configs=[
-            triton.Config({k: v for k, v in c.items() if k.isupper()}, num_warps=c["num_warps"],
-                          num_stages=c["num_stages"])
+            triton.Config(
+                {k: v for k, v in c.items() if k.isupper()}, num_warps=c["num_warps"], num_stages=c["num_stages"]
+            )
             for c in configs
         ],
         key=key,

@@ -40,10 +40,25 @@ def head_grad_l1_reference(
 
 
 @jit
-def _head_grad_l1_kernel(grad_ptr, hidden_ptr, scale_ptr, offsets_ptr, partial_ptr, N, V, D, stride_grad,
-                         stride_hidden, stride_partial,
-                         S: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                         ACC: tl.constexpr, PRECISION: tl.constexpr):
+def _head_grad_l1_kernel(
+    grad_ptr,
+    hidden_ptr,
+    scale_ptr,
+    offsets_ptr,
+    partial_ptr,
+    N,
+    V,
+    D,
+    stride_grad,
+    stride_hidden,
+    stride_partial,
+    S: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program per (V tile, sequence), looping over d: Σ_t over the sequence's rows (tl.dot on tensor
     cores, or a broadcast product for float64), then Σ|·| of each tile, for S = 1 or 2 row scales at
     once (ParaGrad and ExGrad share every load). The gradient tile is read from memory once and
@@ -63,10 +78,16 @@ def _head_grad_l1_kernel(grad_ptr, hidden_ptr, scale_ptr, offsets_ptr, partial_p
         for t0 in range(start, end, BLOCK_T):
             rt = t0 + tl.arange(0, BLOCK_T)
             t_ok = rt < end
-            g_t = tl.load(grad_ptr + rt[None, :].to(tl.int64) * stride_grad + rv[:, None],
-                          mask=t_ok[None, :] & (rv[:, None] < V), other=0.0).to(ACC)
-            h = tl.load(hidden_ptr + rt[:, None].to(tl.int64) * stride_hidden + rd[None, :],
-                        mask=t_ok[:, None] & (rd[None, :] < D), other=0.0).to(ACC)
+            g_t = tl.load(
+                grad_ptr + rt[None, :].to(tl.int64) * stride_grad + rv[:, None],
+                mask=t_ok[None, :] & (rv[:, None] < V),
+                other=0.0,
+            ).to(ACC)
+            h = tl.load(
+                hidden_ptr + rt[:, None].to(tl.int64) * stride_hidden + rd[None, :],
+                mask=t_ok[:, None] & (rd[None, :] < D),
+                other=0.0,
+            ).to(ACC)
             h0 = h * tl.load(scale_ptr + rt, mask=t_ok, other=0.0).to(ACC)[:, None]
             if PRECISION == "none":
                 acc0 += tl.sum(g_t[:, :, None] * h0[None, :, :], 1)
@@ -133,8 +154,19 @@ def head_grad_l1_triton(
     max_tiles = -(-v // 16)  # the smallest BLOCK_V: room for any tuned tiling
     partial = grad.new_zeros(n_scales, batch, max_tiles, dtype=acc)
     if batch:
-        args = (grad, h, scales.contiguous(), offsets.contiguous(), partial, n, v, d, grad.stride(0), h.stride(0),
-                max_tiles)
+        args = (
+            grad,
+            h,
+            scales.contiguous(),
+            offsets.contiguous(),
+            partial,
+            n,
+            v,
+            d,
+            grad.stride(0),
+            h.stride(0),
+            max_tiles,
+        )
         if tuned is not None:
 
             def grid(meta: dict) -> tuple[int, int]:

@@ -41,7 +41,9 @@ def check_logits(logits: torch.Tensor, targets: torch.Tensor, check: bool = True
     targets (-inf logits are allowed). The value checks read the device back; scoring passes
     ``check=False`` and validates the whole batch once, from the entropies (NaN for such rows)."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     if targets.device != logits.device:
         raise ValueError(f"targets on {targets.device}, logits on {logits.device}: both must be on one device")
     if not check:
@@ -70,8 +72,9 @@ def token_stats_reference(
 
 
 @jit
-def _token_stats_partial_kernel(logits_ptr, targets_ptr, part_ptr, zy_ptr, V, stride_row, CHUNK, n_chunks,
-                                BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+def _token_stats_partial_kernel(
+    logits_ptr, targets_ptr, part_ptr, zy_ptr, V, stride_row, CHUNK, n_chunks, BLOCK_V: tl.constexpr, ACC: tl.constexpr
+):
     """One program per (row, vocabulary chunk): the chunk's max m, Σe^(z−m), Σe^(z−m)(z−m) and count of
     NaN/+inf entries into part[row, chunk, :4]; the program whose chunk holds the target stores its logit."""
     row = tl.program_id(0).to(tl.int64)
@@ -107,9 +110,22 @@ def _token_stats_partial_kernel(logits_ptr, targets_ptr, part_ptr, zy_ptr, V, st
 
 
 @jit
-def _token_stats_grad_kernel(logits_ptr, targets_ptr, part_ptr, zy_ptr, logp_ptr, entropy_ptr, grad_ptr, V,
-                             stride_row, CHUNK, n_chunks,
-                             BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+def _token_stats_grad_kernel(
+    logits_ptr,
+    targets_ptr,
+    part_ptr,
+    zy_ptr,
+    logp_ptr,
+    entropy_ptr,
+    grad_ptr,
+    V,
+    stride_row,
+    CHUNK,
+    n_chunks,
+    BLOCK_V: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One program per (row, chunk): combine the row's chunk partials, write softmax − onehot over its
     chunk (in place of the logits when ``grad_ptr`` is ``logits_ptr``); chunk 0 writes logp and entropy."""
     row = tl.program_id(0).to(tl.int64)
@@ -171,8 +187,21 @@ def token_stats_triton(
             z, y, part, zy, v, z.stride(0), chunk, n_chunks, BLOCK_V=block_v, ACC=tl_dtype(acc), num_warps=4
         )
         _token_stats_grad_kernel[(n, n_chunks)](
-            z, y, part, zy, logp, entropy, grad, v, z.stride(0), chunk, n_chunks,
-            BLOCK_V=block_v, BLOCK_C=max(2, triton.next_power_of_2(n_chunks)), ACC=tl_dtype(acc), num_warps=4,
+            z,
+            y,
+            part,
+            zy,
+            logp,
+            entropy,
+            grad,
+            v,
+            z.stride(0),
+            chunk,
+            n_chunks,
+            BLOCK_V=block_v,
+            BLOCK_C=max(2, triton.next_power_of_2(n_chunks)),
+            ACC=tl_dtype(acc),
+            num_warps=4,
         )
     return TokenStats(logp, entropy, grad)
 

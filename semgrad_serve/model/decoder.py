@@ -173,7 +173,9 @@ def _activation(w: DecoderWeights, gate: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) if w.activation == "silu" else F.gelu(gate, approximate="tanh")
 
 
-def _gated_mlp(w: DecoderWeights, gate_up: tuple[torch.Tensor, ...], down: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _gated_mlp(
+    w: DecoderWeights, gate_up: tuple[torch.Tensor, ...], down: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
     inter = down.shape[1]
     gate, up = _linear_parts(h, gate_up, (), [inter, inter])
     return F.linear(_activation(w, gate) * up, down)

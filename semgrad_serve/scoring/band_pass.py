@@ -128,7 +128,10 @@ def band_pass(
         range(first, n_layers),
         suf_pos,
         torch.cat((shared_pos, pre_pos, suf_pos), dim=1),
-        torch.cat((torch.ones_like(shared_pos, dtype=torch.bool), pre_valid, torch.ones_like(suf_pos, dtype=torch.bool)), dim=1),
+        torch.cat(
+            (torch.ones_like(shared_pos, dtype=torch.bool), pre_valid, torch.ones_like(suf_pos, dtype=torch.bool)),
+            dim=1,
+        ),
     )
 
     probes = torch.zeros(len(band), batch, w.hidden_size, dtype=dtype, device=dev, requires_grad=True)

@@ -60,7 +60,10 @@ class ClaimRows:
                 raise ValueError("claims must be consecutive, non-empty token runs within the answer")
         self.seeds = 1 + max(len(it.claims) for it in items)  # backward seeds: the whole answers, then claim k
         # per item, the row offsets of its claims (their starts, then its end); [] without claims
-        self.offsets = [[bounds[b] + c.token_start for c in it.claims] + [bounds[b + 1]] * bool(it.claims) for b, it in enumerate(items)]
+        self.offsets = [
+            [bounds[b] + c.token_start for c in it.claims] + [bounds[b + 1]] * bool(it.claims)
+            for b, it in enumerate(items)
+        ]
         self.inv_len = [0.0] * bounds[-1]  # 1/T_c on each claim row, 0 on the rows of items without claims
         self.seed_rows: list[tuple[int, int]] = []  # (seed, row) of every claim row
         for b, it in enumerate(items):
@@ -129,7 +132,9 @@ def score_batch(
         lengths = offsets.diff()
         inv_len = torch.repeat_interleave(1.0 / lengths.to(ent.dtype), lengths, output_size=bounds[hi] - bounds[lo])
         token_weight = ent * inv_len  # w_t / T
-        head_l1.append(head.head_grad_l1(w, kernels, nll_grad, h, torch.stack((token_weight, inv_len)[:n_scales]), offsets))
+        head_l1.append(
+            head.head_grad_l1(w, kernels, nll_grad, h, torch.stack((token_weight, inv_len)[:n_scales]), offsets)
+        )
         # Σ_v g_tv W_v, each seed's row scale applied after the product, so no scaled [rows, V] copy
         grad_h = head.grad_hidden(w, nll_grad)
         grad_hidden.append(grad_h * token_weight[:, None].to(w.dtype))
@@ -139,7 +144,11 @@ def score_batch(
             for run in claims.runs(lo, hi):
                 r = slice(run[0] - bounds[lo], run[-1] - bounds[lo])
                 c_offsets = to_device(torch.tensor(run) - run[0], w.device)
-                claim_l1.append(head.head_grad_l1(w, kernels, nll_grad[r], h[r], torch.stack((c_weight[r], c_inv[r])[:n_scales]), c_offsets))
+                claim_l1.append(
+                    head.head_grad_l1(
+                        w, kernels, nll_grad[r], h[r], torch.stack((c_weight[r], c_inv[r])[:n_scales]), c_offsets
+                    )
+                )
             claim_grad.append(grad_h * c_weight[:, None].to(w.dtype))
         logp.append(lp)
         entropy.append(ent)
@@ -165,14 +174,22 @@ def score_batch(
             ])  # fmt: skip
         else:  # vmap cannot batch the collectives in the backward: one backward per seed
             probe_grads = torch.stack(
-                [torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=seed, retain_graph=True)[0] for seed in batched]
+                [
+                    torch.autograd.grad(fwd.answer_hidden, fwd.probes, grad_outputs=seed, retain_graph=True)[0]
+                    for seed in batched
+                ]
             )
         n_band, batch, d = probe_grads.shape[1:]
         # [seeds, n_band, B, d] → [n_band, seeds·B, d]: seed k of item b at k·B + b
         semgrad = kernels.band_l1(probe_grads.transpose(0, 1).reshape(n_band, claims.seeds * batch, d))
 
     # One read-back for the whole batch; a NaN/+inf logit shows as a NaN entropy (token_stats unchecked).
-    parts = [torch.cat(entropy).double(), torch.cat(logp).double(), torch.cat(head_l1, dim=1).double().flatten(), semgrad.double()]
+    parts = [
+        torch.cat(entropy).double(),
+        torch.cat(logp).double(),
+        torch.cat(head_l1, dim=1).double().flatten(),
+        semgrad.double(),
+    ]
     if claim_l1:
         parts.append(torch.cat(claim_l1, dim=1).double().flatten())
     values = torch.cat(parts).cpu().tolist()
@@ -208,7 +225,16 @@ def score_batch(
                 i = first_claim + k - 1
                 c_para, c_sem = claim_para[i], semgrads[k * batch + b]
                 scored_claims.append(
-                    ClaimScores(c.text, c.token_start, c.token_end, c_sem, c_para, hybrid(c_para, c_sem, c_entropy), claim_ex[i], c_entropy)
+                    ClaimScores(
+                        c.text,
+                        c.token_start,
+                        c.token_end,
+                        c_sem,
+                        c_para,
+                        hybrid(c_para, c_sem, c_entropy),
+                        claim_ex[i],
+                        c_entropy,
+                    )
                 )
             first_claim += len(item.claims)
         results.append(

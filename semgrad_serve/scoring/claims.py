@@ -26,7 +26,9 @@ from typing import Any, Collection, Sequence
 
 from ..model.tokens import token_texts as texts_of
 
-ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st mt no nos fig figs vs approx ca cf gen col lt sgt capt rev".split())
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt no nos fig figs vs approx ca cf gen col lt sgt capt rev".split()
+)
 
 # fenced code (to its closing fence, or the end), inline code, a line break, or a sentence end and the
 # whitespace after it

@@ -78,8 +78,14 @@ class LogisticCalibrator:
         return sigmoid(z)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "terms": [list(t) for t in self.terms], "mean": list(self.mean), "scale": list(self.scale),
-                "weights": list(self.weights), "intercept": self.intercept}
+        return {
+            "kind": self.kind,
+            "terms": [list(t) for t in self.terms],
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "weights": list(self.weights),
+            "intercept": self.intercept,
+        }
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,12 @@ class IsotonicCalibrator:
         return ys[k - 1] + t * (ys[k] - ys[k - 1])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "max_tokens": list(self.max_tokens), "x": [list(v) for v in self.x], "y": [list(v) for v in self.y]}
+        return {
+            "kind": self.kind,
+            "max_tokens": list(self.max_tokens),
+            "x": [list(v) for v in self.x],
+            "y": [list(v) for v in self.y],
+        }
 
 
 @dataclass(frozen=True)
@@ -123,8 +134,10 @@ class Projection:
                 f"confidence probe: {self.vector!r} has {len(v)} values, the probe was fitted on {len(self.mean)}"
             )
         centred = [a - m for a, m in zip(v, self.mean)]
-        return {f"{self.vector} pc{j}": math.fsum(c * x for c, x in zip(comp, centred))
-                for j, comp in enumerate(self.components)}
+        return {
+            f"{self.vector} pc{j}": math.fsum(c * x for c, x in zip(comp, centred))
+            for j, comp in enumerate(self.components)
+        }
 
 
 @dataclass(frozen=True)
@@ -161,11 +174,18 @@ class ProbeCalibrator:
         return sigmoid(self.intercept + math.fsum(terms))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
-                "weights": list(self.weights), "intercept": self.intercept,
-                "projections": [{"vector": p.vector, "mean": list(p.mean),
-                                 "components": [list(c) for c in p.components]}
-                                for p in self.projections]}
+        return {
+            "kind": self.kind,
+            "features": list(self.features),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "weights": list(self.weights),
+            "intercept": self.intercept,
+            "projections": [
+                {"vector": p.vector, "mean": list(p.mean), "components": [list(c) for c in p.components]}
+                for p in self.projections
+            ],
+        }
 
 
 Calibrator = LogisticCalibrator | IsotonicCalibrator | ProbeCalibrator
@@ -196,8 +216,11 @@ def calibrator_from_dict(doc: dict[str, Any]) -> Calibrator:
         if any(len(f) != len(names) for f in fields) or 0.0 in fields[1]:
             raise ValueError("mean, scale and weights need one non-zero scale and one value per feature")
         projections = tuple(
-            Projection(str(p["vector"]), tuple(float(v) for v in p["mean"]),
-                       tuple(tuple(float(v) for v in c) for c in p["components"]))
+            Projection(
+                str(p["vector"]),
+                tuple(float(v) for v in p["mean"]),
+                tuple(tuple(float(v) for v in c) for c in p["components"]),
+            )
             for p in doc.get("projections") or []
         )
         if any(len(c) != len(p.mean) for p in projections for c in p.components):
@@ -216,7 +239,12 @@ class OperatingPoint:
     heldout: dict[str, Any]  # precision, recall, flagged, n, met: on out-of-fold confidences
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min_confidence": self.min_confidence, "target": self.target, "target_value": self.target_value, **self.heldout}
+        return {
+            "min_confidence": self.min_confidence,
+            "target": self.target,
+            "target_value": self.target_value,
+            **self.heldout,
+        }
 
 
 @dataclass(frozen=True)
@@ -258,8 +286,13 @@ class ConfidenceModel:
 
     def to_dict(self) -> dict[str, Any]:
         version = 2 if isinstance(self.calibrator, ProbeCalibrator) else 1
-        doc = {"version": version, "score": self.score, "calibrator": self.calibrator.to_dict(),
-               "operating_point": self.operating_point.to_dict(), "fitted": self.fitted}
+        doc = {
+            "version": version,
+            "score": self.score,
+            "calibrator": self.calibrator.to_dict(),
+            "operating_point": self.operating_point.to_dict(),
+            "fitted": self.fitted,
+        }
         if self.claim_calibrator is not None:
             doc["claim_calibrator"] = self.claim_calibrator.to_dict()
         return doc
@@ -267,11 +300,15 @@ class ConfidenceModel:
     @classmethod
     def from_dict(cls, doc: dict[str, Any], source: str = "profile") -> "ConfidenceModel":
         if not isinstance(doc, dict) or doc.get("version") not in VERSIONS:
-            raise SemgradError(f"{source}: its confidence model is not of version {' or '.join(map(str, VERSIONS))}; "
-                               "refit it with `semgrad-serve eval`")
+            raise SemgradError(
+                f"{source}: its confidence model is not of version {' or '.join(map(str, VERSIONS))}; "
+                "refit it with `semgrad-serve eval`"
+            )
         try:
             op = dict(doc["operating_point"])
-            point = OperatingPoint(float(op.pop("min_confidence")), str(op.pop("target")), float(op.pop("target_value")), op)
+            point = OperatingPoint(
+                float(op.pop("min_confidence")), str(op.pop("target")), float(op.pop("target_value")), op
+            )
             claims = doc.get("claim_calibrator")
             claim_calibrator = None if claims is None else calibrator_from_dict(claims)
             if claim_calibrator is not None and not isinstance(claim_calibrator, ProbeCalibrator):

@@ -72,7 +72,12 @@ def token_stats(w: DecoderWeights, kernels: Kernels, logits: torch.Tensor, targe
 
 
 def head_grad_l1(
-    w: DecoderWeights, kernels: Kernels, nll_grad: torch.Tensor, hidden: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+    w: DecoderWeights,
+    kernels: Kernels,
+    nll_grad: torch.Tensor,
+    hidden: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
 ) -> torch.Tensor:
     """The kernel's ℓ1 mean of each sequence's head gradient, over the whole vocabulary."""
     l1 = kernels.head_grad_l1(nll_grad, hidden, scales, offsets)

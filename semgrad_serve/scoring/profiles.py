@@ -86,8 +86,13 @@ class ModelProfile:
                 "flagged": flagged,
             }
         p = self.confidence.confidence_of(scores, length, result)
-        return {"score": value, "threshold": self.threshold, "confidence": p,
-                "min_confidence": self.confidence.operating_point.min_confidence, "flagged": self.confidence.flagged(p)}
+        return {
+            "score": value,
+            "threshold": self.threshold,
+            "confidence": p,
+            "min_confidence": self.confidence.operating_point.min_confidence,
+            "flagged": self.confidence.flagged(p),
+        }
 
     def dtype_mismatch(self, dtype: str) -> str | None:
         """A warning when scores in ``dtype`` would meet a threshold or confidence model fitted in another dtype, else
@@ -132,8 +137,10 @@ class ModelProfile:
         if profile.score not in FLAG_SCORES:
             raise SemgradError(f"{source}: score must be one of {', '.join(FLAG_SCORES)}, not {profile.score!r}")
         if profile.confidence is not None and profile.confidence.score != profile.score:
-            raise SemgradError(f"{source}: its confidence model was fitted on {profile.confidence.score!r}, "
-                               f"not the profile's score {profile.score!r}; refit it with `semgrad-serve eval`")
+            raise SemgradError(
+                f"{source}: its confidence model was fitted on {profile.confidence.score!r}, "
+                f"not the profile's score {profile.score!r}; refit it with `semgrad-serve eval`"
+            )
         return profile
 
     @classmethod

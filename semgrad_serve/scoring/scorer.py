@@ -95,7 +95,14 @@ class Scorer:
         weights = from_hf_model(model)
         chosen = explicit or resolve_profile(model.config, tokenizer.chat_template, path, None)
         tied = chosen.paragrad_tied if paragrad_tied is None else paragrad_tied
-        scorer = cls(weights, tokenizer, chosen, select_kernels(kernels, weights.device), eos_ids=hf_eos_ids(tokenizer, model), paragrad_tied=tied)
+        scorer = cls(
+            weights,
+            tokenizer,
+            chosen,
+            select_kernels(kernels, weights.device),
+            eos_ids=hf_eos_ids(tokenizer, model),
+            paragrad_tied=tied,
+        )
         scorer.model = model
         return scorer
 
@@ -105,7 +112,9 @@ class Scorer:
         assessed = self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)
         claims = None
         if result.claims is not None:
-            claims = [self.claim_report(c, c.token_end == result.answer_tokens and result.stop_token) for c in result.claims]
+            claims = [
+                self.claim_report(c, c.token_end == result.answer_tokens and result.stop_token) for c in result.claims
+            ]
         return semgrad_object.full(result, assessed, claims)
 
     def claim_report(self, claim: ClaimScores, stop_token: bool) -> dict[str, Any]:
@@ -160,7 +169,9 @@ class Scorer:
         except ItemError:
             return None
 
-    def prepare(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool | range = False) -> PreparedItem:
+    def prepare(
+        self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool | range = False
+    ) -> PreparedItem:
         """Validate one item and locate t*; the answer is scored as given, its stop token included (the stop token
         alone is an answer of one token, as in the SPEC; the server does not score answers that show nothing);
         ``claims``: the item carries the answer's claims (a range: those of them)."""
@@ -171,14 +182,21 @@ class Scorer:
             raise ItemError("the prompt is empty")
         total = len(prompt_ids) + len(answer)
         if total > self.weights.max_positions:
-            raise ItemError(f"prompt + answer is {total} tokens, over the model's context of {self.weights.max_positions}")
+            raise ItemError(
+                f"prompt + answer is {total} tokens, over the model's context of {self.weights.max_positions}"
+            )
         vocab = self.weights.vocab_size
         if min(min(prompt_ids), min(answer)) < 0 or max(max(prompt_ids), max(answer)) >= vocab:
             raise ItemError(f"token id outside the vocabulary (size {vocab})")
         t_star, rule = self.locate_t_star(prompt_ids)
         token = self.tokenizer.convert_ids_to_tokens(int(prompt_ids[t_star]))
         return PreparedItem(
-            tuple(int(i) for i in prompt_ids), tuple(int(i) for i in answer), t_star, token, rule, self._claims(answer, claims)
+            tuple(int(i) for i in prompt_ids),
+            tuple(int(i) for i in answer),
+            t_star,
+            token,
+            rule,
+            self._claims(answer, claims),
         )
 
     def _claims(self, answer: list[int], wanted: bool | range) -> tuple[Claim, ...]:
@@ -196,8 +214,15 @@ class Scorer:
             recompute = batch_kind(given) is GivenKind.NOTHING
             shared = self.prefix_cache.for_batch(self.weights, items) if recompute else None
             results = score_batch(
-                self.weights, items, self.band, self.kernels, shared, self.exgrad, given,
-                seed_budget=self.seed_budget, t_star_features=self.t_star_features,
+                self.weights,
+                items,
+                self.band,
+                self.kernels,
+                shared,
+                self.exgrad,
+                given,
+                seed_budget=self.seed_budget,
+                t_star_features=self.t_star_features,
             )
             return [self._complete(item, r) for item, r in zip(items, results)]
         except (ValueError, RuntimeError) as exc:
@@ -208,7 +233,9 @@ class Scorer:
 
     def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
         """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
-        tied = tied_head.paragrad_tied(self.weights, item, result.paragrad, self.kernels) if self.paragrad_tied else None
+        tied = (
+            tied_head.paragrad_tied(self.weights, item, result.paragrad, self.kernels) if self.paragrad_tied else None
+        )
         return replace(result, stop_token=item.answer_ids[-1] in self.eos_ids, paragrad_tied=tied)
 
     def score(
@@ -269,7 +296,9 @@ class Scorer:
         kv, x, z = given.prefix_kv, given.band_inputs, given.logits
         answer, vocab = len(item.answer_ids), self.weights.vocab_size
         if z is not None and self.weights.tp is not None:
-            raise ItemError("given logits are not taken under tensor parallelism (each rank forms its own vocabulary rows)")
+            raise ItemError(
+                "given logits are not taken under tensor parallelism (each rank forms its own vocabulary rows)"
+            )
         if z is not None and (z.dim() != 2 or z.shape[0] < answer or z.shape[1] != vocab):
             raise ItemError(f"logits of shape {tuple(z.shape)}, expected at least ({answer}, {vocab})")
         if kv is None:
@@ -280,7 +309,9 @@ class Scorer:
             raise ItemError(f"prefix keys/values of shape {tuple(kv.shape)}, expected {expected}")
         rows = item.length - item.t_star
         if x is not None and (x.dim() != 2 or x.shape[0] < rows or x.shape[1] != self.weights.hidden_size):
-            raise ItemError(f"band inputs of shape {tuple(x.shape)}, expected at least ({rows}, {self.weights.hidden_size})")
+            raise ItemError(
+                f"band inputs of shape {tuple(x.shape)}, expected at least ({rows}, {self.weights.hidden_size})"
+            )
 
     def prefix_kv_shape(self, t_star: int, first_layer: int = 0) -> tuple[int, ...]:
         """The shape ``score`` expects of an item's prefix keys/values (layers from ``first_layer`` on)."""

@@ -21,7 +21,16 @@ SemgradObject = dict[str, Any]  # the JSON object, in the key order a response s
 # The fields of a served answer's object, in this order; then ``claims`` where scored, ``stop_token`` and, where
 # asked for, ``TOKEN_FIELDS``.
 SERVED_SCORES = tuple(name for name in FLAG_SCORES if name != "exgrad")  # ExGrad is a baseline: not served
-SERVED_FIELDS = (*SERVED_SCORES, "score", "threshold", "confidence", "min_confidence", "flagged", "reused", "t_star_rule")
+SERVED_FIELDS = (
+    *SERVED_SCORES,
+    "score",
+    "threshold",
+    "confidence",
+    "min_confidence",
+    "flagged",
+    "reused",
+    "t_star_rule",
+)
 TOKEN_FIELDS = ("token_texts", "token_entropies", "token_logprobs")
 CLAIM_FIELDS = ("text", "token_start", "token_end", "semgrad", "paragrad", "hybridgrad", "mean_entropy")
 NON_FINITE = "scoring produced a non-finite value (NaN or inf)"

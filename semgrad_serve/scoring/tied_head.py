@@ -44,7 +44,9 @@ def paragrad_tied(w: DecoderWeights, item: PreparedItem, paragrad: float, kernel
     logits_grad = stats.nll_grad * (stats.entropy / n_answer)[:, None]  # g_t = (w_t/T)(softmax − onehot)
     (x0_grad,) = torch.autograd.grad(hidden, x0, grad_outputs=logits_grad.to(w.dtype) @ w.head)
     rows, where = torch.unique(ids, return_inverse=True)
-    lookup = torch.zeros(len(rows), w.hidden_size, dtype=x0_grad.dtype, device=w.device).index_add_(0, where, x0_grad[0])
+    lookup = torch.zeros(len(rows), w.hidden_size, dtype=x0_grad.dtype, device=w.device).index_add_(
+        0, where, x0_grad[0]
+    )
     if w.padding_idx is not None:
         lookup[rows == w.padding_idx] = 0
     head_rows = logits_grad[:, rows].T.to(w.dtype) @ hidden.detach()  # the head-only gradient's rows of present tokens

@@ -22,7 +22,11 @@ WORKER_EXTENSION = "semgrad_serve.serving.worker.extension.SemgradWorkerExtensio
 CAPTURE_CONNECTOR_MODULE = "semgrad_serve.serving.worker.capture_connector"
 # vLLM's --kv-transfer-config that makes finished scored requests hand their prompt keys/values to scoring
 CAPTURE_KV_TRANSFER_CONFIG = json.dumps(
-    {"kv_connector": "SemgradCaptureConnector", "kv_connector_module_path": CAPTURE_CONNECTOR_MODULE, "kv_role": "kv_both"}
+    {
+        "kv_connector": "SemgradCaptureConnector",
+        "kv_connector_module_path": CAPTURE_CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+    }
 )
 
 PAGE_PATH = "/semgrad"  # the page (``page_routes.py``)

@@ -85,8 +85,12 @@ class ScanResult:
 
 
 def find_t_star_and_band(
-    model: Any, tokenizer: Any, groups: Sequence[tuple[str, list[str]]], n_positions: int = 10,
-    batch_size: int = 16, progress: bool = True,
+    model: Any,
+    tokenizer: Any,
+    groups: Sequence[tuple[str, list[str]]],
+    n_positions: int = 10,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> ScanResult:
     """Scan the last ``n_positions`` prompt positions of each paraphrase group; t* and the band from the SPS."""
     check_positions(n_positions)
@@ -123,8 +127,13 @@ def build_profile(base: ModelProfile | None, config: Any, found: ScanResult, sou
     summary = {"paraphrases": source, "date": datetime.date.today().isoformat(), **found.summary()}
     name = f"{base.name if base is not None else getattr(config, 'model_type', 'model')}-calibrated"
     return ModelProfile(
-        name=name, t_star=found.rule, band=found.band, score=base.score if base is not None else DEFAULT_SCORE,
-        threshold=None, match=match, calibration={"sps": summary},
+        name=name,
+        t_star=found.rule,
+        band=found.band,
+        score=base.score if base is not None else DEFAULT_SCORE,
+        threshold=None,
+        match=match,
+        calibration={"sps": summary},
     )
 
 
@@ -148,8 +157,14 @@ def plot_heatmap(found: ScanResult, path: str | Path, title: str = "") -> None:
     if template and len(template) < n_cols:
         panels.append(("template positions only (eligible for t*)", template))
     widths = [max(len(cols), 3) for _, cols in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 + 0.62 * sum(widths), 6.6), dpi=100,
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(2.4 + 0.62 * sum(widths), 6.6),
+        dpi=100,
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+    )
     first, last = found.band
     for ax, (name, cols) in zip(axes[0], panels):
         data = sps[:, cols]
@@ -183,8 +198,16 @@ def plot_heatmap(found: ScanResult, path: str | Path, title: str = "") -> None:
 
 
 def run_scan(
-    model_dir: str | None, paraphrases: str, limit: int | None, n_positions: int, batch_size: int, out: str,
-    heatmap: str | None = None, dtype: str = "float32", base_profile: str | None = None, device: str = "cpu",
+    model_dir: str | None,
+    paraphrases: str,
+    limit: int | None,
+    n_positions: int,
+    batch_size: int,
+    out: str,
+    heatmap: str | None = None,
+    dtype: str = "float32",
+    base_profile: str | None = None,
+    device: str = "cpu",
 ) -> tuple[ModelProfile, ScanResult, Path]:
     """Everything ``semgrad-serve calibrate`` does; returns the profile, what the scan found and the heatmap path."""
     check_positions(n_positions)

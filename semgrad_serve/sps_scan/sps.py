@@ -149,8 +149,7 @@ def t_star_rule(prompts: Sequence[Sequence[int]], offset_from_end: int, id_to_to
         if all(max(i for i, t in enumerate(p) if t == token_id) == len(p) + anchor for p in prompts):
             return TStarRule(token=str(id_to_token(token_id)), offset=offset_from_end - anchor)
     raise SemgradError(
-        f"no token of the prompt tail marks position {offset_from_end} in every prompt; "
-        "is a chat template applied?"
+        f"no token of the prompt tail marks position {offset_from_end} in every prompt; is a chat template applied?"
     )
 
 
@@ -202,8 +201,12 @@ def prompt_tail_states(
 
 
 def scan(
-    model: Any, groups: Sequence[Sequence[Sequence[int]]], n_positions: int, batch_size: int = 16,
-    groups_per_chunk: int = 8, progress: bool = True,
+    model: Any,
+    groups: Sequence[Sequence[Sequence[int]]],
+    n_positions: int,
+    batch_size: int = 16,
+    groups_per_chunk: int = 8,
+    progress: bool = True,
 ) -> SPSTable:
     """SPS over every hidden-state index and the last ``n_positions`` prompt positions for groups of prompt ids."""
     weights = model if isinstance(model, DecoderWeights) else from_hf_model(model)

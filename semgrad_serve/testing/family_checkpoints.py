@@ -104,7 +104,9 @@ def save_family_checkpoint(family: str, target: Path, seed: int = 0, **config_ch
     return target
 
 
-if __name__ == "__main__":  # python -m semgrad_serve.testing.family_checkpoints OUT_DIR: every family, for exploring by hand
+if (
+    __name__ == "__main__"
+):  # python -m semgrad_serve.testing.family_checkpoints OUT_DIR: every family, for exploring by hand
     import sys
 
     root = Path(sys.argv[1])

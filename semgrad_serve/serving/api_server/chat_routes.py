@@ -80,10 +80,14 @@ def scoring_options(request: ChatCompletionRequest | CompletionRequest | Respons
         if isinstance(value, bool):
             return ScoringOptions() if value else None
         if not isinstance(value, dict):
-            raise SemgradError(f'"{OPT_OUT_FIELD}" must be true or false, or an object of options such as {{"tokens": true}}')
+            raise SemgradError(
+                f'"{OPT_OUT_FIELD}" must be true or false, or an object of options such as {{"tokens": true}}'
+            )
         unknown = sorted(set(value) - set(REQUEST_OPTIONS))
         if unknown:
-            raise SemgradError(f'"{OPT_OUT_FIELD}": unknown option {", ".join(map(repr, unknown))}; the options are {", ".join(REQUEST_OPTIONS)}')
+            raise SemgradError(
+                f'"{OPT_OUT_FIELD}": unknown option {", ".join(map(repr, unknown))}; the options are {", ".join(REQUEST_OPTIONS)}'
+            )
         if not all(isinstance(v, bool) or k == "claims" and v == LIVE for k, v in value.items()):
             raise SemgradError(f'"{OPT_OUT_FIELD}": each option must be true or false ("claims" also "{LIVE}")')
         return ScoringOptions(**value)
@@ -122,7 +126,9 @@ class StopTokens:
             ids = ids[:-1]
         return ids, self.ends_on_eos(ids)
 
-    def report(self, result: dict[str, Any], answer: list[int], stop_token: bool, options: ScoringOptions) -> dict[str, Any]:
+    def report(
+        self, result: dict[str, Any], answer: list[int], stop_token: bool, options: ScoringOptions
+    ) -> dict[str, Any]:
         """A scored answer's ``"semgrad"`` object: the worker's report (which always carries the per-token
         entropies and log-probs) with ``stop_token``, and the per-token data only where the request asked for it."""
         texts = token_texts(self.tokenizer, answer) if options.tokens and "token_entropies" in result else None
@@ -247,7 +253,9 @@ async def _live_stream(events: AsyncIterator[str], choices: _Choices) -> AsyncIt
     """``_scored_stream`` with live claims chunks (``live_claims.py``)."""
     assert choices.live is not None
     try:
-        async for event in live_stream(events, choices.collect, choices.progress, choices.score, choices.live, choices.keep_ids):
+        async for event in live_stream(
+            events, choices.collect, choices.progress, choices.score, choices.live, choices.keep_ids
+        ):
             yield event
     finally:
         choices.client.drop(choices.key)
@@ -301,7 +309,9 @@ def scoring_setup(
         return bad_options(exc, param=None)
 
 
-async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request) -> Response | None:
+async def _scored(
+    vllm_route: VllmRoute, request: ChatCompletionRequest | CompletionRequest, raw_request: Request
+) -> Response | None:
     setup = scoring_setup(request, raw_request)
     if not isinstance(setup, tuple):
         return setup if setup is not None else await vllm_route(request, raw_request)
@@ -326,7 +336,17 @@ async def _scored(vllm_route: VllmRoute, request: ChatCompletionRequest | Comple
         generated = request.max_tokens != 0  # with echo, vLLM's ids still hold a token the user never receives
     recent = getattr(raw_request.app.state, "semgrad_recent", None)
     choices = _Choices(
-        client, key, stop, bool(request.include_stop_str_in_output), keep_ids, options, recent, question, endpoint, echo, generated
+        client,
+        key,
+        stop,
+        bool(request.include_stop_str_in_output),
+        keep_ids,
+        options,
+        recent,
+        question,
+        endpoint,
+        echo,
+        generated,
     )
 
     streaming = False

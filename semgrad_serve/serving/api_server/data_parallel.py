@@ -87,7 +87,9 @@ class EngineRouter:
         except ValueError:
             return None
         if rank is not None and not 0 <= rank < len(self.clients):
-            raise SemgradError(f"X-data-parallel-rank {rank} is out of range: this server runs {len(self.clients)} engines")
+            raise SemgradError(
+                f"X-data-parallel-rank {rank} is out of range: this server runs {len(self.clients)} engines"
+            )
         return rank
 
     def route(self, raw_request: Request, routable: bool = True) -> ScoringClient:

@@ -26,7 +26,10 @@ router = APIRouter()
 
 NOT_AUTHORIZED = "Unauthorized: /invocations needs the server's API key (Authorization: Bearer <key>), as /v1 does"
 NO_ROUTE = "/invocations takes a chat completions or a completions request"
-_ROUTES = ((pydantic.TypeAdapter(ChatCompletionRequest), create_chat_completion), (pydantic.TypeAdapter(CompletionRequest), create_completion))
+_ROUTES = (
+    (pydantic.TypeAdapter(ChatCompletionRequest), create_chat_completion),
+    (pydantic.TypeAdapter(CompletionRequest), create_completion),
+)
 
 
 def api_tokens(api_key: list[str] | str | None, env_key: str | None) -> list[str]:

@@ -83,7 +83,14 @@ class LiveClaims:
         choice = self._choice(index)
         choice.may_settle = choice.may_settle or bool(_BREAK.search(delta))
         prompt = self.prompt_of(index)
-        if choice.stopped or choice.ended or not choice.may_settle or not delta.strip() or not prompt or choice.asked >= self.max_claims:
+        if (
+            choice.stopped
+            or choice.ended
+            or not choice.may_settle
+            or not delta.strip()
+            or not prompt
+            or choice.asked >= self.max_claims
+        ):
             return
         texts = token_texts(self.tokenizer, ids)
         settled = settled_claims(texts, received)[: self.max_claims]
@@ -126,7 +133,9 @@ class LiveClaims:
             choice.stopped = True  # the end scores the claims not sent
             return None
         choice.sent += got
-        choices = [{"index": index, **self._empty(), "logprobs": None, "finish_reason": None, "semgrad": {"claims": got}}]
+        choices = [
+            {"index": index, **self._empty(), "logprobs": None, "finish_reason": None, "semgrad": {"claims": got}}
+        ]
         return sse({**self.frame, "choices": choices})
 
     def _empty(self) -> dict[str, Any]:

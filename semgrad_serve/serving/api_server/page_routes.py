@@ -53,7 +53,11 @@ def asset(name: str) -> bytes:
 
 @page_router.api_route(PAGE_PATH, methods=["GET", "HEAD"], include_in_schema=False)
 async def page() -> Response:
-    return Response(asset("semgrad.html"), media_type="text/html; charset=utf-8", headers={**HEADERS, "Content-Security-Policy": CSP})
+    return Response(
+        asset("semgrad.html"),
+        media_type="text/html; charset=utf-8",
+        headers={**HEADERS, "Content-Security-Policy": CSP},
+    )
 
 
 @page_router.api_route(PAGE_PATH + "/{name}", methods=["GET", "HEAD"], include_in_schema=False)

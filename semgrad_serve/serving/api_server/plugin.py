@@ -90,6 +90,11 @@ class SemgradPlugin:
         url = server_url(getattr(args, "host", None), getattr(args, "port", 8000))
         log.info("SemGrad page (answers, flags, token heat, recent answers): %s%s", url, PAGE_PATH)
         if not connector:
-            log.warning("SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring", CAPTURE_KV_TRANSFER_CONFIG)
+            log.warning(
+                "SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring",
+                CAPTURE_KV_TRANSFER_CONFIG,
+            )
         elif info["capture"] and not info["records"]:
-            log.warning("SemGrad: the model is compiled or speculative decoding is on, so the band's inputs and the logits are not kept while generating (--enforce-eager keeps them); scoring reruns the layers below the band and the head's product")
+            log.warning(
+                "SemGrad: the model is compiled or speculative decoding is on, so the band's inputs and the logits are not kept while generating (--enforce-eager keeps them); scoring reruns the layers below the band and the head's product"
+            )

@@ -16,7 +16,9 @@ SCORING_LATENCY = Histogram(
 )
 # Per data-parallel engine (its index in vLLM's engine order): its answers by outcome, "scored" (flagged or not),
 # "flagged" (of those scored) or "error"; the totals above count all engines together.
-ENGINE_ANSWERS = Counter("semgrad_engine_answers", "Answers per engine and outcome (scored, flagged, error).", ["engine", "outcome"])
+ENGINE_ANSWERS = Counter(
+    "semgrad_engine_answers", "Answers per engine and outcome (scored, flagged, error).", ["engine", "outcome"]
+)
 SCORING_BATCH_SIZE = Histogram(
     "semgrad_scoring_batch_size", "Answers per scoring batch (one backward).", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )

@@ -35,7 +35,9 @@ from .scoring_client import ScoringClient
 router = APIRouter()
 
 BACKGROUND = "not scored: a background response is not scored"
-NOT_ONE_ANSWER = "not scored: the response holds no single answer as tokens (tool calls, several turns or harmony messages)"
+NOT_ONE_ANSWER = (
+    "not scored: the response holds no single answer as tokens (tool calls, several turns or harmony messages)"
+)
 MESSAGE_FIELDS = ("input_messages", "output_messages")
 
 
@@ -77,7 +79,16 @@ class _Response:
                 body["semgrad"] = self.stop.report(result, answer, self.stop.ends_on_eos(answer), self.options)
         if self.recent is not None:
             answer_text = found[2] if found is not None else ""
-            self.recent.add(self.question, answer_text, body["semgrad"], body.get("id"), 0, body.get("model"), body.get("status"), "responses")
+            self.recent.add(
+                self.question,
+                answer_text,
+                body["semgrad"],
+                body.get("id"),
+                0,
+                body.get("model"),
+                body.get("status"),
+                "responses",
+            )
 
 
 async def _scored_events(events: AsyncIterator[str], response: _Response) -> AsyncIterator[str]:
@@ -104,7 +115,9 @@ async def create_responses(request: ResponsesRequest, raw_request: Request) -> R
     if request.background:  # answered before it is generated: nothing to score yet
         response = await vllm_responses.create_responses(request, raw_request)
         if isinstance(response, JSONResponse) and response.status_code == HTTPStatus.OK:
-            return with_body(response, {**json.loads(response.body), "semgrad": semgrad_object.error_report(BACKGROUND)})
+            return with_body(
+                response, {**json.loads(response.body), "semgrad": semgrad_object.error_report(BACKGROUND)}
+            )
         return response
 
     keep_messages = request.enable_response_messages

@@ -116,7 +116,12 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
             self._forget.append(request.request_id)
             return False, None
         order = CaptureOrder(
-            request.request_id, key, tuple(request.prompt_token_ids), tuple(block_ids), request.num_computed_tokens, tuple(request.output_token_ids)
+            request.request_id,
+            key,
+            tuple(request.prompt_token_ids),
+            tuple(block_ids),
+            request.num_computed_tokens,
+            tuple(request.output_token_ids),
         )
         self._orders.append(order)
         return True, None
@@ -134,8 +139,11 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
         self._caches = [kv_caches[name] for name in sorted(kv_caches, key=extract_layer_index)]
         self._unreadable = quantized_cache(self._caches)
         if self._unreadable is not None:
-            log.warning("SemGrad: %s, which would change the scores; answers are scored by recomputing the prompt "
-                        "(scores unchanged)", self._unreadable)
+            log.warning(
+                "SemGrad: %s, which would change the scores; answers are scored by recomputing the prompt "
+                "(scores unchanged)",
+                self._unreadable,
+            )
 
     def _cache_layout(self) -> str | None:
         """The layout of the registered caches, found once from the attention layers."""
@@ -148,7 +156,10 @@ class SemgradCaptureConnector(KVConnectorBase_V1):
             self._layout = layout_for(backend, getattr(layers[0], "isa", None) if layers else None)
             self._layout_known = True
             if self._layout is None:
-                log.warning("SemGrad: the KV cache layout of %s is not known; answers are scored by recomputing the prompt", backend)
+                log.warning(
+                    "SemGrad: the KV cache layout of %s is not known; answers are scored by recomputing the prompt",
+                    backend,
+                )
         return self._layout
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:

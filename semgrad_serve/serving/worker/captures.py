@@ -75,7 +75,9 @@ class Capture:
         for output_ids, recorded in self.recorded:
             if continues(output_ids, answer_ids) and recorded.band_inputs.shape[0] >= rows:
                 logits = recorded.logits
-                logits = logits[: len(answer_ids)] if logits is not None and logits.shape[0] >= len(answer_ids) else None
+                logits = (
+                    logits[: len(answer_ids)] if logits is not None and logits.shape[0] >= len(answer_ids) else None
+                )
                 return Given(kv, recorded.band_inputs, logits)
         return Given(kv) if self.first_layer == 0 else NOTHING_GIVEN
 
@@ -128,7 +130,9 @@ class CaptureStore:
             if key in self._done:
                 return False
             capture = self._entries.get(key)
-            if capture is None or capture.raw is None and not capture.outputs:  # none, or a live one without keys/values
+            if (
+                capture is None or capture.raw is None and not capture.outputs
+            ):  # none, or a live one without keys/values
                 if capture is not None:
                     self._bytes -= capture.nbytes
                 capture = self._capture(prompt_ids, read, unpack, band_inputs, output_ids)
@@ -178,7 +182,9 @@ class CaptureStore:
     ) -> Capture:
         """``first_layer``: the layers to read from where no recording is handed over (a live capture's)."""
         if read is None:
-            return Capture(prompt_ids, None, reason="the KV cache is not read (its layout is not known, or it is quantized)")
+            return Capture(
+                prompt_ids, None, reason="the KV cache is not read (its layout is not known, or it is quantized)"
+            )
         n = self.prefix_length(prompt_ids) if self.prefix_length is not None else None
         if n is None:
             return Capture(prompt_ids, None, reason="no t* in the prompt")

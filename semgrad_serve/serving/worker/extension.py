@@ -44,7 +44,10 @@ from .vllm_weights import from_vllm_model, keep_dense_cpu_weights
 
 keep_dense_cpu_weights()
 
-def answer_report(scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False) -> dict[str, Any]:
+
+def answer_report(
+    scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False
+) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
     scoring took from vLLM instead of computing it (``prompt_kv``: the prompt's keys/values from its KV cache;
     ``band_inputs``: the residual stream entering the band; ``logits``: the answer's logits), each the same
@@ -185,7 +188,9 @@ class SemgradWorkerExtension:
         if record:
             # under tensor parallelism the logits are gathered to rank 0 only, and each rank's head forms its own
             logits_processor = model.logits_processor if groups is None else None
-            RECORDER.install(self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none)  # type: ignore[attr-defined]
+            RECORDER.install(
+                self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none
+            )  # type: ignore[attr-defined]
 
         def score(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
             given = [
@@ -202,13 +207,18 @@ class SemgradWorkerExtension:
             return reports
 
         if os.environ.get(TEST_FAULTS_ENV) == "1":
-            log.warning("%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV)
+            log.warning(
+                "%s=1: the scoring fault test seam is on; do not use this server in production", TEST_FAULTS_ENV
+            )
             score = with_test_faults(score, tokenizer)
         generation = generation_cores()
         cores = scoring_cores(set(api_cores), generation)
         if weights.device.type == "cpu" and cores <= generation:
-            log.warning("SemGrad: generation's threads hold every core (%s), so scoring competes with them; give vLLM a "
-                        "reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=1, as semgrad-serve serve sets)", sorted(generation))
+            log.warning(
+                "SemGrad: generation's threads hold every core (%s), so scoring competes with them; give vLLM a "
+                "reserved core (VLLM_CPU_NUM_OF_RESERVED_CPU=1, as semgrad-serve serve sets)",
+                sorted(generation),
+            )
         self.semgrad_service = ScoringService(
             score, STORE, max_batch, cores, groups, claim_plan(scorer, max_claims, claims_per_pass),
             live_given=lambda key, pair: live_given(STORE, RECORDER, key, pair),

@@ -51,7 +51,13 @@ class LivePrompts:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def copy_computed(self, recorder: StepRecorder, store: CaptureStore, read: ReadBlocks | None, unpack: Callable[[Any, int], Any] | None) -> None:
+    def copy_computed(
+        self,
+        recorder: StepRecorder,
+        store: CaptureStore,
+        read: ReadBlocks | None,
+        unpack: Callable[[Any, int], Any] | None,
+    ) -> None:
         """Before a step's forward: copy the prompt keys/values of each followed request whose positions before t*
         are all computed into ``store`` (``CaptureStore.add_prompt``), from the band's first layer on where its band
         inputs are recorded from t* (else every layer; ``read`` None: none, scoring recomputes them)."""
@@ -73,7 +79,9 @@ class LivePrompts:
             store.add_prompt(key, prompt, reader, unpack, first or 0)
 
 
-def live_given(store: CaptureStore, recorder: StepRecorder, key: str, pair: tuple[Sequence[int], Sequence[int]]) -> Given | None:
+def live_given(
+    store: CaptureStore, recorder: StepRecorder, key: str, pair: tuple[Sequence[int], Sequence[int]]
+) -> Given | None:
     """What scoring ``pair`` (a prompt and the answer so far of a live request of ``key``) takes as given; None
     where it should wait (the prompt not copied yet, or the band inputs not all recorded yet)."""
     prompt, answer = pair
@@ -91,4 +99,3 @@ def live_given(store: CaptureStore, recorder: StepRecorder, key: str, pair: tupl
         return Given(kv)
     recorded = recorder.peek(key, len(prompt), answer, capture.t_star)
     return None if recorded is None else Given(kv, recorded.band_inputs, recorded.logits)
-

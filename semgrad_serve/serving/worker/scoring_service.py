@@ -156,7 +156,11 @@ def trim_allocator() -> None:
 
 
 # How vLLM names a CPU worker's OpenMP cores in its environment (one core per thread), by OpenMP runtime.
-OMP_BINDINGS = (("OMP_PLACES", r"\{([\d,]+)\}"), ("GOMP_CPU_AFFINITY", r"([\d ]+)"), ("KMP_AFFINITY", r".*proclist=\[([\d,]+)\]"))
+OMP_BINDINGS = (
+    ("OMP_PLACES", r"\{([\d,]+)\}"),
+    ("GOMP_CPU_AFFINITY", r"([\d ]+)"),
+    ("KMP_AFFINITY", r".*proclist=\[([\d,]+)\]"),
+)
 
 
 def generation_cores(env: Mapping[str, str] = os.environ) -> set[int]:
@@ -238,7 +242,9 @@ class ScoringService:
                         self._short.append(job.pieces.popleft())
                     self._arrived.notify_all()  # each lane waits on it
             elif isinstance(message, LiveJob):  # one pass, short, batched with others
-                job = Job(message.job, message.key, message.pairs, live=True, left=1, reports=[None] * len(message.pairs))
+                job = Job(
+                    message.job, message.key, message.pairs, live=True, left=1, reports=[None] * len(message.pairs)
+                )
                 with self._arrived:
                     self._live[job.job] = job
                     self._short.append(Piece(job, list(range(len(message.pairs))), list(message.windows)))
@@ -266,7 +272,12 @@ class ScoringService:
             job.pieces.clear()
             self._short = deque(p for p in self._short if p.job is not job)
             self._long = deque(j for j in self._long if j is not job)
-        log.info("SemGrad: the client of scoring job %d has gone: %d of its %d passes dropped unscored", job_id, waiting, job.left)
+        log.info(
+            "SemGrad: the client of scoring job %d has gone: %d of its %d passes dropped unscored",
+            job_id,
+            waiting,
+            job.left,
+        )
 
     def queued(self) -> int:
         """Jobs received and not yet answered (nor cancelled)."""
@@ -405,7 +416,9 @@ class ScoringService:
                     stream.synchronize()
             except Exception as exc:  # the thread must outlive anything, or requests wait forever
                 log.exception("SemGrad: the scoring thread failed on a batch")
-                results = [[semgrad_object.error_report(f"scoring failed: {exc}") for _ in piece.answers] for piece in pieces]
+                results = [
+                    [semgrad_object.error_report(f"scoring failed: {exc}") for _ in piece.answers] for piece in pieces
+                ]
             if not follower:
                 self._answer(pieces, results)
             pieces, given, results = [], [], []  # nothing of the batch (its captures' tensors) outlives it
@@ -433,4 +446,3 @@ class ScoringService:
                     self._conn.send(message)
                 except Exception as exc:  # a lost connection must not end the thread
                     log.warning("SemGrad: cannot send scores to the API server (%s)", exc)
-

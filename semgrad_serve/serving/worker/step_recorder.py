@@ -129,7 +129,11 @@ class StepRecorder:
         request (n > 1), the one whose recorded tokens are ``answer``'s."""
         stop = prompt_length + len(answer) - 1
         with self._lock:
-            candidates = [r for r in self._watched.values() if r.key == key and r.t_star == t_star and r.prompt_length == prompt_length]
+            candidates = [
+                r
+                for r in self._watched.values()
+                if r.key == key and r.t_star == t_star and r.prompt_length == prompt_length
+            ]
             for recording in candidates:
                 ids = [recording.ids.get(prompt_length + i) for i in range(len(answer) - 1)]
                 if len(candidates) == 1 or ids == list(answer[:-1]):
@@ -215,7 +219,9 @@ class StepRecorder:
             lo, hi = int(starts[index]), int(starts[index + 1])
             first = int(batch.num_computed_tokens_cpu[index])
             if recording.key is not None:
-                recording.ids.update(zip(range(first, first + hi - lo), positions_ids(self._runner.requests[rid], first, hi - lo)))
+                recording.ids.update(
+                    zip(range(first, first + hi - lo), positions_ids(self._runner.requests[rid], first, hi - lo))
+                )
             out.append((recording, index, lo, hi - lo, first))
         return out
 
@@ -256,7 +262,9 @@ class StepRecorder:
             if not wanted or self._logits_bytes + len(wanted) * row_bytes > self.logits_budget_bytes:
                 return  # those answers' logits will be formed by scoring
             self._logits_bytes += len(wanted) * row_bytes
-        rows = logits.index_select(0, torch.tensor([index for _, index, _ in wanted]).to(logits.device, non_blocking=True))
+        rows = logits.index_select(
+            0, torch.tensor([index for _, index, _ in wanted]).to(logits.device, non_blocking=True)
+        )
         for (recording, _, position), row in zip(wanted, rows):
             recording.logits.append((position, row))
 

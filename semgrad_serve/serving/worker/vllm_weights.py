@@ -66,7 +66,12 @@ def keep_dense_cpu_weights() -> None:
 
 def _dense(module: Any, name: str) -> torch.Tensor:
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0 or not weight.is_floating_point():
+    if (
+        not isinstance(weight, torch.Tensor)
+        or weight.dim() != 2
+        or weight.numel() == 0
+        or not weight.is_floating_point()
+    ):
         raise SemgradError(
             f"vLLM holds {name} in a packed or quantized form; SemGrad scoring needs dense "
             "weights (quantized models are not supported)"
@@ -111,7 +116,9 @@ def _experts(routed: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         block = None if isa is None else _cpu_packing_block(isa, w13.dtype)
         if block is not None:
             return row_blocked(w13, block), row_blocked(w2, block)
-        raise SemgradError(f"vLLM's CPU MoE kernel ({isa}) packs the experts of {name} in a layout SemGrad does not read")
+        raise SemgradError(
+            f"vLLM's CPU MoE kernel ({isa}) packs the experts of {name} in a layout SemGrad does not read"
+        )
     kind = "quantized experts" if backend is None else f"its {backend.value} MoE kernel's expert layout"
     raise SemgradError(f"SemGrad scoring does not read {kind} ({name}); start vLLM with --moe-backend triton on a GPU")
 
@@ -125,7 +132,9 @@ def _moe(config: Any, block: Any, name: str) -> MoEWeights:
     if (routed.top_k, bool(routed.renormalize), routed.scoring_func) != (top_k, renormalise, "softmax") or (
         routed.use_grouped_topk or routed.e_score_correction_bias is not None or routed.routed_scaling_factor != 1.0
     ):
-        raise SemgradError(f"vLLM routes {name} differently from the model's config (top-k, renormalisation or scoring)")
+        raise SemgradError(
+            f"vLLM routes {name} differently from the model's config (top-k, renormalisation or scoring)"
+        )
     if routed.local_num_experts != routed.global_num_experts:
         raise SemgradError("SemGrad scoring does not support expert parallelism: every worker needs every expert")
     gate_up, down = _experts(routed, name)
@@ -139,7 +148,9 @@ def _moe(config: Any, block: Any, name: str) -> MoEWeights:
         renormalise=renormalise,
         shared_gate_up=() if shared is None else (_dense(shared.gate_up_proj, f"{name} shared expert gate_up_proj"),),
         shared_down=None if shared is None else _dense(shared.down_proj, f"{name} shared expert down_proj"),
-        shared_gate=None if shared is None or shared_gate is None else _dense(shared_gate, f"{name} shared expert gate"),
+        shared_gate=None
+        if shared is None or shared_gate is None
+        else _dense(shared_gate, f"{name} shared expert gate"),
     )
 
 
@@ -152,7 +163,11 @@ def _layer(config: Any, layer: Any, i: int, window: int | None, sparse: bool) ->
         gate_up, down, moe = (), None, _moe(config, block, f"layer {i}'s experts")
     else:
         mlp = layer.mlp
-        gate_up, down, moe = (_dense(mlp.gate_up_proj, f"layer {i} gate_up_proj"),), _dense(mlp.down_proj, f"layer {i} down_proj"), None
+        gate_up, down, moe = (
+            (_dense(mlp.gate_up_proj, f"layer {i} gate_up_proj"),),
+            _dense(mlp.down_proj, f"layer {i} down_proj"),
+            None,
+        )
     return LayerWeights(
         qkv=(qkv,),
         qkv_bias=(_bias(attn.qkv_proj, qkv),),
@@ -186,7 +201,15 @@ def from_vllm_model(model: torch.nn.Module, config: Any, groups: ScoringGroups |
             f"vLLM's {type(model).__name__} does not have the module layout SemGrad reads for {config.model_type} ({exc})"
         ) from None
     if len(layers) != config.num_hidden_layers:
-        raise SemgradError(f"vLLM holds {len(layers)} of {config.num_hidden_layers} layers; pipeline parallelism is not supported")
+        raise SemgradError(
+            f"vLLM holds {len(layers)} of {config.num_hidden_layers} layers; pipeline parallelism is not supported"
+        )
     return build_decoder_weights(
-        config, embed=embed, layers=layers, final_norm=final_norm, head=_dense(head, "lm_head"), norm_eps=config.rms_norm_eps, tp=tp
+        config,
+        embed=embed,
+        layers=layers,
+        final_norm=final_norm,
+        head=_dense(head, "lm_head"),
+        norm_eps=config.rms_norm_eps,
+        tp=tp,
     )
