@@ -86,8 +86,16 @@ async def long_stream(http: httpx.AsyncClient, max_tokens: int, generated: async
     """The long claims request, streamed; ``generated`` is set once all but its last token have arrived (its last
     chunk, with the last token, waits for the scores). Returns its time and its final chunk."""
     start, tokens, last = time.perf_counter(), 0, {}
-    body = {"model": MODEL, "messages": LONG, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True, "semgrad": {"claims": True}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": LONG,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "semgrad": {"claims": True},
+    }
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -126,10 +134,17 @@ async def measure(url: str, process: psutil.Process, long_tokens: int, burst: in
         await asyncio.sleep(5)
         after_burst = process.memory_info().rss
     return {
-        "idle_s": idle, "during_s": during, "long_s": long_s, "generation_s": generation, "claims": len(claims),
-        "claims_scored": sum("semgrad" in c for c in claims), "rss_before": before, "rss_peak": peak,
-        "rss_settled": settled, "rss_after_burst": after_burst,
-    }  # fmt: skip
+        "idle_s": idle,
+        "during_s": during,
+        "long_s": long_s,
+        "generation_s": generation,
+        "claims": len(claims),
+        "claims_scored": sum("semgrad" in c for c in claims),
+        "rss_before": before,
+        "rss_peak": peak,
+        "rss_settled": settled,
+        "rss_after_burst": after_burst,
+    }
 
 
 def main() -> None:

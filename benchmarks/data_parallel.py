@@ -51,9 +51,21 @@ def engine_answers(url: str) -> dict[str, float]:
 def measure(size: int, model_dir: Path, args: argparse.Namespace, log: Path) -> dict:
     """One server with ``size`` engines: its qa phase, head-of-line latencies, idle memory and per-engine answers."""
     port = free_port()
-    serve_args = ["--model", str(model_dir), "--dtype", args.dtype, "--max-batch", str(args.max_batch),
-                  "--data-parallel-size", str(size), "--", "--kv-cache-memory-bytes",
-                  str(int(args.kv_cache_gib * (1 << 30))), "--max-model-len", "4096"]  # fmt: skip
+    serve_args = [
+        "--model",
+        str(model_dir),
+        "--dtype",
+        args.dtype,
+        "--max-batch",
+        str(args.max_batch),
+        "--data-parallel-size",
+        str(size),
+        "--",
+        "--kv-cache-memory-bytes",
+        str(int(args.kv_cache_gib * (1 << 30))),
+        "--max-model-len",
+        "4096",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     qa, rag = Prompts("qa"), Prompts("rag")
     max_tokens = LOADS["qa"][1]
@@ -90,11 +102,15 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
     one, two = results[1], results[2]
     lines = ["# Data-parallel serving: one engine vs two (CPU, scoring on)", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += ["", "## qa load, scoring on", "",
-              "| engines | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 "
-              "(ms) | busy share per core | answers scored (all reused) | idle RSS (MiB) | 1-min load average, start "
-              "→ end |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## qa load, scoring on",
+        "",
+        "| engines | output tok/s | E2E p50 / p99 (s) | TTFT p50 / p99 (s) | time per output token p50 / p99 "
+        "(ms) | busy share per core | answers scored (all reused) | idle RSS (MiB) | 1-min load average, start "
+        "→ end |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for size, r in results.items():
         p: Phase = r["qa"]
         busy = " / ".join(f"{b:.0%}" for b in p.core_busy())
@@ -104,9 +120,13 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
             f"| {1000 * percentile(p.tpots, 0.5):.0f} / {1000 * percentile(p.tpots, 0.99):.0f} | {busy} "
             f"| {p.scored}/{len(p.latencies)} ({p.reused_all}) | {r['idle_rss'] / (1 << 20):.0f} | {r['load']} |"
         )
-    lines += ["", "## Head-of-line: short unscored requests (8 tokens) sent one at a time", "",
-              "| while | 1 engine p50 / p99 (s) | 2 engines p50 / p99 (s) | p50 2 / 1 |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Head-of-line: short unscored requests (8 tokens) sent one at a time",
+        "",
+        "| while | 1 engine p50 / p99 (s) | 2 engines p50 / p99 (s) | p50 2 / 1 |",
+        "|---|---|---|---|",
+    ]
     for name in one["hol"]:
         a, b = one["hol"][name], two["hol"][name]
         lines.append(
@@ -128,7 +148,7 @@ def report(results: dict[int, dict], info: dict[str, str]) -> str:
         + "; ".join(
             f"{size} engine(s): " + ", ".join(f"engine {e}: {n:.0f}" for e, n in sorted(r["engines"].items()))
             for size, r in results.items()
-        ),  # fmt: skip
+        ),
         "",
         "## Reading the numbers",
         "",

@@ -71,16 +71,19 @@ def main() -> None:
     args = parser.parse_args()
     runs = [json.loads(Path(p).read_text()) for p in args.runs]
     judges = sorted({run["judge"]["name"] for run in runs})
-    text = "\n".join([
-        "# Hallucination detection AUROC (%), side by side with the paper",
-        "",
-        f"Runs: {', '.join(f'`{p}`' for p in args.runs)}; judge: {', '.join(judges)}. Greedy answers to the paper's "
-        "prompt, full SciQ (1000) and TruthfulQA (817) test files. Paper: average over Llama-3.1-8B, Qwen3-4B and "
-        "Mistral-Nemo, BEM judge (docs/spec.md).",
-        "",
-        table(runs),
-        "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "# Hallucination detection AUROC (%), side by side with the paper",
+            "",
+            f"Runs: {', '.join(f'`{p}`' for p in args.runs)}; judge: {', '.join(judges)}. Greedy answers to the "
+            "paper's "
+            "prompt, full SciQ (1000) and TruthfulQA (817) test files. Paper: average over Llama-3.1-8B, Qwen3-4B and "
+            "Mistral-Nemo, BEM judge (docs/spec.md).",
+            "",
+            table(runs),
+            "",
+        ]
+    )
     print(text)
     if args.out:
         Path(args.out).write_text(text)

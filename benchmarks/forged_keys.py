@@ -92,8 +92,10 @@ def measure(checkout: Path, label: str, logs: Path) -> str:
     codes = ", ".join(f"{c} x{statuses.count(c)}" for c in sorted(set(statuses))) + "".join(
         f" ({e})" for e in sorted(errors)
     )
-    return (f"| {label} | {codes} | {rss_before:.0f} | {rss_after:.0f} | {rss_after - rss_before:+.0f} | "
-            f"{idle:.4f} → {busy:.4f} | {scored.get('reused')} | {xargs} |")  # fmt: skip
+    return (
+        f"| {label} | {codes} | {rss_before:.0f} | {rss_after:.0f} | {rss_after - rss_before:+.0f} | "
+        f"{idle:.4f} → {busy:.4f} | {scored.get('reused')} | {xargs} |"
+    )
 
 
 def engine_survives(url: str, model: str) -> str:
@@ -140,21 +142,27 @@ def main() -> None:
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     rows.append(measure(ROOT, f"this checkout ({head})", logs))
-    report = "\n".join([
-        f"# Worker memory around {REQUESTS} forged-capture-key requests (CPU, default model, float32)",
-        "",
-        f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} unscored "
-        "chat requests (`max_tokens` 1, 3000-word prompts), each with its own `kv_transfer_params.semgrad_capture`; "
-        "the vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe request) "
-        "and what a scored request after them reused; last, what one unscored request with `vllm_xargs: "
-        "{\"kv_transfer_params\": \"x\"}` got, and the server's health after it.",
-        "",
-        "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored after: "
-        "reused | string vllm_xargs.kv_transfer_params |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-    ])  # fmt: skip
+    report = "\n".join(
+        [
+            f"# Worker memory around {REQUESTS} forged-capture-key requests (CPU, default model, float32)",
+            "",
+            f"`python benchmarks/forged_keys.py{' --before ' + args.before if args.before else ''}`: {REQUESTS} "
+            "unscored "
+            "chat requests (`max_tokens` 1, 3000-word prompts), each with its own "
+            "`kv_transfer_params.semgrad_capture`; "
+            "the vLLM worker's resident memory before and after them, vLLM's KV-cache use (after a small probe "
+            "request) "
+            "and what a scored request after them reused; last, what one unscored request with `vllm_xargs: "
+            '{"kv_transfer_params": "x"}` got, and the server\'s health after it.',
+            "",
+            "| code | status codes | worker RSS before (MiB) | after (MiB) | change (MiB) | KV-cache use | scored "
+            "after: "
+            "reused | string vllm_xargs.kv_transfer_params |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     print(report)
     args.out.write_text(report)
 

@@ -6,7 +6,8 @@ sentences) streams with ``return_token_ids`` so that the arrival time of each an
 claims, a claim's latency is the time from the chunk holding its last token to the chunk holding its scores; the
 reference is the time the server then took to stream the next sentence's first 5 tokens (from the claim's last
 token to the 5th token after it), measured in the same requests. Claims scored at the end are timed from the
-answer's last token but one to the final chunk (which holds the last token and waits for the scores). Output tokens/s of each mode: answer tokens over the phase's wall time.
+answer's last token but one to the final chunk (which holds the last token and waits for the scores). Output
+tokens/s of each mode: answer tokens over the phase's wall time.
 Rounds alternate the modes' order so that drift in the machine's load hits all alike; each prompt is sent once
 (a prompt sent again would hit vLLM's prefix cache).
 
@@ -57,8 +58,14 @@ class Phase:
 
 async def one(client: openai.AsyncOpenAI, prompt: str, mode: str, phase: Phase) -> None:
     extra = {"return_token_ids": True, "semgrad": MODES[mode]}
-    stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS,
-                                                  temperature=0, stream=True, extra_body=extra)  # fmt: skip
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body=extra,
+    )
     token_at: list[float] = []  # arrival time of each answer token
     live: list[tuple[float, dict]] = []
     final_at, final = 0.0, None
@@ -112,18 +119,23 @@ def report(phases: dict[str, Phase], args: argparse.Namespace) -> str:
     lines = [
         "# Live claims: latency to a sentence's scores and output tokens/s (CPU)",
         "",
-        f"`python benchmarks/live_claims.py --requests {args.requests} --concurrency {args.concurrency} --rounds {args.rounds}` "
-        f"on {platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores; the default model in "
-        f"float32, chat load ({MAX_TOKENS}-token answers, temperature 0), {args.concurrency} requests in flight; modes alternate per round.",
+        f"`python benchmarks/live_claims.py --requests {args.requests} --concurrency {args.concurrency} --rounds "
+        f"{args.rounds}` "
+        f"on {platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores; the "
+        "default model in "
+        f"float32, chat load ({MAX_TOKENS}-token answers, temperature 0), {args.concurrency} requests in flight; "
+        "modes alternate per round.",
         "",
         "| mode | output tok/s | claims | scored live |",
         "|---|---|---|---|",
         *(f"| {name} | {p.tokens_per_s:.1f} | {p.claims} | {p.live_claims} |" for name, p in phases.items()),
         "",
-        f"- live claims, last token → scores: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({len(live.live_latency_s)} claims)",
+        f"- live claims, last token → scores: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+        f"({len(live.live_latency_s)} claims)",
         f"- the next sentence's first {NEXT_TOKENS} tokens (same requests): median {ref * 1000:.0f} ms; "
         f"p50 latency / that = {p50 / ref:.2f}x (goal ≤ 2x)",
-        f"- claims at the end, the answer's last token but one → final chunk (its last token and scores): p50 {quantile(end.end_latency_s, 0.5) * 1000:.0f} ms, "
+        "- claims at the end, the answer's last token but one → final chunk (its last token and scores): p50 "
+        f"{quantile(end.end_latency_s, 0.5) * 1000:.0f} ms, "
         f"p99 {quantile(end.end_latency_s, 0.99) * 1000:.0f} ms",
         f"- output tokens/s, live / at the end: {ratio:.2f}x (goal ≥ 0.8x); live / scoring off: "
         f"{live.tokens_per_s / off.tokens_per_s:.2f}x; at the end / off: {end.tokens_per_s / off.tokens_per_s:.2f}x",

@@ -31,8 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MIB = 1 << 20
 KV_BYTES = 256 << 20
-QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs does a spider have?",
-             "What gas do plants take in?"]  # fmt: skip
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a primary colour.",
+    "How many legs does a spider have?",
+    "What gas do plants take in?",
+]
 
 
 @dataclass
@@ -84,9 +88,16 @@ def main() -> None:
             name = f"qwen3-moe-{experts}e"
             layers = 4
             model_dir = save_family_checkpoint(
-                "qwen3_moe", Path(tmp) / name, hidden_size=args.hidden, num_attention_heads=8, num_key_value_heads=4,
-                head_dim=64, num_experts=experts, moe_intermediate_size=args.moe_intermediate, mlp_only_layers=[],
-            )  # fmt: skip
+                "qwen3_moe",
+                Path(tmp) / name,
+                hidden_size=args.hidden,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=64,
+                num_experts=experts,
+                moe_intermediate_size=args.moe_intermediate,
+                mlp_only_layers=[],
+            )
             expert_bytes = layers * experts * 3 * args.hidden * args.moe_intermediate * 4
             port = free_port()
             plain = serve(
@@ -100,9 +111,11 @@ def main() -> None:
             command = serve_command(port, "--model", str(model_dir), "--", "--kv-cache-memory-bytes", str(KV_BYTES))
             ours = serve(command, port, Path(tmp) / f"{name}-semgrad.log", name, args.answers)
             rows.append((experts, expert_bytes, plain, ours))
-            print(f"{name}: experts {expert_bytes / MIB:.0f} MiB; engine RSS plain {plain[1].engine / MIB:.0f} MiB, "
-                  f"semgrad {ours[1].engine / MIB:.0f} MiB ({ours[2]}/{args.answers} scored)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"{name}: experts {expert_bytes / MIB:.0f} MiB; engine RSS plain {plain[1].engine / MIB:.0f} MiB, "
+                f"semgrad {ours[1].engine / MIB:.0f} MiB ({ours[2]}/{args.answers} scored)",
+                file=sys.stderr,
+            )
     lines = [
         "# MoE memory: semgrad-serve over plain vLLM (CPU, float32)",
         "",

@@ -36,11 +36,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 QUESTIONS = [
-    "What is the capital of France?", "Who wrote Hamlet?", "Name a planet.", "What gas do plants take in?",
-    "What is 2 + 2?", "Which ocean is the largest?", "What is the boiling point of water in Celsius?",
-    "Who painted the Mona Lisa?", "What is the largest mammal?", "How many legs does a spider have?",
-    "What is the chemical symbol for gold?", "Which planet is known as the Red Planet?",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "Name a planet.",
+    "What gas do plants take in?",
+    "What is 2 + 2?",
+    "Which ocean is the largest?",
+    "What is the boiling point of water in Celsius?",
+    "Who painted the Mona Lisa?",
+    "What is the largest mammal?",
+    "How many legs does a spider have?",
+    "What is the chemical symbol for gold?",
+    "Which planet is known as the Red Planet?",
+]
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -85,8 +93,13 @@ async def ask_all(
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0) as client:
 
         async def one(question: str) -> tuple[str, list[int], list[int], dict]:
-            kwargs = dict(model=model, messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0,
-                          extra_body={"return_token_ids": True})  # fmt: skip
+            kwargs = dict(
+                model=model,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=24,
+                temperature=0,
+                extra_body={"return_token_ids": True},
+            )
             if not stream:
                 raw = await client.chat.completions.with_raw_response.create(**kwargs)
                 response = raw.parse()
@@ -129,11 +142,23 @@ def main() -> None:
     with ExitStack() as stack:
         for i in range(2):
             port = free_port()
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                   "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])}  # fmt: skip
-            command = serve_command(port, "--dtype", "float32", "--max-batch", "8", "--",
-                                    "--kv-cache-memory-bytes", str(args.kv_cache_mib << 20),
-                                    "--max-model-len", "4096")  # fmt: skip
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)]),
+            }
+            command = serve_command(
+                port,
+                "--dtype",
+                "float32",
+                "--max-batch",
+                "8",
+                "--",
+                "--kv-cache-memory-bytes",
+                str(args.kv_cache_mib << 20),
+                "--max-model-len",
+                "4096",
+            )
             replicas.append(stack.enter_context(running_server(command, port, work / f"replica{i}.log", env)))
         proxy_port = free_port()
         for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):

@@ -177,9 +177,14 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
     """Stream one chat completion; its timings, output tokens and whether it was scored."""
     start = time.perf_counter()
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"semgrad": scoring},
-    )  # fmt: skip
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"semgrad": scoring},
+    )
     token_times, tokens, scored, reused_all = [], 0, False, False
     async for chunk in stream:
         now = time.perf_counter()
@@ -400,9 +405,13 @@ def report(
             f"{on.percentile(0.99) / off.percentile(0.99):.2f}x; time per output token p99 on/off = "
             f"{percentile(on.tpots, 0.99) / percentile(off.tpots, 0.99):.2f}x; extra peak memory while scoring = "
             f"{(on.peak_rss - off.peak_rss) / mib:+.0f} MiB"
-            + (f"; plain vLLM (no SemGrad) {plain[load]:.1f} tok/s: on/plain = {on.tokens_per_s / plain[load]:.2f}x, "
-               f"off/plain = {off.tokens_per_s / plain[load]:.2f}x" if load in plain else "")
-        )  # fmt: skip
+            + (
+                f"; plain vLLM (no SemGrad) {plain[load]:.1f} tok/s: on/plain = {on.tokens_per_s / plain[load]:.2f}x, "
+                f"off/plain = {off.tokens_per_s / plain[load]:.2f}x"
+                if load in plain
+                else ""
+            )
+        )
     lines += ["", "## Ratios", "", *summary]
     if hol:
         idle = hol["idle"]

@@ -43,10 +43,26 @@ METRICS = (
     ("p99_e2el_ms", "E2E p99 (ms)"),
 )
 DEFAULT_LOAD = [
-    "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--dataset-name", "random",
-    "--random-input-len", "128", "--random-output-len", "64", "--num-prompts", "64", "--max-concurrency", "16",
-    "--ignore-eos", "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
-]  # fmt: skip
+    "--backend",
+    "openai-chat",
+    "--endpoint",
+    "/v1/chat/completions",
+    "--dataset-name",
+    "random",
+    "--random-input-len",
+    "128",
+    "--random-output-len",
+    "64",
+    "--num-prompts",
+    "64",
+    "--max-concurrency",
+    "16",
+    "--ignore-eos",
+    "--percentile-metrics",
+    "ttft,tpot,e2el",
+    "--metric-percentiles",
+    "50,99",
+]
 
 
 def run_client(base_url: str, model_name: str, tokenizer: str, scoring: bool, seed: int, extra: list[str]) -> dict:

@@ -156,11 +156,15 @@ def test_bodies_that_set_what_only_the_server_sets_are_refused(body: dict, field
     [
         {"messages": [{"role": "user", "content": 'kv_transfer_params {"semgrad_capture": "x"}'}]},
         {"kv_transfer_params": {"do_remote_prefill": False}, "vllm_xargs": {"semgrad": "off", "session_id": "s"}},
-        {"kv_transfer_params": None,
-         "tools": [{"function": {"parameters": {"properties": {"kv_transfer_params": True}}}}]},
-        [1, 2], "text", None,
+        {
+            "kv_transfer_params": None,
+            "tools": [{"function": {"parameters": {"properties": {"kv_transfer_params": True}}}}],
+        },
+        [1, 2],
+        "text",
+        None,
     ],
-)  # fmt: skip
+)
 def test_other_bodies_pass(body) -> None:
     assert refusal(body) is None
 

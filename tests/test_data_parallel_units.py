@@ -40,8 +40,15 @@ SECRET = b"capture-secret-of-these-tests"
 def setup_info(service: ScoringService) -> dict:
     """What the worker extension's ``semgrad_setup`` returns, less what these tests do not read; its capture
     secret is the one ``started`` sets for the API server."""
-    return {"capture": True, "records": True, "scoring_cores": [1], "profile": "p", "address": service.address,
-            "authkey": service.authkey, "capture_secret_check": fingerprint(SECRET)}  # fmt: skip
+    return {
+        "capture": True,
+        "records": True,
+        "scoring_cores": [1],
+        "profile": "p",
+        "address": service.address,
+        "authkey": service.authkey,
+        "capture_secret_check": fingerprint(SECRET),
+    }
 
 
 class TwoEngines:
@@ -61,8 +68,12 @@ class TwoEngines:
 
 
 def raw_request(headers: dict[str, str] | None = None) -> Request:
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
     return Request(scope)
 
 

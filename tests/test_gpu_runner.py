@@ -164,9 +164,13 @@ def test_connector_never_reads_a_quantized_cache(monkeypatch) -> None:
     scheduler = SemgradCaptureConnector(config, KVConnectorRole.SCHEDULER, None)
     prompt = list(range(10, 50))
     request = SimpleNamespace(
-        request_id="r1", status=RequestStatus.FINISHED_STOPPED, kv_transfer_params={KV_PARAM: key},
-        prompt_token_ids=prompt, num_computed_tokens=45, output_token_ids=[7, 8],
-    )  # fmt: skip
+        request_id="r1",
+        status=RequestStatus.FINISHED_STOPPED,
+        kv_transfer_params={KV_PARAM: key},
+        prompt_token_ids=prompt,
+        num_computed_tokens=45,
+        output_token_ids=[7, 8],
+    )
     assert scheduler.request_finished(request, [1, 3]) == (True, None)
     meta = scheduler.build_connector_meta(SimpleNamespace())
 

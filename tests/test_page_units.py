@@ -136,10 +136,17 @@ class FakeClient:
 
     async def score(self, key, pairs, claims=False) -> list[dict]:
         return [
-            {"semgrad": 1e-5, "score": 1e-5, "threshold": 2e-5, "flagged": False, "reused": ["prompt_kv"],
-             "token_entropies": [0.5] * len(a), "token_logprobs": [-0.25] * len(a)}
+            {
+                "semgrad": 1e-5,
+                "score": 1e-5,
+                "threshold": 2e-5,
+                "flagged": False,
+                "reused": ["prompt_kv"],
+                "token_entropies": [0.5] * len(a),
+                "token_logprobs": [-0.25] * len(a),
+            }
             for _, a in pairs
-        ]  # fmt: skip
+        ]
 
     def drop(self, key) -> None:
         self.dropped.append(key)
@@ -167,8 +174,13 @@ def test_a_streamed_choice_gets_tokens_only_when_asked_and_is_kept_in_the_ring(d
         out = [f"data: {json.dumps({'id': 'chatcmpl-1', 'model': 'm', 'prompt_token_ids': prompt, 'choices': []})}\n\n"]
         for i, token in enumerate(answer):
             last = i == len(answer) - 1
-            choice = {"index": 0, "delta": {"content": "" if last else pieces[i]}, "token_ids": [token],
-                      "finish_reason": "stop" if last else None, "stop_reason": None}  # fmt: skip
+            choice = {
+                "index": 0,
+                "delta": {"content": "" if last else pieces[i]},
+                "token_ids": [token],
+                "finish_reason": "stop" if last else None,
+                "stop_reason": None,
+            }
             out.append(f"data: {json.dumps({'id': 'chatcmpl-1', 'model': 'm', 'choices': [choice]})}\n\n")
         return out + ["data: [DONE]\n\n"]
 
@@ -222,11 +234,19 @@ def test_an_answer_that_shows_nothing_is_not_sent_to_score(default_scorer) -> No
     prompt = default_scorer.prompt_ids([{"role": "user", "content": "Say nothing."}])
     choices = choices_for(default_scorer, ScoringOptions(), None)
     choices.client.score = None  # any call would fail
-    body = {"prompt_token_ids": prompt, "choices": [
-        {"index": i, "message": {"content": text}, "token_ids": default_scorer.answer_ids(text),
-         "finish_reason": "stop", "stop_reason": None}
-        for i, text in enumerate(("", " \n "))
-    ]}  # fmt: skip
+    body = {
+        "prompt_token_ids": prompt,
+        "choices": [
+            {
+                "index": i,
+                "message": {"content": text},
+                "token_ids": default_scorer.answer_ids(text),
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+            for i, text in enumerate(("", " \n "))
+        ],
+    }
     finished = choices.collect(body)
     asyncio.run(choices.score(finished))
     assert [c["semgrad"] for c in finished] == [{"error": NOTHING_TO_SCORE}] * 2

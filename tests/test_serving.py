@@ -192,8 +192,13 @@ def test_echo_is_scored_with_the_text_vllm_echoes(client, default_scorer) -> Non
     assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, choice.model_extra["token_ids"])
     assert semgrad_of(without_ids) == semgrad_of(choice)
     # echo asks vLLM for the prompt's logprobs, computed after the answer's logits: only the latter are reused
-    asked = client.chat.completions.create(model=MODEL, messages=messages[:1], max_tokens=16, temperature=0,
-                                           extra_body={"return_token_ids": True, "prompt_logprobs": 0})  # fmt: skip
+    asked = client.chat.completions.create(
+        model=MODEL,
+        messages=messages[:1],
+        max_tokens=16,
+        temperature=0,
+        extra_body={"return_token_ids": True, "prompt_logprobs": 0},
+    )
     choice = asked.choices[0]
     assert_equals_offline(
         semgrad_of(choice), default_scorer, asked.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
@@ -202,9 +207,15 @@ def test_echo_is_scored_with_the_text_vllm_echoes(client, default_scorer) -> Non
 
 def test_streaming_n2_scores_each_choice_in_its_final_chunk(client, default_scorer) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=ask("Name three colors."), max_tokens=24, temperature=1.0, seed=7, n=2, stream=True,
+        model=MODEL,
+        messages=ask("Name three colors."),
+        max_tokens=24,
+        temperature=1.0,
+        seed=7,
+        n=2,
+        stream=True,
         extra_body={"return_token_ids": True},
-    )  # fmt: skip
+    )
     prompt_ids, answers, scored, finish = None, {0: [], 1: []}, {}, {}
     for chunk in stream:
         prompt_ids = chunk.model_extra.get("prompt_token_ids") or prompt_ids
@@ -223,9 +234,14 @@ def test_streaming_n2_scores_each_choice_in_its_final_chunk(client, default_scor
 
 def test_n2_scores_every_choice(client, default_scorer) -> None:
     response = client.chat.completions.create(
-        model=MODEL, messages=ask("Tell me a fun fact."), max_tokens=24, temperature=1.0, seed=3, n=2,
+        model=MODEL,
+        messages=ask("Tell me a fun fact."),
+        max_tokens=24,
+        temperature=1.0,
+        seed=3,
+        n=2,
         extra_body={"return_token_ids": True},
-    )  # fmt: skip
+    )
     assert len(response.choices) == 2
     for choice in response.choices:
         assert_ids_follow_finish(choice.model_extra["token_ids"], choice.finish_reason, 24)
@@ -298,9 +314,15 @@ def test_stop_token_counted_on_eos_not_at_the_limit_nor_for_a_stop_string(client
 def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default_scorer) -> None:
     messages = ask("What is the capital of France?")
     for include in (False, True):
-        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
-                                                stream=True, stop=["France"],
-                                                extra_body={"include_stop_str_in_output": include})  # fmt: skip
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+            stop=["France"],
+            extra_body={"include_stop_str_in_output": include},
+        )
         chunks = [c for chunk in stream for c in chunk.choices]
         text, semgrad = "".join(c.delta.content or "" for c in chunks), semgrad_of(chunks[-1])
         assert text.endswith("France" if include else "of ") and not semgrad["stop_token"]
@@ -311,8 +333,9 @@ def test_a_stop_string_in_a_stream_scores_what_the_user_receives(client, default
 def test_an_answer_that_shows_nothing_is_not_scored(client, default_scorer) -> None:
     """A stop string at the start of the answer: nothing reaches the user, so nothing is scored, and the offline
     scorer says the same of the empty answer that is left."""
-    (choice,) = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"),
-                                               max_tokens=16, temperature=0, stop=["The"]).choices  # fmt: skip
+    (choice,) = client.chat.completions.create(
+        model=MODEL, messages=ask("What is the capital of France?"), max_tokens=16, temperature=0, stop=["The"]
+    ).choices
     assert choice.message.content == "" and semgrad_of(choice) == {"error": NOTHING_TO_SCORE}
     prompt = default_scorer.prompt_ids(ask("What is the capital of France?"))
     assert str(default_scorer.score([(prompt, [])])[0]) == NOTHING_TO_SCORE
@@ -340,18 +363,26 @@ def test_claims_when_asked_equal_the_offline_claims(client, default_scorer) -> N
     """``"semgrad": {"claims": true}``: each sentence's scores, equal to ``score --claims``'s; not there unless
     asked."""
     messages = ask("Tell me about Paris in three sentences.")
-    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, temperature=0,
-                                              extra_body={"return_token_ids": True,
-                                                          "semgrad": {"claims": True}})  # fmt: skip
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=80,
+        temperature=0,
+        extra_body={"return_token_ids": True, "semgrad": {"claims": True}},
+    )
     (choice,) = response.choices
     semgrad, answer_ids = semgrad_of(choice), choice.model_extra["token_ids"]
     assert tuple(semgrad) == SERVED_FIELDS + ("claims", "stop_token")
     assert_claims_equal_offline(semgrad, default_scorer, response.model_extra["prompt_token_ids"], answer_ids)
     assert " ".join(c["text"] for c in semgrad["claims"]) == choice.message.content.strip()
-    stream = client.completions.create(model=MODEL, prompt="The water cycle is", max_tokens=60, temperature=0,
-                                       stream=True,
-                                       extra_body={"return_token_ids": True,
-                                                   "semgrad": {"claims": True, "tokens": True}})  # fmt: skip
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="The water cycle is",
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+        extra_body={"return_token_ids": True, "semgrad": {"claims": True, "tokens": True}},
+    )
     chunks = [c for chunk in stream for c in chunk.choices]
     prompt_ids = next(c.model_extra["prompt_token_ids"] for c in chunks if c.model_extra.get("prompt_token_ids"))
     answer_ids = [t for c in chunks for t in c.model_extra.get("token_ids") or []]
@@ -370,9 +401,13 @@ def test_responses_are_scored(client, default_scorer) -> None:
     offline scores of the same prompt and answer; a stop string cuts what the user does not receive."""
     question = "Tell me about Paris in three sentences."
     prompt_ids = default_scorer.prompt_ids(ask(question))
-    whole = client.responses.create(model=MODEL, input=question, max_output_tokens=80, temperature=0,
-                                    extra_body={"enable_response_messages": True,
-                                                "semgrad": {"claims": True}})  # fmt: skip
+    whole = client.responses.create(
+        model=MODEL,
+        input=question,
+        max_output_tokens=80,
+        temperature=0,
+        extra_body={"enable_response_messages": True, "semgrad": {"claims": True}},
+    )
     semgrad = whole.model_extra["semgrad"]
     answer_ids = whole.model_extra["output_messages"][0]["tokens"]
     assert whole.model_extra["input_messages"][0]["tokens"] == prompt_ids
@@ -395,8 +430,13 @@ def test_responses_are_scored(client, default_scorer) -> None:
     assert text and "city" not in text and not stopped.model_extra["semgrad"]["stop_token"]
     received = default_scorer.answer_ids(text.rstrip(), stop_token=False)
     assert_equals_offline(stopped.model_extra["semgrad"], default_scorer, prompt_ids, received)
-    nothing = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=16,
-                                      temperature=0, extra_body={"stop": ["The"]})  # fmt: skip
+    nothing = client.responses.create(
+        model=MODEL,
+        input="What is the capital of France?",
+        max_output_tokens=16,
+        temperature=0,
+        extra_body={"stop": ["The"]},
+    )
     assert nothing.model_extra["semgrad"] == {"error": NOTHING_TO_SCORE}
     assert (
         "semgrad"

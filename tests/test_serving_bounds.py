@@ -48,8 +48,21 @@ def bounded(tmp_path_factory) -> Iterator[RunningServer]:
         TEST_FAULTS_ENV: "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
     }
-    args = ["--dtype", "float32", "--max-claims", str(MAX_CLAIMS), "--claims-per-pass", "1", "--claim-memory", "1",
-            "--", "--kv-cache-memory-bytes", str(1 << 30), "--api-key", KEY]  # fmt: skip
+    args = [
+        "--dtype",
+        "float32",
+        "--max-claims",
+        str(MAX_CLAIMS),
+        "--claims-per-pass",
+        "1",
+        "--claim-memory",
+        "1",
+        "--",
+        "--kv-cache-memory-bytes",
+        str(1 << 30),
+        "--api-key",
+        KEY,
+    ]
     try:
         port = free_port()
         with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
@@ -75,9 +88,13 @@ def test_claims_are_scored_in_passes_up_to_the_limit(client, bounded, default_sc
     """Four claims, a limit of three: the first three in a pass each, equal to the offline scorer's claims (so the
     passes' reports were put together right), the fourth with the limit's error; the whole answer as without."""
     before = len(log_lines(bounded, r"scoring job \d+ in 3 passes"))
-    response = client.chat.completions.create(model=MODEL, messages=FOUR_SENTENCES, max_tokens=100, temperature=0,
-                                              extra_body={"return_token_ids": True,
-                                                          "semgrad": {"claims": True}})  # fmt: skip
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=FOUR_SENTENCES,
+        max_tokens=100,
+        temperature=0,
+        extra_body={"return_token_ids": True, "semgrad": {"claims": True}},
+    )
     (choice,) = response.choices
     prompt_ids, answer_ids = response.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
     semgrad = semgrad_of(choice)
@@ -94,8 +111,12 @@ def test_claims_are_scored_in_passes_up_to_the_limit(client, bounded, default_sc
         for key in ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "confidence"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), key
     for got, want in zip(semgrad["claims"][MAX_CLAIMS:], expected[MAX_CLAIMS:]):
-        assert got == {"text": want["text"], "token_start": want["token_start"], "token_end": want["token_end"],
-                       "error": over_limit_error(MAX_CLAIMS)}  # fmt: skip
+        assert got == {
+            "text": want["text"],
+            "token_start": want["token_start"],
+            "token_end": want["token_end"],
+            "error": over_limit_error(MAX_CLAIMS),
+        }
     assert semgrad["claims"][-1]["token_end"] == len(answer_ids) and answer_ids[-1] == EOS
     assert len(log_lines(bounded, r"scoring job \d+ in 3 passes")) == before + 1
 
@@ -178,8 +199,13 @@ def test_echo_with_max_tokens_0_scores_nothing(client) -> None:
 
 def test_invocations_are_scored_and_need_the_api_key(bounded, default_scorer) -> None:
     """SageMaker's /invocations: chat and completions bodies are scored as on /v1; without the key, refused."""
-    chat = {"model": MODEL, "messages": ask("What is the capital of France?"), "max_tokens": 16, "temperature": 0,
-            "return_token_ids": True}  # fmt: skip
+    chat = {
+        "model": MODEL,
+        "messages": ask("What is the capital of France?"),
+        "max_tokens": 16,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
     refused = httpx.post(f"{bounded.url}/invocations", json=chat, timeout=REQUEST_TIMEOUT_S)
     assert refused.status_code == 401 and refused.json() == {"error": NOT_AUTHORIZED}
     assert (
@@ -202,14 +228,21 @@ def test_invocations_are_scored_and_need_the_api_key(bounded, default_scorer) ->
 
 def test_unscored_generating_routes_say_so(bounded) -> None:
     """/v1/messages and batch chat generate but are not scored: their responses say why (body and header)."""
-    messages = httpx.post(f"{bounded.url}/v1/messages", headers=headers(), timeout=REQUEST_TIMEOUT_S,
-                          json={"model": MODEL, "max_tokens": 8, "messages": ask("Name a planet.")})  # fmt: skip
+    messages = httpx.post(
+        f"{bounded.url}/v1/messages",
+        headers=headers(),
+        timeout=REQUEST_TIMEOUT_S,
+        json={"model": MODEL, "max_tokens": 8, "messages": ask("Name a planet.")},
+    )
     assert messages.status_code == 200 and messages.json()["content"][0]["text"]
     assert messages.json()["semgrad"] == {"error": UNSCORED["/v1/messages"]}
     assert messages.headers[NOTE_HEADER] == UNSCORED["/v1/messages"]
-    batch = httpx.post(f"{bounded.url}/v1/chat/completions/batch", headers=headers(), timeout=REQUEST_TIMEOUT_S,
-                       json={"model": MODEL, "max_tokens": 8,
-                             "messages": [ask("Name a planet."), ask("Name a color.")]})  # fmt: skip
+    batch = httpx.post(
+        f"{bounded.url}/v1/chat/completions/batch",
+        headers=headers(),
+        timeout=REQUEST_TIMEOUT_S,
+        json={"model": MODEL, "max_tokens": 8, "messages": [ask("Name a planet."), ask("Name a color.")]},
+    )
     assert batch.status_code == 200, batch.text
     assert batch.headers[NOTE_HEADER] == UNSCORED["/v1/chat/completions/batch"]
     assert batch.json()["semgrad"] == {"error": UNSCORED["/v1/chat/completions/batch"]}

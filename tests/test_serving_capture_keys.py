@@ -71,25 +71,42 @@ def test_forged_capture_keys_are_refused_on_every_route_and_leave_the_worker_hol
         client.responses.create(model=MODEL, input=PROMPT_3000_WORDS, max_output_tokens=16, extra_body=forged)
     # vLLM's own routes that reach the engine, which SemGrad does not score
     for path, body in (
-        ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": ask(PROMPT_3000_WORDS),
-                          "kv_transfer_params": {KV_PARAM: "x"}}),
-        ("/inference/v1/generate", {"model": MODEL, "token_ids": [1, 2, 3],
-                                    "sampling_params": {"max_tokens": 1,
-                                                        "extra_args": {"kv_transfer_params": {KV_PARAM: "x"}}}}),
-    ):  # fmt: skip
+        (
+            "/v1/messages",
+            {
+                "model": MODEL,
+                "max_tokens": 1,
+                "messages": ask(PROMPT_3000_WORDS),
+                "kv_transfer_params": {KV_PARAM: "x"},
+            },
+        ),
+        (
+            "/inference/v1/generate",
+            {
+                "model": MODEL,
+                "token_ids": [1, 2, 3],
+                "sampling_params": {"max_tokens": 1, "extra_args": {"kv_transfer_params": {KV_PARAM: "x"}}},
+            },
+        ),
+    ):
         response = httpx.post(f"{base_url}{path}", json=body, timeout=REQUEST_TIMEOUT_S)
         assert response.status_code == 400 and response.json()["error"]["param"].endswith(FIELD), (path, response.text)
     # vLLM would hand this string to the engine in kv_transfer_params's place, where its scheduler calls .get on it
     with pytest.raises(openai.BadRequestError, match="vllm_xargs.kv_transfer_params must be an object"):
-        client.chat.completions.create(model=MODEL, messages=ask("Hi!"), max_tokens=1,
-                                       extra_body={"semgrad": False,
-                                                   "vllm_xargs": {"kv_transfer_params": "x"}})  # fmt: skip
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ask("Hi!"),
+            max_tokens=1,
+            extra_body={"semgrad": False, "vllm_xargs": {"kv_transfer_params": "x"}},
+        )
     assert httpx.get(f"{base_url}/health", timeout=30).status_code == 200
 
     after = captures(base_url)
     rss_after = worker_rss_mib(served.pid)
-    print(f"\nworker resident memory around 12 forged-key requests: {rss_before:.0f} MiB -> {rss_after:.0f} MiB "
-          f"({rss_after - rss_before:+.0f} MiB); capture store {before} -> {after}")  # fmt: skip
+    print(
+        f"\nworker resident memory around 12 forged-key requests: {rss_before:.0f} MiB -> {rss_after:.0f} MiB "
+        f"({rss_after - rss_before:+.0f} MiB); capture store {before} -> {after}"
+    )
     assert (after["captures"], after["bytes"]) == (0, 0)
     assert kv_usage_after_probe(client, base_url) == pytest.approx(idle, abs=1e-9)
 

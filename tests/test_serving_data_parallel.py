@@ -48,8 +48,19 @@ def dp_server(tmp_path_factory) -> Iterator[RunningServer]:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve binds one core per engine itself
-    args = ["--dtype", "float32", "--data-parallel-size", str(ENGINES), "--max-batch", "4",
-            "--", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "4096"]  # fmt: skip
+    args = [
+        "--dtype",
+        "float32",
+        "--data-parallel-size",
+        str(ENGINES),
+        "--max-batch",
+        "4",
+        "--",
+        "--kv-cache-memory-bytes",
+        str(256 << 20),
+        "--max-model-len",
+        "4096",
+    ]
     port = free_port()
     log = tmp_path_factory.mktemp("dp-server") / "server.log"
     with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
@@ -88,11 +99,18 @@ def test_answers_spread_over_both_engines_each_scored_equal_to_offline(
         async with openai.AsyncOpenAI(
             base_url=f"{dp_server.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
         ) as client:
-            return await asyncio.gather(*(
-                client.chat.completions.create(model=MODEL, messages=ask(q), max_tokens=24, temperature=0,
-                                               extra_body={"return_token_ids": True})
-                for q in QUESTIONS
-            ))  # fmt: skip
+            return await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model=MODEL,
+                        messages=ask(q),
+                        max_tokens=24,
+                        temperature=0,
+                        extra_body={"return_token_ids": True},
+                    )
+                    for q in QUESTIONS
+                )
+            )
 
     for question, response in zip(QUESTIONS, asyncio.run(ask_all())):
         (choice,) = response.choices
@@ -115,9 +133,16 @@ def test_a_router_pins_requests_to_an_engine(dp_server: RunningServer, default_s
         ask("What is 3 + 4?"), add_generation_prompt=True, tokenize=False
     )
     for _ in range(2):
-        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, seed=5, n=2,
-                                             extra_body={"return_token_ids": True},
-                                             extra_headers={"X-data-parallel-rank": "1"})  # fmt: skip
+        response = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=1.0,
+            seed=5,
+            n=2,
+            extra_body={"return_token_ids": True},
+            extra_headers={"X-data-parallel-rank": "1"},
+        )
         for choice in response.choices:
             prompt_ids, answer_ids = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
             assert_equals_offline(semgrad_of(choice), default_scorer, prompt_ids, answer_ids, ALL_REUSED)
@@ -134,8 +159,13 @@ def test_responses_are_recomputed_on_an_engine_and_equal_offline(dp_server: Runn
     before = sum(engine_counts(dp_server.url))
     question = "Tell me about Paris in two sentences."
     for _ in range(ENGINES):
-        whole = client.responses.create(model=MODEL, input=question, max_output_tokens=40, temperature=0,
-                                        extra_body={"enable_response_messages": True})  # fmt: skip
+        whole = client.responses.create(
+            model=MODEL,
+            input=question,
+            max_output_tokens=40,
+            temperature=0,
+            extra_body={"enable_response_messages": True},
+        )
         answer_ids = whole.model_extra["output_messages"][0]["tokens"]
         assert_equals_offline(
             whole.model_extra["semgrad"], default_scorer, default_scorer.prompt_ids(ask(question)), answer_ids, []

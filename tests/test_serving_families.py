@@ -38,8 +38,19 @@ def family_server(request, tmp_path_factory) -> Iterator[tuple[str, str, Path, l
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve binds one core per worker itself
-    args = ["--model", str(model_dir), "--max-batch", "4", "--tensor-parallel-size", str(size),
-            "--", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "4096"]  # fmt: skip
+    args = [
+        "--model",
+        str(model_dir),
+        "--max-batch",
+        "4",
+        "--tensor-parallel-size",
+        str(size),
+        "--",
+        "--kv-cache-memory-bytes",
+        str(256 << 20),
+        "--max-model-len",
+        "4096",
+    ]
     port = free_port()
     log = tmp_path_factory.mktemp(f"{name}-server") / "server.log"
     with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:

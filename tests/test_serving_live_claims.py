@@ -113,8 +113,14 @@ def test_live_claims_of_two_choices_and_of_completions(client, default_scorer) -
     for got in choices.values():
         assert_live(got, default_scorer, prompt, got.ids, live_before_text=False)
     assert any(got.live for got in choices.values())
-    stream = client.completions.create(model=MODEL, prompt="Facts about the Moon. The Moon orbits the Earth.", max_tokens=80, temperature=0,
-                                       stream=True, extra_body=LIVE)  # fmt: skip
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Facts about the Moon. The Moon orbits the Earth.",
+        max_tokens=80,
+        temperature=0,
+        stream=True,
+        extra_body=LIVE,
+    )
     prompt, (got,) = read_all(stream)
     assert got.live
     assert_live(got, default_scorer, prompt, got.ids, live_before_text=False)
@@ -123,26 +129,46 @@ def test_live_claims_of_two_choices_and_of_completions(client, default_scorer) -
 def test_a_stop_string_one_sentence_and_a_cut_at_max_tokens(client, default_scorer) -> None:
     """A stop string in the third sentence (the tokens the user does not receive are not scored); an answer of one
     sentence (no live claim, its claim at the end); an answer cut mid-sentence (its last claim scored at the end)."""
-    whole = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=120, temperature=0,
-                                           extra_body={"return_token_ids": True, "semgrad": {"claims": "live"}})  # fmt: skip
+    whole = client.chat.completions.create(
+        model=MODEL,
+        messages=PARIS,
+        max_tokens=120,
+        temperature=0,
+        extra_body={"return_token_ids": True, "semgrad": {"claims": "live"}},
+    )
     claims = semgrad_of(whole.choices[0])["claims"]  # without stream, "live" is "true"
     assert len(claims) >= 3
     stop_word = claims[2]["text"].split()[2]
-    prompt, (got,) = read_all(client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=120, temperature=0, stop=[stop_word],
-                                                             stream=True, extra_body=LIVE))  # fmt: skip
+    prompt, (got,) = read_all(
+        client.chat.completions.create(
+            model=MODEL, messages=PARIS, max_tokens=120, temperature=0, stop=[stop_word], stream=True, extra_body=LIVE
+        )
+    )
     assert got.finish_reason == "stop" and not got.final["stop_token"] and stop_word not in got.text
     assert got.final["claims"][-1]["token_end"] < len(got.ids)  # the stop string's tokens are not scored
     assert_live(got, default_scorer, prompt, got.ids[: got.final["claims"][-1]["token_end"]], live_before_text=False)
 
-    prompt, (got,) = read_all(client.chat.completions.create(model=MODEL, messages=ask("Say hello."), max_tokens=40, temperature=0,
-                                                             stop=[".", "!", "?", "\n"], stream=True, extra_body=LIVE))  # fmt: skip
+    prompt, (got,) = read_all(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ask("Say hello."),
+            max_tokens=40,
+            temperature=0,
+            stop=[".", "!", "?", "\n"],
+            stream=True,
+            extra_body=LIVE,
+        )
+    )
     assert got.live == [] and len(got.final["claims"]) == 1 and got.final["claims"][0]["text"] == got.text.strip()
     answer = got.ids[: got.final["claims"][0]["token_end"]]  # the stop string's tokens cut
     assert_equals_offline({k: v for k, v in got.final.items() if k != "claims"}, default_scorer, prompt, answer)
 
     cut = claims[1]["token_start"] + 4  # four tokens into the second sentence
-    prompt, (got,) = read_all(client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=cut, temperature=0, stream=True,
-                                                             extra_body=LIVE))  # fmt: skip
+    prompt, (got,) = read_all(
+        client.chat.completions.create(
+            model=MODEL, messages=PARIS, max_tokens=cut, temperature=0, stream=True, extra_body=LIVE
+        )
+    )
     assert got.finish_reason == "length" and len(got.ids) == cut and not got.final["stop_token"]
     assert [c["text"] for c in got.live_claims] == [claims[0]["text"]]
     assert got.final["claims"][-1]["token_end"] == cut
@@ -170,8 +196,14 @@ def test_a_client_that_leaves_after_a_flagged_claim_leaves_nothing_held(client, 
         async with openai.AsyncOpenAI(
             base_url=f"{base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
         ) as aclient:
-            stream = await aclient.chat.completions.create(model=MODEL, messages=ask("Write a long story about a dragon, in many sentences."),
-                                                           max_tokens=400, temperature=0, stream=True, extra_body=LIVE)  # fmt: skip
+            stream = await aclient.chat.completions.create(
+                model=MODEL,
+                messages=ask("Write a long story about a dragon, in many sentences."),
+                max_tokens=400,
+                temperature=0,
+                stream=True,
+                extra_body=LIVE,
+            )
             tokens, live = 0, 0
             async for chunk in stream:
                 for c in chunk.choices:

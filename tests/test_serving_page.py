@@ -76,9 +76,12 @@ def test_tokens_field_adds_texts_entropies_and_logprobs_equal_to_the_offline_sco
     prompt_ids = default_scorer.prompt_ids(messages)
     for max_tokens in (64, 5):  # ended on the stop token, and cut at the limit
         response = client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0,
+            model=MODEL,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,
             extra_body={"return_token_ids": True, "semgrad": {"tokens": True}},
-        )  # fmt: skip
+        )
         (choice,) = response.choices
         semgrad, ids = choice.model_extra["semgrad"], choice.model_extra["token_ids"]
         assert semgrad["stop_token"] == (choice.finish_reason == "stop") and len(semgrad["token_texts"]) == len(ids)
@@ -121,8 +124,14 @@ def test_recent_answers_are_the_answers_the_api_returned(client, base_url, defau
         model=MODEL, messages=ask("Name a planet."), max_tokens=12, temperature=0, stream=True
     )
     chunks = list(stream)
-    completion = client.completions.create(model=MODEL, prompt=default_scorer.tokenizer.apply_chat_template(
-        ask("Name a color."), add_generation_prompt=True, tokenize=False), max_tokens=6, temperature=0)  # fmt: skip
+    completion = client.completions.create(
+        model=MODEL,
+        prompt=default_scorer.tokenizer.apply_chat_template(
+            ask("Name a color."), add_generation_prompt=True, tokenize=False
+        ),
+        max_tokens=6,
+        temperature=0,
+    )
 
     answers = recent(base_url)["answers"]
     assert [e["seq"] for e in answers] == sorted((e["seq"] for e in answers), reverse=True)  # newest first
@@ -351,9 +360,12 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
 
     # token heat: the same greedy answer through the API, with its token ids, for the reference values
     replay = client.chat.completions.create(
-        model=MODEL, messages=ask(PAGE_QUESTION), max_tokens=128, temperature=0,
+        model=MODEL,
+        messages=ask(PAGE_QUESTION),
+        max_tokens=128,
+        temperature=0,
         extra_body={"return_token_ids": True, "semgrad": {"tokens": True}},
-    )  # fmt: skip
+    )
     assert replay.choices[0].message.content == answer
     api = replay.choices[0].model_extra["semgrad"]
     click(buttons["Token heat"])
@@ -369,8 +381,10 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
     assert logprobs == pytest.approx(api["token_logprobs"], rel=TOKEN_REL, abs=TOKEN_ABS)
     assert_tokens_equal_offline(
         {"token_texts": texts, "token_entropies": entropies, "token_logprobs": logprobs},
-        default_scorer, default_scorer.prompt_ids(ask(PAGE_QUESTION)), replay.choices[0].model_extra["token_ids"],
-    )  # fmt: skip
+        default_scorer,
+        default_scorer.prompt_ids(ask(PAGE_QUESTION)),
+        replay.choices[0].model_extra["token_ids"],
+    )
     tooltip = driver.find_element(By.ID, "tooltip")
     hottest = max(range(len(tokens)), key=lambda i: entropies[i])
     ActionChains(driver).move_to_element(tokens[hottest]).perform()
@@ -451,17 +465,38 @@ def test_page_in_a_browser(browser, client, base_url, default_scorer) -> None:
 
     # confidence and claims, which this server does not compute yet: rendered from a given semgrad object
     synthetic = {
-        **without_tokens(sg), "flagged": True, "confidence": 0.31,
+        **without_tokens(sg),
+        "flagged": True,
+        "confidence": 0.31,
         "claims": [
-            {"text": "Herman Melville wrote Moby-Dick.", "token_start": 0, "token_end": 8,
-             "semgrad": 3e-5, "paragrad": 1e-5, "hybridgrad": 2e-5, "confidence": 0.86, "flagged": False},
-            {"text": "It came out in 1852.", "token_start": 8, "token_end": 15,
-             "semgrad": 2e-4, "paragrad": 1e-4, "hybridgrad": 1.5e-4, "confidence": 0.12, "flagged": True},
+            {
+                "text": "Herman Melville wrote Moby-Dick.",
+                "token_start": 0,
+                "token_end": 8,
+                "semgrad": 3e-5,
+                "paragrad": 1e-5,
+                "hybridgrad": 2e-5,
+                "confidence": 0.86,
+                "flagged": False,
+            },
+            {
+                "text": "It came out in 1852.",
+                "token_start": 8,
+                "token_end": 15,
+                "semgrad": 2e-4,
+                "paragrad": 1e-4,
+                "hybridgrad": 1.5e-4,
+                "confidence": 0.12,
+                "flagged": True,
+            },
         ],
-    }  # fmt: skip
-    card_id = driver.execute_script("return window.semgradPage.showAnswer(arguments[0], arguments[1], arguments[2])",
-                                    "(synthetic)", "Herman Melville wrote Moby-Dick. It came out in 1852.",
-                                    synthetic)  # fmt: skip
+    }
+    card_id = driver.execute_script(
+        "return window.semgradPage.showAnswer(arguments[0], arguments[1], arguments[2])",
+        "(synthetic)",
+        "Herman Melville wrote Moby-Dick. It came out in 1852.",
+        synthetic,
+    )
     card = driver.find_element(By.ID, card_id)
     assert card.find_element(By.CSS_SELECTOR, ".badge").text == "Flagged"
     meter = card.find_element(By.CSS_SELECTOR, ".meter")

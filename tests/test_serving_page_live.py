@@ -28,8 +28,11 @@ def test_a_sentence_is_tinted_before_the_answer_ends(browser, base_url) -> None:
     question.send_keys(Keys.ENTER)
     card = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".answer")[before:], 30, "the answer card")[0]
     seen = "return [arguments[0].dataset.state, arguments[0].querySelectorAll('.answer-text .claim').length]"
-    state, tinted = wait_for(lambda: (lambda s: s if s[1] or s[0] != "streaming" else None)(driver.execute_script(seen, card)),
-                             ANSWER_TIMEOUT_S, "a tinted sentence or the answer's end")  # fmt: skip
+    state, tinted = wait_for(
+        lambda: (lambda s: s if s[1] or s[0] != "streaming" else None)(driver.execute_script(seen, card)),
+        ANSWER_TIMEOUT_S,
+        "a tinted sentence or the answer's end",
+    )
     assert state == "streaming" and tinted >= 1  # tinted while the answer was still streaming
     first = card.find_element(By.CSS_SELECTOR, ".answer-text .claim")
     assert first.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "transparent")

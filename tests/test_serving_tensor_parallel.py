@@ -61,8 +61,19 @@ def tp_url(tiny_dir: Path, tmp_path_factory) -> Iterator[str]:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve binds one core per worker itself
-    args = ["--model", str(tiny_dir), "--tensor-parallel-size", "2", "--max-batch", "4",
-            "--", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "4096"]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_dir),
+        "--tensor-parallel-size",
+        "2",
+        "--max-batch",
+        "4",
+        "--",
+        "--kv-cache-memory-bytes",
+        str(256 << 20),
+        "--max-model-len",
+        "4096",
+    ]
     port = free_port()
     log = tmp_path_factory.mktemp("tp-server") / "server.log"
     with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:

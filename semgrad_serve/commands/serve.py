@@ -40,13 +40,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument(
-        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        metavar="N",
         help="split the model over N workers (GPUs, or CPU core groups), scoring on each worker's shards (default: 1)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        metavar="N",
         help="run N vLLM engines, each scoring the answers it generates (default: 1; see docs/scale-out.md)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--max-batch",
         type=int,
@@ -55,24 +63,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most answers per scoring batch (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-claims", type=int, default=ScoringSettings.max_claims, metavar="N",
+        "--max-claims",
+        type=int,
+        default=ScoringSettings.max_claims,
+        metavar="N",
         help="most claims (sentences) scored per answer that asks for claims; the rest get an error (default: "
         "%(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--claims-per-pass", type=int, default=ScoringSettings.claims_per_pass, metavar="N",
+        "--claims-per-pass",
+        type=int,
+        default=ScoringSettings.claims_per_pass,
+        metavar="N",
         help="most claims of an answer scored in one pass; a client that leaves stops its scoring after a pass "
         "(default: %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--claim-memory", type=int, default=ScoringSettings.claim_memory_mib, metavar="MIB",
+        "--claim-memory",
+        type=int,
+        default=ScoringSettings.claim_memory_mib,
+        metavar="MIB",
         help="memory budget of one backward over claims, in MiB: claims beyond it wait for a backward of their own "
         "(default: %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--recent", type=int, default=ScoringSettings.recent, metavar="N",
+        "--recent",
+        type=int,
+        default=ScoringSettings.recent,
+        metavar="N",
         help="recent answers kept in memory for the page at /semgrad (default: %(default)s; 0: none)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "vllm_args", nargs=argparse.REMAINDER, help="after --: options passed to vLLM's server as they are"
     )
@@ -224,16 +244,32 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
     dtype = args.dtype or ("float32" if on_cpu else "auto")
     extra = vllm_options(args)
     return [
-        sys.executable, "-W", "ignore::DeprecationWarning", "-m", VLLM_SERVER,
-        "--model", str(model_dir), "--served-model-name", model_dir.name,
-        "--host", args.host, "--port", str(args.port), "--dtype", dtype,
-        "--worker-extension-cls", WORKER_EXTENSION,
-        "--kv-transfer-config", CAPTURE_KV_TRANSFER_CONFIG,
-        "--tensor-parallel-size", str(args.tensor_parallel_size),
-        "--data-parallel-size", str(args.data_parallel_size),
+        sys.executable,
+        "-W",
+        "ignore::DeprecationWarning",
+        "-m",
+        VLLM_SERVER,
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        model_dir.name,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--dtype",
+        dtype,
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
+        "--kv-transfer-config",
+        CAPTURE_KV_TRANSFER_CONFIG,
+        "--tensor-parallel-size",
+        str(args.tensor_parallel_size),
+        "--data-parallel-size",
+        str(args.data_parallel_size),
         *(CPU_DEFAULTS if on_cpu else gpu_memory_option(model_dir, dtype, gpu_bytes)),
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def server_env(settings: ScoringSettings, cpu_workers: int = 0) -> dict[str, str]:

@@ -161,8 +161,10 @@ def markdown(analysis: dict[str, Any], methods: list[tuple[str, str, str]], scor
         + f"; chosen: **{analysis['calibrator']}** (in the outer folds: {', '.join(analysis['heldout_choice'])}). "
         "Every figure below is on held-out confidences (nested cross-validation: no answer is measured by a calibrator "
         "fitted or chosen on it).",
-        f"Operating point: flag when confidence < **{op['min_confidence']:.4g}**, the largest cut whose held-out flags reach "
-        f"{op['target']} ≥ {op['target_value']:g} for wrong answers (held-out: precision {_pct(op['precision'])}%, recall "
+        f"Operating point: flag when confidence < **{op['min_confidence']:.4g}**, the largest cut whose held-out "
+        "flags reach "
+        f"{op['target']} ≥ {op['target_value']:g} for wrong answers (held-out: precision {_pct(op['precision'])}%, "
+        "recall "
         f"{_pct(op['recall'])}%, {op['flagged']} of {op['n']} flagged"
         + ("" if op["met"] else "; target not reachable, the highest precision shown")
         + ").",
@@ -173,7 +175,8 @@ def markdown(analysis: dict[str, Any], methods: list[tuple[str, str, str]], scor
     for name, g in analysis["groups"].items():
         f = g["flags"]["all"]
         lines.append(
-            f"| {name} | {g['n']} | {_pct(g['accuracy'])}% | {g['ece']:.4f} | {g['brier']:.4f} | {g['brier_base_rate']:.4f} | "
+            f"| {name} | {g['n']} | {_pct(g['accuracy'])}% | {g['ece']:.4f} | {g['brier']:.4f} | "
+            f"{g['brier_base_rate']:.4f} | "
             f"{_pct(f['precision'])}% | {_pct(f['recall'])}% |"
         )
     labels = [(k, label) for k, label, _ in methods] + [CONFIDENCE[:2]]
@@ -231,7 +234,8 @@ def markdown(analysis: dict[str, Any], methods: list[tuple[str, str, str]], scor
     ]
     for name, g in analysis["groups"].items():
         cells = [
-            f"{_pct(g['flags'][c]['precision'])} / {_pct(g['flags'][c]['recall'])} ({g['flags'][c]['flagged']} of {g['flags'][c]['n']})"
+            f"{_pct(g['flags'][c]['precision'])} / {_pct(g['flags'][c]['recall'])} ({g['flags'][c]['flagged']} of "
+            f"{g['flags'][c]['n']})"
             for c in CELLS
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -129,7 +129,8 @@ def _timed(run: DatasetRun, stage: str, fn, *args, **kwargs):
 
 
 def scored_answer(cfg: EvalConfig, scorer: Any, answer: Generation) -> list[int]:
-    """The ids of a generated answer that are scored: with the EOS token that ended it unless ``cfg.stop_token`` is off."""
+    """The ids of a generated answer that are scored: with the EOS token that ended it unless ``cfg.stop_token``
+    is off."""
     return answer.token_ids if cfg.stop_token else scorer.without_stop_token(answer.token_ids)
 
 

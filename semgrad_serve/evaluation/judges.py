@@ -157,7 +157,8 @@ def describe(name: str, threshold: float | None = None) -> str:
     """One line saying how a judge decides, for the results."""
     t = DEFAULT_THRESHOLDS[name] if threshold is None else threshold
     return {
-        "reference": "it states a gold answer: the gold's words as a phrase (inflections allowed), or most of the gold's "
+        "reference": "it states a gold answer: the gold's words as a phrase (inflections allowed), or most of the "
+        "gold's "
         "content words beyond the question, in order, with the same negation",
         "containment": "a normalised gold answer occurs in the normalised answer (whole words)",
         "rouge": f"ROUGE-L F1 with a gold answer ≥ {t:g}",

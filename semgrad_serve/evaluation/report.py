@@ -166,7 +166,8 @@ def markdown(
         f"{cfg.samples} samples per question at temperature {cfg.temperature:g} for the sampling baselines.",
         *(
             [
-                "NLL and entropy baselines: from the gradient pass's own log-probs and entropies of the same answer tokens "
+                "NLL and entropy baselines: from the gradient pass's own log-probs and entropies of the same answer "
+                "tokens "
                 "(`--cheap-baselines`: no separate forward, so their cost is not measured); P(True) not run."
             ]
             if cfg.cheap_baselines
@@ -174,7 +175,8 @@ def markdown(
         ),
         *(
             [
-                f"Answers and scores read from `{cfg.from_items}` (`--from-items`: nothing generated or scored in this run; "
+                f"Answers and scores read from `{cfg.from_items}` (`--from-items`: nothing generated or scored in "
+                "this run; "
                 "re-judged, re-measured and re-fitted)."
             ]
             if cfg.from_items
@@ -220,7 +222,8 @@ def markdown(
             f"accuracy "
             + ", ".join(f"{j} {100 * a:.1f}%" for j, a in acc.items())
             + (f"; greedy answer {gen / r.n:.3f} s/answer" if gen else "")
-            + f"; mean answer length {np.mean(r.answer_tokens):.1f} tokens, {np.mean(r.ended_on_eos) * 100:.1f}% ended on the EOS token"
+            + f"; mean answer length {np.mean(r.answer_tokens):.1f} tokens, {np.mean(r.ended_on_eos) * 100:.1f}% "
+            "ended on the EOS token"
             + (f"; {np.mean(r.clusters):.2f} clusters of {cfg.samples} samples on average" if r.clusters else "")
         )
     lines += ["", "AUROC (%) of every method under each judge:", ""]
@@ -235,7 +238,8 @@ def markdown(
         lines += [
             "",
             f"Flag threshold for `{t['score']}` (target {t['target']} ≥ {t['target_value']:g} on the pooled answers of "
-            f"{', '.join(r.name for r in runs)}, {cfg.judge} judge): **{t['threshold']:.6g}** — flags {t['flagged']} of {t['n']} "
+            f"{', '.join(r.name for r in runs)}, {cfg.judge} judge): **{t['threshold']:.6g}** — flags {t['flagged']} "
+            f"of {t['n']} "
             f"answers, precision {100 * t['precision']:.1f}%, recall {100 * t['recall']:.1f}%"
             + ("" if t["met"] else " (target not reachable: highest precision shown)")
             + ".",

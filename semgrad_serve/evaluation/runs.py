@@ -28,7 +28,8 @@ def read_dataset(path: str | Path, limit: int | None = None) -> list[tuple[str, 
             gold = [gold]
         if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold) or not any(g.strip() for g in gold):
             raise SemgradError(
-                f"{path}: line {number}: field 'truthful answer' is missing or not a list of strings with a non-empty one"
+                f"{path}: line {number}: field 'truthful answer' is missing or not a list of strings with a non-empty "
+                "one"
             )
         rows.append(
             (obj["query"], [g for g in gold if g.strip()])

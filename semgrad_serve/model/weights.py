@@ -18,8 +18,17 @@ from .tensor_parallel import TensorParallel
 
 # model_type → the layout its layers follow (``from_hf_model``; vLLM's modules: ``serving/weights.py``)
 SUPPORTED_FAMILIES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"
-)  # fmt: skip
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 # Families that are refused, with the reason: what the scoring forward would need and does not have.
 REFUSED_FAMILIES = {

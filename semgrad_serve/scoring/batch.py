@@ -165,13 +165,18 @@ def score_batch(
         if w.tp is None:
             rows_keys = [(it.length - it.t_star, it.length) for it in items]
             group = seeds_per_backward(seed_bytes(rows_keys, w.n_heads, w.hidden_size, w.dtype.itemsize), seed_budget)
-            probe_grads = torch.cat([
-                torch.autograd.grad(
-                    fwd.answer_hidden, fwd.probes, grad_outputs=batched[lo : lo + group], is_grads_batched=True,
-                    retain_graph=lo + group < claims.seeds,
-                )[0]
-                for lo in range(0, claims.seeds, group)
-            ])  # fmt: skip
+            probe_grads = torch.cat(
+                [
+                    torch.autograd.grad(
+                        fwd.answer_hidden,
+                        fwd.probes,
+                        grad_outputs=batched[lo : lo + group],
+                        is_grads_batched=True,
+                        retain_graph=lo + group < claims.seeds,
+                    )[0]
+                    for lo in range(0, claims.seeds, group)
+                ]
+            )
         else:  # vmap cannot batch the collectives in the backward: one backward per seed
             probe_grads = torch.stack(
                 [

@@ -51,9 +51,9 @@ class Scorer:
         seed_budget: int = DEFAULT_SEED_BUDGET,
     ) -> None:
         """``exgrad=False`` leaves ExGrad (a baseline, one more pass over the head gradient) out of the results;
-        ``eos_ids``: the model's EOS ids (default: the tokenizer's); ``paragrad_tied`` adds ``paragrad_tied`` (a backward
-        through every layer and position) and is refused for untied models; ``seed_budget``: bytes one backward's
-        claim seeds may take (``claim_budget.py``)."""
+        ``eos_ids``: the model's EOS ids (default: the tokenizer's); ``paragrad_tied`` adds ``paragrad_tied`` (a
+        backward through every layer and position) and is refused for untied models; ``seed_budget``: bytes one
+        backward's claim seeds may take (``claim_budget.py``)."""
         self.weights = weights
         self.tokenizer = tokenizer
         self.profile = profile
@@ -87,9 +87,10 @@ class Scorer:
         device: str = "cpu",
         paragrad_tied: bool | None = None,
     ) -> "Scorer":
-        """A scorer over a local model directory or a packaged model's name (default: the embedded SmolLM2-135M-Instruct) with ``profile`` (a
-        profile or its file; default: the model's own or a built-in one); ``paragrad_tied`` defaults to the profile's
-        setting. A profile file and the model directory are checked before the model loads."""
+        """A scorer over a local model directory or a packaged model's name (default: the embedded
+        SmolLM2-135M-Instruct) with ``profile`` (a profile or its file; default: the model's own or a built-in one);
+        ``paragrad_tied`` defaults to the profile's setting. A profile file and the model directory are checked before
+        the model loads."""
         explicit = profile if profile is None or isinstance(profile, ModelProfile) else ModelProfile.load(profile)
         model, tokenizer, path = load_hf_model(model_dir, dtype, device)
         weights = from_hf_model(model)

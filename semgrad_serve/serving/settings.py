@@ -123,8 +123,13 @@ class ScoringSettings:
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in the server."""
-        env = {MAX_BATCH_ENV: str(self.max_batch), RECENT_ENV: str(self.recent), MAX_CLAIMS_ENV: str(self.max_claims),
-               CLAIMS_PER_PASS_ENV: str(self.claims_per_pass), CLAIM_MEMORY_ENV: str(self.claim_memory_mib)}  # fmt: skip
+        env = {
+            MAX_BATCH_ENV: str(self.max_batch),
+            RECENT_ENV: str(self.recent),
+            MAX_CLAIMS_ENV: str(self.max_claims),
+            CLAIMS_PER_PASS_ENV: str(self.claims_per_pass),
+            CLAIM_MEMORY_ENV: str(self.claim_memory_mib),
+        }
         if self.profile:
             env[PROFILE_ENV] = self.profile
         return env

@@ -46,10 +46,14 @@ def _gemma3(vocab: int) -> tuple[Callable[[Any], torch.nn.Module], Any]:
     # Sliding layers with a 32-token window (shorter than the chat prompts, so keys fall out of it) and a full
     # layer every fourth; query_pre_attn_scalar apart from head_dim, so a wrong attention scale shows.
     config = Gemma3TextConfig(
-        vocab_size=vocab, **SHAPE, head_dim=32, sliding_window=32, query_pre_attn_scalar=24,
+        vocab_size=vocab,
+        **SHAPE,
+        head_dim=32,
+        sliding_window=32,
+        query_pre_attn_scalar=24,
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
     return Gemma3ForCausalLM, config
 
 
@@ -62,9 +66,16 @@ def _phi3(vocab: int) -> tuple[Callable[[Any], torch.nn.Module], Any]:
 def _qwen3_moe(vocab: int) -> tuple[Callable[[Any], torch.nn.Module], Any]:
     # layer 1 dense (mlp_only_layers), the others 8 experts, top 2, renormalised
     config = Qwen3MoeConfig(
-        vocab_size=vocab, **SHAPE, head_dim=32, num_experts=8, **MOE, norm_topk_prob=True, decoder_sparse_step=1,
-        mlp_only_layers=[1], tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab,
+        **SHAPE,
+        head_dim=32,
+        num_experts=8,
+        **MOE,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    )
     return Qwen3MoeForCausalLM, config
 
 

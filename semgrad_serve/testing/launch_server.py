@@ -62,10 +62,25 @@ def plain_vllm_command(port: int, model_dir: Path, dtype: str, kv_bytes: int) ->
     from semgrad_serve.commands.serve import CPU_DEFAULTS, VLLM_SERVER
 
     return [
-        sys.executable, "-W", "ignore::DeprecationWarning", "-m", VLLM_SERVER, "--model", str(model_dir),
-        "--served-model-name", model_dir.name, "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype,
-        *CPU_DEFAULTS, "--kv-cache-memory-bytes", str(kv_bytes),
-    ]  # fmt: skip
+        sys.executable,
+        "-W",
+        "ignore::DeprecationWarning",
+        "-m",
+        VLLM_SERVER,
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        model_dir.name,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        dtype,
+        *CPU_DEFAULTS,
+        "--kv-cache-memory-bytes",
+        str(kv_bytes),
+    ]
 
 
 @contextmanager

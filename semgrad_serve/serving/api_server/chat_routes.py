@@ -86,7 +86,8 @@ def scoring_options(request: ChatCompletionRequest | CompletionRequest | Respons
         unknown = sorted(set(value) - set(REQUEST_OPTIONS))
         if unknown:
             raise SemgradError(
-                f'"{OPT_OUT_FIELD}": unknown option {", ".join(map(repr, unknown))}; the options are {", ".join(REQUEST_OPTIONS)}'
+                f'"{OPT_OUT_FIELD}": unknown option {", ".join(map(repr, unknown))}; the options are '
+                f"{', '.join(REQUEST_OPTIONS)}"
             )
         if not all(isinstance(v, bool) or k == "claims" and v == LIVE for k, v in value.items()):
             raise SemgradError(f'"{OPT_OUT_FIELD}": each option must be true or false ("claims" also "{LIVE}")')
@@ -147,11 +148,19 @@ class _Choices:
     """Token ids per choice, gathered from a response or from stream chunks, and the scoring of each choice."""
 
     def __init__(
-        self, client: ScoringClient, key: str | None, stop: StopTokens, include_stop: bool, keep_ids: bool,
-        options: ScoringOptions = ScoringOptions(), recent: RecentAnswers | None = None,
-        question: Callable[[int], str] = lambda index: "", endpoint: str = "chat",
-        echo: Callable[[int, list[int]], str] | None = None, generated: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        client: ScoringClient,
+        key: str | None,
+        stop: StopTokens,
+        include_stop: bool,
+        keep_ids: bool,
+        options: ScoringOptions = ScoringOptions(),
+        recent: RecentAnswers | None = None,
+        question: Callable[[int], str] = lambda index: "",
+        endpoint: str = "chat",
+        echo: Callable[[int, list[int]], str] | None = None,
+        generated: bool = True,
+    ) -> None:
         """``echo``: for a completions request with ``echo``, the prompt text to echo in a choice (from its index and
         prompt ids): vLLM leaves it out when it returns ids. ``generated=False``: the request generates nothing for
         the user (``max_tokens`` 0, with ``echo`` the prompt only), whatever token vLLM's ids hold."""
@@ -225,9 +234,15 @@ class _Choices:
             for choice in choices:
                 index = choice["index"]
                 self.recent.add(
-                    self.question(index), self.texts.get(index, ""), choice["semgrad"], self.response_id, index, self.model,
-                    choice.get("finish_reason"), self.endpoint,
-                )  # fmt: skip
+                    self.question(index),
+                    self.texts.get(index, ""),
+                    choice["semgrad"],
+                    self.response_id,
+                    index,
+                    self.model,
+                    choice.get("finish_reason"),
+                    self.endpoint,
+                )
 
 
 async def _scored_stream(events: AsyncIterator[str], choices: _Choices) -> AsyncIterator[str]:
@@ -356,9 +371,13 @@ async def _scored(
             if live:
                 setup = getattr(raw_request.app.state, "semgrad_info", None) or {}
                 choices.live = LiveClaims(
-                    client, key, stop.tokenizer, stop.eos_ids, setup.get("max_claims", DEFAULT_MAX_CLAIMS),
+                    client,
+                    key,
+                    stop.tokenizer,
+                    stop.eos_ids,
+                    setup.get("max_claims", DEFAULT_MAX_CLAIMS),
                     lambda index: choices.prompts.get(index, choices.shared_prompt),
-                )  # fmt: skip
+                )
                 response.body_iterator = _live_stream(response.body_iterator, choices)
             else:
                 response.body_iterator = _scored_stream(response.body_iterator, choices)

@@ -61,9 +61,14 @@ class LiveClaims:
     """The live claims of one streamed request (all its choices)."""
 
     def __init__(
-        self, client: ScoringClient, key: str | None, tokenizer: Any, eos_ids: Collection[int], max_claims: int,
+        self,
+        client: ScoringClient,
+        key: str | None,
+        tokenizer: Any,
+        eos_ids: Collection[int],
+        max_claims: int,
         prompt_of: Callable[[int], list[int] | None],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``prompt_of``: a choice's prompt ids (None until known)."""
         self.client, self.key, self.tokenizer, self.eos_ids = client, key, tokenizer, eos_ids
         self.max_claims, self.prompt_of = max_claims, prompt_of
@@ -174,10 +179,13 @@ class LiveClaims:
 
 
 async def live_stream(
-    events: AsyncIterator[str], collect: Callable[[dict[str, Any]], list[dict[str, Any]]],
-    progress: Callable[[int], tuple[list[int], int]], score: Callable[[list[dict[str, Any]]], Awaitable[None]],
-    live: LiveClaims, keep_ids: bool,
-) -> AsyncIterator[str]:  # fmt: skip
+    events: AsyncIterator[str],
+    collect: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    progress: Callable[[int], tuple[list[int], int]],
+    score: Callable[[list[dict[str, Any]]], Awaitable[None]],
+    live: LiveClaims,
+    keep_ids: bool,
+) -> AsyncIterator[str]:
     """vLLM's SSE events with live claims chunks between them (``collect``: records a chunk, returns its finished
     choices; ``progress``: a choice's ids and received characters so far; ``score``:
     scores finished choices into their chunk); a chunk is never held back for scoring, only a choice's last."""

@@ -85,11 +85,15 @@ async def info(raw_request: Request) -> JSONResponse:
     per_engine = [asdict(s) if s is not None else None for s in stats]
     # the server's whole capture store: every engine's summed; None where an engine did not answer
     total = None if not stats or None in stats else {k: sum(e[k] for e in per_engine) for k in per_engine[0]}
-    return JSONResponse({
-        **setup, "request_options": list(REQUEST_OPTIONS), "recent_capacity": recent.capacity if recent is not None else 0,
-        "captures": total,
-        "engines": [{**e, "captures": c} for e, c in zip(setup.get("engines", []), per_engine)],
-    })  # fmt: skip
+    return JSONResponse(
+        {
+            **setup,
+            "request_options": list(REQUEST_OPTIONS),
+            "recent_capacity": recent.capacity if recent is not None else 0,
+            "captures": total,
+            "engines": [{**e, "captures": c} for e, c in zip(setup.get("engines", []), per_engine)],
+        }
+    )
 
 
 @page_router.get("/v1/semgrad/recent")

@@ -79,9 +79,11 @@ class SemgradPlugin:
         for info in infos:
             check = info.pop("capture_secret_check", None)
             if info["capture"] and (secret is None or check is None or fingerprint(secret) != check):
-                log.warning("SemGrad: %s is not set, or not the same here and in vLLM's engine: no prompt keys/values "
-                            "are captured and every prompt is recomputed for scoring (semgrad-serve serve sets it)",
-                            SECRET_ENV)  # fmt: skip
+                log.warning(
+                    "SemGrad: %s is not set, or not the same here and in vLLM's engine: no prompt keys/values "
+                    "are captured and every prompt is recomputed for scoring (semgrad-serve serve sets it)",
+                    SECRET_ENV,
+                )
                 info["capture"] = info["records"] = False
         state.semgrad_engines = EngineRouter(connect(infos, secret))
         state.semgrad_info = info = engines_info(infos)
@@ -91,10 +93,13 @@ class SemgradPlugin:
         log.info("SemGrad page (answers, flags, token heat, recent answers): %s%s", url, PAGE_PATH)
         if not connector:
             log.warning(
-                "SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is recomputed for scoring",
+                "SemGrad: no capture connector (start vLLM with --kv-transfer-config '%s'); every prompt is "
+                "recomputed for scoring",
                 CAPTURE_KV_TRANSFER_CONFIG,
             )
         elif info["capture"] and not info["records"]:
             log.warning(
-                "SemGrad: the model is compiled or speculative decoding is on, so the band's inputs and the logits are not kept while generating (--enforce-eager keeps them); scoring reruns the layers below the band and the head's product"
+                "SemGrad: the model is compiled or speculative decoding is on, so the band's inputs and the logits "
+                "are not kept while generating (--enforce-eager keeps them); scoring reruns the layers below the band "
+                "and the head's product"
             )

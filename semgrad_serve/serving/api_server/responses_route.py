@@ -55,8 +55,15 @@ def answer_of(body: dict[str, Any]) -> tuple[list[int], list[int], str] | None:
 class _Response:
     """Scores one response body (whole, or the ``response`` of its ``response.completed`` event) in place."""
 
-    def __init__(self, request: ResponsesRequest, raw_request: Request, client: ScoringClient, key: str | None,
-                 options: ScoringOptions, keep_messages: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        request: ResponsesRequest,
+        raw_request: Request,
+        client: ScoringClient,
+        key: str | None,
+        options: ScoringOptions,
+        keep_messages: bool,
+    ) -> None:
         state = raw_request.app.state
         self.client, self.key, self.options, self.keep_messages = client, key, options, keep_messages
         self.stop = StopTokens.of(state)

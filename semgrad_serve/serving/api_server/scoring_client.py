@@ -41,7 +41,8 @@ class ScoringClient:
 
     def __init__(self, address: str, authkey: str, secret: bytes | None, engine: int = 0) -> None:
         """``secret``: what capture keys are minted under; None where the worker captures nothing (scoring then
-        recomputes prompts). ``engine``: the data-parallel engine whose worker runs the service (``data_parallel.py``)."""
+        recomputes prompts). ``engine``: the data-parallel engine whose worker runs the service
+        (``data_parallel.py``)."""
         self._secret = secret
         self.engine = engine
         self._conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(authkey))
@@ -69,9 +70,13 @@ class ScoringClient:
         return mint(self._secret) if self._secret is not None else None
 
     async def score(
-        self, key: str | None, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], claims: bool = False,
-        windows: Sequence[range] | None = None, counted: bool = True,
-    ) -> list[dict[str, Any]]:  # fmt: skip
+        self,
+        key: str | None,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        claims: bool = False,
+        windows: Sequence[range] | None = None,
+        counted: bool = True,
+    ) -> list[dict[str, Any]]:
         """The ``"semgrad"`` object of each pair (the answers of one request, scored together; ``claims``: with their
         claims' scores); never raises but when cancelled, which cancels the scoring in the worker too. ``windows``:
         a live-claims job (``worker/live_scoring.py``), per pair the window of its answer's claims to score, from

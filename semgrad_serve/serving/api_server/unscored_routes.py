@@ -23,7 +23,8 @@ _USE_CHAT = "send the conversation to /v1/chat/completions to have it scored"
 # Path → why it is not scored.
 UNSCORED = {
     "/v1/messages": f"not scored: SemGrad does not score the Anthropic Messages API; {_USE_CHAT}",
-    "/v1/chat/completions/batch": f"not scored: SemGrad does not score batch chat; {_USE_CHAT} one conversation at a time",
+    "/v1/chat/completions/batch": f"not scored: SemGrad does not score batch chat; {_USE_CHAT} one conversation at a "
+    "time",
     "/cohere/v2/chat": f"not scored: SemGrad does not score the Cohere chat API; {_USE_CHAT}",
     "/inference/v1/generate": "not scored: SemGrad does not score token-in/token-out generation; use /v1/completions",
     "/v1/systemone": "not scored: SemGrad does not score structured decisions",
@@ -57,7 +58,11 @@ def note_unscored_routes(app: FastAPI) -> None:
     for route in list(app.routes):
         if isinstance(route, APIRoute) and route.path in UNSCORED and "POST" in route.methods:
             router.add_api_route(
-                route.path, noted(route.endpoint, UNSCORED[route.path]), methods=["POST"], dependencies=route.dependencies,
-                responses=route.responses, response_model=None,
-            )  # fmt: skip
+                route.path,
+                noted(route.endpoint, UNSCORED[route.path]),
+                methods=["POST"],
+                dependencies=route.dependencies,
+                responses=route.responses,
+                response_model=None,
+            )
     app.include_router(router)

@@ -152,9 +152,14 @@ class SemgradWorkerExtension:
             return {SETUP_REFUSED: str(exc)}
 
     def start_scoring(
-        self, profile_path: str | None, max_batch: int, api_cores: list[int], max_claims: int = 64, claims_per_pass: int = 16,
+        self,
+        profile_path: str | None,
+        max_batch: int,
+        api_cores: list[int],
+        max_claims: int = 64,
+        claims_per_pass: int = 16,
         seed_budget: int = DEFAULT_SEED_BUDGET,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         """Build the scorer over vLLM's modules and start the scoring service; raise a ``SemgradError``
         naming what is unsupported. Returns what the API server needs to reach the service. ``max_claims``: the
         most claims scored per answer; ``claims_per_pass``: the most claims of an answer per scoring pass;
@@ -220,9 +225,14 @@ class SemgradWorkerExtension:
                 sorted(generation),
             )
         self.semgrad_service = ScoringService(
-            score, STORE, max_batch, cores, groups, claim_plan(scorer, max_claims, claims_per_pass),
+            score,
+            STORE,
+            max_batch,
+            cores,
+            groups,
+            claim_plan(scorer, max_claims, claims_per_pass),
             live_given=lambda key, pair: live_given(STORE, RECORDER, key, pair),
-        )  # fmt: skip
+        )
         return {
             "family": weights.family,
             "profile": profile.name,

@@ -187,9 +187,16 @@ class ScoringService:
     thread for short jobs and one for long jobs; 1, one thread for both (always so under tensor parallelism)."""
 
     def __init__(
-        self, score: ScoreFn, store: CaptureStore, max_batch: int, cores: set[int], groups: rank_sync.ScoringGroups | None = None,
-        plan: PlanFn = one_pass, lanes: int = 2, live_given: LiveGivenFn | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        score: ScoreFn,
+        store: CaptureStore,
+        max_batch: int,
+        cores: set[int],
+        groups: rank_sync.ScoringGroups | None = None,
+        plan: PlanFn = one_pass,
+        lanes: int = 2,
+        live_given: LiveGivenFn | None = None,
+    ) -> None:
         """``live_given``: what a live-claims job's answer is given (default: only a finished choice's capture)."""
         self._score, self._store, self._max_batch, self._cores, self._plan = score, store, max_batch, cores, plan
         self._live_given = live_given or self._finished_given

@@ -198,7 +198,8 @@ def from_vllm_model(model: torch.nn.Module, config: Any, groups: ScoringGroups |
             tp = TensorParallel(groups.tensors, groups.rank, groups.size, start, config.vocab_size)
     except AttributeError as exc:
         raise SemgradError(
-            f"vLLM's {type(model).__name__} does not have the module layout SemGrad reads for {config.model_type} ({exc})"
+            f"vLLM's {type(model).__name__} does not have the module layout SemGrad reads for {config.model_type} "
+            f"({exc})"
         ) from None
     if len(layers) != config.num_hidden_layers:
         raise SemgradError(
