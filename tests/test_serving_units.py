@@ -33,6 +33,7 @@ from semgrad_serve.serving.scoring_client import SERVICE_GONE, ScoringClient
 from semgrad_serve.serving.scoring_service import ScoringService, generation_cores, scoring_cores
 from semgrad_serve.serving.weights import from_vllm_model
 
+from probe_by_hand import probe_confidence, row_features
 from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 # -- vLLM's module layout ----------------------------------------------------------------------------
@@ -418,9 +419,11 @@ def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> 
     (result,) = scorer.score([(prompt, scorer.answer_ids("Paris."))])
     report = answer_report(scorer, result)
     assert tuple(report) == REPORTED and report["score"] == report["hybridgrad"] > 0
-    # the served confidence: the profile's calibrator on this answer's own score, length (no stop token) and entropy
+    # the served confidence: the profile's probe (by hand) on this answer's own scores, length (no stop token) and
+    # token statistics
     model = scorer.profile.confidence
-    assert report["confidence"] == model.confidence(result.hybridgrad, result.answer_tokens - 1, result.mean_entropy)
+    expected = probe_confidence(model.calibrator, row_features(scorer.report(result)))
+    assert report["confidence"] == pytest.approx(expected, rel=1e-9) and 0 < expected < 1
     assert report["min_confidence"] == model.operating_point.min_confidence
     assert report["flagged"] is (report["confidence"] < report["min_confidence"])
     broken = type(result)(**{**result.to_dict(), "semgrad": math.nan})
