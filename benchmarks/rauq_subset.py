@@ -11,7 +11,7 @@ of scores, so sampling within classes leaves it unbiased and spends the forwards
 those answers, its AUROC with the other methods' recorded scores and the held-out confidence recorded in the items (``heldout_confidence``, from nested cross-validation over every
 answer: not fitted on the answers it is measured on). A paired bootstrap (2000 resamples of the subset) gives a 95%
 interval of AUROC(confidence) − AUROC(RAUQ). Writes a markdown table and a JSON file with the sampled indices and
-their RAUQ values.
+their RAUQ values; ``--reuse`` that JSON to measure again (e.g. on re-fitted items) without the forwards.
 """
 
 from __future__ import annotations
@@ -63,10 +63,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge", default="reference")
     ap.add_argument("--out", required=True, help="markdown file; the JSON goes beside it")
+    ap.add_argument("--reuse", help="JSON of an earlier run with the same answers drawn: its RAUQ values, no forwards")
     args = ap.parse_args()
 
     records = [json.loads(line) for line in gzip.open(args.items, "rt", encoding="utf-8")]
-    scorer = Scorer.from_pretrained(args.model, "float32", None, device="cpu", paragrad_tied=False)
+    earlier = json.loads(Path(args.reuse).read_text())["datasets"] if args.reuse else None
+    scorer = None if earlier else Scorer.from_pretrained(args.model, "float32", None, device="cpu", paragrad_tied=False)
     rng = np.random.default_rng(args.seed)
     lines = [
         f"# RAUQ on a random subset: {args.model}",
@@ -88,22 +90,30 @@ def main() -> None:
         name = dataset_name(path)
         rows = read_dataset(path)
         mine = {r["index"]: r for r in records if r["dataset"] == name}
-        scored = sorted(i for i, r in mine.items() if "excluded" not in r and r.get("heldout_confidence") is not None)
+        scored = sorted(i for i, r in mine.items() if "excluded" not in r)
         chosen = []
         for correct in (True, False):
             pool = [i for i in scored if mine[i]["correct"][args.judge] is correct]
             chosen += rng.choice(pool, size=min(args.per_class, len(pool)), replace=False).tolist()
         chosen.sort()
-        pairs = [(scorer.prompt_ids(paper_messages(rows[i][0])), mine[i]["token_ids"]) for i in chosen]
-        t = time.perf_counter()
-        rauq = np.array(rauq_scores(scorer.model, pairs))
-        seconds = (time.perf_counter() - t) / len(chosen)
+        if earlier:
+            if earlier[name]["index"] != chosen:
+                raise SystemExit(f"--reuse {args.reuse}: other answers of {name} were drawn there")
+            rauq, seconds = np.array(earlier[name]["rauq"]), earlier[name]["rauq_seconds_per_answer"]
+        else:
+            pairs = [(scorer.prompt_ids(paper_messages(rows[i][0])), mine[i]["token_ids"]) for i in chosen]
+            t = time.perf_counter()
+            rauq = np.array(rauq_scores(scorer.model, pairs))
+            seconds = (time.perf_counter() - t) / len(chosen)
         wrong = np.array([not mine[i]["correct"][args.judge] for i in chosen])
-        values = {"confidence": -np.array([mine[i]["heldout_confidence"] for i in chosen]), "rauq": rauq}
+        held = [mine[i].get("heldout_confidence") for i in chosen]
+        if any(c is None for c in held):  # items without a held-out confidence: RAUQ is kept for --reuse
+            held = [np.nan] * len(chosen)
+        values = {"confidence": -np.array(held, dtype=float), "rauq": rauq}
         for key, _ in METHODS[2:]:
             values[key] = np.array([mine[i]["scores"][key] for i in chosen], dtype=float)
-        aurocs = {key: 100 * auroc(values[key], wrong) for key, _ in METHODS}
-        lo, hi = paired_interval(values["confidence"], rauq, wrong, args.seed)
+        aurocs = {key: 100 * auroc(v, wrong) if np.isfinite(v).all() else np.nan for key, v in values.items()}
+        lo, hi = paired_interval(values["confidence"], rauq, wrong, args.seed) if np.isfinite(aurocs["confidence"]) else (np.nan,) * 2
         cells = [name, f"{len(chosen)} ({int((~wrong).sum())})"] + [f"{aurocs[k]:.1f}" for k, _ in METHODS]
         cells += [f"{aurocs['confidence'] - aurocs['rauq']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", f"{seconds:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
