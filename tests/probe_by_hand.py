@@ -35,9 +35,22 @@ def claim_row_features(claim: dict[str, Any], length: int) -> dict[str, float]:
             "mean entropy": float(claim["mean_entropy"])}
 
 
-def probe_confidence(probe: Any, features: dict[str, float]) -> float:
-    """σ(intercept + Σ weights · (x − mean) / scale) of a probe without projections."""
-    assert not probe.projections, "by hand: scalar features only"
+def t_star_features(row: dict[str, Any]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A report's per-band-layer ln SemGrad and its vectors at t* (the gradient scaled to mean |·| = 1, the hidden
+    state to root-mean-square 1), from its ``t_star_features``."""
+    f = row["t_star_features"]
+    layers = {f"ln semgrad @{row['band'][0] + i}": float(np.log(v)) for i, v in enumerate(f["semgrad_layers"])}
+    g, h = np.asarray(f["gradient"], float), np.asarray(f["hidden"], float)
+    return layers, {"t* gradient": g / np.abs(g).mean(), "t* hidden": h / np.sqrt(np.mean(h * h))}
+
+
+def probe_confidence(probe: Any, features: dict[str, float], vectors: dict[str, np.ndarray] | None = None) -> float:
+    """σ(intercept + Σ weights · (x − mean) / scale), the projections of ``vectors`` on the probe's components
+    (``"<vector> pc<j>"``) among the features."""
+    features = dict(features)
+    for p in probe.projections:
+        centred = np.asarray(vectors[p.vector]) - np.array(p.mean)
+        features.update({f"{p.vector} pc{j}": float(np.dot(c, centred)) for j, c in enumerate(np.array(p.components))})
     x = np.array([features[f] for f in probe.features])
     z = probe.intercept + np.sum(np.array(probe.weights) * (x - np.array(probe.mean)) / np.array(probe.scale))
     return float(1 / (1 + np.exp(-z)))
