@@ -14,6 +14,7 @@ from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError
 
 from conftest import FLOAT32_BATCH_REL
+from probe_by_hand import claim_row_features, probe_confidence, row_features
 
 
 @pytest.mark.slow
@@ -56,10 +57,10 @@ def test_score_keeps_order_and_reports_bad_lines(tmp_path, default_scorer, capsy
             assert row[key] == pytest.approx(getattr(direct, key), rel=FLOAT32_BATCH_REL)
         assert row["t_star_token"] == "<|im_start|>" and row["score"] == row["hybridgrad"]
         assert row["prompt_tokens"] == direct.prompt_tokens and row["answer_tokens"] == direct.answer_tokens
-        # the confidence is the profile's calibrator applied to this answer's own configured score, length and entropy
+        # the confidence is the profile's probe applied (by hand) to this answer's own scores, length and token stats
         model = scorer.profile.confidence
-        expected = model.confidence(row["hybridgrad"], row["answer_tokens"] - row["stop_token"], row["mean_entropy"])
-        assert row["confidence"] == expected and 0 < expected < 1
+        expected = probe_confidence(model.calibrator, row_features(row))
+        assert row["confidence"] == pytest.approx(expected, rel=1e-9) and 0 < expected < 1
         assert row["min_confidence"] == model.operating_point.min_confidence
         assert row["flagged"] == (row["confidence"] < row["min_confidence"])
     assert "scored 2 of 9 lines" in capsys.readouterr().err
@@ -122,16 +123,13 @@ def test_score_claims(tmp_path, default_scorer) -> None:
             "confidence",
         ):  # float32; the shared scorer may reuse a cached prefix
             assert got[key] == pytest.approx(want[key], rel=FLOAT32_BATCH_REL), key
-        # the profile's calibrator on the claim's own score, length (the stop token, in the last claim, not counted)
-        # and entropy
+        # the profile's claims' probe on the claim's own scores, length (the stop token, in the last claim, not
+        # counted) and mean entropy
         length = (
             got["token_end"] - got["token_start"] - (got["token_end"] == row["answer_tokens"] and row["stop_token"])
         )
-        model = default_scorer.profile.confidence
-        assert (
-            got["confidence"] == model.confidence(got["hybridgrad"], length, got["mean_entropy"])
-            and 0 < got["confidence"] < 1
-        )
+        expected = probe_confidence(default_scorer.profile.confidence.claim_calibrator, claim_row_features(got, length))
+        assert got["confidence"] == pytest.approx(expected, rel=1e-9) and 0 < got["confidence"] < 1
         assert got["flagged"] == (got["confidence"] < row["min_confidence"])
     assert row["claims"][-1]["token_end"] == row["answer_tokens"] and row["semgrad"] == pytest.approx(
         plain["semgrad"], rel=1e-6
@@ -171,10 +169,16 @@ def test_ask_answers_and_scores(capsys, default_scorer) -> None:
     assert "Paris" in out
     scores = json.loads(out[out.index("{") :])
     assert scores["semgrad"] > 0 and scores["score"] == scores["hybridgrad"]
-    model = default_scorer.profile.confidence
-    assert scores["confidence"] == model.confidence(
-        scores["hybridgrad"], scores["answer_tokens"] - scores["stop_token"], scores["mean_entropy"]
+    # the printed answer scored again: its confidence is the profile's probe on that answer's numbers (by hand)
+    prompt = default_scorer.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    answer = out[: out.index("{")].strip()
+    (direct,) = default_scorer.score([(prompt, default_scorer.answer_ids(answer, stop_token=scores["stop_token"]))])
+    row = default_scorer.report(direct)
+    assert scores["answer_tokens"] == row["answer_tokens"] and scores["semgrad"] == pytest.approx(
+        row["semgrad"], rel=FLOAT32_BATCH_REL
     )
+    expected = probe_confidence(default_scorer.profile.confidence.calibrator, row_features(row))
+    assert scores["confidence"] == pytest.approx(expected, rel=1e-3)
     assert 0 < scores["confidence"] < 1 and scores["flagged"] == (scores["confidence"] < scores["min_confidence"])
 
 

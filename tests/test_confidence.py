@@ -35,6 +35,8 @@ from semgrad_serve.evaluation.confidence_report import analyse
 from semgrad_serve.scoring.confidence import IsotonicCalibrator, ProbeCalibrator, features
 from semgrad_serve.scoring.profiles import ModelProfile, TStarRule
 
+from probe_by_hand import probe_confidence, row_features
+
 NAMES = ("ln hybridgrad", "ln answer tokens", "mean entropy", "ln semgrad", "ln paragrad")
 
 
@@ -43,8 +45,14 @@ def answers(score, length, entropy, correct, group=None, vectors=None) -> Answer
     n = len(correct)
     ln_s, h = np.log(np.asarray(score, float)), np.asarray(entropy, float)
     x = np.stack([ln_s, np.log(np.maximum(np.asarray(length), 1)), h, ln_s - 0.5, ln_s + 0.3 * h], axis=1)
-    return Answers(x, NAMES, vectors or {}, np.asarray(length), np.asarray(correct, bool),
-                   np.asarray(group if group is not None else ["d"] * n))
+    return Answers(
+        x,
+        NAMES,
+        vectors or {},
+        np.asarray(length),
+        np.asarray(correct, bool),
+        np.asarray(group if group is not None else ["d"] * n),
+    )
 
 
 def sigmoid(z):
@@ -154,8 +162,9 @@ def test_fit_confidence_operating_point_and_held_out_flags() -> None:
     assert min(after) < 0.9
     assert got.model.fitted["calibrator"] == min(got.cv_log_loss, key=got.cv_log_loss.get)
     assert got.model.fitted["note"] == "test"
-    usable = {k for k, c in CANDIDATES.items()
-              if c.components == 0 and (c.scalars is None or set(c.scalars) <= set(NAMES))}
+    usable = {
+        k for k, c in CANDIDATES.items() if c.components == 0 and (c.scalars is None or set(c.scalars) <= set(NAMES))
+    }
     assert set(got.cv_log_loss) == usable
     assert np.array_equal(got.heldout, fit_confidence(a, "hybridgrad", "precision", 0.9, {}).heldout)  # fixed seeds
     with pytest.raises(SemgradError, match="at least 10 correct"):
@@ -203,7 +212,7 @@ def test_profile_round_trip_with_each_calibrator(tmp_path) -> None:
         (lambda d: d["confidence"].update(version=3), "not of version 1 or 2"),
         (lambda d: d["confidence"].update(score="paragrad"), "fitted on 'paragrad'"),
         (lambda d: d["confidence"]["calibrator"].update(kind="forest"), "unknown calibrator kind"),
-        (lambda d: d["confidence"]["calibrator"].update(weights=[1.0]), "one value per term"),
+        (lambda d: d["confidence"]["calibrator"].update(weights=[1.0]), "one value per feature"),
     ],
 )
 def test_bad_confidence_models_are_one_line_errors(tmp_path, default_scorer, change, message) -> None:
@@ -222,18 +231,21 @@ def test_report_carries_the_calibrated_confidence_and_its_flag(default_scorer) -
     results = scorer.score(
         [(prompt, scorer.answer_ids(a)) for a in ("Paris.", "Berlin", "I think it is Lyon, in the south.")]
     )
+    assert isinstance(model.calibrator, ProbeCalibrator)  # the fitted probe (version 2)
     for r in results:
         report = scorer.report(r)
         assert report["hybridgrad"] == r.hybridgrad and report["score"] == r.hybridgrad  # raw scores unchanged
-        assert report["confidence"] == model.confidence(r.hybridgrad, r.answer_tokens - 1, r.mean_entropy)
-        assert report["confidence"] == model.calibrator.probability(r.hybridgrad, r.answer_tokens - 1, r.mean_entropy)
+        # the probe applied by hand to the answer's scores, length (stop token not counted) and token statistics
+        assert report["confidence"] == pytest.approx(probe_confidence(model.calibrator, row_features(report)), rel=1e-9)
+        assert 0 < report["confidence"] < 1
         assert report["flagged"] is (report["confidence"] < report["min_confidence"])
     # a flag at the operating point: nudge the cut around one answer's confidence
-    p = scorer.profile.assess(results[0].scores(), 2)["confidence"]
+    first = results[0]
+    p = scorer.profile.assess(first.scores(), first.answer_tokens - 1, first)["confidence"]
     for cut, expected in ((p + 1e-9, True), (p, False)):
         op = replace(model.operating_point, min_confidence=cut)
         profile = replace(scorer.profile, confidence=replace(model, operating_point=op))
-        assert profile.assess(results[0].scores(), 2)["flagged"] is expected
+        assert profile.assess(first.scores(), first.answer_tokens - 1, first)["flagged"] is expected
 
 
 def test_a_profile_without_a_calibrator_keeps_the_threshold_flag(default_scorer) -> None:

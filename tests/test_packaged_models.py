@@ -20,6 +20,8 @@ from semgrad_serve.model import gguf_sources, packaged
 from semgrad_serve.model.gguf_sources import PackageFile
 from semgrad_serve.model.loading import check_model, resolve_model
 
+from probe_by_hand import probe_confidence, row_features, t_star_features
+
 QWEN = packaged.PACKAGED[packaged.QWEN_MODEL]
 QWEN_INSTALLED = all(importlib.util.find_spec(r.split("==")[0].replace("-", "_")) for r in QWEN.source.requirements())
 
@@ -210,3 +212,9 @@ def test_qwen_converts_scores_with_its_fitted_profile() -> None:
     report = scorer.report(result)
     assert all(report[k] > 0 for k in ("semgrad", "paragrad", "hybridgrad"))
     assert 0 < report["confidence"] < 1 and report["flagged"] == (report["confidence"] < report["min_confidence"])
+    # its fitted probe reads the vectors at t* and per-layer SemGrad: the confidence equals the probe applied by hand
+    probe = scorer.profile.confidence.calibrator
+    assert probe.projections and scorer.t_star_features
+    layers, vectors = t_star_features(result.to_dict())
+    expected = probe_confidence(probe, {**row_features(report), **layers}, vectors)
+    assert report["confidence"] == pytest.approx(expected, rel=1e-9)

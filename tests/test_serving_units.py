@@ -33,6 +33,7 @@ from semgrad_serve.serving.worker.captures import CaptureStore
 from semgrad_serve.serving.worker.scoring_service import ScoringService, generation_cores, scoring_cores
 from semgrad_serve.serving.worker.vllm_weights import from_vllm_model
 
+from probe_by_hand import probe_confidence, row_features
 from tiny_models import FAMILY_PARAMS, random_items, tiny_model
 
 # -- vLLM's module layout ----------------------------------------------------------------------------
@@ -314,6 +315,8 @@ def test_a_cancelled_job_is_not_scored() -> None:
 
     assert asyncio.run(go())[1] == [{"semgrad": 5.0}]
     assert scored == [[100], [5]]
+
+
 def test_messages_pickle_and_are_told_apart_by_type() -> None:
     """Every message survives pickling equal (the socket pickles them); a message of no known type is logged and
     ignored by the service, which goes on answering."""
@@ -465,9 +468,11 @@ def test_answer_report_turns_nan_and_item_errors_into_errors(default_scorer) -> 
     (result,) = scorer.score([(prompt, scorer.answer_ids("Paris."))])
     report = answer_report(scorer, result)
     assert tuple(report) == SERVED_FIELDS and report["score"] == report["hybridgrad"] > 0
-    # the served confidence: the profile's calibrator on this answer's own score, length (no stop token) and entropy
+    # the served confidence: the profile's probe (by hand) on this answer's own scores, length (no stop token) and
+    # token statistics
     model = scorer.profile.confidence
-    assert report["confidence"] == model.confidence(result.hybridgrad, result.answer_tokens - 1, result.mean_entropy)
+    expected = probe_confidence(model.calibrator, row_features(scorer.report(result)))
+    assert report["confidence"] == pytest.approx(expected, rel=1e-9) and 0 < expected < 1
     assert report["min_confidence"] == model.operating_point.min_confidence
     assert report["flagged"] is (report["confidence"] < report["min_confidence"])
     broken = type(result)(**{**result.to_dict(), "semgrad": math.nan})
@@ -586,7 +591,10 @@ def test_passes_merge_into_one_report_per_answer() -> None:
     job = Job(1, None, [([1], [2]), ([3], [4])], claims=True)
     split_job(job, lambda pair, claims: [range(0, 1), range(1, 2)] if pair[0] == [1] else [range(0, 1), range(1, 3)])
     assert [(p.answers, p.windows) for p in job.pieces] == [
-        ([0], [range(0, 1)]), ([0], [range(1, 2)]), ([1], [range(0, 1)]), ([1], [range(1, 3)])
+        ([0], [range(0, 1)]),
+        ([0], [range(1, 2)]),
+        ([1], [range(0, 1)]),
+        ([1], [range(1, 3)]),
     ]
     reports = [
         {"semgrad": 1.0, "claims": ["a"]},
