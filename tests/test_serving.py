@@ -110,6 +110,33 @@ LONG_CONTEXT = " ".join(
 )
 
 
+def assert_prompts_served_as_offline(client: openai.OpenAI, model: str, scorer, reused: list[str]) -> None:
+    """A short prompt and a ~1.5k-token one, two sampled answers each: every answer scored from what vLLM computed
+    (``reused``), equal to the offline scorer's recompute (1e-4)."""
+    for question in ("What is the capital of France?", f"{LONG_CONTEXT}\nHow many crates does district 3 store?"):
+        messages = ask(question)
+        response = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=12,
+            temperature=1.0,
+            seed=3,
+            n=2,
+            extra_body={"return_token_ids": True},
+        )
+        prompt_ids = response.model_extra["prompt_token_ids"]
+        assert prompt_ids == scorer.prompt_ids(messages)
+        for choice in response.choices:
+            semgrad = semgrad_of(choice)
+            assert semgrad is not None and "error" not in semgrad, semgrad
+            assert semgrad["reused"] == reused, semgrad
+            (offline,) = scorer.score([(prompt_ids, choice.model_extra["token_ids"])])
+            assert not isinstance(offline, ItemError), offline
+            expected = scorer.report(offline)
+            for key in SCORE_KEYS:
+                assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
+
+
 def test_chat_scores_equal_the_offline_scorer(client, default_scorer) -> None:
     """Short and ~1.5k-token prompts: scored over the prompt keys/values vLLM computed, equal to the offline
     scorer's recompute of them."""

@@ -14,9 +14,8 @@ from typing import Iterator
 
 import openai
 import pytest
-from test_serving import LONG_CONTEXT, REQUEST_TIMEOUT_S, SCORE_KEYS, ask, semgrad_of
+from test_serving import REQUEST_TIMEOUT_S, assert_prompts_served_as_offline
 
-from semgrad_serve.errors import ItemError
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.testing.family_checkpoints import save_family_checkpoint
 from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
@@ -64,25 +63,4 @@ def test_served_scores_equal_offline_and_reuse_vllm(family_server: tuple[str, st
     name, url, model_dir, reused = family_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
     scorer = Scorer.from_pretrained(model_dir)
-    for question in ("What is the capital of France?", f"{LONG_CONTEXT}\nHow many crates does district 3 store?"):
-        messages = ask(question)
-        response = client.chat.completions.create(
-            model=name,
-            messages=messages,
-            max_tokens=12,
-            temperature=1.0,
-            seed=3,
-            n=2,
-            extra_body={"return_token_ids": True},
-        )
-        prompt_ids = response.model_extra["prompt_token_ids"]
-        assert prompt_ids == scorer.prompt_ids(messages)
-        for choice in response.choices:
-            semgrad = semgrad_of(choice)
-            assert semgrad is not None and "error" not in semgrad, semgrad
-            assert semgrad["reused"] == reused, semgrad
-            (offline,) = scorer.score([(prompt_ids, choice.model_extra["token_ids"])])
-            assert not isinstance(offline, ItemError), offline
-            expected = scorer.report(offline)
-            for key in SCORE_KEYS:
-                assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert_prompts_served_as_offline(client, name, scorer, reused)

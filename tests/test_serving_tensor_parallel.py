@@ -14,10 +14,9 @@ from typing import Iterator
 import openai
 import pytest
 import torch
-from test_serving import LONG_CONTEXT, REQUEST_TIMEOUT_S, SCORE_KEYS, ask, semgrad_of
+from test_serving import REQUEST_TIMEOUT_S, ask, assert_prompts_served_as_offline, semgrad_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from semgrad_serve.errors import ItemError
 from semgrad_serve.model.loading import resolve_model
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
@@ -87,28 +86,8 @@ def test_two_workers_score_like_one(tp_url: str, tiny_dir: Path) -> None:
     band inputs recorded while generating; rank 0's answer equals the unsharded offline scores."""
     client = openai.OpenAI(base_url=f"{tp_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
     scorer = Scorer.from_pretrained(tiny_dir)
-    for question in ("What is the capital of France?", f"{LONG_CONTEXT}\nHow many crates does district 3 store?"):
-        messages = ask(question)
-        response = client.chat.completions.create(
-            model=MODEL,
-            messages=messages,
-            max_tokens=12,
-            temperature=1.0,
-            seed=3,
-            n=2,
-            extra_body={"return_token_ids": True},
-        )
-        prompt_ids = response.model_extra["prompt_token_ids"]
-        assert prompt_ids == scorer.prompt_ids(messages)
-        for choice in response.choices:
-            semgrad = semgrad_of(choice)
-            assert semgrad is not None and "error" not in semgrad, semgrad
-            assert semgrad["reused"] == ["prompt_kv", "band_inputs"]  # the logits: each rank forms its own rows
-            (offline,) = scorer.score([(prompt_ids, choice.model_extra["token_ids"])])
-            assert not isinstance(offline, ItemError), offline
-            expected = scorer.report(offline)
-            for key in SCORE_KEYS:
-                assert semgrad[key] == pytest.approx(expected[key], rel=1e-4), key
+    # the logits are not reused: each rank forms its own rows
+    assert_prompts_served_as_offline(client, MODEL, scorer, ["prompt_kv", "band_inputs"])
     # a raw completion (t* falls back to the last prompt token) and scoring off, through the same workers
     response = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
     assert semgrad_of(response.choices[0])["t_star_rule"] == "last_prompt_token"
