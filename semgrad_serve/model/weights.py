@@ -1,7 +1,7 @@
 """A family-neutral, frozen view of a decoder-only model's weights.
 
 The scoring forward (``decoder.py``) runs on this view, so the same code scores a
-Hugging Face model and the modules vLLM has loaded (``serving/weights.py``).
+Hugging Face model and the modules vLLM has loaded (``serving/worker/vllm_weights.py``).
 Every tensor is detached: weights never enter the autograd graph.
 """
 
@@ -16,7 +16,7 @@ import torch
 from ..errors import SemgradError
 from .tensor_parallel import TensorParallel
 
-# model_type → the layout its layers follow (``from_hf_model``; vLLM's modules: ``serving/weights.py``)
+# model_type → the layout its layers follow (``from_hf_model``; vLLM's modules: ``serving/worker/vllm_weights.py``)
 SUPPORTED_FAMILIES = (
     "llama",
     "mistral",
