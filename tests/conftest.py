@@ -49,20 +49,14 @@ def served(tmp_path_factory) -> Iterator["RunningServer"]:
     fault hook on), shared by test_serving.py and test_serving_page.py: a start costs about a minute."""
     from semgrad_serve.errors import SemgradError
     from semgrad_serve.serving.settings import TEST_FAULTS_ENV
-    from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
+    from semgrad_serve.testing.launch_server import checkout_env, semgrad_server
 
-    root = Path(__file__).resolve().parents[1]
     log = tmp_path_factory.mktemp("serving") / "server.log"
-    env = {
-        **os.environ,
-        TEST_FAULTS_ENV: "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env(**{TEST_FAULTS_ENV: "1"})
     # A small KV cache: the tests need little of it, and the server starts faster with an explicit size.
     args = ["--dtype", "float32", "--max-batch", "8", "--", "--kv-cache-memory-bytes", str(1 << 30)]
     try:
-        port = free_port()
-        with running_server(serve_command(port, *args), port, log, env, timeout_s=SERVER_START_TIMEOUT_S) as server:
+        with semgrad_server(log, *args, env=env, timeout_s=SERVER_START_TIMEOUT_S) as server:
             yield server
     except SemgradError as exc:
         pytest.fail(str(exc))

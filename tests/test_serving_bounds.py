@@ -9,12 +9,10 @@ long answer's claims without the minutes of generation."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import subprocess
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -28,7 +26,12 @@ from semgrad_serve.serving.api_server.invocations_route import NOT_AUTHORIZED
 from semgrad_serve.serving.api_server.unscored_routes import NOTE_HEADER, UNSCORED
 from semgrad_serve.serving.settings import TEST_FAULTS_ENV, TEST_SLOW_MARKER
 from semgrad_serve.serving.worker.extension import over_limit_error
-from semgrad_serve.testing.launch_server import RunningServer, free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import (
+    RunningServer,
+    checkout_env,
+    semgrad_server,
+    serve_command,
+)
 
 pytestmark = pytest.mark.slow  # starts the vLLM server
 
@@ -41,13 +44,8 @@ FOUR_SENTENCES = ask("Write five short sentences about cats.")  # the default mo
 def bounded(tmp_path_factory) -> Iterator[RunningServer]:
     """A server with a claim limit of 3, every claim a pass of its own and one backward per seed (the smallest
     memory budget), and an API key."""
-    root = Path(__file__).resolve().parents[1]
     log = tmp_path_factory.mktemp("bounds") / "server.log"
-    env = {
-        **os.environ,
-        TEST_FAULTS_ENV: "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env(**{TEST_FAULTS_ENV: "1"})
     args = [
         "--dtype",
         "float32",
@@ -64,8 +62,7 @@ def bounded(tmp_path_factory) -> Iterator[RunningServer]:
         KEY,
     ]
     try:
-        port = free_port()
-        with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
+        with semgrad_server(log, *args, env=env) as server:
             yield server
     except SemgradError as exc:
         pytest.fail(str(exc))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -26,7 +25,11 @@ from test_serving import (
 )
 
 from semgrad_serve.commands.serve import cpu_thread_binding
-from semgrad_serve.testing.launch_server import RunningServer, free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import (
+    RunningServer,
+    checkout_env,
+    semgrad_server,
+)
 
 pytestmark = pytest.mark.slow  # starts a vLLM server with two engines
 
@@ -45,8 +48,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def dp_server(tmp_path_factory) -> Iterator[RunningServer]:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve binds one core per engine itself
     args = [
         "--dtype",
@@ -61,9 +63,8 @@ def dp_server(tmp_path_factory) -> Iterator[RunningServer]:
         "--max-model-len",
         "4096",
     ]
-    port = free_port()
     log = tmp_path_factory.mktemp("dp-server") / "server.log"
-    with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
+    with semgrad_server(log, *args, env=env) as server:
         text = server.log.read_text(errors="replace")
         assert "EngineCore_DP0" in text and "EngineCore_DP1" in text
         yield server

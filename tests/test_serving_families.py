@@ -8,7 +8,6 @@ rows). One server start per case (about a minute each on two cores)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +17,7 @@ from test_serving import REQUEST_TIMEOUT_S, assert_prompts_served_as_offline
 
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.testing.family_checkpoints import save_family_checkpoint
-from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import checkout_env, semgrad_server
 
 pytestmark = pytest.mark.slow  # starts a vLLM server per family
 
@@ -34,8 +33,7 @@ def family_server(request, tmp_path_factory) -> Iterator[tuple[str, str, Path, l
     family, size = request.param
     name = family.replace("_", "-")
     model_dir = save_family_checkpoint(family, tmp_path_factory.mktemp(name) / name)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve binds one core per worker itself
     args = [
         "--model",
@@ -50,9 +48,8 @@ def family_server(request, tmp_path_factory) -> Iterator[tuple[str, str, Path, l
         "--max-model-len",
         "4096",
     ]
-    port = free_port()
     log = tmp_path_factory.mktemp(f"{name}-server") / "server.log"
-    with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
+    with semgrad_server(log, *args, env=env) as server:
         yield name, server.url, model_dir, ALL_REUSED if size == 1 else SHARDED_REUSED
 
 

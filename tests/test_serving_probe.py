@@ -6,7 +6,6 @@ small enough that the confidence stays inside (0, 1)), and a claims' probe."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def probe_profile(scorer, path: Path):
 
 def test_served_probe_confidence_equals_the_offline_one(tmp_path, default_scorer) -> None:
     from semgrad_serve.scoring.scorer import Scorer
-    from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
+    from semgrad_serve.testing.launch_server import checkout_env, semgrad_server
 
     path = tmp_path / "probe.json"
     profile = probe_profile(default_scorer, path)
@@ -74,9 +73,6 @@ def test_served_probe_confidence_equals_the_offline_one(tmp_path, default_scorer
     )
     assert offline_scorer.t_star_features  # the probe reads them, so the scorer computes them
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    port = free_port()
     args = [
         "--dtype",
         "float32",
@@ -88,7 +84,7 @@ def test_served_probe_confidence_equals_the_offline_one(tmp_path, default_scorer
         "--kv-cache-memory-bytes",
         str(1 << 30),
     ]
-    with running_server(serve_command(port, *args), port, tmp_path / "server.log", env, timeout_s=600) as server:
+    with semgrad_server(tmp_path / "server.log", *args, env=checkout_env()) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=180, max_retries=0)
         reply = client.chat.completions.create(
             model="smollm2-135m-instruct",

@@ -6,7 +6,6 @@ The suite's one tensor-parallel server start (about a minute on two cores)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from semgrad_serve.model.loading import resolve_model
 from semgrad_serve.scoring.scorer import Scorer
-from semgrad_serve.testing.launch_server import free_port, running_server, serve_command
+from semgrad_serve.testing.launch_server import checkout_env, semgrad_server
 
 pytestmark = pytest.mark.slow  # starts a vLLM server with two workers
 
@@ -57,8 +56,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tp_url(tiny_dir: Path, tmp_path_factory) -> Iterator[str]:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # serve binds one core per worker itself
     args = [
         "--model",
@@ -73,9 +71,8 @@ def tp_url(tiny_dir: Path, tmp_path_factory) -> Iterator[str]:
         "--max-model-len",
         "4096",
     ]
-    port = free_port()
     log = tmp_path_factory.mktemp("tp-server") / "server.log"
-    with running_server(serve_command(port, *args), port, log, env, timeout_s=600) as server:
+    with semgrad_server(log, *args, env=env) as server:
         text = server.log.read_text(errors="replace")
         assert "world_size=2" in text and "'tensor_parallel_size': 2" in text
         yield server.url

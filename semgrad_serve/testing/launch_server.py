@@ -51,6 +51,14 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def checkout_env(**settings: str) -> dict[str, str]:
+    """This process's environment with this checkout first on ``PYTHONPATH`` (the server runs this copy of the
+    package) and ``settings`` added."""
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **settings}
+
+
 def serve_command(port: int, *serve_args: str) -> list[str]:
     """The command line of ``semgrad-serve serve`` on ``port`` with more of its options."""
     return [sys.executable, "-m", "semgrad_serve.cli", "serve", "--port", str(port), *serve_args]
@@ -109,3 +117,13 @@ def running_server(
         yield RunningServer(url, proc.pid, Path(log))
     finally:
         _stop(proc)
+
+
+@contextmanager
+def semgrad_server(
+    log: Path, *serve_args: str, env: Mapping[str, str] | None = None, timeout_s: float = 600
+) -> Iterator[RunningServer]:
+    """``semgrad-serve serve`` with ``serve_args`` on a free port, run as ``running_server`` runs it."""
+    port = free_port()
+    with running_server(serve_command(port, *serve_args), port, log, env, timeout_s) as server:
+        yield server
