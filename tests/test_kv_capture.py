@@ -99,6 +99,18 @@ def make_connector(role: KVConnectorRole, secret: bytes | None = SECRET):
     return connector
 
 
+def fresh_recorder_and_store(monkeypatch) -> tuple:
+    """A step recorder and a capture store (t* = 3 for every prompt) in place of the connector's own."""
+    from semgrad_serve.serving.worker import capture_connector, step_recorder
+
+    recorder = step_recorder.StepRecorder()
+    monkeypatch.setattr(capture_connector, "RECORDER", recorder)
+    store = CaptureStore()
+    store.prefix_length = lambda ids: 3
+    monkeypatch.setattr(capture_connector, "STORE", store)
+    return recorder, store
+
+
 def finished(
     request_id: str,
     status: RequestStatus,
@@ -279,13 +291,8 @@ def test_connector_captures_band_layers_only_where_band_inputs_were_recorded(mon
     the band layers' keys/values only; each choice of a request (n > 1) gives its own answer its own band
     inputs and logits; a request whose recording is incomplete gets every layer's keys/values; one that ended
     without a capture is forgotten."""
-    from semgrad_serve.serving.worker import capture_connector, step_recorder
 
-    recorder = step_recorder.StepRecorder()
-    monkeypatch.setattr(capture_connector, "RECORDER", recorder)
-    store = CaptureStore()
-    store.prefix_length = lambda ids: 3
-    monkeypatch.setattr(capture_connector, "STORE", store)
+    recorder, store = fresh_recorder_and_store(monkeypatch)
     scheduler = make_connector(KVConnectorRole.SCHEDULER)
     keys = {"r1": "k1", "r4": "k1", "r2": "k2", "r3": "k3"}  # r1 and r4: two choices of one request
     for rid, key in keys.items():

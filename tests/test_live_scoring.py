@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_kv_capture import VOCAB, FakeRunner, finished, make_connector, minted, stream_value
+from test_kv_capture import VOCAB, FakeRunner, finished, fresh_recorder_and_store, make_connector, minted, stream_value
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.request import RequestStatus
 
@@ -46,13 +46,8 @@ def test_a_running_requests_prompt_is_copied_once_and_its_rows_so_far_are_given(
     the step after the prompt was computed, from the band's layers); then each answer so far gets its own choice's
     band inputs and logits up to its end, while the recording goes on; an answer not computed yet waits; once the
     choice ends, its capture (the same keys/values, copied once) gives the same; a dropped key gives nothing."""
-    from semgrad_serve.serving.worker import capture_connector, step_recorder
 
-    recorder = step_recorder.StepRecorder()
-    monkeypatch.setattr(capture_connector, "RECORDER", recorder)
-    store = CaptureStore()
-    store.prefix_length = lambda ids: 3
-    monkeypatch.setattr(capture_connector, "STORE", store)
+    recorder, store = fresh_recorder_and_store(monkeypatch)
     scheduler = make_connector(KVConnectorRole.SCHEDULER)
     prompt = [5] * 4
     for rid in ("r1", "r2"):
@@ -104,13 +99,8 @@ def test_a_running_requests_prompt_is_copied_once_and_its_rows_so_far_are_given(
 def test_a_prefix_cache_hit_past_t_star_copies_every_layer_for_a_live_request(monkeypatch) -> None:
     """Band inputs never recorded from t* (vLLM did not run those positions): every layer's prompt keys/values are
     copied, and answers so far are given them alone (the band's inputs recomputed by scoring)."""
-    from semgrad_serve.serving.worker import capture_connector, step_recorder
 
-    recorder = step_recorder.StepRecorder()
-    monkeypatch.setattr(capture_connector, "RECORDER", recorder)
-    store = CaptureStore()
-    store.prefix_length = lambda ids: 3
-    monkeypatch.setattr(capture_connector, "STORE", store)
+    recorder, store = fresh_recorder_and_store(monkeypatch)
     scheduler = make_connector(KVConnectorRole.SCHEDULER)
     prompt = [5] * 6
     scheduler.update_state_after_alloc(live_request("r1", "hit", prompt), None, 0)
