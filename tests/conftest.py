@@ -24,6 +24,19 @@ DATA_DIR = Path(os.environ.get("SEMGRAD_SERVE_DATA", Path(__file__).resolve().pa
 # tested in float64 (test_exactness.py).
 FLOAT32_BATCH_REL = 5e-4
 
+# The fields of a scored claim, in order, wherever claims are reported (CLI, served answers, live chunks).
+CLAIM_FIELDS = (
+    "text",
+    "token_start",
+    "token_end",
+    "semgrad",
+    "paragrad",
+    "hybridgrad",
+    "mean_entropy",
+    "confidence",
+    "flagged",
+)
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

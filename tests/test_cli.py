@@ -13,7 +13,7 @@ import pytest
 from semgrad_serve.cli import main
 from semgrad_serve.errors import ItemError
 
-from conftest import FLOAT32_BATCH_REL
+from conftest import CLAIM_FIELDS, FLOAT32_BATCH_REL
 from probe_by_hand import claim_row_features, probe_confidence, row_features
 
 
@@ -101,17 +101,7 @@ def test_score_claims(tmp_path, default_scorer) -> None:
     pair = (default_scorer.prompt_ids([{"role": "user", "content": question}]), default_scorer.answer_ids(answer))
     (direct,) = default_scorer.score([pair], claims=True)
     for got, want in zip(row["claims"], default_scorer.report(direct)["claims"]):
-        assert list(got) == [
-            "text",
-            "token_start",
-            "token_end",
-            "semgrad",
-            "paragrad",
-            "hybridgrad",
-            "mean_entropy",
-            "confidence",
-            "flagged",
-        ]
+        assert list(got) == list(CLAIM_FIELDS)
         assert {k: got[k] for k in ("text", "token_start", "token_end")} == {
             k: want[k] for k in ("text", "token_start", "token_end")
         }

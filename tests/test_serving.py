@@ -19,21 +19,12 @@ from semgrad_serve.scoring.items import NOTHING_TO_SCORE
 from semgrad_serve.scoring.semgrad_object import SERVED_FIELDS
 from semgrad_serve.serving.settings import TEST_FAULT_MARKER
 
+from conftest import CLAIM_FIELDS
+
 MODEL = "smollm2-135m-instruct"  # the served name of the default model
 REQUEST_TIMEOUT_S = 180
 SCORE_KEYS = ("semgrad", "paragrad", "hybridgrad", "mean_entropy", "score")
 EOS = 2  # <|im_end|>, the default model's end-of-turn token
-CLAIM_FIELDS = (
-    "text",
-    "token_start",
-    "token_end",
-    "semgrad",
-    "paragrad",
-    "hybridgrad",
-    "mean_entropy",
-    "confidence",
-    "flagged",
-)
 
 pytestmark = pytest.mark.slow  # starts the vLLM server
 

@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 from test_serving import (
-    CLAIM_FIELDS,
     MODEL,
     REQUEST_TIMEOUT_S,
     ask,
@@ -23,6 +22,8 @@ from test_serving import (
     kv_usage_after_probe,
     semgrad_of,
 )
+
+from conftest import CLAIM_FIELDS
 
 pytestmark = pytest.mark.slow  # starts the vLLM server
 
