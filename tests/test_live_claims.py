@@ -5,6 +5,7 @@ partial answer settles are the final answer's."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors; must precede the first triton import
 
@@ -16,7 +17,7 @@ from semgrad_serve.model.weights import from_hf_model
 from semgrad_serve.scoring.batch import score_batch
 from semgrad_serve.scoring.claims import settled_claims, split_claims
 from semgrad_serve.scoring.given import Given
-from semgrad_serve.scoring.items import PreparedItem
+from semgrad_serve.scoring.items import ClaimsResult, PreparedItem, ScoreResult
 from semgrad_serve.testing.naive import naive_scores
 
 from test_claims import CLAIM_SCORES, claimed_items, words
@@ -75,13 +76,25 @@ def test_float64_a_claim_from_its_prefix_equals_it_on_the_final_answer(family: s
             expected.append((claim, scores, naive))
     assert any(c.token_end == len(it.answer_ids) for it in items for c in it.claims)  # a last claim, with the EOS
     given = [Given(kv, x, z) for kv, x, z in zip(kvs, xs, zs)]
-    live = score_batch(weights, prefixes, band, select_kernels("torch"), given=given)
-    for (claim, scores, naive), result in zip(expected, live):
-        (got,) = result.claims
-        assert (got.token_start, got.token_end) == (claim.token_start, claim.token_end)
-        for key in CLAIM_SCORES:
-            assert got.scores()[key] == pytest.approx(scores.scores()[key], rel=1e-9, abs=0), (claim, key)
-            assert got.scores()[key] == pytest.approx(naive[key], rel=1e-9, abs=0), (claim, key)
+    # as live jobs score them: the claim alone (a batch of those has no whole-answer seed), or beside whole answers
+    alone = [replace(it, whole_answer=False) for it in prefixes]
+    mixed = [it if i % 2 else replace(it, whole_answer=False) for i, it in enumerate(prefixes)]
+    for batch in (prefixes, alone, mixed):
+        live = score_batch(weights, batch, band, select_kernels("torch"), given=given)
+        for (claim, scores, naive), result, item in zip(expected, live, batch):
+            assert isinstance(result, ScoreResult if item.whole_answer else ClaimsResult)
+            (got,) = result.claims
+            assert (got.token_start, got.token_end) == (claim.token_start, claim.token_end)
+            for key in CLAIM_SCORES:
+                assert got.scores()[key] == pytest.approx(scores.scores()[key], rel=1e-9, abs=0), (claim, key)
+                assert got.scores()[key] == pytest.approx(naive[key], rel=1e-9, abs=0), (claim, key)
+    # a window of several claims, the head on their rows only (a live job that fell behind)
+    later = [replace(it, claims=it.claims[1:], whole_answer=False) for it in items]
+    for result, scores in zip(score_batch(weights, later, band, select_kernels("torch")), whole):
+        assert len(result.claims) == len(scores.claims) - 1
+        for got, want in zip(result.claims, scores.claims[1:]):
+            for key in CLAIM_SCORES:
+                assert got.scores()[key] == pytest.approx(want.scores()[key], rel=1e-9, abs=0), key
 
 
 def test_float32_a_claim_from_its_prefix_equals_it_on_the_final_answer() -> None:
@@ -91,7 +104,8 @@ def test_float32_a_claim_from_its_prefix_equals_it_on_the_final_answer() -> None
     item = next(it for it in claimed_items(seed=8, n=6) if len(it.claims) > 1)
     (whole,) = score_batch(weights, [item], band, select_kernels())
     prefixes = [
-        PreparedItem(item.prompt_ids, item.answer_ids[: c.token_end], item.t_star, claims=(c,)) for c in item.claims
+        PreparedItem(item.prompt_ids, item.answer_ids[: c.token_end], item.t_star, claims=(c,), whole_answer=False)
+        for c in item.claims
     ]
     for result, scores in zip(score_batch(weights, prefixes, band, select_kernels()), whole.claims):
         for key in CLAIM_SCORES:

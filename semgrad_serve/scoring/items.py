@@ -39,6 +39,7 @@ class PreparedItem:
     t_star_token: str = ""
     t_star_rule: str = T_STAR_RULES[0]
     claims: tuple[Claim, ...] = ()  # consecutive token runs that cover the answer, each scored on its own; () = none
+    whole_answer: bool = True  # False: only its claims are scored (an answer still being generated)
 
     @property
     def length(self) -> int:
@@ -68,6 +69,20 @@ class ClaimScores:
     def scores(self) -> dict[str, float]:
         """The scores that were computed, by name (``FLAG_SCORES`` order)."""
         return {k: getattr(self, k) for k in FLAG_SCORES if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class ClaimsResult:
+    """The scores of an answer's claims alone: an answer still being generated, whose whole-answer scores would
+    change with what comes next while its settled claims' scores cannot."""
+
+    claims: list[ClaimScores]
+    answer_tokens: int  # the answer's tokens so far
+    stop_token: bool = False
+
+    def scores(self) -> dict[str, float]:
+        """Every claim's scores, by claim index and name (``"2.semgrad"``)."""
+        return {f"{i}.{k}": v for i, c in enumerate(self.claims) for k, v in c.scores().items()}
 
 
 @dataclass(frozen=True)
