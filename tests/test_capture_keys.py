@@ -230,7 +230,7 @@ def test_the_api_server_reads_the_workers_store_figures_over_the_scoring_socket(
     store.prefix_length = lambda ids: 2
     store.add("k", (1, 2, 3), lambda n, first: torch.ones(1, 2, 1, n, 4))  # 64 bytes
     store.drop("gone")
-    service = ScoringService(lambda pairs, given, claims: [], store, 8, cores=set())
+    service = ScoringService(lambda pairs, given, claims, so_far: [], store, 8, cores=set())
     client = ScoringClient(service.address, service.authkey, secret=SECRET)
     assert capture_keys.verify(SECRET, client.new_key())
     assert asyncio.run(client.store_stats(10.0)) == StoreStats(

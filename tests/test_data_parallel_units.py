@@ -27,7 +27,7 @@ def engine_service(engine: int, seen: list) -> ScoringService:
     """A scoring service whose score names its engine (100 × engine + the first prompt id) and records the pairs'
     capture state (whether each came with a key)."""
 
-    def score(pairs: list, given: list, claims: list) -> list[dict]:
+    def score(pairs: list, given: list, claims: list, so_far: list) -> list[dict]:
         seen.append((engine, [p[0] for p, _ in pairs]))
         return [{"semgrad": float(100 * engine + p[0])} for p, _ in pairs]
 

@@ -110,3 +110,23 @@ def test_float32_a_claim_from_its_prefix_equals_it_on_the_final_answer() -> None
     for result, scores in zip(score_batch(weights, prefixes, band, select_kernels()), whole.claims):
         for key in CLAIM_SCORES:
             assert result.claims[0].scores()[key] == pytest.approx(scores.scores()[key], rel=1e-4, abs=0), key
+
+
+def test_scorer_scores_an_answer_so_far_for_its_claims_only(default_scorer) -> None:
+    """``Scorer.score(..., whole_answer=False)`` on an answer so far gives a ``ClaimsResult`` whose report is
+    ``{"claims": [...]}``, the same entries (1e-4) as the final answer's report gives those claims; an empty
+    window gives no claims, unscored."""
+    prompt = default_scorer.prompt_ids([{"role": "user", "content": "Tell me about Paris."}])
+    answer = default_scorer.answer_ids("Paris is in France. It has a tower. It is large.")
+    claims = default_scorer.claims(answer)
+    (final,) = default_scorer.score([(prompt, answer)], claims=True)
+    prefix = answer[: claims[1].token_end]
+    so_far, empty = default_scorer.score(
+        [(prompt, prefix), (prompt, prefix)], claims=[range(1, 2), range(1, 1)], whole_answer=False
+    )
+    assert isinstance(so_far, ClaimsResult) and empty == ClaimsResult([], len(prefix))
+    (got,) = default_scorer.report(so_far)["claims"]
+    want = default_scorer.report(final)["claims"][1]
+    assert list(default_scorer.report(so_far)) == ["claims"] and got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), key

@@ -125,14 +125,14 @@ class Batches:
     ``release``."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, range | None]]] = []
+        self.batches: list[list[tuple[int, range | None, bool]]] = []
         self.release, self.holding = threading.Event(), threading.Event()
 
-    def __call__(self, pairs: list, given: list, windows: list) -> list[dict]:
+    def __call__(self, pairs: list, given: list, windows: list, so_far: list) -> list[dict]:
         if not self.holding.is_set():
             self.holding.set()
             assert self.release.wait(WAIT_S)
-        self.batches.append([(p[0], w) for (p, _), w in zip(pairs, windows)])
+        self.batches.append([(p[0], w, s) for (p, _), w, s in zip(pairs, windows, so_far)])
         return [
             {"semgrad": float(p[0]), "claims": [] if w is None else [{"index": i} for i in w]}
             for (p, _), w in zip(pairs, windows)
@@ -150,9 +150,9 @@ def test_live_jobs_wait_for_their_rows_and_share_a_batch_with_other_requests() -
     async def go() -> list:
         first = asyncio.create_task(client.score(None, [([100], [1])]))
         assert await asyncio.to_thread(score.holding.wait, WAIT_S)
-        a = asyncio.create_task(client.score("a", [([1], [1, 2])], windows=[range(0, 2)], counted=False))
-        b = asyncio.create_task(client.score("b", [([2], [1, 2, 3])], windows=[range(2, 3)], counted=False))
-        c = asyncio.create_task(client.score("c", [([3], [1])], windows=[range(0, 1)], counted=False))
+        a = asyncio.create_task(client.score("a", [([1], [1, 2])], windows=[range(0, 2)], so_far=True))
+        b = asyncio.create_task(client.score("b", [([2], [1, 2, 3])], windows=[range(2, 3)], so_far=True))
+        c = asyncio.create_task(client.score("c", [([3], [1])], windows=[range(0, 1)], so_far=True))
         plain = asyncio.create_task(client.score(None, [([4], [1])]))
         await asyncio.sleep(0.3)
         c.cancel()
@@ -164,7 +164,12 @@ def test_live_jobs_wait_for_their_rows_and_share_a_batch_with_other_requests() -
         return await b
 
     assert asyncio.run(go())[0]["claims"] == [{"index": 2}]
-    assert score.batches == [[(100, None)], [(1, range(0, 2)), (4, None)], [(2, range(2, 3))]]
+    # the live jobs' answers are still running: only their windows' claims are scored
+    assert score.batches == [
+        [(100, None, False)],
+        [(1, range(0, 2), True), (4, None, False)],
+        [(2, range(2, 3), True)],
+    ]
 
 
 def test_the_live_option_is_validated_like_the_others() -> None:
@@ -189,7 +194,7 @@ class FakeClient:
         self.jobs: list[tuple[int, range]] = []  # (prefix length, window)
         self.release = asyncio.Event()
 
-    async def score(self, key, pairs, claims=False, windows=None, counted=True) -> list[dict]:
+    async def score(self, key, pairs, claims=False, windows=None, so_far=False) -> list[dict]:
         from semgrad_serve.scoring.claims import answer_claims
 
         self.jobs += [(len(a), w) for (_, a), w in zip(pairs, windows)]

@@ -132,7 +132,7 @@ class FakeScore:
         self.hold = hold
         self.claims: dict[int, bool] = {}  # first prompt id -> whether its claims were asked for
 
-    def __call__(self, pairs: list, given: list, claims: list) -> list[dict]:
+    def __call__(self, pairs: list, given: list, claims: list, so_far: list) -> list[dict]:
         self.claims.update((p[0], c) for (p, _), c in zip(pairs, claims))
         if self.hold and not self.holding.is_set():
             self.holding.set()
@@ -159,9 +159,9 @@ def service_and_client(score, store: CaptureStore | None = None, max_batch: int 
     """The service over ``score``, a client, and the first prompt id of each pair of every batch scored, in order."""
     batches: list[list[int]] = []
 
-    def recorded(pairs: list, given: list, claims: list) -> list[dict]:
+    def recorded(pairs: list, given: list, claims: list, so_far: list) -> list[dict]:
         batches.append([p[0] for p, _ in pairs])
-        return score(pairs, given, claims)
+        return score(pairs, given, claims, so_far)
 
     service = ScoringService(recorded, store if store is not None else CaptureStore(), max_batch, cores=set())
     return service, ScoringClient(service.address, service.authkey, secret=b"test-secret"), batches
@@ -228,8 +228,8 @@ def test_claims_are_asked_for_per_request() -> None:
 def windowed(score: FakeScore):
     """``score`` whose reports list, as their claims, the claim indices of each answer's window."""
 
-    def with_claims(pairs: list, given: list, windows: list) -> list[dict]:
-        reports = score(pairs, given, windows)
+    def with_claims(pairs: list, given: list, windows: list, so_far: list) -> list[dict]:
+        reports = score(pairs, given, windows, so_far)
         return [{**r, "claims": list(w)} if w is not None else r for r, w in zip(reports, windows)]
 
     return with_claims

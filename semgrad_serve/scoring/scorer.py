@@ -25,7 +25,15 @@ from .batch import score_batch
 from .claim_budget import DEFAULT_SEED_BUDGET
 from .claims import Claim, answer_claims
 from .given import NOTHING_GIVEN, Given, GivenKind, batch_kind
-from .items import DEFAULT_BATCH_TOKENS, NOTHING_TO_SCORE, T_STAR_RULES, ClaimScores, PreparedItem, ScoreResult
+from .items import (
+    DEFAULT_BATCH_TOKENS,
+    NOTHING_TO_SCORE,
+    T_STAR_RULES,
+    ClaimScores,
+    ClaimsResult,
+    PreparedItem,
+    ScoreResult,
+)
 from .profiles import ModelProfile, resolve_profile
 from .shared_prefix import PrefixCache
 
@@ -107,9 +115,15 @@ class Scorer:
         scorer.model = model
         return scorer
 
-    def report(self, result: ScoreResult) -> dict[str, Any]:
+    def report(self, result: ScoreResult | ClaimsResult) -> dict[str, Any]:
         """A result as JSON-ready dict (``semgrad_object.full``), with the profile's configured score, threshold,
-        confidence and flag (``ModelProfile.assess``), and its claims' reports where it has claims."""
+        confidence and flag (``ModelProfile.assess``), and its claims' reports where it has claims; a claims-only
+        result, ``{"claims": [...]}``."""
+        if isinstance(result, ClaimsResult):
+            stop = result.stop_token
+            return {
+                "claims": [self.claim_report(c, stop and c.token_end == result.answer_tokens) for c in result.claims]
+            }
         assessed = self.profile.assess(result.scores(), result.answer_tokens - result.stop_token, result)
         claims = None
         if result.claims is not None:
@@ -171,11 +185,16 @@ class Scorer:
             return None
 
     def prepare(
-        self, prompt_ids: Sequence[int], answer_ids: Sequence[int], claims: bool | range = False
+        self,
+        prompt_ids: Sequence[int],
+        answer_ids: Sequence[int],
+        claims: bool | range = False,
+        whole_answer: bool = True,
     ) -> PreparedItem:
         """Validate one item and locate t*; the answer is scored as given, its stop token included (the stop token
         alone is an answer of one token, as in the SPEC; the server does not score answers that show nothing);
-        ``claims``: the item carries the answer's claims (a range: those of them)."""
+        ``claims``: the item carries the answer's claims (a range: those of them); ``whole_answer=False``: only they
+        are scored (an answer so far: ``ClaimsResult``)."""
         answer = list(answer_ids)
         if not answer:
             raise ItemError(NOTHING_TO_SCORE)
@@ -198,6 +217,7 @@ class Scorer:
             token,
             rule,
             self._claims(answer, claims),
+            whole_answer,
         )
 
     def _claims(self, answer: list[int], wanted: bool | range) -> tuple[Claim, ...]:
@@ -208,7 +228,7 @@ class Scorer:
 
     def score_prepared(
         self, items: Sequence[PreparedItem], given: Sequence[Given] | None = None
-    ) -> list[ScoreResult | ItemError]:
+    ) -> list[ScoreResult | ClaimsResult | ItemError]:
         """One batch; if it fails, each item is retried alone so that one bad item cannot sink the others.
         ``given``: see ``score_batch``."""
         try:
@@ -232,8 +252,10 @@ class Scorer:
             alone = [None] * len(items) if given is None else [[g] for g in given]
             return [r for item, g in zip(items, alone) for r in self.score_prepared([item], g)]
 
-    def _complete(self, item: PreparedItem, result: ScoreResult) -> ScoreResult:
+    def _complete(self, item: PreparedItem, result: ScoreResult | ClaimsResult) -> ScoreResult | ClaimsResult:
         """Add whether the stop token was counted and, opted in, the tied-head ParaGrad."""
+        if isinstance(result, ClaimsResult):
+            return replace(result, stop_token=item.answer_ids[-1] in self.eos_ids)
         tied = (
             tied_head.paragrad_tied(self.weights, item, result.paragrad, self.kernels) if self.paragrad_tied else None
         )
@@ -247,10 +269,12 @@ class Scorer:
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
         given: Sequence[Given] | None = None,
         claims: bool | Sequence[bool | range] = False,
-    ) -> list[ScoreResult | ItemError]:
+        whole_answer: bool | Sequence[bool] = True,
+    ) -> list[ScoreResult | ClaimsResult | ItemError]:
         """Score (prompt ids, answer ids) pairs; results keep input order. ``claims`` (for every pair, or per pair):
         the result also scores each claim of the answer (``Scorer.claims``; per pair, a range scores those of its
-        claims only), in the same pass (its seeds in groups within ``seed_budget``).
+        claims only), in the same pass (its seeds in groups within ``seed_budget``). ``whole_answer`` False (for
+        every pair, or per pair): only the claims are scored, a ``ClaimsResult`` (answers still being generated).
 
         Items of similar length share a batch of at most ``batch_size`` items and, padding included,
         ``max_batch_tokens`` tokens (a longer item goes alone): larger batches of long prompts only
@@ -263,16 +287,20 @@ class Scorer:
             raise SemgradError("batch size and batch tokens must be at least 1")
         given = list(given) if given is not None else [NOTHING_GIVEN] * len(pairs)
         wanted = [claims] * len(pairs) if isinstance(claims, bool) else list(claims)
-        if not len(given) == len(wanted) == len(pairs):
-            raise SemgradError("given and claims need one entry per pair")
-        results: list[ScoreResult | ItemError | None] = [None] * len(pairs)
+        whole = [whole_answer] * len(pairs) if isinstance(whole_answer, bool) else list(whole_answer)
+        if not len(given) == len(wanted) == len(whole) == len(pairs):
+            raise SemgradError("given, claims and whole_answer need one entry per pair")
+        results: list[ScoreResult | ClaimsResult | ItemError | None] = [None] * len(pairs)
         groups: dict[GivenKind, list[tuple[int, int, PreparedItem]]] = {kind: [] for kind in GivenKind}
         for i, (prompt, answer) in enumerate(pairs):
             try:
-                item = self.prepare(prompt, answer, wanted[i])
+                item = self.prepare(prompt, answer, wanted[i], whole[i])
                 self._check_given(item, given[i])
             except ItemError as exc:
                 results[i] = exc
+                continue
+            if not (item.whole_answer or item.claims):  # nothing to score
+                results[i] = self._complete(item, ClaimsResult([], len(item.answer_ids)))
                 continue
             kind = given[i].kind
             groups[kind].append((item.length if kind is GivenKind.NOTHING else item.length - item.t_star, i, item))

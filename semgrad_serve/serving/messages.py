@@ -47,12 +47,14 @@ class ScoreJob:
 @dataclass(frozen=True)
 class LiveJob:
     """Score the claims of answers still being generated (job ``job``; ``worker/live_scoring.py``): per pair, the
-    answer so far and the window of its claims to score, from what vLLM has computed of it so far."""
+    answer so far and the window of its claims to score, from what vLLM has computed of it so far. ``so_far``: the
+    answers are still running, so only those claims are scored; else (a finished choice) its whole answer too."""
 
     job: int
     key: str | None
     pairs: list[Pair]
     windows: list[range]
+    so_far: bool = True
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class LiveClaims:
         new = choice.settled[choice.asked :]
         prefix = choice.ids[: new[-1].token_end]
         window = range(choice.asked, len(choice.settled))
-        task = asyncio.ensure_future(self.client.score(self.key, [(prompt, prefix)], windows=[window], counted=False))
+        task = asyncio.ensure_future(self.client.score(self.key, [(prompt, prefix)], windows=[window], so_far=True))
         choice.jobs.append((task, new))
         choice.asked = len(choice.settled)
 

@@ -75,12 +75,13 @@ class ScoringClient:
         pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
         claims: bool = False,
         windows: Sequence[range] | None = None,
-        counted: bool = True,
+        so_far: bool = False,
     ) -> list[dict[str, Any]]:
         """The ``"semgrad"`` object of each pair (the answers of one request, scored together; ``claims``: with their
         claims' scores); never raises but when cancelled, which cancels the scoring in the worker too. ``windows``:
         a live-claims job (``worker/live_scoring.py``), per pair the window of its answer's claims to score, from
-        what vLLM has computed so far; ``counted``: the answers count in the metrics (not an answer so far)."""
+        what vLLM has computed so far; ``so_far``: the answers are still being generated, so only those claims are
+        scored (``{"claims": [...]}``) and the answers do not count in the metrics."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         job = next(self._jobs)
@@ -90,7 +91,10 @@ class ScoringClient:
             self._waiting[job] = (loop, future, len(pairs))
         start = time.perf_counter()
         listed = [(list(p), list(a)) for p, a in pairs]
-        message = ScoreJob(job, key, listed, claims) if windows is None else LiveJob(job, key, listed, list(windows))
+        if windows is None:
+            message: ScoreJob | LiveJob = ScoreJob(job, key, listed, claims)
+        else:
+            message = LiveJob(job, key, listed, list(windows), so_far)
         if not self._send(message):
             self._fail(job)
         try:
@@ -100,7 +104,7 @@ class ScoringClient:
                 self._waiting.pop(job, None)
             self._send(CancelJob(job))
             raise
-        if counted:
+        if not so_far:
             prometheus_metrics.record_answers(results, time.perf_counter() - start, self.engine)
         return results
 

@@ -19,7 +19,7 @@ from ...model.weights import DecoderWeights
 from ...scoring import semgrad_object
 from ...scoring.claim_budget import DEFAULT_SEED_BUDGET, claim_windows
 from ...scoring.given import NOTHING_GIVEN, Given
-from ...scoring.items import ScoreResult
+from ...scoring.items import ClaimsResult, ScoreResult
 from ...scoring.profiles import resolve_profile
 from ...scoring.scorer import Scorer
 from ..capture_keys import fingerprint, secret_from_env
@@ -46,17 +46,20 @@ keep_dense_cpu_weights()
 
 
 def answer_report(
-    scorer: Scorer, result: ScoreResult | ItemError, given: Given | None = None, tokens: bool = False
+    scorer: Scorer, result: ScoreResult | ClaimsResult | ItemError, given: Given | None = None, tokens: bool = False
 ) -> dict[str, Any]:
     """The ``"semgrad"`` object of one answer: its scores and flag, or ``{"error": ...}``; ``reused`` lists what
     scoring took from vLLM instead of computing it (``prompt_kv``: the prompt's keys/values from its KV cache;
     ``band_inputs``: the residual stream entering the band; ``logits``: the answer's logits), each the same
     numbers up to float rounding. ``tokens`` adds the per-token entropies and log-probs (the API server passes
-    them on to requests that ask for them); ``claims`` are there where they were scored."""
+    them on to requests that ask for them); ``claims`` are there where they were scored. An answer so far's claims
+    alone: ``{"claims": [...]}``."""
     if isinstance(result, ItemError):
         return semgrad_object.error_report(str(result))
     if not all(math.isfinite(v) for v in result.scores().values()):
         return semgrad_object.error_report(semgrad_object.NON_FINITE)
+    if isinstance(result, ClaimsResult):
+        return scorer.report(result)
     return semgrad_object.served(scorer.report(result), (given or NOTHING_GIVEN).reused(), tokens)
 
 
@@ -98,13 +101,15 @@ def with_test_faults(score: ScoreFn, tokenizer: Any) -> ScoreFn:
     text contains ``TEST_FAULT_MARKER`` (the scoring service then retries each request alone), and that takes
     ``TEST_SLOW_S`` longer for one holding ``TEST_SLOW_MARKER`` (a long job, without the long answer)."""
 
-    def score_or_fail(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
+    def score_or_fail(
+        pairs: list[Pair], given: list[Given], windows: list[Window], so_far: list[bool]
+    ) -> list[dict[str, Any]]:
         prompts = [tokenizer.decode(prompt) for prompt, _ in pairs]
         if any(TEST_FAULT_MARKER in text for text in prompts):
             raise RuntimeError("injected scoring fault (test hook)")
         if any(TEST_SLOW_MARKER in text for text in prompts):
             time.sleep(TEST_SLOW_S)
-        return score(pairs, given, windows)
+        return score(pairs, given, windows, so_far)
 
     return score_or_fail
 
@@ -197,17 +202,23 @@ class SemgradWorkerExtension:
                 self.model_runner, model.model.layers[band.start], logits_processor, band.start, scorer.t_star_or_none
             )  # type: ignore[attr-defined]
 
-        def score(pairs: list[Pair], given: list[Given], windows: list[Window]) -> list[dict[str, Any]]:
+        def score(
+            pairs: list[Pair], given: list[Given], windows: list[Window], so_far: list[bool]
+        ) -> list[dict[str, Any]]:
             given = [
                 g if rope_agrees(weights, model_config.max_model_len, len(p) + len(a)) else NOTHING_GIVEN
                 for (p, a), g in zip(pairs, given)
             ]
             results = scorer.score(
-                pairs, batch_size=max(len(pairs), 1), given=given, claims=[False if w is None else w for w in windows]
+                pairs,
+                batch_size=max(len(pairs), 1),
+                given=given,
+                claims=[False if w is None else w for w in windows],
+                whole_answer=[not s for s in so_far],
             )
             reports = [answer_report(scorer, r, g, tokens=True) for r, g in zip(results, given)]
-            for (_, answer), window, report in zip(pairs, windows, reports):
-                if window is not None and "error" not in report:
+            for (_, answer), window, running, report in zip(pairs, windows, so_far, reports):
+                if window is not None and not running and "error" not in report:
                     report["claims"] = report.get("claims", []) + over_limit(scorer, answer, window, max_claims)
             return reports
 

@@ -2,9 +2,9 @@
 
 A request that asks for live claims (``"semgrad": {"claims": "live"}``) is scored several times while it runs:
 each time a sentence of its answer is settled, the API server sends the answer up to that sentence's end with the
-window of claims to score (``("live", job, key, pairs, windows)``); at its end, the whole answer with the claims
-not scored yet. A claim's loss involves only the answer's tokens up to the claim's end, so its scores from that
-prefix are its final scores (``tests/test_live_claims.py``).
+window of claims to score (a ``LiveJob`` with ``so_far``: only those claims are scored, the head working on their
+rows only); at its end, the whole answer with the claims not scored yet. A claim's loss involves only the answer's
+tokens up to the claim's end, so its scores from that prefix are its final scores (``tests/test_live_claims.py``).
 
 What such a job is given, all of it computed by vLLM:
 

@@ -30,6 +30,7 @@ class PlannedPiece:
     key: str | None
     pairs: list[Pair]
     windows: list[range | None]
+    so_far: bool = False  # answers still being generated: only the windows' claims are scored
 
 
 @dataclass(frozen=True)

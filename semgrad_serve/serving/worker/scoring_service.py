@@ -75,9 +75,9 @@ LONG_NICE = 19  # the long jobs' thread's nice value: the short jobs' thread tak
 
 # Which of an answer's claims a scoring pass scores: None, none (no claims asked for); a range, those claims.
 Window = range | None
-# Scores pairs, given per pair what vLLM computed for it and which of its claims to score -> one "semgrad" object
-# per pair.
-ScoreFn = Callable[[list[Pair], list[Given], list[Window]], list[dict[str, Any]]]
+# Scores pairs, given per pair what vLLM computed for it, which of its claims to score and whether its answer is
+# still being generated (only those claims are scored then: ``{"claims": [...]}``) -> one "semgrad" object per pair.
+ScoreFn = Callable[[list[Pair], list[Given], list[Window], list[bool]], list[dict[str, Any]]]
 # An answer's scoring passes, given whether its claims are asked for: [None] without, else the claim windows.
 PlanFn = Callable[[Pair, bool], list[Window]]
 # What a live-claims job's answer is given, from its capture key; None: not computed yet (``live_scoring.py``).
@@ -118,6 +118,7 @@ class Piece:
     job: Job
     answers: list[int]
     windows: list[Window]
+    so_far: bool = False  # answers still being generated: only the windows' claims are scored
 
     @property
     def pairs(self) -> list[Pair]:
@@ -254,7 +255,8 @@ class ScoringService:
                 )
                 with self._arrived:
                     self._live[job.job] = job
-                    self._short.append(Piece(job, list(range(len(message.pairs))), list(message.windows)))
+                    answers = list(range(len(message.pairs)))
+                    self._short.append(Piece(job, answers, list(message.windows), message.so_far))
                     self._arrived.notify_all()
             elif isinstance(message, CancelJob):
                 self._cancel(message.job)
@@ -359,7 +361,7 @@ class ScoringService:
         """Rank 0: send the batch, what each answer was given here and the keys dropped since the last batch."""
         with self._arrived:
             dropped, self._dropped = self._dropped, []
-        planned = [rank_sync.PlannedPiece(p.job.job, p.job.key, p.pairs, p.windows) for p in pieces]
+        planned = [rank_sync.PlannedPiece(p.job.job, p.job.key, p.pairs, p.windows, p.so_far) for p in pieces]
         rank_sync.share_plan(self._group, rank_sync.Plan(planned, dropped, kinds))
 
     def _next_shared(self) -> list[Piece]:
@@ -368,7 +370,9 @@ class ScoringService:
         plan = rank_sync.share_plan(self._group, None)
         for key in plan.dropped:
             self._store.drop(key)
-        pieces = [Piece(Job(p.job, p.key, p.pairs), list(range(len(p.pairs))), p.windows) for p in plan.pieces]
+        pieces = [
+            Piece(Job(p.job, p.key, p.pairs), list(range(len(p.pairs))), p.windows, p.so_far) for p in plan.pieces
+        ]
         per_answer = [p for p in pieces for _ in p.answers]
         wanted = [p for p, kind in zip(per_answer, plan.kinds) if kind is not GivenKind.NOTHING]
         deadline = time.monotonic() + CAPTURE_WAIT_S
@@ -385,8 +389,9 @@ class ScoringService:
         each piece is retried alone."""
         pairs = [pair for piece in pieces for pair in piece.pairs]
         windows = [w for piece in pieces for w in piece.windows]
+        so_far = [piece.so_far for piece in pieces for _ in piece.answers]
         try:
-            reports = self._score(pairs, [g for per_piece in given for g in per_piece], windows)
+            reports = self._score(pairs, [g for per_piece in given for g in per_piece], windows, so_far)
         except Exception as exc:  # whatever failed, every answer must get a result
             if len(pieces) > 1:
                 log.warning("SemGrad scoring batch of %d requests failed (%s); retrying each alone", len(pieces), exc)
