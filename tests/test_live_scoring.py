@@ -139,10 +139,11 @@ class Batches:
         ]
 
 
-def test_live_jobs_wait_for_their_rows_and_share_a_batch_with_other_requests() -> None:
-    """A live job is scored once what it is given is computed, in one batch with the other requests' live and
-    plain jobs that are ready (one backward), with its own window of claims; a cancelled one is never scored."""
-    ready: dict[str, Given | None] = {"a": Given(), "b": None, "c": Given()}
+def test_live_jobs_wait_for_their_rows_share_a_batch_and_go_before_whole_answers() -> None:
+    """A live job is scored once what it is given is computed, in one batch with the other requests' live jobs
+    that are ready (one backward), with its own window of claims, before whole answers (a finished choice's last
+    claims, plain answers) that are ready too; a cancelled one is never scored."""
+    ready: dict[str, Given | None] = {"a": Given(), "b": None, "c": Given(), "d": Given()}
     score = Batches()
     service = ScoringService(score, CaptureStore(), 8, cores=set(), live_given=lambda key, pair: ready[key])
     client = ScoringClient(service.address, service.authkey, secret=b"test-secret")
@@ -150,24 +151,28 @@ def test_live_jobs_wait_for_their_rows_and_share_a_batch_with_other_requests() -
     async def go() -> list:
         first = asyncio.create_task(client.score(None, [([100], [1])]))
         assert await asyncio.to_thread(score.holding.wait, WAIT_S)
+        plain = asyncio.create_task(client.score(None, [([4], [1])]))
+        final = asyncio.create_task(client.score("d", [([5], [1, 2])], windows=[range(1, 2)]))
         a = asyncio.create_task(client.score("a", [([1], [1, 2])], windows=[range(0, 2)], so_far=True))
         b = asyncio.create_task(client.score("b", [([2], [1, 2, 3])], windows=[range(2, 3)], so_far=True))
         c = asyncio.create_task(client.score("c", [([3], [1])], windows=[range(0, 1)], so_far=True))
-        plain = asyncio.create_task(client.score(None, [([4], [1])]))
+        d = asyncio.create_task(client.score("d", [([6], [1])], windows=[range(0, 1)], so_far=True))
         await asyncio.sleep(0.3)
         c.cancel()
         await asyncio.sleep(0.3)
         score.release.set()
         await first
-        assert (await a)[0]["claims"] == [{"index": 0}, {"index": 1}] and (await plain)[0]["semgrad"] == 4.0
+        assert (await a)[0]["claims"] == [{"index": 0}, {"index": 1}] and (await d)[0]["claims"] == [{"index": 0}]
+        assert (await plain)[0]["semgrad"] == 4.0 and (await final)[0]["claims"] == [{"index": 1}]
         ready["b"] = Given()
         return await b
 
     assert asyncio.run(go())[0]["claims"] == [{"index": 2}]
-    # the live jobs' answers are still running: only their windows' claims are scored
+    # the live jobs' answers are still running (only their windows' claims are scored), and go first
     assert score.batches == [
         [(100, None, False)],
-        [(1, range(0, 2), True), (4, None, False)],
+        [(1, range(0, 2), True), (6, range(0, 1), True)],
+        [(4, None, False), (5, range(1, 2), False)],
         [(2, range(2, 3), True)],
     ]
 

@@ -313,15 +313,17 @@ class ScoringService:
 
     def _next_batch(self, lane: str = "both") -> list[Piece]:
         """The next pieces to score in ``lane`` (short, long or both): ready short jobs, oldest first, up to
-        ``max_batch`` answers (a larger job goes alone), or the next piece of the long job whose turn it is;
-        alternately where both lanes are this thread's and both wait."""
+        ``max_batch`` answers (a larger job goes alone), answers still being generated before the others (their
+        claims alone are cheap to score, and their reader is waiting for them in the stream); or the next piece
+        of the long job whose turn it is; alternately where both lanes are this thread's and both wait."""
         short, long = lane != "long", lane != "short"
         with self._arrived:
             while True:
                 self._arrived.wait_for(lambda: bool(short and self._short or long and self._long))
                 batch, size = [], 0
-                for piece in self._short if short else ():
-                    if self._ready(piece.job) and (not batch or size + len(piece.answers) <= self._max_batch):
+                ready = [piece for piece in self._short if self._ready(piece.job)] if short else []
+                for piece in [p for p in ready if p.so_far] or ready:
+                    if not batch or size + len(piece.answers) <= self._max_batch:
                         batch.append(piece)
                         size += len(piece.answers)
                 long_job = next((job for job in self._long if self._ready(job)), None) if long else None
