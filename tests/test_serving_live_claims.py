@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 from test_serving import (
+    ALL_REUSED,
     MODEL,
     REQUEST_TIMEOUT_S,
     ask,
@@ -76,10 +77,16 @@ def read(stream: Any) -> tuple[list[int], dict[int, Streamed]]:
 
 
 def assert_live(
-    got: Streamed, scorer: Any, prompt: list[int], answer: list[int], live_before_text: bool = True
+    got: Streamed,
+    scorer: Any,
+    prompt: list[int],
+    answer: list[int],
+    live_before_text: bool = True,
+    reused: list[str] = ALL_REUSED,
 ) -> None:
     """Live claims came before the final chunk, in order, each once; the final chunk's claims begin with them, equal
-    and all of them equal ``score --claims`` on the final answer; the whole answer's scores equal the offline ones."""
+    and all of them equal ``score --claims`` on the final answer; the whole answer's scores equal the offline ones
+    (``reused``: what the final answer's scoring took from vLLM)."""
     live = got.live_claims
     assert got.final is not None and "error" not in got.final, got.final
     assert all(number < got.final_at for number, _ in got.live)
@@ -91,7 +98,7 @@ def assert_live(
         assert got.live and got.live[0][0] < got.texts_at[-1]
     if len(got.final["claims"]) >= 2:
         assert_claims_equal_offline(got.final, scorer, prompt, answer)
-    assert_equals_offline({k: v for k, v in got.final.items() if k != "claims"}, scorer, prompt, answer)
+    assert_equals_offline({k: v for k, v in got.final.items() if k != "claims"}, scorer, prompt, answer, reused)
 
 
 def test_live_claims_arrive_while_streaming_and_equal_the_final_answers(client, default_scorer) -> None:

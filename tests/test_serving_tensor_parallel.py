@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 from test_serving import REQUEST_TIMEOUT_S, ask, assert_prompts_served_as_offline, semgrad_of
+from test_serving_live_claims import LIVE, assert_live, read
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from semgrad_serve.model.loading import resolve_model
@@ -90,3 +91,27 @@ def test_two_workers_score_like_one(tp_url: str, tiny_dir: Path) -> None:
     assert semgrad_of(response.choices[0])["t_star_rule"] == "last_prompt_token"
     off = client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=4, extra_body={"semgrad": False})
     assert semgrad_of(off.choices[0]) is None
+
+
+# Sentences the random model is held to (vLLM's structured outputs): it writes none of its own.
+SENTENCES = r"(?:[A-Z][a-z]{1,3}(?: [a-z]{1,3}){6}\. ){15}[A-Z][a-z]{1,3}(?: [a-z]{1,3}){6}\."
+
+
+def test_live_claims_through_two_workers(tp_url: str, tiny_dir: Path) -> None:
+    """Live claims with tensor parallelism: each rank scores its shards of a running answer's claims (recomputing
+    the prompt: the other ranks do not see a running request's rows), sent while the answer streams and equal to
+    the unsharded offline claims of the final answer; the finished answer is scored from what vLLM computed."""
+    client = openai.OpenAI(base_url=f"{tp_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    scorer = Scorer.from_pretrained(tiny_dir)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=ask("Tell me sixteen things."),
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        extra_body={**LIVE, "structured_outputs": {"regex": SENTENCES}},
+    )
+    prompt, choices = read(stream)
+    (got,) = choices.values()
+    assert got.live_claims and len(got.final["claims"]) == 16, got.text
+    assert_live(got, scorer, prompt, got.ids, reused=["prompt_kv", "band_inputs"])

@@ -103,6 +103,7 @@ class Job:
     left: int = 0  # pieces not yet scored
     cancelled: bool = False
     live: bool = False  # a live-claims job: one pass over answers so far, given what was computed so far
+    so_far: bool = False  # a live job whose answers are still being generated: only its windows' claims are scored
     given: list[Given] | None = None  # a live job's, once all of it is computed
 
     @property
@@ -118,11 +119,14 @@ class Piece:
     job: Job
     answers: list[int]
     windows: list[Window]
-    so_far: bool = False  # answers still being generated: only the windows' claims are scored
 
     @property
     def pairs(self) -> list[Pair]:
         return [self.job.pairs[i] for i in self.answers]
+
+    @property
+    def so_far(self) -> bool:
+        return self.job.so_far
 
 
 def split_job(job: Job, plan: PlanFn) -> None:
@@ -251,12 +255,17 @@ class ScoringService:
                     self._arrived.notify_all()  # each lane waits on it
             elif isinstance(message, LiveJob):  # one pass, short, batched with others
                 job = Job(
-                    message.job, message.key, message.pairs, live=True, left=1, reports=[None] * len(message.pairs)
+                    message.job,
+                    message.key,
+                    message.pairs,
+                    live=True,
+                    so_far=message.so_far,
+                    left=1,
+                    reports=[None] * len(message.pairs),
                 )
                 with self._arrived:
                     self._live[job.job] = job
-                    answers = list(range(len(message.pairs)))
-                    self._short.append(Piece(job, answers, list(message.windows), message.so_far))
+                    self._short.append(Piece(job, list(range(len(message.pairs))), list(message.windows)))
                     self._arrived.notify_all()
             elif isinstance(message, CancelJob):
                 self._cancel(message.job)
@@ -298,7 +307,7 @@ class ScoringService:
         computed), or the wait for it is over."""
         if job.key is None or time.monotonic() - job.received > CAPTURE_WAIT_S:
             return True
-        if not job.live:
+        if not job.live or self._group is not None and not job.so_far:  # finished choices: their captures
             return self._captured(job.key, job.pairs)
         if self._group is not None:  # the other ranks cannot see a running request's rows: recompute
             job.given = [Given() for _ in job.pairs]
@@ -373,7 +382,8 @@ class ScoringService:
         for key in plan.dropped:
             self._store.drop(key)
         pieces = [
-            Piece(Job(p.job, p.key, p.pairs), list(range(len(p.pairs))), p.windows, p.so_far) for p in plan.pieces
+            Piece(Job(p.job, p.key, p.pairs, so_far=p.so_far), list(range(len(p.pairs))), p.windows)
+            for p in plan.pieces
         ]
         per_answer = [p for p in pieces for _ in p.answers]
         wanted = [p for p, kind in zip(per_answer, plan.kinds) if kind is not GivenKind.NOTHING]
