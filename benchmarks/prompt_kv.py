@@ -15,7 +15,6 @@ vLLM's CPU layout. Ratios are measured side by side in one run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from functools import partial
@@ -27,6 +26,7 @@ from semgrad_serve.scoring.given import Given
 from semgrad_serve.scoring.scorer import Scorer
 from semgrad_serve.scoring.shared_prefix import shared_prefix
 from semgrad_serve.serving.worker.kv_layout import CPU_TRANSPOSED_K, copy_blocks, read_prefix, unpack
+from semgrad_serve.testing.timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,17 +40,6 @@ def context(n_facts: int) -> str:
         f"Fact {i}: the warehouse in district {i % 17} stores {i * 7} crates of item {i * 13 % 101}."
         for i in range(n_facts)
     )
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def paged_cache(kv: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
