@@ -231,7 +231,9 @@ def scorer_over(weights, band: range, triples: list) -> Scorer:
     scorer.paragrad_tied, scorer.eos_ids = False, set()
     scorer.prefix_cache = PrefixCache()
     t_stars = {tuple(p): t for p, _, t in triples}
-    scorer.prepare = lambda p, a, claims=False: PreparedItem(tuple(p), tuple(a), t_stars[tuple(p)])
+    scorer.prepare = lambda p, a, claims=False, whole_answer=True: PreparedItem(
+        tuple(p), tuple(a), t_stars[tuple(p)], whole_answer=whole_answer
+    )
     return scorer
 
 
