@@ -239,10 +239,9 @@ def gpu_memory_option(model_dir: Path, dtype: str, total_bytes: int) -> list[str
     return ["--gpu-memory-utilization", f"{share:.3f}"]
 
 
-def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_bytes: int = 0) -> list[str]:
-    """The vLLM server's command line (``gpu_bytes``: the GPU's memory, when serving on one)."""
-    dtype = args.dtype or ("float32" if on_cpu else "auto")
-    extra = vllm_options(args)
+def vllm_server_command(model_dir: Path, host: str, port: int, dtype: str) -> list[str]:
+    """vLLM's OpenAI server for ``model_dir`` on ``host:port``, served under the directory's name; the options of
+    ``semgrad-serve serve`` (or of a benchmark's plain vLLM) follow."""
     return [
         sys.executable,
         "-W",
@@ -254,11 +253,20 @@ def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_
         "--served-model-name",
         model_dir.name,
         "--host",
-        args.host,
+        host,
         "--port",
-        str(args.port),
+        str(port),
         "--dtype",
         dtype,
+    ]
+
+
+def server_command(args: argparse.Namespace, model_dir: Path, on_cpu: bool, gpu_bytes: int = 0) -> list[str]:
+    """The vLLM server's command line (``gpu_bytes``: the GPU's memory, when serving on one)."""
+    dtype = args.dtype or ("float32" if on_cpu else "auto")
+    extra = vllm_options(args)
+    return [
+        *vllm_server_command(model_dir, args.host, args.port, dtype),
         "--worker-extension-cls",
         WORKER_EXTENSION,
         "--kv-transfer-config",

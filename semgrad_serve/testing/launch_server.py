@@ -67,24 +67,10 @@ def serve_command(port: int, *serve_args: str) -> list[str]:
 def plain_vllm_command(port: int, model_dir: Path, dtype: str, kv_bytes: int) -> list[str]:
     """vLLM's own server for ``model_dir`` on ``port``, without SemGrad, with the settings ``semgrad-serve serve``
     gives vLLM on CPU and the same served name (benchmarks compare the two)."""
-    from semgrad_serve.commands.serve import CPU_DEFAULTS, VLLM_SERVER
+    from semgrad_serve.commands.serve import CPU_DEFAULTS, vllm_server_command
 
     return [
-        sys.executable,
-        "-W",
-        "ignore::DeprecationWarning",
-        "-m",
-        VLLM_SERVER,
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        model_dir.name,
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--dtype",
-        dtype,
+        *vllm_server_command(model_dir, "127.0.0.1", port, dtype),
         *CPU_DEFAULTS,
         "--kv-cache-memory-bytes",
         str(kv_bytes),
